@@ -1,0 +1,25 @@
+"""attnkit: fast and flexible attention for PyTorch.
+
+One call, :func:`attention`, covers every layout, GQA/MQA, causal and windowed masks, softcap, ALiBi,
+biases, dropout and programmable ``score_mod``/``mask``, and runs on the fastest backend that supports
+the call exactly. :func:`explain` says which backend runs and why the others do not.
+"""
+
+from attnkit import masks, mods
+from attnkit.api import attention, explain
+from attnkit.dispatch import backends, register
+from attnkit.errors import AttentionInputError, UnsupportedError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionInputError",
+    "UnsupportedError",
+    "attention",
+    "backends",
+    "explain",
+    "masks",
+    "mods",
+    "register",
+    "__version__",
+]

@@ -1,0 +1,128 @@
+"""The public entry points: ``attention`` and ``explain``."""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit import dispatch
+from attnkit._call import normalize
+from attnkit.backends.reference import reference_forward
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    layout: str = "bhsd",
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    score_mod=None,
+    mask=None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    deterministic: bool = False,
+):
+    r"""Scaled dot-product attention with every common variant, on the fastest capable backend.
+
+    Shapes (D = head dim of q and k, Dv = head dim of v; Hq a multiple of Hk for GQA/MQA, query head h
+    reads key/value head ``h // (Hq // Hk)``):
+
+    ======  ===============  ===============  ================  ================  ===========
+    layout  q                k                v                 out               lse
+    ======  ===============  ===============  ================  ================  ===========
+    bhsd    (B, Hq, Sq, D)   (B, Hk, Sk, D)   (B, Hk, Sk, Dv)   (B, Hq, Sq, Dv)   (B, Hq, Sq)
+    bshd    (B, Sq, Hq, D)   (B, Sk, Hk, D)   (B, Sk, Hk, Dv)   (B, Sq, Hq, Dv)   (B, Hq, Sq)
+    thd     (Tq, Hq, D)      (Tk, Hk, D)      (Tk, Hk, Dv)      (Tq, Hq, Dv)      (Hq, Tq)
+    ======  ===============  ===============  ================  ================  ===========
+
+    For ``thd``, sequence n owns rows ``cu_seqlens[n]:cu_seqlens[n+1]`` (int32 (N+1,), both required);
+    sequences never attend across each other and every index below is a position inside its sequence.
+
+    Score pipeline for batch b (sequence n), query head h, query row i, key row j:
+      1. ``s = scale * <q_i, k_j>`` (``scale`` defaults to 1/sqrt(D))
+      2. ``softcap``: ``s = softcap * tanh(s / softcap)``
+      3. ``s += bias[b, h, i, j]`` (``bias`` broadcastable to (B, Hq, Sq, Sk), or (N, Hq, max_Sq, max_Sk)
+         for thd; it may require grad); ALiBi: ``s -= slope[h] * |i + (Sk - Sq) - j|``
+         (``alibi_slopes`` float32 (Hq,) or (B, Hq))
+      4. ``score_mod(s, b, h, i, j)`` (FlexAttention signature; elementwise, in plain PyTorch)
+      5. visible iff ``causal``: ``j <= i + (Sk - Sq)``; ``window=(l, r)``:
+         ``i + (Sk - Sq) - l <= j <= i + (Sk - Sq) + r`` (-1 = unbounded side); ``mask(b, h, i, j)``
+      6. softmax over visible keys, dropout ``dropout_p`` (scaled by 1/(1-p)), weighted sum of v.
+
+    ``causal`` is aligned to the bottom right, as FlashAttention >= 2.1 (█ = attend)::
+
+        Sq=2, Sk=5:          Sq=5, Sk=2:          Sq=3, Sk=3:
+          █ █ █ █ ·            · ·                  █ · ·
+          █ █ █ █ █            · ·                  █ █ ·
+                               · ·                  █ █ █
+                               █ ·
+                               █ █
+
+    A query row with no visible key (the top rows of the middle picture) gives ``out = 0`` and
+    ``lse = -inf``, never NaN, forward and backward.
+
+    Args:
+        mask: an :class:`attnkit.masks.Mask`, a ``mask_mod(b, h, q_idx, kv_idx) -> bool`` callable, or a
+            torch ``BlockMask`` (its ``mask_mod`` is used).
+        return_lse: also return the float32 natural-log log-sum-exp of the final scores.
+        backend: ``"auto"`` (fastest capable; ``ATTNKIT_BACKEND`` overrides) or a name from
+            :func:`attnkit.backends`; a named backend that cannot serve raises ``UnsupportedError``.
+        deterministic: backward without run-to-run variation.
+
+    Returns:
+        ``out`` with the dtype of q, or ``(out, lse)`` when ``return_lse``.
+
+    Raises:
+        AttentionInputError: a malformed argument (named in the message).
+        UnsupportedError: the named backend cannot serve this call (the message lists why).
+    """
+    call = normalize(
+        q, k, v, layout=layout, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+        bias=bias, score_mod=score_mod, mask=mask, scale=scale, dropout_p=dropout_p,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, return_lse=return_lse, deterministic=deterministic,
+    )
+    if call.empty:
+        # Nothing to attend to (no query rows, or no keys at all): zeros and -inf, exactly, on any backend.
+        dispatch.get(backend) if backend != "auto" else None
+        out, lse = reference_forward(call)
+    else:
+        out, lse = dispatch.choose(call, backend).run(call)
+    if return_lse:
+        return out, lse
+    return out
+
+
+def explain(q, k, v, **kwargs) -> dispatch.Report:
+    """Report (printable) of every backend for this call: chosen, or rejected with its reasons.
+
+    Takes the same arguments as :func:`attention` (``backend`` included) and runs nothing.
+    """
+    backend = kwargs.pop("backend", "auto")
+    call = normalize(q, k, v, **_defaults(kwargs))
+    _, report = dispatch.evaluate(call, backend)
+    return report
+
+
+def _defaults(kwargs: dict) -> dict:
+    names = ("layout", "causal", "window", "softcap", "alibi_slopes", "bias", "score_mod", "mask", "scale",
+             "dropout_p", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "return_lse",
+             "deterministic")
+    unknown = set(kwargs) - set(names)
+    if unknown:
+        raise TypeError(f"explain() got unexpected keyword arguments {sorted(unknown)}")
+    defaults = dict(layout="bhsd", causal=False, window=None, softcap=None, alibi_slopes=None, bias=None,
+                    score_mod=None, mask=None, scale=None, dropout_p=0.0, cu_seqlens_q=None, cu_seqlens_k=None,
+                    max_seqlen_q=None, max_seqlen_k=None, return_lse=False, deterministic=False)
+    defaults.update(kwargs)
+    return defaults

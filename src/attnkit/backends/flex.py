@@ -1,0 +1,216 @@
+"""torch FlexAttention backend (``flex``).
+
+Every feature except dropout maps onto FlexAttention: softcap, bias, ALiBi and the user's ``score_mod``
+become one score_mod; causal, window and the user's mask become one mask_mod, turned into a block-sparse
+``BlockMask``. ``thd`` batches run as one packed sequence (B=1) whose mask_mod keeps documents apart and
+whose mods see positions inside each sequence, so a new set of lengths does not need a new kernel.
+
+On CUDA, ``flex_attention`` and ``create_block_mask`` are compiled once (torch.compile caches one kernel per
+shape family and per mod); block masks of pure causal/window calls are cached per shape. On the CPU the
+backend runs FlexAttention eagerly (unfused: it materialises scores; correct, not fast).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections import OrderedDict
+
+import torch
+
+from attnkit._call import AttentionCall
+from attnkit._semantics import modify_scores, visibility
+from attnkit.backends.base import Backend, attention_flops, seqlens, to_bhsd
+
+_BLOCK_CACHE: OrderedDict = OrderedDict()
+_BLOCK_CACHE_SIZE = 32
+# Measured TFLOP/s (forward, forward+backward) of compiled FlexAttention on an H200, bf16 (ANCHORS.md).
+_CUDA_RATES = (470e12, 410e12)
+_CPU_RATES = (5e9, 2.5e9)
+
+
+@functools.cache
+def _flex():
+    from torch.nn.attention import flex_attention as fa
+
+    return fa
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(_flex().flex_attention)
+
+
+class FlexBackend(Backend):
+    name = "flex"
+    description = "torch FlexAttention (compiled on CUDA, eager on CPU), block-sparse masks"
+
+    def _check_available(self):
+        fa = _flex()
+        if not hasattr(fa, "flex_attention"):
+            return False, "torch.nn.attention.flex_attention is missing from this torch"
+        return True, None
+
+    def why_not(self, call: AttentionCall) -> list[str]:
+        r = []
+        dev = call.device.type
+        if dev not in ("cuda", "cpu"):
+            r.append(f"no FlexAttention for device {dev}")
+        if call.dropout_p > 0:
+            r.append("FlexAttention has no dropout")
+        if dev == "cpu" and call.requires_grad:
+            r.append("FlexAttention has no backward on the CPU")
+        if dev == "cuda":
+            if call.dtype == torch.float64:
+                r.append("compiled FlexAttention does not support float64")
+            for name, d in (("D", call.D), ("Dv", call.Dv)):
+                if d < 16 or d > 256 or d % 8:
+                    r.append(f"head dim {name}={d}: compiled FlexAttention needs a multiple of 8 in [16, 256]")
+        if call.deterministic and call.requires_grad and (call.bias is not None or call.score_mod is not None):
+            r.append("deterministic=True: gradients of captured tensors (bias, score_mod) use atomics")
+        return r
+
+    def cost(self, call: AttentionCall) -> float:
+        rates = _CUDA_RATES if call.device.type == "cuda" else _CPU_RATES
+        rate = rates[1 if call.requires_grad else 0]
+        if call.softcap is not None or call.score_mod is not None or call.bias is not None:
+            rate *= 0.45  # a softcap score_mod ran at 214 vs 476 TFLOP/s (ANCHORS.md)
+        if call.device.type == "cuda" and call.dtype == torch.float32:
+            rate /= 8
+        # Block sparsity: causal/window pairs are skipped; an arbitrary mask's sparsity is unknown (dense).
+        flops = attention_flops(call, call.requires_grad, dense=call.device.type != "cuda")
+        t = flops / rate + (60e-6 if call.device.type == "cuda" else 1e-3)
+        if call.mask is not None or call.layout == "thd":
+            t += 50e-6  # building a block mask
+        return t
+
+    def notes(self, call: AttentionCall) -> list[str]:
+        n = []
+        if call.device.type == "cpu":
+            n.append("CPU: FlexAttention runs eagerly (unfused, materialises scores)")
+        else:
+            n.append("compiled once per shape family (first call pays compilation)")
+        if call.layout == "thd":
+            n.append("thd: one packed sequence with a document mask")
+        return n
+
+    # -- run ---------------------------------------------------------------------------------------------
+    def run(self, call: AttentionCall):
+        fa = _flex()
+        if call.layout == "thd":
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (call.q, call.k, call.v))  # (1, H, T, D)
+            score_mod, mask_mod = self._packed_mods(call)
+            B, Q, K = 1, q.shape[2], k.shape[2]
+        else:
+            q, k, v = (to_bhsd(t, call.layout) for t in (call.q, call.k, call.v))
+            score_mod, mask_mod = self._dense_mods(call)
+            B, Q, K = call.batch, call.Sq, call.Sk
+        block_mask = self._block_mask(call, mask_mod, B, Q, K)
+        compiled = call.device.type == "cuda"
+        fn = _compiled_flex() if compiled else fa.flex_attention
+        kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=call.scale,
+                      enable_gqa=call.Hq != call.Hk)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            if call.return_lse:
+                if hasattr(fa, "AuxRequest"):
+                    out, aux = fn(q, k, v, return_aux=fa.AuxRequest(lse=True), **kwargs)
+                    lse = aux.lse
+                else:
+                    out, lse = fn(q, k, v, return_lse=True, **kwargs)
+            else:
+                out, lse = fn(q, k, v, **kwargs), None
+        if call.layout == "thd":
+            out = out[0].transpose(0, 1)
+            lse = None if lse is None else lse[0]
+        elif call.layout == "bshd":
+            out = out.transpose(1, 2)
+        return out, (None if lse is None else lse.float())
+
+    def _block_mask(self, call, mask_mod, B, Q, K):
+        if mask_mod is None:
+            return None
+        fa = _flex()
+        if call.block_mask is not None and not call.causal and call.window is None and call.layout != "thd":
+            bm = call.block_mask  # the caller's own BlockMask, when it fits this call, keeps its sparsity
+            if tuple(bm.seq_lengths) == (Q, K) and bm.shape[0] in (1, B) and bm.shape[1] in (1, call.Hq):
+                return bm
+        per_call = call.mask is not None or call.layout == "thd"
+        key = None if per_call else (call.device, Q, K, call.causal, call.window)
+        if key is not None and key in _BLOCK_CACHE:
+            _BLOCK_CACHE.move_to_end(key)
+            return _BLOCK_CACHE[key]
+        compiled = call.device.type == "cuda"
+        Bm, Hm = (B, call.Hq) if per_call else (None, None)  # causal/window never depend on b or h
+        bm = fa.create_block_mask(mask_mod, Bm, Hm, Q, K, device=call.device, _compile=compiled)
+        if key is not None:
+            _BLOCK_CACHE[key] = bm
+            if len(_BLOCK_CACHE) > _BLOCK_CACHE_SIZE:
+                _BLOCK_CACHE.popitem(last=False)
+        return bm
+
+    @staticmethod
+    def _dense_mods(call: AttentionCall):
+        off = call.Sk - call.Sq
+        user_score = call.bound_score_mod(call.Sq, call.Sk)
+        user_mask = call.bound_mask_mod(call.Sq, call.Sk)
+        bias = None
+        if call.bias is not None:
+            b4 = call.bias.reshape((1,) * (4 - call.bias.dim()) + tuple(call.bias.shape))
+            bias = b4.expand(call.batch, call.Hq, call.Sq, call.Sk)
+        slopes = call.alibi_slopes
+        has_score = call.softcap is not None or bias is not None or slopes is not None or user_score is not None
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return modify_scores(
+                score, softcap=call.softcap, bias=None if bias is None else bias[b, h, q_idx, kv_idx],
+                slopes=None if slopes is None else (slopes[h] if slopes.dim() == 1 else slopes[b, h]),
+                score_mod=user_score, b=b, h=h, q=q_idx, kv=kv_idx, off=off)
+
+        has_mask = call.causal or call.window is not None or user_mask is not None
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return visibility(causal=call.causal, window=call.window, mask_mod=user_mask,
+                              b=b, h=h, q=q_idx, kv=kv_idx, off=off)
+
+        return (score_mod if has_score else None), (mask_mod if has_mask else None)
+
+    @staticmethod
+    def _packed_mods(call: AttentionCall):
+        """Mods over one packed sequence: map packed rows to (sequence, position inside it)."""
+        dev = call.device
+        lq, lk = seqlens(call)
+        lq_t = torch.tensor(lq, device=dev, dtype=torch.long)
+        lk_t = torch.tensor(lk, device=dev, dtype=torch.long)
+        q_doc = torch.repeat_interleave(torch.arange(call.batch, device=dev), lq_t)
+        k_doc = torch.repeat_interleave(torch.arange(call.batch, device=dev), lk_t)
+        q_pos = torch.arange(q_doc.numel(), device=dev) - call.cu_seqlens_q.long()[q_doc]
+        k_pos = torch.arange(k_doc.numel(), device=dev) - call.cu_seqlens_k.long()[k_doc]
+        offs = lk_t - lq_t
+        user_score = call.bound_score_mod(lq_t, lk_t)
+        user_mask = call.bound_mask_mod(lq_t, lk_t)
+        bias = None
+        if call.bias is not None:
+            b4 = call.bias.reshape((1,) * (4 - call.bias.dim()) + tuple(call.bias.shape))
+            bias = b4.expand(call.batch, call.Hq, call.Sq, call.Sk)
+        slopes = call.alibi_slopes
+        has_score = call.softcap is not None or bias is not None or slopes is not None or user_score is not None
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            n, qp, kp = q_doc[q_idx], q_pos[q_idx], k_pos[kv_idx]
+            return modify_scores(
+                score, softcap=call.softcap, bias=None if bias is None else bias[n, h, qp, kp],
+                slopes=None if slopes is None else (slopes[h] if slopes.dim() == 1 else slopes[n, h]),
+                score_mod=user_score, b=n, h=h, q=qp, kv=kp, off=offs[n])
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            n = q_doc[q_idx]
+            same = n == k_doc[kv_idx]
+            vis = visibility(causal=call.causal, window=call.window, mask_mod=user_mask,
+                             b=n, h=h, q=q_pos[q_idx], kv=k_pos[kv_idx], off=offs[n])
+            return same if vis is None else same & vis
+
+        return (score_mod if has_score else None), mask_mod
+
+
+BACKEND = FlexBackend()

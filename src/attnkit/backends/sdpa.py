@@ -1,0 +1,247 @@
+"""PyTorch SDPA backends: ``sdpa_flash``, ``sdpa_efficient``, ``sdpa_cudnn``, ``sdpa_math``.
+
+Each forces one SDPA kernel with ``torch.nn.attention.sdpa_kernel``. What they serve:
+
+- No ``softcap``, ``score_mod`` or ``return_lse`` (SDPA has none of them).
+- ``causal`` goes to SDPA's ``is_causal`` (top-left aligned) only when Sq == Sk; otherwise, and for windows,
+  masks, ``bias`` and ALiBi, attnkit builds one dense (B, Hq, Sq, Sk) additive mask (broadcast dims kept
+  at 1). ``sdpa_flash`` takes no mask, so it refuses those calls.
+- Rows with no visible key: SDPA kernels may return NaN there, so such rows get one dummy visible key and
+  their output is zeroed afterwards (their gradients are exactly zero).
+- ``thd`` runs one SDPA call per sequence (a Python loop; explain says so).
+- GQA: ``enable_gqa`` for flash and math; efficient and cuDNN get K/V expanded to Hq heads.
+- ``deterministic`` with gradients: only ``sdpa_math`` (the others' backward kernels use atomics).
+On CUDA, after attnkit's own rules, torch's own ``can_use_*`` checks run and their reasons are reported.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from attnkit._call import AttentionCall
+from attnkit._semantics import index_grid, modify_scores, visibility
+from attnkit.backends.base import Backend, attention_flops, dense_pairs, seqlens, to_bhsd
+
+_KINDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+# Measured TFLOP/s (forward, forward+backward) on an H200, bf16, D=128, long sequences (shared/ANCHORS.md).
+_CUDA_RATES = {"cudnn": (560e12, 500e12), "flash": (330e12, 300e12), "efficient": (165e12, 135e12),
+               "math": (40e12, 30e12)}
+# Rough CPU rates (2-core machine); only the ranking matters.
+_CPU_RATES = {"flash": (30e9, 15e9), "math": (15e9, 8e9)}
+_DTYPES = {
+    "flash": {"cuda": (torch.float16, torch.bfloat16),
+              "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64)},
+    "efficient": {"cuda": (torch.float16, torch.bfloat16, torch.float32)},
+    "cudnn": {"cuda": (torch.float16, torch.bfloat16)},
+    "math": {"cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+             "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64)},
+}
+
+
+def _dense_mask_reasons(call: AttentionCall) -> list[str]:
+    """Features that SDPA can only take through an explicit dense mask."""
+    need = []
+    if call.causal:
+        if call.layout == "thd":
+            lq, lk = seqlens(call)
+            if any(a != b for a, b in zip(lq, lk)):
+                need.append("causal with Sq != Sk in some sequence (SDPA's is_causal is top-left)")
+        elif call.Sq != call.Sk:
+            need.append("causal with Sq != Sk (SDPA's is_causal is top-left)")
+    if call.window is not None:
+        need.append("window")
+    if call.mask is not None:
+        need.append("mask")
+    if call.bias is not None:
+        need.append("bias")
+    if call.alibi_slopes is not None:
+        need.append("alibi_slopes")
+    return need
+
+
+class SDPABackend(Backend):
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.name = f"sdpa_{kind}"
+        self.description = f"torch scaled_dot_product_attention, {kind} kernel"
+
+    def _check_available(self):
+        if self.kind in ("efficient", "cudnn") and not torch.cuda.is_available():
+            return False, "needs a CUDA device"
+        if self.kind == "cudnn" and not torch.backends.cudnn.is_available():
+            return False, "cuDNN is not available in this torch build"
+        return True, None
+
+    # -- capability --------------------------------------------------------------------------------------
+    def why_not(self, call: AttentionCall) -> list[str]:
+        r = []
+        dev = call.device.type
+        dtypes = _DTYPES[self.kind].get(dev)
+        if dtypes is None:
+            return [f"no {self.name} kernel for device {dev}"]
+        if call.dtype not in dtypes:
+            r.append(f"dtype {call.dtype} not supported on {dev} (supports {', '.join(map(str, dtypes))})")
+        if call.return_lse:
+            r.append("SDPA does not return the log-sum-exp (return_lse=True)")
+        if call.softcap is not None:
+            r.append("SDPA has no softcap")
+        if call.score_mod is not None:
+            r.append("SDPA cannot run a score_mod")
+        dense = _dense_mask_reasons(call)
+        if self.kind == "flash" and dense:
+            r.append("the flash kernel takes no explicit mask, needed here for: " + "; ".join(dense))
+        if self.kind == "flash" and call.D != call.Dv:
+            r.append(f"the flash kernel needs equal head dims for q/k and v (D={call.D}, Dv={call.Dv})")
+        if self.kind == "flash" and dev == "cpu" and call.dropout_p > 0:
+            r.append("the CPU flash kernel has no dropout")
+        if call.deterministic and call.requires_grad and self.kind != "math":
+            r.append("deterministic=True: this kernel's backward accumulates with atomics")
+        if dev == "cuda" and not r:
+            r.extend(self._torch_reasons(call, dense))
+        return r
+
+    def _torch_reasons(self, call: AttentionCall, dense: list[str]) -> list[str]:
+        """Ask torch's own kernel-selection checks (CUDA only) with tensors shaped like ours."""
+        check = {"flash": torch.backends.cuda.can_use_flash_attention,
+                 "efficient": torch.backends.cuda.can_use_efficient_attention,
+                 "cudnn": torch.backends.cuda.can_use_cudnn_attention}.get(self.kind)
+        if check is None:
+            return []
+        q, k, v = self._as_4d(call)
+        if self.kind in ("efficient", "cudnn") and call.Hq != call.Hk:
+            k = k[:, :1].expand(k.shape[0], call.Hq, *k.shape[2:])
+            v = v[:, :1].expand(v.shape[0], call.Hq, *v.shape[2:])
+        mask = None
+        if dense:
+            mask = torch.zeros((), dtype=call.dtype, device=call.device).expand(1, 1, q.shape[2], k.shape[2])
+            if call.bias is not None and call.bias.requires_grad:
+                mask = mask.detach().requires_grad_()
+        params = torch.backends.cuda.SDPAParams(q, k, v, mask, call.dropout_p, call.causal and not dense,
+                                                self.kind == "flash" and call.Hq != call.Hk)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ok = check(params, True)
+        if ok:
+            return []
+        msgs = [str(w.message).strip() for w in caught]
+        return ["torch: " + m for m in msgs] or ["torch's kernel check refused this call"]
+
+    @staticmethod
+    def _as_4d(call: AttentionCall):
+        if call.layout == "thd":
+            return tuple(t.transpose(0, 1).unsqueeze(0) for t in (call.q, call.k, call.v))
+        return tuple(to_bhsd(t, call.layout) for t in (call.q, call.k, call.v))
+
+    # -- estimate -------------------------------------------------------------------------------------------
+    def cost(self, call: AttentionCall) -> float:
+        dense = _dense_mask_reasons(call)
+        flops = attention_flops(call, call.requires_grad, dense=bool(dense))
+        rates = _CUDA_RATES if call.device.type == "cuda" else _CPU_RATES
+        rate = rates[self.kind][1 if call.requires_grad else 0]
+        if call.device.type == "cuda" and call.dtype in (torch.float32, torch.float64):
+            rate /= 8  # no half-precision tensor cores
+        t = flops / rate + 20e-6
+        if dense:  # building and reading a dense (B, H, Sq, Sk) mask
+            per_elem = 1 / 1.2e12 if call.device.type == "cuda" else 1 / 4e9
+            t += 2 * dense_pairs(call) * call.Hq * per_elem
+        if call.layout == "thd":
+            t += 40e-6 * call.batch
+        return t
+
+    def notes(self, call: AttentionCall) -> list[str]:
+        n = []
+        dense = _dense_mask_reasons(call)
+        if dense:
+            n.append("materialises a dense (B, Hq, Sq, Sk) mask for: " + "; ".join(dense))
+        if call.layout == "thd":
+            n.append(f"thd: one SDPA call per sequence ({call.batch} sequences)")
+        if self.kind in ("efficient", "cudnn") and call.Hq != call.Hk:
+            n.append("GQA: K/V expanded to Hq heads")
+        return n
+
+    # -- run ---------------------------------------------------------------------------------------------
+    def run(self, call: AttentionCall):
+        if call.layout != "thd":
+            qh, kh, vh = (to_bhsd(t, call.layout) for t in (call.q, call.k, call.v))
+            slopes = None
+            if call.alibi_slopes is not None:  # (Hq,) or (B, Hq) -> broadcast over (B, Hq, Sq, Sk)
+                slopes = call.alibi_slopes.view(-1, call.Hq, 1, 1)
+            out = self._run_dense(call, qh, kh, vh, b=torch.arange(call.batch), Sq=call.Sq, Sk=call.Sk,
+                                  bias=call.bias, mask_mod=call.bound_mask_mod(call.Sq, call.Sk), slopes=slopes)
+            return (out.transpose(1, 2) if call.layout == "bshd" else out), None
+        lq, lk = seqlens(call)
+        bias = None
+        if call.bias is not None:
+            b4 = call.bias.reshape((1,) * (4 - call.bias.dim()) + tuple(call.bias.shape))
+            bias = b4.expand(call.batch, call.Hq, call.Sq, call.Sk)
+        outs, r0, c0 = [], 0, 0
+        for n, (a, c) in enumerate(zip(lq, lk)):
+            qn, kn, vn = (t.transpose(0, 1).unsqueeze(0) for t in (call.q[r0:r0 + a], call.k[c0:c0 + c],
+                                                                   call.v[c0:c0 + c]))
+            r0, c0 = r0 + a, c0 + c
+            if a == 0:
+                outs.append(call.q.new_zeros(0, call.Hq, call.Dv))
+                continue
+            if c == 0:
+                outs.append(call.q.new_zeros(a, call.Hq, call.Dv))
+                continue
+            slopes = None
+            if call.alibi_slopes is not None:
+                row = call.alibi_slopes if call.alibi_slopes.dim() == 1 else call.alibi_slopes[n]
+                slopes = row.view(1, -1, 1, 1)
+            o = self._run_dense(call, qn, kn, vn, b=torch.tensor([n]), Sq=a, Sk=c,
+                                bias=None if bias is None else bias[n:n + 1, :, :a, :c],
+                                mask_mod=call.bound_mask_mod(a, c), slopes=slopes)
+            outs.append(o[0].transpose(0, 1))
+        return torch.cat(outs, dim=0), None
+
+    def _run_dense(self, call, q, k, v, *, b, Sq, Sk, bias, mask_mod, slopes):
+        """q (B', Hq, Sq, D), k/v (B', Hk, Sk, *): one SDPA launch, with a dense mask when needed."""
+        dense = (call.causal and Sq != Sk) or call.window is not None or mask_mod is not None \
+            or bias is not None or slopes is not None
+        attn_mask, row_ok = None, None
+        if dense:
+            dev = q.device
+            bi, hi, qi, ki = index_grid(b.to(dev), torch.arange(call.Hq), torch.arange(Sq), torch.arange(Sk), dev)
+            vis = visibility(causal=call.causal, window=call.window, mask_mod=mask_mod,
+                             b=bi, h=hi, q=qi, kv=ki, off=Sk - Sq)
+            add = None
+            if bias is not None or slopes is not None:
+                add = modify_scores(torch.zeros((), dtype=torch.float32, device=dev), softcap=None, bias=bias,
+                                    slopes=slopes, score_mod=None, b=bi, h=hi, q=qi, kv=ki, off=Sk - Sq)
+            if vis is not None:
+                row_ok = vis.any(dim=-1, keepdim=True)
+                if not bool(row_ok.all()):  # give empty rows one dummy key; their output is zeroed below
+                    vis = vis | (~row_ok & (ki == 0))
+                else:
+                    row_ok = None
+            if add is None:
+                attn_mask = vis
+            elif vis is None:
+                attn_mask = add.to(q.dtype)
+            else:
+                attn_mask = add.masked_fill(~vis, float("-inf")).to(q.dtype)
+        gqa = call.Hq != call.Hk
+        if gqa and self.kind in ("efficient", "cudnn"):
+            k = k.repeat_interleave(call.group, dim=1)
+            v = v.repeat_interleave(call.group, dim=1)
+            gqa = False
+        with sdpa_kernel([_KINDS[self.kind]]):
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=call.dropout_p,
+                is_causal=call.causal and not dense, scale=call.scale, enable_gqa=gqa)
+        if row_ok is not None:
+            out = torch.where(row_ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return out
+
+
+BACKENDS = [SDPABackend(k) for k in ("flash", "cudnn", "efficient", "math")]

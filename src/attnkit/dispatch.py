@@ -1,0 +1,195 @@
+"""Backend registry and the choice among backends.
+
+Every backend answers ``why_not(call)``; among those with no reason, ``auto`` takes the one with the lowest
+estimated time (``Backend.cost``: measured throughput tables per device class, see docs/backends.md). An
+explicitly named backend (argument or ``ATTNKIT_BACKEND``) that cannot serve the call raises
+:class:`UnsupportedError` with its reasons: never a silent fallback. ``ATTNKIT_DEBUG=1`` logs each new
+choice once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+from attnkit._call import AttentionCall
+from attnkit.backends.base import Backend
+from attnkit.errors import AttentionInputError, UnsupportedError
+
+log = logging.getLogger("attnkit")
+
+# Modules that define built-in backends: each exposes BACKEND or BACKENDS. Adding a backend = one module
+# plus one line here.
+_BUILTIN_MODULES = (
+    "attnkit.backends.reference",
+    "attnkit.backends.sdpa",
+    "attnkit.backends.flex",
+    "attnkit.backends.triton",
+)
+
+_REGISTRY: dict[str, Backend] = {}
+_LOADED = False
+_LOGGED: set = set()
+
+
+def register(backend: Backend, *, replace: bool = False) -> Backend:
+    """Add a backend to the registry (third-party packages may call this too)."""
+    if backend.name in _REGISTRY and not replace:
+        raise ValueError(f"a backend named {backend.name!r} is already registered")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def _load() -> dict[str, Backend]:
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        for mod_name in _BUILTIN_MODULES:
+            try:
+                mod = importlib.import_module(mod_name)
+            except ModuleNotFoundError as e:
+                if e.name == mod_name:  # this backend module is not part of this build
+                    continue
+                raise
+            if getattr(mod, "__file__", None) is None:  # an empty namespace package: nothing built yet
+                continue
+            for b in getattr(mod, "BACKENDS", None) or [mod.BACKEND]:
+                register(b, replace=True)
+    return _REGISTRY
+
+
+@dataclass
+class BackendRecord:
+    name: str
+    available: bool
+    reason: str | None
+    description: str
+
+    def __str__(self) -> str:
+        state = "available" if self.available else f"unavailable: {self.reason}"
+        return f"{self.name:<16} {state}"
+
+
+def backends() -> list[BackendRecord]:
+    """Every registered backend, whether it can run here, and why not."""
+    out = []
+    for b in _load().values():
+        ok, why = b.available()
+        out.append(BackendRecord(b.name, ok, why, b.description))
+    return out
+
+
+def get(name: str) -> Backend:
+    reg = _load()
+    if name not in reg:
+        raise AttentionInputError("backend", f"'auto' or one of {sorted(reg)}", repr(name))
+    return reg[name]
+
+
+@dataclass
+class Candidate:
+    name: str
+    status: str  # "chosen" | "capable" | "rejected" | "unavailable"
+    reasons: list[str] = field(default_factory=list)
+    est_ms: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """What ``attnkit.explain`` returns: every backend, chosen or rejected with its reasons."""
+
+    features: list[str]
+    shape: str
+    requested: str
+    chosen: str | None
+    candidates: list[Candidate]
+
+    def __str__(self) -> str:
+        lines = [f"attnkit.explain: {self.shape}", f"  features: {', '.join(self.features)}",
+                 f"  requested: {self.requested}", f"  chosen: {self.chosen or 'none'}", ""]
+        for c in self.candidates:
+            est = f"~{c.est_ms:.3g} ms" if c.est_ms is not None and c.est_ms != float("inf") else ""
+            lines.append(f"  {c.status:<11} {c.name:<16} {est}")
+            for r in c.reasons:
+                lines.append(f"      - {r}")
+            for n in c.notes:
+                lines.append(f"      * {n}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _shape_text(call: AttentionCall) -> str:
+    if call.layout == "thd":
+        return (f"thd N={call.batch} Tq={call.q.shape[0]} Tk={call.k.shape[0]} Hq={call.Hq} Hk={call.Hk} "
+                f"D={call.D} Dv={call.Dv} max_seqlen=({call.Sq},{call.Sk}) {call.dtype} on {call.device}")
+    return (f"{call.layout} B={call.batch} Hq={call.Hq} Hk={call.Hk} Sq={call.Sq} Sk={call.Sk} D={call.D} "
+            f"Dv={call.Dv} {call.dtype} on {call.device}")
+
+
+def _requested(backend: str) -> tuple[str, bool]:
+    """(name, explicit): the environment forces a backend for 'auto' calls."""
+    if not isinstance(backend, str):
+        raise AttentionInputError("backend", "'auto' or a backend name (str)", repr(backend))
+    if backend == "auto":
+        env = os.environ.get("ATTNKIT_BACKEND", "").strip()
+        if env and env != "auto":
+            return env, True
+        return "auto", False
+    return backend, True
+
+
+def evaluate(call: AttentionCall, backend: str = "auto") -> tuple[Backend | None, Report]:
+    """Rank every backend for the call. Returns (chosen backend or None, report)."""
+    name, explicit = _requested(backend)
+    reg = _load()
+    if explicit:
+        get(name)  # unknown names raise AttentionInputError
+    cands: list[Candidate] = []
+    capable: list[tuple[float, Backend]] = []
+    for b in reg.values():
+        ok, why = b.available()
+        if not ok:
+            cands.append(Candidate(b.name, "unavailable", [why or "not available"]))
+            continue
+        reasons = b.why_not(call)
+        if reasons:
+            cands.append(Candidate(b.name, "rejected", reasons))
+            continue
+        est = b.cost(call)
+        cands.append(Candidate(b.name, "capable", [], est * 1e3, b.notes(call)))
+        capable.append((est, b))
+    chosen = None
+    if explicit:
+        chosen = reg[name] if any(b is reg[name] for _, b in capable) else None
+    elif capable:
+        chosen = min(capable, key=lambda t: t[0])[1]
+    if chosen is not None:
+        for c in cands:
+            if c.name == chosen.name:
+                c.status = "chosen"
+    order = {"chosen": 0, "capable": 1, "rejected": 2, "unavailable": 3}
+    cands.sort(key=lambda c: (order[c.status], c.est_ms if c.est_ms is not None else float("inf")))
+    report = Report(call.features(), _shape_text(call), name + (" (ATTNKIT_BACKEND)" if explicit and backend ==
+                                                                "auto" else ""), chosen and chosen.name, cands)
+    return chosen, report
+
+
+def choose(call: AttentionCall, backend: str = "auto") -> Backend:
+    """The backend that runs the call; raises UnsupportedError for an explicit backend that cannot."""
+    chosen, report = evaluate(call, backend)
+    if chosen is None:
+        name, _ = _requested(backend)
+        if name == "auto":  # cannot happen while the reference is registered
+            raise UnsupportedError("auto", ["no registered backend can serve this call"])
+        cand = next(c for c in report.candidates if c.name == name)
+        raise UnsupportedError(name, cand.reasons)
+    if os.environ.get("ATTNKIT_DEBUG", "") not in ("", "0"):
+        key = (report.shape, tuple(report.features), report.requested, chosen.name)
+        if key not in _LOGGED:
+            _LOGGED.add(key)
+            log.warning("attnkit: %s -> %s\n%s", report.shape, chosen.name, report)
+    return chosen
