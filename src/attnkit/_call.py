@@ -79,10 +79,12 @@ class AttentionCall:
         f = [self.layout]
         if self.Hq != self.Hk:
             f.append("MQA" if self.Hk == 1 else f"GQA {self.group}:1")
-        if self.D != self.Dv:
+        if self.Dv != self.D:
             f.append(f"D={self.D} Dv={self.Dv}")
         if self.causal:
-            f.append("causal" + ("" if self.Sq == self.Sk or self.layout == "thd" else " (bottom-right, Sq!=Sk)"))
+            f.append(
+                "causal" + ("" if self.Sq == self.Sk or self.layout == "thd" else " (bottom-right, Sq!=Sk)")
+            )
         if self.window is not None:
             f.append(f"window={self.window}")
         for name in ("softcap", "alibi_slopes", "bias", "score_mod", "mask"):
@@ -143,7 +145,7 @@ def _is_number(x) -> bool:
 
 
 def _host_values_allowed(t: torch.Tensor) -> bool:
-    """Reading tensor values on the host is unsafe during CUDA-graph capture and breaks torch.compile graphs."""
+    """Reading values on the host is unsafe in CUDA-graph capture and breaks torch.compile graphs."""
     if torch.compiler.is_compiling():
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
@@ -179,8 +181,26 @@ def _check_cu_seqlens(arg: str, cu: Any, total: int, device: torch.device) -> li
 
 
 def normalize(
-    q, k, v, *, layout, causal, window, softcap, alibi_slopes, bias, score_mod, mask, scale, dropout_p,
-    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, return_lse, deterministic,
+    q,
+    k,
+    v,
+    *,
+    layout,
+    causal,
+    window,
+    softcap,
+    alibi_slopes,
+    bias,
+    score_mod,
+    mask,
+    scale,
+    dropout_p,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    return_lse,
+    deterministic,
 ) -> AttentionCall:
     """Validate every argument of ``attnkit.attention`` and return the normalized call."""
     # -- tensors --------------------------------------------------------------------------------------
@@ -224,8 +244,12 @@ def normalize(
     if D == 0 or Dv == 0:
         _fail("q" if D == 0 else "v", "a head dim > 0", _describe(q if D == 0 else v))
     if Hq == 0 or Hk == 0 or Hq % Hk != 0:
-        _fail("k", f"a number of heads dividing the {Hq} query heads (GQA/MQA)", _describe(k),
-              "query head h reads key/value head h // (Hq // Hk)")
+        _fail(
+            "k",
+            f"a number of heads dividing the {Hq} query heads (GQA/MQA)",
+            _describe(k),
+            "query head h reads key/value head h // (Hq // Hk)",
+        )
 
     # -- packed sequences -------------------------------------------------------------------------------
     seqlens_q = seqlens_k = None
@@ -233,15 +257,25 @@ def normalize(
         if cu_seqlens_q is None:
             _fail("cu_seqlens_q", "an int32 tensor (N+1,) for layout='thd'", "None")
         if cu_seqlens_k is None:
-            _fail("cu_seqlens_k", "an int32 tensor (N+1,) for layout='thd'", "None",
-                  "for self-attention pass the same tensor as cu_seqlens_q")
+            _fail(
+                "cu_seqlens_k",
+                "an int32 tensor (N+1,) for layout='thd'",
+                "None",
+                "for self-attention pass the same tensor as cu_seqlens_q",
+            )
         seqlens_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, Tq, q.device)
         seqlens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, Tk, q.device)
         if cu_seqlens_k.shape != cu_seqlens_q.shape:
-            _fail("cu_seqlens_k", f"the same number of sequences as cu_seqlens_q ({cu_seqlens_q.shape[0] - 1})",
-                  _describe(cu_seqlens_k))
+            _fail(
+                "cu_seqlens_k",
+                f"the same number of sequences as cu_seqlens_q ({cu_seqlens_q.shape[0] - 1})",
+                _describe(cu_seqlens_k),
+            )
         B = cu_seqlens_q.shape[0] - 1
-        for arg, given, lens in (("max_seqlen_q", max_seqlen_q, seqlens_q), ("max_seqlen_k", max_seqlen_k, seqlens_k)):
+        for arg, given, lens in (
+            ("max_seqlen_q", max_seqlen_q, seqlens_q),
+            ("max_seqlen_k", max_seqlen_k, seqlens_k),
+        ):
             if given is not None and (not _is_int(given) or given < 0):
                 _fail(arg, "None or an int >= 0", repr(given))
             if given is not None and lens is not None and given < max(lens):
@@ -253,8 +287,12 @@ def normalize(
             Sq = max_seqlen_q if max_seqlen_q is not None else Tq
             Sk = max_seqlen_k if max_seqlen_k is not None else Tk
     else:
-        for arg, val in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
-                         ("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        for arg, val in (
+            ("cu_seqlens_q", cu_seqlens_q),
+            ("cu_seqlens_k", cu_seqlens_k),
+            ("max_seqlen_q", max_seqlen_q),
+            ("max_seqlen_k", max_seqlen_k),
+        ):
             if val is not None:
                 _fail(arg, "None unless layout='thd'", _describe(val))
 
@@ -263,8 +301,11 @@ def normalize(
         if not isinstance(val, bool):
             _fail(arg, "a bool", repr(val))
     if window is not None:
-        if (not isinstance(window, (tuple, list)) or len(window) != 2
-                or not all(_is_int(w) and w >= -1 for w in window)):
+        if (
+            not isinstance(window, (tuple, list))
+            or len(window) != 2
+            or not all(_is_int(w) and w >= -1 for w in window)
+        ):
             _fail("window", "None or (left, right) with ints >= -1 (-1 = unbounded)", repr(window))
         window = (int(window[0]), int(window[1]))
         if window == (-1, -1):
@@ -282,7 +323,9 @@ def normalize(
     batch_name = "N" if layout == "thd" else "B"
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
-            _fail("alibi_slopes", f"a float32 tensor ({Hq},) or ({batch_name}, {Hq})", _describe(alibi_slopes))
+            _fail(
+                "alibi_slopes", f"a float32 tensor ({Hq},) or ({batch_name}, {Hq})", _describe(alibi_slopes)
+            )
         if alibi_slopes.shape not in ((Hq,), (B, Hq)):
             _fail("alibi_slopes", f"shape ({Hq},) or ({B}, {Hq})", _describe(alibi_slopes))
         if alibi_slopes.device != q.device:
@@ -298,14 +341,20 @@ def normalize(
     block_mask = None
     if score_mod is not None:
         if not callable(score_mod):
-            _fail("score_mod", "None or a callable(score, b, h, q_idx, kv_idx) -> score", _describe(score_mod))
+            _fail(
+                "score_mod", "None or a callable(score, b, h, q_idx, kv_idx) -> score", _describe(score_mod)
+            )
         score_mod = from_score_mod(score_mod)
     if mask is not None:
         if type(mask).__name__ == "BlockMask" and hasattr(mask, "mask_mod"):
             block_mask = mask
             mask = from_mask_mod(mask.mask_mod, "BlockMask.mask_mod")
         elif not callable(mask):
-            _fail("mask", "None, an attnkit.masks.Mask, a mask_mod callable or a torch BlockMask", _describe(mask))
+            _fail(
+                "mask",
+                "None, an attnkit.masks.Mask, a mask_mod callable or a torch BlockMask",
+                _describe(mask),
+            )
         mask = from_mask_mod(mask) if not isinstance(mask, Mask) else mask
         if mask.native is not None:  # expressible through the flags: let every backend see it that way
             causal = causal or mask.native.get("causal", False)
@@ -316,15 +365,38 @@ def normalize(
             mask = None
 
     requires_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, bias))
+        t is not None and t.requires_grad for t in (q, k, v, bias)
+    )
     if score_mod is not None and torch.is_grad_enabled():
         requires_grad = True if (q.requires_grad or k.requires_grad or v.requires_grad) else requires_grad
 
     return AttentionCall(
-        q=q, k=k, v=v, layout=layout, batch=B, Hq=Hq, Hk=Hk, Sq=Sq, Sk=Sk, D=D, Dv=Dv, scale=float(scale),
-        causal=causal, window=window, softcap=None if softcap is None else float(softcap),
-        alibi_slopes=alibi_slopes, bias=bias, score_mod=score_mod, mask=mask, block_mask=block_mask,
-        dropout_p=float(dropout_p), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        seqlens_q=seqlens_q, seqlens_k=seqlens_k, return_lse=return_lse, deterministic=deterministic,
+        q=q,
+        k=k,
+        v=v,
+        layout=layout,
+        batch=B,
+        Hq=Hq,
+        Hk=Hk,
+        Sq=Sq,
+        Sk=Sk,
+        D=D,
+        Dv=Dv,
+        scale=float(scale),
+        causal=causal,
+        window=window,
+        softcap=None if softcap is None else float(softcap),
+        alibi_slopes=alibi_slopes,
+        bias=bias,
+        score_mod=score_mod,
+        mask=mask,
+        block_mask=block_mask,
+        dropout_p=float(dropout_p),
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        seqlens_q=seqlens_q,
+        seqlens_k=seqlens_k,
+        return_lse=return_lse,
+        deterministic=deterministic,
         requires_grad=requires_grad,
     )

@@ -22,8 +22,12 @@ def index_grid(b, h, rows, cols, device):
         t = torch.as_tensor(x, device=device, dtype=torch.long)
         return t.reshape(shape) if t.dim() else t.reshape([1] * 4)
 
-    return (as_idx(b, (-1, 1, 1, 1)), as_idx(h, (1, -1, 1, 1)), as_idx(rows, (1, 1, -1, 1)),
-            as_idx(cols, (1, 1, 1, -1)))
+    return (
+        as_idx(b, (-1, 1, 1, 1)),
+        as_idx(h, (1, -1, 1, 1)),
+        as_idx(rows, (1, 1, -1, 1)),
+        as_idx(cols, (1, 1, 1, -1)),
+    )
 
 
 def modify_scores(s, *, softcap, bias, slopes, score_mod, b, h, q, kv, off):

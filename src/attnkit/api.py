@@ -87,10 +87,25 @@ def attention(
         UnsupportedError: the named backend cannot serve this call (the message lists why).
     """
     call = normalize(
-        q, k, v, layout=layout, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-        bias=bias, score_mod=score_mod, mask=mask, scale=scale, dropout_p=dropout_p,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, return_lse=return_lse, deterministic=deterministic,
+        q,
+        k,
+        v,
+        layout=layout,
+        causal=causal,
+        window=window,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        bias=bias,
+        score_mod=score_mod,
+        mask=mask,
+        scale=scale,
+        dropout_p=dropout_p,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        return_lse=return_lse,
+        deterministic=deterministic,
     )
     if call.empty:
         # Nothing to attend to (no query rows, or no keys at all): zeros and -inf, exactly, on any backend.
@@ -115,14 +130,44 @@ def explain(q, k, v, **kwargs) -> dispatch.Report:
 
 
 def _defaults(kwargs: dict) -> dict:
-    names = ("layout", "causal", "window", "softcap", "alibi_slopes", "bias", "score_mod", "mask", "scale",
-             "dropout_p", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "return_lse",
-             "deterministic")
+    names = (
+        "layout",
+        "causal",
+        "window",
+        "softcap",
+        "alibi_slopes",
+        "bias",
+        "score_mod",
+        "mask",
+        "scale",
+        "dropout_p",
+        "cu_seqlens_q",
+        "cu_seqlens_k",
+        "max_seqlen_q",
+        "max_seqlen_k",
+        "return_lse",
+        "deterministic",
+    )
     unknown = set(kwargs) - set(names)
     if unknown:
         raise TypeError(f"explain() got unexpected keyword arguments {sorted(unknown)}")
-    defaults = dict(layout="bhsd", causal=False, window=None, softcap=None, alibi_slopes=None, bias=None,
-                    score_mod=None, mask=None, scale=None, dropout_p=0.0, cu_seqlens_q=None, cu_seqlens_k=None,
-                    max_seqlen_q=None, max_seqlen_k=None, return_lse=False, deterministic=False)
+    defaults = dict(
+        layout="bhsd",
+        causal=False,
+        window=None,
+        softcap=None,
+        alibi_slopes=None,
+        bias=None,
+        score_mod=None,
+        mask=None,
+        scale=None,
+        dropout_p=0.0,
+        cu_seqlens_q=None,
+        cu_seqlens_k=None,
+        max_seqlen_q=None,
+        max_seqlen_k=None,
+        return_lse=False,
+        deterministic=False,
+    )
     defaults.update(kwargs)
     return defaults

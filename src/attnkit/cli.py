@@ -28,20 +28,35 @@ def _device_info() -> dict:
     if torch.cuda.is_available():
         i = torch.cuda.current_device()
         p = torch.cuda.get_device_properties(i)
-        return {"device": "cuda", "name": p.name, "capability": f"{p.major}.{p.minor}",
-                "count": torch.cuda.device_count(), "memory_gib": round(p.total_memory / 2**30, 1),
-                "multiprocessors": p.multi_processor_count, "cuda": torch.version.cuda}
-    return {"device": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "triton_interpret": os.environ.get("TRITON_INTERPRET", "")}
+        return {
+            "device": "cuda",
+            "name": p.name,
+            "capability": f"{p.major}.{p.minor}",
+            "count": torch.cuda.device_count(),
+            "memory_gib": round(p.total_memory / 2**30, 1),
+            "multiprocessors": p.multi_processor_count,
+            "cuda": torch.version.cuda,
+        }
+    return {
+        "device": "cpu",
+        "name": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+    }
 
 
 def cmd_info(args) -> int:
     import attnkit
 
     rows = attnkit.backends()
-    data = {"versions": _versions(), "device": _device_info(),
-            "backends": [{"name": r.name, "available": r.available, "reason": r.reason,
-                          "description": r.description} for r in rows]}
+    data = {
+        "versions": _versions(),
+        "device": _device_info(),
+        "backends": [
+            {"name": r.name, "available": r.available, "reason": r.reason, "description": r.description}
+            for r in rows
+        ],
+    }
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -67,7 +82,9 @@ def _build_call_args(args):
     """Tensors and keyword arguments for attention/explain from the command line description."""
     import attnkit
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[args.dtype]
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[
+        args.dtype
+    ]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     B, Hq, Sq, D = args.shape
     Hk = args.hk or Hq
@@ -86,7 +103,9 @@ def _build_call_args(args):
         kw.update(cu_seqlens_q=cq, cu_seqlens_k=ck)
         B, Sq, Sk = len(lq), max(lq), max(lk)
     else:
-        perm = (lambda b, h, s, d: (b, h, s, d)) if args.layout == "bhsd" else (lambda b, h, s, d: (b, s, h, d))
+        perm = (
+            (lambda b, h, s, d: (b, h, s, d)) if args.layout == "bhsd" else (lambda b, h, s, d: (b, s, h, d))
+        )
         q = torch.empty(perm(B, Hq, Sq, D), dtype=dtype, device=device)
         k = torch.empty(perm(B, Hk, Sk, D), dtype=dtype, device=device)
         v = torch.empty(perm(B, Hk, Sk, Dv), dtype=dtype, device=device)
@@ -117,10 +136,14 @@ def _build_call_args(args):
         elif name == "custom":
             kw["mask"] = masks.from_mask_mod(lambda b, h, qi, ki: (qi - ki) % 2 == 0, "custom")
         else:
-            raise SystemExit(f"attnkit explain: unknown --mask {name!r} (document, prefix, chunked, sliding, custom)")
+            raise SystemExit(
+                f"attnkit explain: unknown --mask {name!r} (document, prefix, chunked, sliding, custom)"
+            )
     if args.score_mod:
-        kw["score_mod"] = {"relative": attnkit.mods.relative_bias(torch.zeros(Hq, 33, device=device)),
-                           "softcap": attnkit.mods.softcap(30.0)}[args.score_mod]
+        kw["score_mod"] = {
+            "relative": attnkit.mods.relative_bias(torch.zeros(Hq, 33, device=device)),
+            "softcap": attnkit.mods.softcap(30.0),
+        }[args.score_mod]
     if args.dropout:
         kw["dropout_p"] = args.dropout
     kw["return_lse"] = args.return_lse
@@ -157,8 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="machine-readable output")
 
     ex = sub.add_parser("explain", help="which backend serves a call, and why the others cannot")
-    ex.add_argument("--shape", type=_ints, default=[2, 8, 1024, 128], metavar="B,Hq,Sq,D",
-                    help="query shape (for thd: N,Hq,max_len,D unless --seqlens)")
+    ex.add_argument(
+        "--shape",
+        type=_ints,
+        default=[2, 8, 1024, 128],
+        metavar="B,Hq,Sq,D",
+        help="query shape (for thd: N,Hq,max_len,D unless --seqlens)",
+    )
     ex.add_argument("--hk", type=int, help="key/value heads (GQA/MQA)")
     ex.add_argument("--sk", type=int, help="key length (default Sq)")
     ex.add_argument("--dv", type=int, help="value head dim (default D)")
@@ -181,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--deterministic", action="store_true")
     ex.add_argument("--backend", default="auto")
 
-    b = sub.add_parser("bench", help="benchmarks: quick suite, 'kernels' or 'vit' (--help after the suite)",
-                       add_help=False)
+    b = sub.add_parser(
+        "bench", help="benchmarks: quick suite, 'kernels' or 'vit' (--help after the suite)", add_help=False
+    )
     b.add_argument("suite", nargs="?", choices=["kernels", "vit"], default=None)
     return p
 

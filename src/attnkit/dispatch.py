@@ -108,8 +108,13 @@ class Report:
     candidates: list[Candidate]
 
     def __str__(self) -> str:
-        lines = [f"attnkit.explain: {self.shape}", f"  features: {', '.join(self.features)}",
-                 f"  requested: {self.requested}", f"  chosen: {self.chosen or 'none'}", ""]
+        lines = [
+            f"attnkit.explain: {self.shape}",
+            f"  features: {', '.join(self.features)}",
+            f"  requested: {self.requested}",
+            f"  chosen: {self.chosen or 'none'}",
+            "",
+        ]
         for c in self.candidates:
             est = f"~{c.est_ms:.3g} ms" if c.est_ms is not None and c.est_ms != float("inf") else ""
             lines.append(f"  {c.status:<11} {c.name:<16} {est}")
@@ -124,10 +129,14 @@ class Report:
 
 def _shape_text(call: AttentionCall) -> str:
     if call.layout == "thd":
-        return (f"thd N={call.batch} Tq={call.q.shape[0]} Tk={call.k.shape[0]} Hq={call.Hq} Hk={call.Hk} "
-                f"D={call.D} Dv={call.Dv} max_seqlen=({call.Sq},{call.Sk}) {call.dtype} on {call.device}")
-    return (f"{call.layout} B={call.batch} Hq={call.Hq} Hk={call.Hk} Sq={call.Sq} Sk={call.Sk} D={call.D} "
-            f"Dv={call.Dv} {call.dtype} on {call.device}")
+        return (
+            f"thd N={call.batch} Tq={call.q.shape[0]} Tk={call.k.shape[0]} Hq={call.Hq} Hk={call.Hk} "
+            f"D={call.D} Dv={call.Dv} max_seqlen=({call.Sq},{call.Sk}) {call.dtype} on {call.device}"
+        )
+    return (
+        f"{call.layout} B={call.batch} Hq={call.Hq} Hk={call.Hk} Sq={call.Sq} Sk={call.Sk} D={call.D} "
+        f"Dv={call.Dv} {call.dtype} on {call.device}"
+    )
 
 
 def _requested(backend: str) -> tuple[str, bool]:
@@ -173,8 +182,13 @@ def evaluate(call: AttentionCall, backend: str = "auto") -> tuple[Backend | None
                 c.status = "chosen"
     order = {"chosen": 0, "capable": 1, "rejected": 2, "unavailable": 3}
     cands.sort(key=lambda c: (order[c.status], c.est_ms if c.est_ms is not None else float("inf")))
-    report = Report(call.features(), _shape_text(call), name + (" (ATTNKIT_BACKEND)" if explicit and backend ==
-                                                                "auto" else ""), chosen and chosen.name, cands)
+    report = Report(
+        call.features(),
+        _shape_text(call),
+        name + (" (ATTNKIT_BACKEND)" if explicit and backend == "auto" else ""),
+        chosen and chosen.name,
+        cands,
+    )
     return chosen, report
 
 

@@ -95,7 +95,7 @@ def _visible_pairs(Sq: int, Sk: int, causal: bool, window) -> int:
     if Sq == 0 or Sk == 0:
         return 0
     off = Sk - Sq
-    lo_w, hi_w = (window if window is not None else (-1, -1))
+    lo_w, hi_w = window if window is not None else (-1, -1)
     total = 0
     # Per row i the visible keys are [max(0, i+off-l), min(Sk-1, i+off+r)] with causal capping r at 0.
     # Closed form would be fiddly with clipping; rows are cheap to sum in chunks with torch.

@@ -65,8 +65,14 @@ class FlexBackend(Backend):
                 r.append("compiled FlexAttention does not support float64")
             for name, d in (("D", call.D), ("Dv", call.Dv)):
                 if d < 16 or d > 256 or d % 8:
-                    r.append(f"head dim {name}={d}: compiled FlexAttention needs a multiple of 8 in [16, 256]")
-        if call.deterministic and call.requires_grad and (call.bias is not None or call.score_mod is not None):
+                    r.append(
+                        f"head dim {name}={d}: compiled FlexAttention needs a multiple of 8 in [16, 256]"
+                    )
+        if (
+            call.deterministic
+            and call.requires_grad
+            and (call.bias is not None or call.score_mod is not None)
+        ):
             r.append("deterministic=True: gradients of captured tensors (bias, score_mod) use atomics")
         return r
 
@@ -108,8 +114,9 @@ class FlexBackend(Backend):
         block_mask = self._block_mask(call, mask_mod, B, Q, K)
         compiled = call.device.type == "cuda"
         fn = _compiled_flex() if compiled else fa.flex_attention
-        kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=call.scale,
-                      enable_gqa=call.Hq != call.Hk)
+        kwargs = dict(
+            score_mod=score_mod, block_mask=block_mask, scale=call.scale, enable_gqa=call.Hq != call.Hk
+        )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             if call.return_lse:
@@ -159,19 +166,37 @@ class FlexBackend(Backend):
             b4 = call.bias.reshape((1,) * (4 - call.bias.dim()) + tuple(call.bias.shape))
             bias = b4.expand(call.batch, call.Hq, call.Sq, call.Sk)
         slopes = call.alibi_slopes
-        has_score = call.softcap is not None or bias is not None or slopes is not None or user_score is not None
+        has_score = (
+            call.softcap is not None or bias is not None or slopes is not None or user_score is not None
+        )
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return modify_scores(
-                score, softcap=call.softcap, bias=None if bias is None else bias[b, h, q_idx, kv_idx],
+                score,
+                softcap=call.softcap,
+                bias=None if bias is None else bias[b, h, q_idx, kv_idx],
                 slopes=None if slopes is None else (slopes[h] if slopes.dim() == 1 else slopes[b, h]),
-                score_mod=user_score, b=b, h=h, q=q_idx, kv=kv_idx, off=off)
+                score_mod=user_score,
+                b=b,
+                h=h,
+                q=q_idx,
+                kv=kv_idx,
+                off=off,
+            )
 
         has_mask = call.causal or call.window is not None or user_mask is not None
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return visibility(causal=call.causal, window=call.window, mask_mod=user_mask,
-                              b=b, h=h, q=q_idx, kv=kv_idx, off=off)
+            return visibility(
+                causal=call.causal,
+                window=call.window,
+                mask_mod=user_mask,
+                b=b,
+                h=h,
+                q=q_idx,
+                kv=kv_idx,
+                off=off,
+            )
 
         return (score_mod if has_score else None), (mask_mod if has_mask else None)
 
@@ -194,20 +219,38 @@ class FlexBackend(Backend):
             b4 = call.bias.reshape((1,) * (4 - call.bias.dim()) + tuple(call.bias.shape))
             bias = b4.expand(call.batch, call.Hq, call.Sq, call.Sk)
         slopes = call.alibi_slopes
-        has_score = call.softcap is not None or bias is not None or slopes is not None or user_score is not None
+        has_score = (
+            call.softcap is not None or bias is not None or slopes is not None or user_score is not None
+        )
 
         def score_mod(score, b, h, q_idx, kv_idx):
             n, qp, kp = q_doc[q_idx], q_pos[q_idx], k_pos[kv_idx]
             return modify_scores(
-                score, softcap=call.softcap, bias=None if bias is None else bias[n, h, qp, kp],
+                score,
+                softcap=call.softcap,
+                bias=None if bias is None else bias[n, h, qp, kp],
                 slopes=None if slopes is None else (slopes[h] if slopes.dim() == 1 else slopes[n, h]),
-                score_mod=user_score, b=n, h=h, q=qp, kv=kp, off=offs[n])
+                score_mod=user_score,
+                b=n,
+                h=h,
+                q=qp,
+                kv=kp,
+                off=offs[n],
+            )
 
         def mask_mod(b, h, q_idx, kv_idx):
             n = q_doc[q_idx]
             same = n == k_doc[kv_idx]
-            vis = visibility(causal=call.causal, window=call.window, mask_mod=user_mask,
-                             b=n, h=h, q=q_pos[q_idx], kv=k_pos[kv_idx], off=offs[n])
+            vis = visibility(
+                causal=call.causal,
+                window=call.window,
+                mask_mod=user_mask,
+                b=n,
+                h=h,
+                q=q_pos[q_idx],
+                kv=k_pos[kv_idx],
+                off=offs[n],
+            )
             return same if vis is None else same & vis
 
         return (score_mod if has_score else None), mask_mod

@@ -45,14 +45,25 @@ def _attend_chunk(qs, ks, vs, bias_blk, *, call, b, h0, h1, r0, off, mask_mod, s
     Hn, C, _ = qs.shape
     Sk = ks.shape[1]
     s = torch.matmul(qs, ks.transpose(-1, -2)) * call.scale  # (Hn, C, Sk)
-    bi, hi, qi, ki = index_grid(b, torch.arange(h0, h1), torch.arange(r0, r0 + C), torch.arange(Sk), qs.device)
+    bi, hi, qi, ki = index_grid(
+        b, torch.arange(h0, h1), torch.arange(r0, r0 + C), torch.arange(Sk), qs.device
+    )
     s = modify_scores(
-        s.unsqueeze(0), softcap=call.softcap, bias=bias_blk,
-        slopes=slopes_for(call.alibi_slopes, b, h0, h1), score_mod=score_mod,
-        b=bi, h=hi, q=qi, kv=ki, off=off,
+        s.unsqueeze(0),
+        softcap=call.softcap,
+        bias=bias_blk,
+        slopes=slopes_for(call.alibi_slopes, b, h0, h1),
+        score_mod=score_mod,
+        b=bi,
+        h=hi,
+        q=qi,
+        kv=ki,
+        off=off,
     )
     s = s.expand(1, Hn, C, Sk)[0]
-    vis = visibility(causal=call.causal, window=call.window, mask_mod=mask_mod, b=bi, h=hi, q=qi, kv=ki, off=off)
+    vis = visibility(
+        causal=call.causal, window=call.window, mask_mod=mask_mod, b=bi, h=hi, q=qi, kv=ki, off=off
+    )
     neg_inf = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
     if vis is not None:
         s = torch.where(vis.expand(1, Hn, C, Sk)[0], s, neg_inf)
@@ -65,8 +76,11 @@ def _attend_chunk(qs, ks, vs, bias_blk, *, call, b, h0, h1, r0, off, mask_mod, s
     lse = torch.where(has_key, m + torch.log(safe), neg_inf).squeeze(-1)
     p = p / safe
     if call.dropout_p > 0:
-        keep = keep_fn(b, h0, h1, r0, C, Sk, p.device) if keep_fn is not None else (
-            torch.rand(p.shape, device=p.device) >= call.dropout_p)
+        keep = (
+            keep_fn(b, h0, h1, r0, C, Sk, p.device)
+            if keep_fn is not None
+            else (torch.rand(p.shape, device=p.device) >= call.dropout_p)
+        )
         p = p * keep.to(p.dtype) / (1.0 - call.dropout_p)
     out = torch.matmul(p.to(vs.dtype), vs)
     return out, lse
@@ -91,8 +105,17 @@ def _attend(call, qb, kb, vb, bias_b, *, b, off, mask_mod, score_mod, upcast, ke
             r1 = min(Sq, r0 + rows)
             qs = qb[h0:h1, r0:r1]
             bias_blk = None if bias_b is None else bias_b[:, h0:h1, r0:r1, :]
-            kwargs = dict(call=call, b=b, h0=h0, h1=h1, r0=r0, off=off, mask_mod=mask_mod,
-                          score_mod=score_mod, keep_fn=keep_fn)
+            kwargs = dict(
+                call=call,
+                b=b,
+                h0=h0,
+                h1=h1,
+                r0=r0,
+                off=off,
+                mask_mod=mask_mod,
+                score_mod=score_mod,
+                keep_fn=keep_fn,
+            )
             if Sk == 0:
                 o = qs.new_zeros(h1 - h0, r1 - r0, Dv)
                 lse = qs.new_full((h1 - h0, r1 - r0), float("-inf"))
@@ -131,13 +154,23 @@ def reference_forward(call: AttentionCall, *, upcast: bool = True, dropout_keep=
             cq.append(cq[-1] + a)
             ck.append(ck[-1] + c)
         for n in range(call.batch):
-            qn = q[cq[n]:cq[n + 1]].transpose(0, 1)
-            kn = k[ck[n]:ck[n + 1]].transpose(0, 1)
-            vn = v[ck[n]:ck[n + 1]].transpose(0, 1)
-            bias_n = None if bias is None else bias[n:n + 1, :, :lq[n], :lk[n]]
-            o, lse = _attend(call, qn, kn, vn, bias_n, b=n, off=lk[n] - lq[n],
-                             mask_mod=call.bound_mask_mod(lq[n], lk[n]),
-                             score_mod=call.bound_score_mod(lq[n], lk[n]), upcast=upcast, keep_fn=dropout_keep)
+            qn = q[cq[n] : cq[n + 1]].transpose(0, 1)
+            kn = k[ck[n] : ck[n + 1]].transpose(0, 1)
+            vn = v[ck[n] : ck[n + 1]].transpose(0, 1)
+            bias_n = None if bias is None else bias[n : n + 1, :, : lq[n], : lk[n]]
+            o, lse = _attend(
+                call,
+                qn,
+                kn,
+                vn,
+                bias_n,
+                b=n,
+                off=lk[n] - lq[n],
+                mask_mod=call.bound_mask_mod(lq[n], lk[n]),
+                score_mod=call.bound_score_mod(lq[n], lk[n]),
+                upcast=upcast,
+                keep_fn=dropout_keep,
+            )
             outs.append(o.transpose(0, 1))
             lses.append(lse)
         out = torch.cat(outs, dim=0) if outs else q.new_zeros(0, call.Hq, call.Dv)
@@ -148,9 +181,19 @@ def reference_forward(call: AttentionCall, *, upcast: bool = True, dropout_keep=
         mask_mod = call.bound_mask_mod(call.Sq, call.Sk)
         score_mod = call.bound_score_mod(call.Sq, call.Sk)
         for b in range(call.batch):
-            o, lse = _attend(call, qh[b], kh[b], vh[b], None if bias is None else bias[b:b + 1],
-                             b=b, off=call.Sk - call.Sq, mask_mod=mask_mod, score_mod=score_mod,
-                             upcast=upcast, keep_fn=dropout_keep)
+            o, lse = _attend(
+                call,
+                qh[b],
+                kh[b],
+                vh[b],
+                None if bias is None else bias[b : b + 1],
+                b=b,
+                off=call.Sk - call.Sq,
+                mask_mod=mask_mod,
+                score_mod=score_mod,
+                upcast=upcast,
+                keep_fn=dropout_keep,
+            )
             outs.append(o)
             lses.append(lse)
         if outs:

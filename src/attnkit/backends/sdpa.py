@@ -33,17 +33,25 @@ _KINDS = {
     "math": SDPBackend.MATH,
 }
 # Measured TFLOP/s (forward, forward+backward) on an H200, bf16, D=128, long sequences (shared/ANCHORS.md).
-_CUDA_RATES = {"cudnn": (560e12, 500e12), "flash": (330e12, 300e12), "efficient": (165e12, 135e12),
-               "math": (40e12, 30e12)}
+_CUDA_RATES = {
+    "cudnn": (560e12, 500e12),
+    "flash": (330e12, 300e12),
+    "efficient": (165e12, 135e12),
+    "math": (40e12, 30e12),
+}
 # Rough CPU rates (2-core machine); only the ranking matters.
 _CPU_RATES = {"flash": (30e9, 15e9), "math": (15e9, 8e9)}
 _DTYPES = {
-    "flash": {"cuda": (torch.float16, torch.bfloat16),
-              "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64)},
+    "flash": {
+        "cuda": (torch.float16, torch.bfloat16),
+        "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    },
     "efficient": {"cuda": (torch.float16, torch.bfloat16, torch.float32)},
     "cudnn": {"cuda": (torch.float16, torch.bfloat16)},
-    "math": {"cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-             "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64)},
+    "math": {
+        "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+        "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    },
 }
 
 
@@ -99,7 +107,7 @@ class SDPABackend(Backend):
         dense = _dense_mask_reasons(call)
         if self.kind == "flash" and dense:
             r.append("the flash kernel takes no explicit mask, needed here for: " + "; ".join(dense))
-        if self.kind == "flash" and call.D != call.Dv:
+        if self.kind == "flash" and call.Dv != call.D:
             r.append(f"the flash kernel needs equal head dims for q/k and v (D={call.D}, Dv={call.Dv})")
         if self.kind == "flash" and dev == "cpu" and call.dropout_p > 0:
             r.append("the CPU flash kernel has no dropout")
@@ -111,9 +119,11 @@ class SDPABackend(Backend):
 
     def _torch_reasons(self, call: AttentionCall, dense: list[str]) -> list[str]:
         """Ask torch's own kernel-selection checks (CUDA only) with tensors shaped like ours."""
-        check = {"flash": torch.backends.cuda.can_use_flash_attention,
-                 "efficient": torch.backends.cuda.can_use_efficient_attention,
-                 "cudnn": torch.backends.cuda.can_use_cudnn_attention}.get(self.kind)
+        check = {
+            "flash": torch.backends.cuda.can_use_flash_attention,
+            "efficient": torch.backends.cuda.can_use_efficient_attention,
+            "cudnn": torch.backends.cuda.can_use_cudnn_attention,
+        }.get(self.kind)
         if check is None:
             return []
         q, k, v = self._as_4d(call)
@@ -125,8 +135,15 @@ class SDPABackend(Backend):
             mask = torch.zeros((), dtype=call.dtype, device=call.device).expand(1, 1, q.shape[2], k.shape[2])
             if call.bias is not None and call.bias.requires_grad:
                 mask = mask.detach().requires_grad_()
-        params = torch.backends.cuda.SDPAParams(q, k, v, mask, call.dropout_p, call.causal and not dense,
-                                                self.kind == "flash" and call.Hq != call.Hk)
+        params = torch.backends.cuda.SDPAParams(
+            q,
+            k,
+            v,
+            mask,
+            call.dropout_p,
+            call.causal and not dense,
+            self.kind == "flash" and call.Hq != call.Hk,
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ok = check(params, True)
@@ -175,8 +192,18 @@ class SDPABackend(Backend):
             slopes = None
             if call.alibi_slopes is not None:  # (Hq,) or (B, Hq) -> broadcast over (B, Hq, Sq, Sk)
                 slopes = call.alibi_slopes.view(-1, call.Hq, 1, 1)
-            out = self._run_dense(call, qh, kh, vh, b=torch.arange(call.batch), Sq=call.Sq, Sk=call.Sk,
-                                  bias=call.bias, mask_mod=call.bound_mask_mod(call.Sq, call.Sk), slopes=slopes)
+            out = self._run_dense(
+                call,
+                qh,
+                kh,
+                vh,
+                b=torch.arange(call.batch),
+                Sq=call.Sq,
+                Sk=call.Sk,
+                bias=call.bias,
+                mask_mod=call.bound_mask_mod(call.Sq, call.Sk),
+                slopes=slopes,
+            )
             return (out.transpose(1, 2) if call.layout == "bshd" else out), None
         lq, lk = seqlens(call)
         bias = None
@@ -185,8 +212,10 @@ class SDPABackend(Backend):
             bias = b4.expand(call.batch, call.Hq, call.Sq, call.Sk)
         outs, r0, c0 = [], 0, 0
         for n, (a, c) in enumerate(zip(lq, lk)):
-            qn, kn, vn = (t.transpose(0, 1).unsqueeze(0) for t in (call.q[r0:r0 + a], call.k[c0:c0 + c],
-                                                                   call.v[c0:c0 + c]))
+            qn, kn, vn = (
+                t.transpose(0, 1).unsqueeze(0)
+                for t in (call.q[r0 : r0 + a], call.k[c0 : c0 + c], call.v[c0 : c0 + c])
+            )
             r0, c0 = r0 + a, c0 + c
             if a == 0:
                 outs.append(call.q.new_zeros(0, call.Hq, call.Dv))
@@ -198,26 +227,60 @@ class SDPABackend(Backend):
             if call.alibi_slopes is not None:
                 row = call.alibi_slopes if call.alibi_slopes.dim() == 1 else call.alibi_slopes[n]
                 slopes = row.view(1, -1, 1, 1)
-            o = self._run_dense(call, qn, kn, vn, b=torch.tensor([n]), Sq=a, Sk=c,
-                                bias=None if bias is None else bias[n:n + 1, :, :a, :c],
-                                mask_mod=call.bound_mask_mod(a, c), slopes=slopes)
+            o = self._run_dense(
+                call,
+                qn,
+                kn,
+                vn,
+                b=torch.tensor([n]),
+                Sq=a,
+                Sk=c,
+                bias=None if bias is None else bias[n : n + 1, :, :a, :c],
+                mask_mod=call.bound_mask_mod(a, c),
+                slopes=slopes,
+            )
             outs.append(o[0].transpose(0, 1))
         return torch.cat(outs, dim=0), None
 
     def _run_dense(self, call, q, k, v, *, b, Sq, Sk, bias, mask_mod, slopes):
         """q (B', Hq, Sq, D), k/v (B', Hk, Sk, *): one SDPA launch, with a dense mask when needed."""
-        dense = (call.causal and Sq != Sk) or call.window is not None or mask_mod is not None \
-            or bias is not None or slopes is not None
+        dense = (
+            (call.causal and Sq != Sk)
+            or call.window is not None
+            or mask_mod is not None
+            or bias is not None
+            or slopes is not None
+        )
         attn_mask, row_ok = None, None
         if dense:
             dev = q.device
-            bi, hi, qi, ki = index_grid(b.to(dev), torch.arange(call.Hq), torch.arange(Sq), torch.arange(Sk), dev)
-            vis = visibility(causal=call.causal, window=call.window, mask_mod=mask_mod,
-                             b=bi, h=hi, q=qi, kv=ki, off=Sk - Sq)
+            bi, hi, qi, ki = index_grid(
+                b.to(dev), torch.arange(call.Hq), torch.arange(Sq), torch.arange(Sk), dev
+            )
+            vis = visibility(
+                causal=call.causal,
+                window=call.window,
+                mask_mod=mask_mod,
+                b=bi,
+                h=hi,
+                q=qi,
+                kv=ki,
+                off=Sk - Sq,
+            )
             add = None
             if bias is not None or slopes is not None:
-                add = modify_scores(torch.zeros((), dtype=torch.float32, device=dev), softcap=None, bias=bias,
-                                    slopes=slopes, score_mod=None, b=bi, h=hi, q=qi, kv=ki, off=Sk - Sq)
+                add = modify_scores(
+                    torch.zeros((), dtype=torch.float32, device=dev),
+                    softcap=None,
+                    bias=bias,
+                    slopes=slopes,
+                    score_mod=None,
+                    b=bi,
+                    h=hi,
+                    q=qi,
+                    kv=ki,
+                    off=Sk - Sq,
+                )
             if vis is not None:
                 row_ok = vis.any(dim=-1, keepdim=True)
                 if not bool(row_ok.all()):  # give empty rows one dummy key; their output is zeroed below
@@ -237,8 +300,15 @@ class SDPABackend(Backend):
             gqa = False
         with sdpa_kernel([_KINDS[self.kind]]):
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=call.dropout_p,
-                is_causal=call.causal and not dense, scale=call.scale, enable_gqa=gqa)
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=call.dropout_p,
+                is_causal=call.causal and not dense,
+                scale=call.scale,
+                enable_gqa=gqa,
+            )
         if row_ok is not None:
             out = torch.where(row_ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
         return out

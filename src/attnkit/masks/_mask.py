@@ -82,16 +82,23 @@ class Mask:
         if self.native is not None and other.native is not None:
             wa, wb = self.native.get("window"), other.native.get("window")
             window = _merge_windows(wa, wb) if wa is not None and wb is not None else (wa or wb)
-            native = {"causal": self.native.get("causal", False) or other.native.get("causal", False),
-                      "window": window}
-        return Mask(lambda b, h, q, kv, off: f(b, h, q, kv, off) & g(b, h, q, kv, off),
-                    f"({self.name} & {other.name})", native)
+            native = {
+                "causal": self.native.get("causal", False) or other.native.get("causal", False),
+                "window": window,
+            }
+        return Mask(
+            lambda b, h, q, kv, off: f(b, h, q, kv, off) & g(b, h, q, kv, off),
+            f"({self.name} & {other.name})",
+            native,
+        )
 
     def __or__(self, other: Mask | Callable) -> Mask:
         other = _as_mask(other)
         f, g = self._fn, other._fn
-        return Mask(lambda b, h, q, kv, off: f(b, h, q, kv, off) | g(b, h, q, kv, off),
-                    f"({self.name} | {other.name})")
+        return Mask(
+            lambda b, h, q, kv, off: f(b, h, q, kv, off) | g(b, h, q, kv, off),
+            f"({self.name} | {other.name})",
+        )
 
     def __invert__(self) -> Mask:
         f = self._fn
@@ -119,8 +126,11 @@ def _as_mask(m) -> Mask:
 # -- factories ----------------------------------------------------------------------------------------
 def full() -> Mask:
     """Every key visible."""
-    return Mask(lambda b, h, q, kv, off: torch.ones_like(q + kv, dtype=torch.bool), "full",
-                {"causal": False, "window": None})
+    return Mask(
+        lambda b, h, q, kv, off: torch.ones_like(q + kv, dtype=torch.bool),
+        "full",
+        {"causal": False, "window": None},
+    )
 
 
 def causal() -> Mask:
@@ -191,8 +201,9 @@ def chunked(chunk_size: int) -> Mask:
     for Llama-4 style chunked causal attention)."""
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunked: `chunk_size` must be a positive int, got {chunk_size!r}")
-    return Mask(lambda b, h, q, kv, off: (q + off) // chunk_size == kv // chunk_size,
-                f"chunked({chunk_size})")
+    return Mask(
+        lambda b, h, q, kv, off: (q + off) // chunk_size == kv // chunk_size, f"chunked({chunk_size})"
+    )
 
 
 def neighborhood_2d(height: int, width: int, kernel: int, num_prefix_tokens: int = 0) -> Mask:

@@ -90,7 +90,9 @@ def from_score_mod(fn: Callable, name: str | None = None) -> ScoreMod:
         return fn
     if not callable(fn):
         raise ValueError(f"from_score_mod: expected a callable, got {type(fn).__name__}")
-    return ScoreMod(lambda s, b, h, q, kv, off: fn(s, b, h, q, kv), name or getattr(fn, "__name__", "score_mod"))
+    return ScoreMod(
+        lambda s, b, h, q, kv, off: fn(s, b, h, q, kv), name or getattr(fn, "__name__", "score_mod")
+    )
 
 
 __all__ = ["ScoreMod", "alibi", "compose", "from_score_mod", "relative_bias", "softcap"]
