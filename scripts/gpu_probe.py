@@ -84,19 +84,37 @@ def grads(out, inputs, gout):
 
 def main() -> int:
     dev = "cuda"
-    cases = ["plain", "causal", "causal_sq<sk", "causal_sq>sk", "window", "bias_grad", "alibi", "document",
-             "softcap_relbias", "d80_dv", "d128", "lse", "deterministic", "thd"]
+    cases = [
+        "plain",
+        "causal",
+        "causal_sq<sk",
+        "causal_sq>sk",
+        "window",
+        "bias_grad",
+        "alibi",
+        "document",
+        "softcap_relbias",
+        "d80_dv",
+        "d128",
+        "lse",
+        "deterministic",
+        "thd",
+    ]
     names = [r.name for r in attnkit.backends() if r.available and r.name != "reference"]
     bad = 0
-    print(f"{'case':<16} {'dtype':<9} {'backend':<15} {'out':>9} {'base':>9} {'grad':>9} {'gbase':>9}  status")
+    print(
+        f"{'case':<16} {'dtype':<9} {'backend':<15} {'out':>9} {'base':>9} {'grad':>9} {'gbase':>9}  status"
+    )
     for dtype in (torch.bfloat16, torch.float16):
         for case in cases if dtype == torch.bfloat16 else ["plain", "causal_sq>sk", "bias_grad", "thd"]:
             q, k, v, kw = make(case, dtype, dev)
             leaves = [t.requires_grad_() for t in (q, k, v)]
             ins = leaves + kw.pop("_learn", [])
             # float64 reference on upcast inputs, and plain low-precision PyTorch as the error baseline
-            call64 = normalize(*(t.double() for t in (q, k, v)), **_defaults(
-                {**kw, "bias": kw["bias"].double() if "bias" in kw else None}))
+            call64 = normalize(
+                *(t.double() for t in (q, k, v)),
+                **_defaults({**kw, "bias": kw["bias"].double() if "bias" in kw else None}),
+            )
             ref, ref_lse = reference_forward(call64)
             gout = torch.randn_like(ref)
             gref = grads(ref, ins, gout)
@@ -114,7 +132,9 @@ def main() -> int:
                     continue
                 except Exception as e:  # a backend that accepted and then failed is a bug
                     bad += 1
-                    print(f"{case:<16} {str(dtype)[6:]:<9} {name:<15} ERROR {type(e).__name__}: {str(e)[:150]}")
+                    print(
+                        f"{case:<16} {str(dtype)[6:]:<9} {name:<15} ERROR {type(e).__name__}: {str(e)[:150]}"
+                    )
                     continue
                 out, lse = res if isinstance(res, tuple) else (res, None)
                 e_out = rel(out, ref)
@@ -127,8 +147,36 @@ def main() -> int:
                 e_lse = rel(lse, ref_lse) if lse is not None else 0.0
                 ok = e_out <= 2 * e_base + 1e-3 and e_g <= 2 * g_base + 1e-3 and e_lse <= 1e-2
                 bad += not ok
-                print(f"{case:<16} {str(dtype)[6:]:<9} {name:<15} {e_out:9.2e} {e_base:9.2e} {e_g:9.2e} "
-                      f"{g_base:9.2e}  {'ok' if ok else 'FAIL'} ({time.time() - t0:.1f}s)")
+                print(
+                    f"{case:<16} {str(dtype)[6:]:<9} {name:<15} {e_out:9.2e} {e_base:9.2e} {e_g:9.2e} "
+                    f"{g_base:9.2e}  {'ok' if ok else 'FAIL'} ({time.time() - t0:.1f}s)"
+                )
+    # Recompilation check: new document boundaries and new thd lengths must not compile again.
+    if "flex" in names:
+        for trial in range(3):
+            q, k, v, kw = make("document", torch.bfloat16, dev)
+            kw["mask"] = (
+                masks.document(torch.randint(0, 4, (300,), device=dev).sort().values) & masks.causal()
+            )
+            t0 = time.time()
+            attnkit.attention(q, k, v, backend="flex", **kw).float().sum().item()
+            lens = torch.randint(0, 200, (5,)).tolist()
+            cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=dev)
+            qt = torch.randn(sum(lens), 8, 64, device=dev, dtype=torch.bfloat16)
+            t1 = time.time()
+            attnkit.attention(
+                qt,
+                qt[:, :2],
+                qt[:, :2],
+                layout="thd",
+                cu_seqlens_q=cu,
+                cu_seqlens_k=cu,
+                causal=True,
+                backend="flex",
+            ).float().sum().item()
+            print(
+                f"flex re-run {trial}: new doc mask {t1 - t0:.2f}s, new thd lengths {time.time() - t1:.2f}s"
+            )
     print(f"probe done: {bad} failures")
     return 1 if bad else 0
 

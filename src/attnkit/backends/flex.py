@@ -27,6 +27,18 @@ _BLOCK_CACHE_SIZE = 32
 # Measured TFLOP/s (forward, forward+backward) of compiled FlexAttention on an H200, bf16 (ANCHORS.md).
 _CUDA_RATES = (470e12, 410e12)
 _CPU_RATES = (5e9, 2.5e9)
+# Some mods (e.g. a learnable relative-bias table) make inductor's default flex tiles overflow shared
+# memory ("out of resource"); such call families are retried, and then run, with these smaller tiles.
+_SMALL_TILE_OPTIONS = {
+    "BLOCK_M": 64,
+    "BLOCK_N": 64,
+    "BLOCK_M1": 32,
+    "BLOCK_N1": 64,
+    "BLOCK_M2": 64,
+    "BLOCK_N2": 32,
+    "num_stages": 1,
+}
+_SMALL_TILES: set = set()
 
 
 @functools.cache
@@ -39,6 +51,14 @@ def _flex():
 @functools.cache
 def _compiled_flex():
     return torch.compile(_flex().flex_attention)
+
+
+def _recompile_headroom():
+    """Each distinct set of mods is its own compiled kernel; past dynamo's default limit of 8 variants,
+    torch would silently run flex_attention eagerly (unfused). Allow more variants for our calls."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    return cfg.patch(**{name: max(getattr(cfg, name), 64)})
 
 
 class FlexBackend(Backend):
@@ -117,22 +137,35 @@ class FlexBackend(Backend):
         kwargs = dict(
             score_mod=score_mod, block_mask=block_mask, scale=call.scale, enable_gqa=call.Hq != call.Hk
         )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-            if call.return_lse:
-                if hasattr(fa, "AuxRequest"):
-                    out, aux = fn(q, k, v, return_aux=fa.AuxRequest(lse=True), **kwargs)
-                    lse = aux.lse
-                else:
-                    out, lse = fn(q, k, v, return_lse=True, **kwargs)
-            else:
-                out, lse = fn(q, k, v, **kwargs), None
+        key = (call.D, call.Dv, call.dtype, score_mod is not None, call.requires_grad)
+        if compiled and key in _SMALL_TILES:
+            kwargs["kernel_options"] = _SMALL_TILE_OPTIONS
+        try:
+            out, lse = self._call(fn, q, k, v, call.return_lse, kwargs)
+        except Exception as e:  # inductor found no tile config that fits shared memory: retry smaller tiles
+            if not compiled or "kernel_options" in kwargs or "out of resource" not in str(e):
+                raise
+            _SMALL_TILES.add(key)
+            kwargs["kernel_options"] = _SMALL_TILE_OPTIONS
+            out, lse = self._call(fn, q, k, v, call.return_lse, kwargs)
         if call.layout == "thd":
             out = out[0].transpose(0, 1)
             lse = None if lse is None else lse[0]
         elif call.layout == "bshd":
             out = out.transpose(1, 2)
         return out, (None if lse is None else lse.float())
+
+    @staticmethod
+    def _call(fn, q, k, v, return_lse, kwargs):
+        fa = _flex()
+        with warnings.catch_warnings(), _recompile_headroom():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            if not return_lse:
+                return fn(q, k, v, **kwargs), None
+            if hasattr(fa, "AuxRequest"):
+                out, aux = fn(q, k, v, return_aux=fa.AuxRequest(lse=True), **kwargs)
+                return out, aux.lse
+            return fn(q, k, v, return_lse=True, **kwargs)
 
     def _block_mask(self, call, mask_mod, B, Q, K):
         if mask_mod is None:
@@ -166,14 +199,13 @@ class FlexBackend(Backend):
             b4 = call.bias.reshape((1,) * (4 - call.bias.dim()) + tuple(call.bias.shape))
             bias = b4.expand(call.batch, call.Hq, call.Sq, call.Sk)
         slopes = call.alibi_slopes
-        has_score = (
-            call.softcap is not None or bias is not None or slopes is not None or user_score is not None
-        )
+        softcap, causal, window = call.softcap, call.causal, call.window  # plain values: dynamo guards
+        has_score = softcap is not None or bias is not None or slopes is not None or user_score is not None
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return modify_scores(
                 score,
-                softcap=call.softcap,
+                softcap=softcap,
                 bias=None if bias is None else bias[b, h, q_idx, kv_idx],
                 slopes=None if slopes is None else (slopes[h] if slopes.dim() == 1 else slopes[b, h]),
                 score_mod=user_score,
@@ -184,12 +216,12 @@ class FlexBackend(Backend):
                 off=off,
             )
 
-        has_mask = call.causal or call.window is not None or user_mask is not None
+        has_mask = causal or window is not None or user_mask is not None
 
         def mask_mod(b, h, q_idx, kv_idx):
             return visibility(
-                causal=call.causal,
-                window=call.window,
+                causal=causal,
+                window=window,
                 mask_mod=user_mask,
                 b=b,
                 h=h,
@@ -219,15 +251,14 @@ class FlexBackend(Backend):
             b4 = call.bias.reshape((1,) * (4 - call.bias.dim()) + tuple(call.bias.shape))
             bias = b4.expand(call.batch, call.Hq, call.Sq, call.Sk)
         slopes = call.alibi_slopes
-        has_score = (
-            call.softcap is not None or bias is not None or slopes is not None or user_score is not None
-        )
+        softcap, causal, window = call.softcap, call.causal, call.window  # plain values: dynamo guards
+        has_score = softcap is not None or bias is not None or slopes is not None or user_score is not None
 
         def score_mod(score, b, h, q_idx, kv_idx):
             n, qp, kp = q_doc[q_idx], q_pos[q_idx], k_pos[kv_idx]
             return modify_scores(
                 score,
-                softcap=call.softcap,
+                softcap=softcap,
                 bias=None if bias is None else bias[n, h, qp, kp],
                 slopes=None if slopes is None else (slopes[h] if slopes.dim() == 1 else slopes[n, h]),
                 score_mod=user_score,
@@ -242,8 +273,8 @@ class FlexBackend(Backend):
             n = q_doc[q_idx]
             same = n == k_doc[kv_idx]
             vis = visibility(
-                causal=call.causal,
-                window=call.window,
+                causal=causal,
+                window=window,
                 mask_mod=user_mask,
                 b=n,
                 h=h,

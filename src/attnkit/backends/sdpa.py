@@ -16,6 +16,11 @@ On CUDA, after attnkit's own rules, torch's own ``can_use_*`` checks run and the
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
 import warnings
 
 import torch
@@ -53,6 +58,35 @@ _DTYPES = {
         "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
     },
 }
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Capture what C++ code writes to file descriptor 2 (torch's kernel checks warn there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        result = {"text": ""}
+        try:
+            yield lambda: result["text"]
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            result["text"] = tmp.read().decode(errors="replace")
+
+
+def _torch_warnings(text: str) -> list[str]:
+    """The messages of torch's C++ warnings ('[W... file.h:N] Warning: MSG (function f)')."""
+    out = []
+    for line in text.splitlines():
+        _, sep, msg = line.partition("Warning: ")
+        if sep:
+            msg = re.sub(r" \(function \w+\)$", "", msg.strip())
+            if msg not in out:
+                out.append(msg)
+    return out
 
 
 def _dense_mask_reasons(call: AttentionCall) -> list[str]:
@@ -118,7 +152,11 @@ class SDPABackend(Backend):
         return r
 
     def _torch_reasons(self, call: AttentionCall, dense: list[str]) -> list[str]:
-        """Ask torch's own kernel-selection checks (CUDA only) with tensors shaped like ours."""
+        """Ask torch's own kernel-selection checks (CUDA only) with tensors shaped like ours.
+
+        thd calls are checked once per distinct (Sq, Sk) among their sequences, since every sequence
+        becomes its own SDPA launch.
+        """
         check = {
             "flash": torch.backends.cuda.can_use_flash_attention,
             "efficient": torch.backends.cuda.can_use_efficient_attention,
@@ -127,30 +165,36 @@ class SDPABackend(Backend):
         if check is None:
             return []
         q, k, v = self._as_4d(call)
-        if self.kind in ("efficient", "cudnn") and call.Hq != call.Hk:
-            k = k[:, :1].expand(k.shape[0], call.Hq, *k.shape[2:])
-            v = v[:, :1].expand(v.shape[0], call.Hq, *v.shape[2:])
-        mask = None
-        if dense:
-            mask = torch.zeros((), dtype=call.dtype, device=call.device).expand(1, 1, q.shape[2], k.shape[2])
-            if call.bias is not None and call.bias.requires_grad:
-                mask = mask.detach().requires_grad_()
-        params = torch.backends.cuda.SDPAParams(
-            q,
-            k,
-            v,
-            mask,
-            call.dropout_p,
-            call.causal and not dense,
-            self.kind == "flash" and call.Hq != call.Hk,
-        )
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ok = check(params, True)
-        if ok:
-            return []
-        msgs = [str(w.message).strip() for w in caught]
-        return ["torch: " + m for m in msgs] or ["torch's kernel check refused this call"]
+        if call.layout == "thd":
+            lq, lk = seqlens(call)
+            shapes = sorted({(a, c) for a, c in zip(lq, lk) if a > 0 and c > 0})
+        else:
+            shapes = [(call.Sq, call.Sk)]
+        for sq, sk in shapes:
+            qs, ks, vs = q[:, :, :sq], k[:, :, :sk], v[:, :, :sk]
+            if self.kind in ("efficient", "cudnn") and call.Hq != call.Hk:
+                ks = ks[:, :1].expand(ks.shape[0], call.Hq, *ks.shape[2:])
+                vs = vs[:, :1].expand(vs.shape[0], call.Hq, *vs.shape[2:])
+            mask = None
+            if dense:  # a mask with the strides of the real one (last dim contiguous), no Sq x Sk allocation
+                mask = torch.zeros(sk, dtype=call.dtype, device=call.device).expand(1, 1, sq, sk)
+                if call.bias is not None and call.bias.requires_grad:
+                    mask = mask.detach().requires_grad_()
+            causal = call.causal and not dense
+            params = torch.backends.cuda.SDPAParams(
+                qs, ks, vs, mask, call.dropout_p, causal, self.kind == "flash" and call.Hq != call.Hk
+            )
+            with _captured_stderr() as text, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ok = check(params, True)
+            if not ok:
+                found = _torch_warnings(text()) + [str(w.message).strip() for w in caught]
+                msgs = [m for m in found if "has been runtime disabled" not in m]
+                where = f" (sequence shape Sq={sq}, Sk={sk})" if call.layout == "thd" else ""
+                return ["torch: " + m + where for m in msgs] or [
+                    "torch's kernel check refused this call" + where
+                ]
+        return []
 
     @staticmethod
     def _as_4d(call: AttentionCall):
