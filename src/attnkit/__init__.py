@@ -12,6 +12,11 @@ from attnkit.errors import AttentionInputError, UnsupportedError
 
 __version__ = "0.1.0"
 
+# Register the built-in backends at import, so that calls traced by torch.compile find them ready.
+from attnkit.dispatch import _load  # noqa: E402
+
+_load()
+
 __all__ = [
     "AttentionInputError",
     "UnsupportedError",

@@ -113,6 +113,10 @@ def attention(
         out, lse = reference_forward(call)
     else:
         out, lse = dispatch.choose(call, backend).run(call)
+    if call.requires_grad and torch.is_grad_enabled() and not out.requires_grad:
+        # Every query row had no visible key (e.g. thd sequences whose keys are all empty): the output is
+        # constant zeros, but callers still backpropagate through it (zero gradients, never an error).
+        out = out + 0.0 * sum(t.sum() for t in (call.q, call.k, call.v, call.bias) if t is not None).to(out.dtype)
     if return_lse:
         return out, lse
     return out

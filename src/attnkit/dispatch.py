@@ -38,6 +38,7 @@ def register(backend: Backend, *, replace: bool = False) -> Backend:
     """Add a backend to the registry (third-party packages may call this too)."""
     if backend.name in _REGISTRY and not replace:
         raise ValueError(f"a backend named {backend.name!r} is already registered")
+    backend.available()  # checked now, so that calls traced by torch.compile only read it
     _REGISTRY[backend.name] = backend
     return backend
 
@@ -193,17 +194,36 @@ def evaluate(call: AttentionCall, backend: str = "auto") -> tuple[Backend | None
 
 
 def choose(call: AttentionCall, backend: str = "auto") -> Backend:
-    """The backend that runs the call; raises UnsupportedError for an explicit backend that cannot."""
-    chosen, report = evaluate(call, backend)
-    if chosen is None:
-        name, _ = _requested(backend)
-        if name == "auto":  # cannot happen while the reference is registered
-            raise UnsupportedError("auto", ["no registered backend can serve this call"])
-        cand = next(c for c in report.candidates if c.name == name)
-        raise UnsupportedError(name, cand.reasons)
-    if os.environ.get("ATTNKIT_DEBUG", "") not in ("", "0"):
+    """The backend that runs the call; raises UnsupportedError for an explicit backend that cannot.
+
+    Kept light (no report is built unless it is needed) so that torch.compile traces it cheaply.
+    """
+    name, explicit = _requested(backend)
+    reg = _load()
+    if explicit:
+        chosen = get(name)
+        ok = chosen.available()[0] and not chosen.why_not(call)
+    else:
+        chosen, best = None, float("inf")
+        for b in reg.values():
+            if b.available()[0] and not b.why_not(call):
+                est = b.cost(call)
+                if chosen is None or est < best:
+                    chosen, best = b, est
+        ok = chosen is not None
+    if not ok or _debug():
+        _, report = evaluate(call, backend)
+        if not ok:
+            if name == "auto":  # cannot happen while the reference is registered
+                raise UnsupportedError("auto", ["no registered backend can serve this call"])
+            cand = next(c for c in report.candidates if c.name == name)
+            raise UnsupportedError(name, cand.reasons)
         key = (report.shape, tuple(report.features), report.requested, chosen.name)
         if key not in _LOGGED:
             _LOGGED.add(key)
             log.warning("attnkit: %s -> %s\n%s", report.shape, chosen.name, report)
     return chosen
+
+
+def _debug() -> bool:
+    return os.environ.get("ATTNKIT_DEBUG", "") not in ("", "0")

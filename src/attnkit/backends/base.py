@@ -8,8 +8,6 @@ Backends never import each other; the dispatcher owns the choice.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from attnkit._call import AttentionCall
@@ -21,15 +19,15 @@ class Backend:
     name: str = "?"
     description: str = ""
 
-    @functools.cached_property
-    def _availability(self) -> tuple[bool, str | None]:
-        try:
-            return self._check_available()
-        except Exception as e:  # an optional package that fails to import is simply unavailable
-            return False, f"{type(e).__name__}: {e}"
+    _availability: tuple[bool, str | None] | None = None
 
     def available(self) -> tuple[bool, str | None]:
-        """(True, None), or (False, why) when this backend cannot run here at all."""
+        """(True, None), or (False, why) when this backend cannot run here at all (checked once)."""
+        if self._availability is None:
+            try:
+                self._availability = self._check_available()
+            except Exception as e:  # an optional package that fails to import is simply unavailable
+                self._availability = (False, f"{type(e).__name__}: {e}")
         return self._availability
 
     def _check_available(self) -> tuple[bool, str | None]:
@@ -59,54 +57,66 @@ def from_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.transpose(1, 2) if layout == "bshd" else x
 
 
-def sequence_slices(call: AttentionCall):
-    """For thd calls: yields (n, q_rows slice, k_rows slice) per sequence (reads cu_seqlens on the host)."""
-    cq = call.cu_seqlens_q.tolist()
-    ck = call.cu_seqlens_k.tolist()
-    for n in range(len(cq) - 1):
-        yield n, slice(cq[n], cq[n + 1]), slice(ck[n], ck[n + 1])
-
-
 def seqlens(call: AttentionCall) -> tuple[list[int], list[int]]:
+    """Host lists of the query and key lengths of a thd call (reads cu_seqlens when not known yet)."""
     if call.seqlens_q is not None:
         return call.seqlens_q, call.seqlens_k
     cq, ck = call.cu_seqlens_q.tolist(), call.cu_seqlens_k.tolist()
     return [b - a for a, b in zip(cq, cq[1:])], [b - a for a, b in zip(ck, ck[1:])]
 
 
+def host_lengths_known(call: AttentionCall) -> bool:
+    """False for thd calls traced by torch.compile or captured in a CUDA graph (lengths stay on device)."""
+    return call.layout != "thd" or call.seqlens_q is not None
+
+
 # -- work estimates ---------------------------------------------------------------------------------------
 def visible_pairs_bound(call: AttentionCall) -> float:
     """Number of (query, key) pairs per head that causal/window leave visible (masks not counted)."""
     if call.layout == "thd":
+        if not host_lengths_known(call):  # bound: every query row against the longest key sequence
+            return float(call.q.shape[0] * call.Sk)
         lq, lk = seqlens(call)
-        return float(sum(_visible_pairs(a, b, call.causal, call.window) for a, b in zip(lq, lk)))
-    return float(call.batch * _visible_pairs(call.Sq, call.Sk, call.causal, call.window))
+        return float(sum(visible_pairs(a, b, call.causal, call.window) for a, b in zip(lq, lk)))
+    return float(call.batch * visible_pairs(call.Sq, call.Sk, call.causal, call.window))
 
 
 def dense_pairs(call: AttentionCall) -> float:
     if call.layout == "thd":
+        if not host_lengths_known(call):
+            return float(call.q.shape[0] * call.Sk)
         lq, lk = seqlens(call)
         return float(sum(a * b for a, b in zip(lq, lk)))
     return float(call.batch * call.Sq * call.Sk)
 
 
-def _visible_pairs(Sq: int, Sk: int, causal: bool, window) -> int:
-    """Exact count of visible pairs for bottom-right causal / window constraints."""
-    if Sq == 0 or Sk == 0:
+def _sum_linear(a: int, b: int, c0: int, c1: int) -> int:
+    """sum of c0 + c1 * d for integer d in [a, b] (0 when empty)."""
+    if b < a:
+        return 0
+    n = b - a + 1
+    return n * c0 + c1 * (a + b) * n // 2
+
+
+def visible_pairs(Sq: int, Sk: int, causal: bool, window) -> int:
+    """Exact count of visible (i, j) pairs under bottom-right causal / window constraints, in O(1).
+
+    Visible pairs lie on diagonals d = j - i in a band [d_lo, d_hi]; the diagonal d of an Sq x Sk grid
+    holds min(Sq + d, Sk - d, Sq, Sk) pairs, a concave piecewise-linear function with kinks at
+    d = min(0, Sk - Sq) and d = max(0, Sk - Sq), summed piece by piece.
+    """
+    if Sq <= 0 or Sk <= 0:
         return 0
     off = Sk - Sq
-    lo_w, hi_w = window if window is not None else (-1, -1)
-    total = 0
-    # Per row i the visible keys are [max(0, i+off-l), min(Sk-1, i+off+r)] with causal capping r at 0.
-    # Closed form would be fiddly with clipping; rows are cheap to sum in chunks with torch.
-    i = torch.arange(Sq, dtype=torch.int64)
-    pos = i + off
-    lo = torch.zeros_like(pos) if lo_w < 0 else (pos - lo_w).clamp(min=0)
-    hi_lim = pos if causal else torch.full_like(pos, Sk - 1)
-    if hi_w >= 0:
-        hi_lim = torch.minimum(hi_lim, pos + hi_w)
-    hi = hi_lim.clamp(max=Sk - 1)
-    total = int((hi - lo + 1).clamp(min=0).sum())
+    left, right = window if window is not None else (-1, -1)
+    d_lo = -(Sq - 1) if left < 0 else max(-(Sq - 1), off - left)
+    d_hi = Sk - 1 if right < 0 else min(Sk - 1, off + right)
+    if causal:
+        d_hi = min(d_hi, off)
+    k1, k2 = min(0, off), max(0, off)
+    total = _sum_linear(d_lo, min(d_hi, k1 - 1), Sq, 1)  # rising edge: Sq + d
+    total += (min(d_hi, k2) - max(d_lo, k1) + 1) * min(Sq, Sk) if min(d_hi, k2) >= max(d_lo, k1) else 0
+    total += _sum_linear(max(d_lo, k2 + 1), d_hi, Sk, -1)  # falling edge: Sk - d
     return total
 
 

@@ -20,7 +20,7 @@ import torch
 
 from attnkit._call import AttentionCall
 from attnkit._semantics import modify_scores, visibility
-from attnkit.backends.base import Backend, attention_flops, seqlens, to_bhsd
+from attnkit.backends.base import Backend, attention_flops, to_bhsd
 
 _BLOCK_CACHE: OrderedDict = OrderedDict()
 _BLOCK_CACHE_SIZE = 32
@@ -133,7 +133,8 @@ class FlexBackend(Backend):
             B, Q, K = call.batch, call.Sq, call.Sk
         block_mask = self._block_mask(call, mask_mod, B, Q, K)
         compiled = call.device.type == "cuda"
-        fn = _compiled_flex() if compiled else fa.flex_attention
+        # Inside a torch.compile'd region the outer compilation fuses flex_attention itself.
+        fn = _compiled_flex() if compiled and not torch.compiler.is_compiling() else fa.flex_attention
         kwargs = dict(
             score_mod=score_mod, block_mask=block_mask, scale=call.scale, enable_gqa=call.Hq != call.Hk
         )
@@ -175,7 +176,7 @@ class FlexBackend(Backend):
             bm = call.block_mask  # the caller's own BlockMask, when it fits this call, keeps its sparsity
             if tuple(bm.seq_lengths) == (Q, K) and bm.shape[0] in (1, B) and bm.shape[1] in (1, call.Hq):
                 return bm
-        per_call = call.mask is not None or call.layout == "thd"
+        per_call = call.mask is not None or call.layout == "thd" or torch.compiler.is_compiling()
         key = None if per_call else (call.device, Q, K, call.causal, call.window)
         if key is not None and key in _BLOCK_CACHE:
             _BLOCK_CACHE.move_to_end(key)
@@ -236,13 +237,13 @@ class FlexBackend(Backend):
     def _packed_mods(call: AttentionCall):
         """Mods over one packed sequence: map packed rows to (sequence, position inside it)."""
         dev = call.device
-        lq, lk = seqlens(call)
-        lq_t = torch.tensor(lq, device=dev, dtype=torch.long)
-        lk_t = torch.tensor(lk, device=dev, dtype=torch.long)
-        q_doc = torch.repeat_interleave(torch.arange(call.batch, device=dev), lq_t)
-        k_doc = torch.repeat_interleave(torch.arange(call.batch, device=dev), lk_t)
-        q_pos = torch.arange(q_doc.numel(), device=dev) - call.cu_seqlens_q.long()[q_doc]
-        k_pos = torch.arange(k_doc.numel(), device=dev) - call.cu_seqlens_k.long()[k_doc]
+        cq, ck = call.cu_seqlens_q.long(), call.cu_seqlens_k.long()
+        lq_t, lk_t = cq[1:] - cq[:-1], ck[1:] - ck[:-1]
+        # Sequence of every packed row, found on the device (no host sync: traceable, graph-capturable).
+        q_doc = torch.searchsorted(cq[1:], torch.arange(call.q.shape[0], device=dev), right=True)
+        k_doc = torch.searchsorted(ck[1:], torch.arange(call.k.shape[0], device=dev), right=True)
+        q_pos = torch.arange(call.q.shape[0], device=dev) - cq[q_doc]
+        k_pos = torch.arange(call.k.shape[0], device=dev) - ck[k_doc]
         offs = lk_t - lq_t
         user_score = call.bound_score_mod(lq_t, lk_t)
         user_mask = call.bound_mask_mod(lq_t, lk_t)

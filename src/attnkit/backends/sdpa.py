@@ -29,7 +29,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnkit._call import AttentionCall
 from attnkit._semantics import index_grid, modify_scores, visibility
-from attnkit.backends.base import Backend, attention_flops, dense_pairs, seqlens, to_bhsd
+from attnkit.backends.base import (
+    Backend,
+    attention_flops,
+    dense_pairs,
+    host_lengths_known,
+    seqlens,
+    to_bhsd,
+)
 
 _KINDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -93,7 +100,7 @@ def _dense_mask_reasons(call: AttentionCall) -> list[str]:
     """Features that SDPA can only take through an explicit dense mask."""
     need = []
     if call.causal:
-        if call.layout == "thd":
+        if call.layout == "thd" and host_lengths_known(call):
             lq, lk = seqlens(call)
             if any(a != b for a, b in zip(lq, lk)):
                 need.append("causal with Sq != Sk in some sequence (SDPA's is_causal is top-left)")
@@ -147,7 +154,9 @@ class SDPABackend(Backend):
             r.append("the CPU flash kernel has no dropout")
         if call.deterministic and call.requires_grad and self.kind != "math":
             r.append("deterministic=True: this kernel's backward accumulates with atomics")
-        if dev == "cuda" and not r:
+        if not host_lengths_known(call):
+            r.append("thd under torch.compile / graph capture: the per-sequence loop needs host lengths")
+        if dev == "cuda" and not r and not torch.compiler.is_compiling():
             r.extend(self._torch_reasons(call, dense))
         return r
 
