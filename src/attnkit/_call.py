@@ -180,6 +180,50 @@ def _check_cu_seqlens(arg: str, cu: Any, total: int, device: torch.device) -> li
     return [b - a for a, b in zip(vals, vals[1:])]
 
 
+def _captures_grad(obj, depth: int = 0) -> bool:
+    """Whether ``obj`` is, or holds in its closures/attributes, a tensor that requires grad.
+
+    Walks function closures, bound methods, ScoreMod/Mask objects, containers and nn.Modules a few
+    levels deep; anything it cannot see into counts as not capturing.
+    """
+    if obj is None or depth > 6 or torch.compiler.is_compiling():
+        return False
+    if isinstance(obj, torch.Tensor):
+        return obj.requires_grad
+    if isinstance(obj, torch.nn.Module):
+        return any(p.requires_grad for p in obj.parameters())
+    if isinstance(obj, (list, tuple, set)):
+        return any(_captures_grad(x, depth + 1) for x in obj)
+    if isinstance(obj, dict):
+        return any(_captures_grad(x, depth + 1) for x in obj.values())
+    if isinstance(obj, (ScoreMod, Mask)):
+        return _captures_grad(obj._fn, depth + 1)
+    if hasattr(obj, "__self__") and hasattr(obj, "__func__"):  # bound method
+        return _captures_grad(obj.__self__, depth + 1) or _captures_grad(obj.__func__, depth + 1)
+    code, globs = getattr(obj, "__code__", None), getattr(obj, "__globals__", None)
+    if code is not None and globs is not None:  # module-level tensors the function reads
+        for name in code.co_names:
+            val = globs.get(name)
+            if isinstance(val, (torch.Tensor, torch.nn.Module)) and _captures_grad(val, depth + 1):
+                return True
+    closure = getattr(obj, "__closure__", None)
+    if closure:
+        for cell in closure:
+            try:
+                if _captures_grad(cell.cell_contents, depth + 1):
+                    return True
+            except ValueError:  # an empty cell
+                continue
+    if (
+        callable(obj)
+        and not isinstance(obj, type)
+        and hasattr(obj, "__dict__")
+        and not callable(getattr(obj, "__closure__", None))
+    ):
+        return any(_captures_grad(x, depth + 1) for x in vars(obj).values() if not callable(x))
+    return False
+
+
 def normalize(
     q,
     k,
@@ -367,8 +411,9 @@ def normalize(
     requires_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias)
     )
-    if score_mod is not None and torch.is_grad_enabled():
-        requires_grad = True if (q.requires_grad or k.requires_grad or v.requires_grad) else requires_grad
+    if not requires_grad and torch.is_grad_enabled():
+        # A learnable tensor captured by score_mod (or by a mask) needs a backend with a backward too.
+        requires_grad = _captures_grad(score_mod) or _captures_grad(mask) or _captures_grad(alibi_slopes)
 
     return AttentionCall(
         q=q,

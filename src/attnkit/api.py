@@ -116,7 +116,8 @@ def attention(
     if call.requires_grad and torch.is_grad_enabled() and not out.requires_grad:
         # Every query row had no visible key (e.g. thd sequences whose keys are all empty): the output is
         # constant zeros, but callers still backpropagate through it (zero gradients, never an error).
-        out = out + 0.0 * sum(t.sum() for t in (call.q, call.k, call.v, call.bias) if t is not None).to(out.dtype)
+        inputs = sum(t.sum() for t in (call.q, call.k, call.v, call.bias) if t is not None)
+        out = out + 0.0 * inputs.to(out.dtype)
     if return_lse:
         return out, lse
     return out

@@ -1,0 +1,212 @@
+"""attnkit.backends() records, explain() reports, custom backend registration, and the oracle's own teeth."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attnkit
+import oracle
+from attnkit import UnsupportedError, dispatch
+from attnkit.backends.base import Backend
+from attnkit.backends.reference import reference_forward
+
+REQUIRED = {"reference", "triton", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "flex"}
+
+
+def test_backends_records():
+    recs = attnkit.backends()
+    names = [r.name for r in recs]
+    assert len(names) == len(set(names))
+    missing = REQUIRED - set(names)
+    assert not missing, f"API.md §2 backends missing from attnkit.backends(): {sorted(missing)}"
+    for r in recs:
+        assert isinstance(r.available, bool)
+        if not r.available:
+            assert isinstance(r.reason, str) and r.reason, f"{r.name} unavailable without a reason"
+        assert r.name in str(r)
+    ref = next(r for r in recs if r.name == "reference")
+    assert ref.available
+
+
+def _qkv(**kw):
+    shape = dict(B=1, Hq=4, Hk=2, Sq=6, Sk=9, D=16)
+    shape.update(kw)
+    return oracle.make_inputs("bhsd", **shape)[:3]
+
+
+def test_explain_lists_every_backend():
+    q, k, v = _qkv()
+    rep = attnkit.explain(q, k, v, causal=True, softcap=5.0)
+    names = [c.name for c in rep.candidates]
+    assert sorted(names) == sorted(r.name for r in attnkit.backends())
+    chosen = [c for c in rep.candidates if c.status == "chosen"]
+    assert len(chosen) == 1 and rep.chosen == chosen[0].name
+    for c in rep.candidates:
+        assert c.status in ("chosen", "capable", "rejected", "unavailable")
+        if c.status in ("rejected", "unavailable"):
+            assert c.reasons, f"{c.name} {c.status} without reasons"
+    text = str(rep)
+    for n in names:
+        assert n in text
+    assert "chosen" in text and "softcap" in text and "causal" in text
+    assert repr(rep) == text
+
+
+def test_explain_chosen_is_what_runs(monkeypatch):
+    q, k, v = _qkv()
+    rep = attnkit.explain(q, k, v, causal=True)
+    ran = []
+    be = dispatch.get(rep.chosen)
+    real = be.run
+    monkeypatch.setattr(be, "run", lambda c: ran.append(c) or real(c))
+    attnkit.attention(q, k, v, causal=True)
+    assert len(ran) == 1
+
+
+def test_explain_runs_nothing(monkeypatch):
+    q, k, v = _qkv()
+    for rec in attnkit.backends():
+        be = dispatch.get(rec.name)
+        monkeypatch.setattr(be, "run", lambda c, n=rec.name: pytest.fail(f"explain ran {n}"))
+    attnkit.explain(q, k, v, causal=True)
+
+
+def test_explain_explicit_backend_that_refuses():
+    q, k, v = _qkv()
+    rep = attnkit.explain(q, k, v, score_mod=lambda s, b, h, i, j: s, backend="sdpa_math")
+    assert rep.chosen is None
+    cand = next(c for c in rep.candidates if c.name == "sdpa_math")
+    assert cand.status in ("rejected", "unavailable") and cand.reasons
+
+
+def test_explain_bad_kwarg():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError):
+        attnkit.explain(q, k, v, casual=True)
+
+
+def test_auto_only_chooses_capable_backends():
+    q, k, v = _qkv()
+    for kw in (
+        dict(),
+        dict(causal=True),
+        dict(softcap=3.0, return_lse=True),
+        dict(window=(2, 0)),
+        dict(mask=lambda b, h, i, j: i >= j),
+        dict(dropout_p=0.2),
+    ):
+        call = oracle.make_call(q, k, v, **kw)
+        chosen = dispatch.choose(call)
+        assert chosen.why_not(call) == [], (kw, chosen.name)
+        assert chosen.available()[0]
+
+
+class _Dummy(Backend):
+    name = "dummy_test_backend"
+    description = "test double: the reference, claiming to be very fast, refusing masks"
+
+    def __init__(self):
+        self.calls = 0
+
+    def why_not(self, call):
+        return ["dummy refuses masks"] if call.mask is not None else []
+
+    def run(self, call):
+        self.calls += 1
+        return reference_forward(call)
+
+    def cost(self, call):
+        return 0.0
+
+
+@pytest.fixture
+def dummy():
+    be = _Dummy()
+    attnkit.register(be)
+    try:
+        yield be
+    finally:
+        dispatch._REGISTRY.pop(be.name, None)
+    assert be.name not in [r.name for r in attnkit.backends()]
+
+
+def test_register_custom_backend(dummy):
+    assert dummy.name in [r.name for r in attnkit.backends()]
+    q, k, v = _qkv()
+    out = attnkit.attention(q, k, v, causal=True)  # the cheapest capable backend wins under auto
+    assert dummy.calls == 1
+    torch.testing.assert_close(out, attnkit.attention(q, k, v, causal=True, backend="reference"))
+    attnkit.attention(q, k, v, backend=dummy.name)
+    assert dummy.calls == 2
+    rep = attnkit.explain(q, k, v)
+    assert rep.chosen == dummy.name
+    # It refuses masks: auto goes elsewhere, an explicit request raises with its reason.
+    mm = lambda b, h, i, j: i >= j  # noqa: E731
+    attnkit.attention(q, k, v, mask=mm)
+    assert dummy.calls == 2
+    with pytest.raises(UnsupportedError, match="dummy refuses masks"):
+        attnkit.attention(q, k, v, mask=mm, backend=dummy.name)
+    rep = attnkit.explain(q, k, v, mask=mm)
+    cand = next(c for c in rep.candidates if c.name == dummy.name)
+    assert cand.status == "rejected" and cand.reasons == ["dummy refuses masks"]
+
+
+def test_register_duplicate_name(dummy):
+    with pytest.raises(ValueError):
+        attnkit.register(_Dummy())
+    attnkit.register(_Dummy(), replace=True)
+
+
+def test_unavailable_custom_backend_is_never_chosen():
+    class Broken(_Dummy):
+        name = "broken_test_backend"
+
+        def _check_available(self):
+            raise ImportError("no such package")
+
+    be = Broken()
+    attnkit.register(be)
+    try:
+        rec = next(r for r in attnkit.backends() if r.name == be.name)
+        assert not rec.available and "no such package" in rec.reason
+        q, k, v = _qkv()
+        attnkit.attention(q, k, v)
+        assert be.calls == 0
+        with pytest.raises(UnsupportedError, match="no such package"):
+            attnkit.attention(q, k, v, backend=be.name)
+    finally:
+        dispatch._REGISTRY.pop(be.name, None)
+
+
+# -- the oracle can fail -------------------------------------------------------------------------------------
+def _wrong(kind):
+    """Plausible-looking but wrong implementations; the oracle rule must reject each."""
+
+    def run(q, k, v, bias=None, return_lse=True, causal=False, **kw):
+        call = oracle.make_call(q, k, v, causal=causal, **kw)
+        if kind == "top_left_causal":
+            Sq, Sk = q.shape[2], k.shape[2]
+            mask = torch.ones(Sq, Sk, dtype=torch.bool).tril()
+            call = oracle.make_call(q, k, v, mask=lambda b, h, i, j: mask[i, j], **kw)
+        if kind == "scale_off":
+            call.scale *= 1.0005
+        out, lse = reference_forward(call)
+        if kind == "lse_log2":
+            lse = lse / math.log(2)
+        if kind == "nan_row":
+            out = out.clone()
+            out[0, 0, 0, 0] = float("nan")
+        return out, lse
+
+    return run
+
+
+@pytest.mark.parametrize("kind", ["top_left_causal", "scale_off", "lse_log2", "nan_row"])
+def test_oracle_rejects_wrong_implementations(kind):
+    q, k, v, kw = oracle.make_inputs("bhsd", B=1, Hq=2, Sq=5, Sk=8, D=16, requires_grad=True)
+    oracle.check_against_oracle(_wrong("right"), q, k, v, causal=True, **kw)  # the harness itself passes
+    with pytest.raises(AssertionError):
+        oracle.check_against_oracle(_wrong(kind), q, k, v, causal=True, **kw)
