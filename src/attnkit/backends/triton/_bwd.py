@@ -1,0 +1,825 @@
+"""Backward kernels (pure ``@triton.jit``), both deterministic (plain stores, no atomics):
+
+* :func:`attn_bwd_dkdv`: one program = one tile of BLOCK_N key rows of one (batch, KV head); it loops over
+  the GROUP query heads that read this KV head and over the query tiles that see the key tile, and writes
+  dK, dV (and dBias, once per element) without atomics.
+* :func:`attn_bwd_dq`: one program = one tile of BLOCK_M query rows of one (batch, query head), the same
+  schedule as the forward; writes dQ.
+
+Both recompute ``p = exp2(s - lse)`` from the saved log-sum-exp; ``delta = rowsum(dO * O) - dLSE`` comes from
+the host. The forward saved each row's max m and log2 of its sum l (p = exp2((s - m) log2e - log2 l) is
+exact to fp32 rounding, unlike exp(s - lse) with a rounded lse); rows with no visible key saved m = +inf, so
+p = 0 there and every gradient stays finite.
+"""
+
+import triton
+import triton.language as tl
+
+from attnkit.backends.triton._fwd import load_tile
+from attnkit.backends.triton._pipeline import (
+    LOG2E,
+    dropout_keep,
+    dscore_dqk,
+    kv_tiles,
+    q_tiles,
+    scores,
+    seq_bounds,
+)
+
+
+@triton.jit
+def _load_row_stats(l_base, l2_base, d_base, stride_ls, stride_ds, offs, seqlen_q):
+    """Row max m (+inf on rows without keys and outside the sequence), log2 of the row sum, delta."""
+    m = tl.load(l_base + offs * stride_ls, mask=offs < seqlen_q, other=float("inf"))
+    l2 = tl.load(l2_base + offs * stride_ls, mask=offs < seqlen_q, other=0.0)
+    delta = tl.load(d_base + offs * stride_ds, mask=offs < seqlen_q, other=0.0)
+    return m, l2, delta
+
+
+@triton.jit
+def _dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    l_base,
+    l2_base,
+    d_base,
+    db_ptr,
+    stride_qs,
+    stride_dos,
+    stride_ls,
+    stride_ds,
+    stride_dbm,
+    stride_dbn,
+    offs_n,
+    offs_d,
+    offs_dv,
+    lo,
+    hi,
+    seqlen_q,
+    seqlen_k,
+    off,
+    sm_scale,
+    softcap,
+    win_left,
+    win_right,
+    bias_ptr,
+    stride_bm,
+    stride_bn,
+    slope,
+    rng_ptr,
+    bh,
+    dropout_p,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # Transposed tiles: rows of these tiles are keys (offs_n), columns are queries (offs_m).
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = load_tile(
+            q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+            offs_m[:, None],
+            seqlen_q,
+            offs_d[None, :],
+            D,
+            MASK,
+            BLOCK_D != D,
+        )  # (BM, BD)
+        do = load_tile(
+            do_base + offs_m[:, None] * stride_dos + offs_dv[None, :],
+            offs_m[:, None],
+            seqlen_q,
+            offs_dv[None, :],
+            DV,
+            MASK,
+            BLOCK_DV != DV,
+        )  # (BM, BDV)
+        rm, rl2, delta = _load_row_stats(l_base, l2_base, d_base, stride_ls, stride_ds, offs_m, seqlen_q)
+        qkt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BN, BM)
+        st, tt = scores(
+            qkt,
+            offs_m[None, :],
+            offs_n[:, None],
+            seqlen_q,
+            seqlen_k,
+            off,
+            sm_scale,
+            softcap,
+            win_left,
+            win_right,
+            bias_ptr,
+            stride_bm,
+            stride_bn,
+            slope,
+            MASK,
+            SOFTCAP,
+            HAS_BIAS,
+            HAS_ALIBI,
+            HAS_LEFT,
+            HAS_RIGHT,
+        )
+        pt = tl.exp2((st - rm[None, :]) * LOG2E - rl2[None, :])  # (BN, BM) softmax probabilities, transposed
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM) = (dO V^T)^T
+        if DROPOUT:
+            keep = dropout_keep(rng_ptr, bh, offs_m[None, :], offs_n[:, None], dropout_p)
+            scale_keep = 1.0 / (1.0 - dropout_p)
+            pdt = tl.where(keep, pt * scale_keep, 0.0)
+            dpt = tl.where(keep, dpt * scale_keep, 0.0)
+        else:
+            pdt = pt
+        dv += tl.dot(pdt.to(do.dtype), do, input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])  # dL/ds (natural units), transposed
+        if BIAS_GRAD:
+            tl.store(
+                db_ptr + offs_m[None, :] * stride_dbm + offs_n[:, None] * stride_dbn,
+                dst,
+                mask=(offs_m[None, :] < seqlen_q) & (offs_n[:, None] < seqlen_k),
+            )
+        dqkt = dscore_dqk(dst, tt, sm_scale, SOFTCAP)
+        dk += tl.dot(dqkt.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit(
+    do_not_specialize=[
+        "SQ",
+        "SK",
+        "stride_lb",
+        "stride_lh",
+        "stride_db",
+        "stride_dh",
+        "win_left",
+        "win_right",
+    ]
+)
+def attn_bwd_dkdv(
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV_,
+    RowMax,
+    RowLog2Sum,
+    Delta,
+    Bias,
+    DBias,
+    Slopes,
+    CuQ,
+    CuK,
+    Rng,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_dob,
+    stride_doh,
+    stride_dos,
+    stride_dkb,
+    stride_dkh,
+    stride_dks,
+    stride_dvb,
+    stride_dvh,
+    stride_dvs,
+    stride_lb,
+    stride_lh,
+    stride_ls,  # RowMax / RowLog2Sum (the layout of lse)
+    stride_db,
+    stride_dh,
+    stride_ds,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_dbb,
+    stride_dbh,
+    stride_dbm,
+    stride_dbn,  # dbias (B, Hq, Sq, Sk), dense
+    stride_ab,
+    stride_ah,
+    Hq,
+    Hk,
+    SQ,
+    SK,
+    sm_scale,
+    softcap,
+    win_left,
+    win_right,
+    dropout_p,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // Hk
+    hk = bhk % Hk
+    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(CuQ, CuK, b, SQ, SK, VARLEN)
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+    off = seqlen_k - seqlen_q
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = load_tile(
+        K + b * stride_kb + hk * stride_kh + (k_start + offs_n[:, None]) * stride_ks + offs_d[None, :],
+        offs_n[:, None],
+        seqlen_k,
+        offs_d[None, :],
+        D,
+        True,
+        BLOCK_D != D,
+    )  # (BN, BD)
+    v = load_tile(
+        V + b * stride_vb + hk * stride_vh + (k_start + offs_n[:, None]) * stride_vs + offs_dv[None, :],
+        offs_n[:, None],
+        seqlen_k,
+        offs_dv[None, :],
+        DV,
+        True,
+        BLOCK_DV != DV,
+    )  # (BN, BDV)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    n1 = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
+    lo, full_lo, full_hi, hi = q_tiles(
+        n0, n1, seqlen_q, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_M
+    )
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = b * Hq + h
+        q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
+        do_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dos
+        l_base = RowMax + b * stride_lb + h * stride_lh + q_start * stride_ls
+        l2_base = RowLog2Sum + b * stride_lb + h * stride_lh + q_start * stride_ls
+        d_base = Delta + b * stride_db + h * stride_dh + q_start * stride_ds
+        bias_ptr = Bias + b * stride_bb + h * stride_bh
+        db_ptr = DBias + b * stride_dbb + h * stride_dbh
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
+        dk, dv = _dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            l_base,
+            l2_base,
+            d_base,
+            db_ptr,
+            stride_qs,
+            stride_dos,
+            stride_ls,
+            stride_ds,
+            stride_dbm,
+            stride_dbn,
+            offs_n,
+            offs_d,
+            offs_dv,
+            lo,
+            full_lo,
+            seqlen_q,
+            seqlen_k,
+            off,
+            sm_scale,
+            softcap,
+            win_left,
+            win_right,
+            bias_ptr,
+            stride_bm,
+            stride_bn,
+            slope,
+            Rng,
+            bh,
+            dropout_p,
+            D,
+            DV,
+            BLOCK_D,
+            BLOCK_DV,
+            BLOCK_M,
+            True,
+            SOFTCAP,
+            HAS_BIAS,
+            BIAS_GRAD,
+            HAS_ALIBI,
+            HAS_LEFT,
+            HAS_RIGHT,
+            DROPOUT,
+            PRECISION,
+        )
+        dk, dv = _dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            l_base,
+            l2_base,
+            d_base,
+            db_ptr,
+            stride_qs,
+            stride_dos,
+            stride_ls,
+            stride_ds,
+            stride_dbm,
+            stride_dbn,
+            offs_n,
+            offs_d,
+            offs_dv,
+            full_lo,
+            full_hi,
+            seqlen_q,
+            seqlen_k,
+            off,
+            sm_scale,
+            softcap,
+            win_left,
+            win_right,
+            bias_ptr,
+            stride_bm,
+            stride_bn,
+            slope,
+            Rng,
+            bh,
+            dropout_p,
+            D,
+            DV,
+            BLOCK_D,
+            BLOCK_DV,
+            BLOCK_M,
+            False,
+            SOFTCAP,
+            HAS_BIAS,
+            BIAS_GRAD,
+            HAS_ALIBI,
+            HAS_LEFT,
+            HAS_RIGHT,
+            DROPOUT,
+            PRECISION,
+        )
+        dk, dv = _dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            l_base,
+            l2_base,
+            d_base,
+            db_ptr,
+            stride_qs,
+            stride_dos,
+            stride_ls,
+            stride_ds,
+            stride_dbm,
+            stride_dbn,
+            offs_n,
+            offs_d,
+            offs_dv,
+            full_hi,
+            hi,
+            seqlen_q,
+            seqlen_k,
+            off,
+            sm_scale,
+            softcap,
+            win_left,
+            win_right,
+            bias_ptr,
+            stride_bm,
+            stride_bn,
+            slope,
+            Rng,
+            bh,
+            dropout_p,
+            D,
+            DV,
+            BLOCK_D,
+            BLOCK_DV,
+            BLOCK_M,
+            True,
+            SOFTCAP,
+            HAS_BIAS,
+            BIAS_GRAD,
+            HAS_ALIBI,
+            HAS_LEFT,
+            HAS_RIGHT,
+            DROPOUT,
+            PRECISION,
+        )
+    row_mask = offs_n[:, None] < seqlen_k
+    dk_ptrs = (
+        DK + b * stride_dkb + hk * stride_dkh + (k_start + offs_n[:, None]) * stride_dks + offs_d[None, :]
+    )
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_mask & (offs_d[None, :] < D))
+    dv_ptrs = (
+        DV_ + b * stride_dvb + hk * stride_dvh + (k_start + offs_n[:, None]) * stride_dvs + offs_dv[None, :]
+    )
+    tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=row_mask & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _dq_inner(
+    dq,
+    q,
+    do,
+    rm,
+    rl2,
+    delta,
+    k_base,
+    v_base,
+    stride_ks,
+    stride_vs,
+    offs_m,
+    offs_d,
+    offs_dv,
+    lo,
+    hi,
+    seqlen_q,
+    seqlen_k,
+    off,
+    sm_scale,
+    softcap,
+    win_left,
+    win_right,
+    bias_ptr,
+    stride_bm,
+    stride_bn,
+    slope,
+    rng_ptr,
+    bh,
+    dropout_p,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kt = load_tile(
+            k_base + offs_n[None, :] * stride_ks + offs_d[:, None],
+            offs_n[None, :],
+            seqlen_k,
+            offs_d[:, None],
+            D,
+            MASK,
+            BLOCK_D != D,
+        )  # (BD, BN)
+        vt = load_tile(
+            v_base + offs_n[None, :] * stride_vs + offs_dv[:, None],
+            offs_n[None, :],
+            seqlen_k,
+            offs_dv[:, None],
+            DV,
+            MASK,
+            BLOCK_DV != DV,
+        )  # (BDV, BN)
+        qk = tl.dot(q, kt, input_precision=PRECISION)
+        s, t = scores(
+            qk,
+            offs_m[:, None],
+            offs_n[None, :],
+            seqlen_q,
+            seqlen_k,
+            off,
+            sm_scale,
+            softcap,
+            win_left,
+            win_right,
+            bias_ptr,
+            stride_bm,
+            stride_bn,
+            slope,
+            MASK,
+            SOFTCAP,
+            HAS_BIAS,
+            HAS_ALIBI,
+            HAS_LEFT,
+            HAS_RIGHT,
+        )
+        p = tl.exp2((s - rm[:, None]) * LOG2E - rl2[:, None])
+        dp = tl.dot(do, vt, input_precision=PRECISION)  # (BM, BN)
+        if DROPOUT:
+            keep = dropout_keep(rng_ptr, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dqk = dscore_dqk(ds, t, sm_scale, SOFTCAP)
+        dq += tl.dot(dqk.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    return dq
+
+
+@triton.jit(
+    do_not_specialize=[
+        "SQ",
+        "SK",
+        "stride_lb",
+        "stride_lh",
+        "stride_db",
+        "stride_dh",
+        "win_left",
+        "win_right",
+    ]
+)
+def attn_bwd_dq(
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    RowMax,
+    RowLog2Sum,
+    Delta,
+    Bias,
+    Slopes,
+    CuQ,
+    CuK,
+    Rng,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_dob,
+    stride_doh,
+    stride_dos,
+    stride_dqb,
+    stride_dqh,
+    stride_dqs,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    stride_db,
+    stride_dh,
+    stride_ds,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_ab,
+    stride_ah,
+    Hq,
+    SQ,
+    SK,
+    sm_scale,
+    softcap,
+    win_left,
+    win_right,
+    dropout_p,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    REVERSE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if REVERSE:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(CuQ, CuK, b, SQ, SK, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    off = seqlen_k - seqlen_q
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_tile(
+        Q + b * stride_qb + h * stride_qh + (q_start + offs_m[:, None]) * stride_qs + offs_d[None, :],
+        offs_m[:, None],
+        seqlen_q,
+        offs_d[None, :],
+        D,
+        True,
+        BLOCK_D != D,
+    )
+    do = load_tile(
+        DO + b * stride_dob + h * stride_doh + (q_start + offs_m[:, None]) * stride_dos + offs_dv[None, :],
+        offs_m[:, None],
+        seqlen_q,
+        offs_dv[None, :],
+        DV,
+        True,
+        BLOCK_DV != DV,
+    )
+    row0 = b * stride_lb + h * stride_lh + q_start * stride_ls
+    rm, rl2, delta = _load_row_stats(
+        RowMax + row0,
+        RowLog2Sum + row0,
+        Delta + b * stride_db + h * stride_dh + q_start * stride_ds,
+        stride_ls,
+        stride_ds,
+        offs_m,
+        seqlen_q,
+    )
+    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
+    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
+    bias_ptr = Bias + b * stride_bb + h * stride_bh
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m1 = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
+    lo, full_lo, full_hi, hi = kv_tiles(
+        m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
+    )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        rm,
+        rl2,
+        delta,
+        k_base,
+        v_base,
+        stride_ks,
+        stride_vs,
+        offs_m,
+        offs_d,
+        offs_dv,
+        lo,
+        full_lo,
+        seqlen_q,
+        seqlen_k,
+        off,
+        sm_scale,
+        softcap,
+        win_left,
+        win_right,
+        bias_ptr,
+        stride_bm,
+        stride_bn,
+        slope,
+        Rng,
+        bh,
+        dropout_p,
+        D,
+        DV,
+        BLOCK_D,
+        BLOCK_DV,
+        BLOCK_N,
+        True,
+        SOFTCAP,
+        HAS_BIAS,
+        HAS_ALIBI,
+        HAS_LEFT,
+        HAS_RIGHT,
+        DROPOUT,
+        PRECISION,
+    )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        rm,
+        rl2,
+        delta,
+        k_base,
+        v_base,
+        stride_ks,
+        stride_vs,
+        offs_m,
+        offs_d,
+        offs_dv,
+        full_lo,
+        full_hi,
+        seqlen_q,
+        seqlen_k,
+        off,
+        sm_scale,
+        softcap,
+        win_left,
+        win_right,
+        bias_ptr,
+        stride_bm,
+        stride_bn,
+        slope,
+        Rng,
+        bh,
+        dropout_p,
+        D,
+        DV,
+        BLOCK_D,
+        BLOCK_DV,
+        BLOCK_N,
+        False,
+        SOFTCAP,
+        HAS_BIAS,
+        HAS_ALIBI,
+        HAS_LEFT,
+        HAS_RIGHT,
+        DROPOUT,
+        PRECISION,
+    )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        rm,
+        rl2,
+        delta,
+        k_base,
+        v_base,
+        stride_ks,
+        stride_vs,
+        offs_m,
+        offs_d,
+        offs_dv,
+        full_hi,
+        hi,
+        seqlen_q,
+        seqlen_k,
+        off,
+        sm_scale,
+        softcap,
+        win_left,
+        win_right,
+        bias_ptr,
+        stride_bm,
+        stride_bn,
+        slope,
+        Rng,
+        bh,
+        dropout_p,
+        D,
+        DV,
+        BLOCK_D,
+        BLOCK_DV,
+        BLOCK_N,
+        True,
+        SOFTCAP,
+        HAS_BIAS,
+        HAS_ALIBI,
+        HAS_LEFT,
+        HAS_RIGHT,
+        DROPOUT,
+        PRECISION,
+    )
+    dq_ptrs = (
+        DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqs + offs_d[None, :]
+    )
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < D))

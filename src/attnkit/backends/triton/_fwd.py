@@ -1,0 +1,381 @@
+"""Forward kernel (pure ``@triton.jit``): FlashAttention-2 style online softmax in exp2, fp32 accumulation.
+
+One program = one tile of BLOCK_M query rows of one (batch element or sequence, query head). Features are
+constexpr flags of this one kernel; the score pipeline and tile schedule live in ``_pipeline.py``.
+"""
+
+import triton
+import triton.language as tl
+
+from attnkit.backends.triton._pipeline import LOG2E, dropout_keep, kv_tiles, scores, seq_bounds
+
+
+@triton.jit
+def load_tile(ptrs, idx, bound, cidx, CBOUND: tl.constexpr, CHECK_ROWS: tl.constexpr, PAD: tl.constexpr):
+    """Load a (rows, cols) tile; rows checked against ``bound`` and columns against CBOUND only if asked."""
+    if CHECK_ROWS:
+        if PAD:
+            return tl.load(ptrs, mask=(idx < bound) & (cidx < CBOUND), other=0.0)
+        else:
+            return tl.load(ptrs, mask=idx < bound, other=0.0)
+    else:
+        if PAD:
+            return tl.load(ptrs, mask=cidx < CBOUND, other=0.0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_ks,
+    stride_vs,
+    offs_m,
+    offs_d,
+    offs_dv,
+    lo,
+    hi,
+    seqlen_q,
+    seqlen_k,
+    off,
+    sm_scale,
+    softcap,
+    win_left,
+    win_right,
+    bias_ptr,
+    stride_bm,
+    stride_bn,
+    slope,
+    rng_ptr,
+    bh,
+    dropout_p,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        # K^T tile (BLOCK_D, BLOCK_N), V tile (BLOCK_N, BLOCK_DV)
+        kt = load_tile(
+            k_base + offs_n[None, :] * stride_ks + offs_d[:, None],
+            offs_n[None, :],
+            seqlen_k,
+            offs_d[:, None],
+            D,
+            MASK,
+            BLOCK_D != D,
+        )
+        qk = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        s, _ = scores(
+            qk,
+            offs_m[:, None],
+            offs_n[None, :],
+            seqlen_q,
+            seqlen_k,
+            off,
+            sm_scale,
+            softcap,
+            win_left,
+            win_right,
+            bias_ptr,
+            stride_bm,
+            stride_bn,
+            slope,
+            MASK,
+            SOFTCAP,
+            HAS_BIAS,
+            HAS_ALIBI,
+            HAS_LEFT,
+            HAS_RIGHT,
+        )
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rows that have seen no visible key yet keep m = -inf; subtract 0 there so exp2 gives 0, not NaN
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s * LOG2E - (m_use * LOG2E)[:, None])
+        alpha = tl.exp2((m_i - m_use) * LOG2E)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = dropout_keep(rng_ptr, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = load_tile(
+            v_base + offs_n[:, None] * stride_vs + offs_dv[None, :],
+            offs_n[:, None],
+            seqlen_k,
+            offs_dv[None, :],
+            DV,
+            MASK,
+            BLOCK_DV != DV,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["SQ", "SK", "stride_lb", "stride_lh", "win_left", "win_right"])
+def attn_fwd(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    RowMax,
+    RowLog2Sum,
+    Bias,
+    Slopes,
+    CuQ,
+    CuK,
+    Rng,
+    stride_qb,
+    stride_qh,
+    stride_qs,  # q (B, Hq, S, D) in any layout; stride_qb = 0 for thd
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    stride_ls,  # lse (B, Hq, Sq) or (Hq, Tq); RowMax, RowLog2Sum alike
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,  # bias broadcast to (B, Hq, Sq, Sk); 0 = broadcast dim
+    stride_ab,
+    stride_ah,  # ALiBi slopes (B, Hq) or (Hq,)
+    Hq,
+    SQ,
+    SK,
+    sm_scale,
+    softcap,
+    win_left,
+    win_right,
+    dropout_p,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    REVERSE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if REVERSE:  # causal load balance: the longest rows (last tiles) start first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(CuQ, CuK, b, SQ, SK, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    off = seqlen_k - seqlen_q
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + (q_start + offs_m[:, None]) * stride_qs + offs_d[None, :]
+    q = load_tile(q_ptrs, offs_m[:, None], seqlen_q, offs_d[None, :], D, True, BLOCK_D != D)  # (BM, BD)
+    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
+    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
+    bias_ptr = Bias + b * stride_bb + h * stride_bh
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    m1 = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
+    lo, full_lo, full_hi, hi = kv_tiles(
+        m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
+    )
+    # masked head, unmasked body, masked tail: the schedule decides, the pipeline applies
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_ks,
+        stride_vs,
+        offs_m,
+        offs_d,
+        offs_dv,
+        lo,
+        full_lo,
+        seqlen_q,
+        seqlen_k,
+        off,
+        sm_scale,
+        softcap,
+        win_left,
+        win_right,
+        bias_ptr,
+        stride_bm,
+        stride_bn,
+        slope,
+        Rng,
+        bh,
+        dropout_p,
+        D,
+        DV,
+        BLOCK_D,
+        BLOCK_DV,
+        BLOCK_N,
+        True,
+        SOFTCAP,
+        HAS_BIAS,
+        HAS_ALIBI,
+        HAS_LEFT,
+        HAS_RIGHT,
+        DROPOUT,
+        PRECISION,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_ks,
+        stride_vs,
+        offs_m,
+        offs_d,
+        offs_dv,
+        full_lo,
+        full_hi,
+        seqlen_q,
+        seqlen_k,
+        off,
+        sm_scale,
+        softcap,
+        win_left,
+        win_right,
+        bias_ptr,
+        stride_bm,
+        stride_bn,
+        slope,
+        Rng,
+        bh,
+        dropout_p,
+        D,
+        DV,
+        BLOCK_D,
+        BLOCK_DV,
+        BLOCK_N,
+        False,
+        SOFTCAP,
+        HAS_BIAS,
+        HAS_ALIBI,
+        HAS_LEFT,
+        HAS_RIGHT,
+        DROPOUT,
+        PRECISION,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_ks,
+        stride_vs,
+        offs_m,
+        offs_d,
+        offs_dv,
+        full_hi,
+        hi,
+        seqlen_q,
+        seqlen_k,
+        off,
+        sm_scale,
+        softcap,
+        win_left,
+        win_right,
+        bias_ptr,
+        stride_bm,
+        stride_bn,
+        slope,
+        Rng,
+        bh,
+        dropout_p,
+        D,
+        DV,
+        BLOCK_D,
+        BLOCK_DV,
+        BLOCK_N,
+        True,
+        SOFTCAP,
+        HAS_BIAS,
+        HAS_ALIBI,
+        HAS_LEFT,
+        HAS_RIGHT,
+        DROPOUT,
+        PRECISION,
+    )
+
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    inv = 1.0 / l_safe
+    if DROPOUT:
+        inv = inv / (1.0 - dropout_p)
+    out = tl.where(has_key[:, None], acc * inv[:, None], 0.0)
+    lse = tl.where(has_key, m_i + tl.log(l_safe), float("-inf"))  # natural log
+
+    o_ptrs = Out + b * stride_ob + h * stride_oh + (q_start + offs_m[:, None]) * stride_os + offs_dv[None, :]
+    tl.store(
+        o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < DV)
+    )
+    row = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
+    tl.store(Lse + row, lse, mask=offs_m < seqlen_q)
+    # backward recomputes p = exp2((s - m) * log2e - log2(l)): exact where lse = m + log(l) would round
+    tl.store(RowMax + row, tl.where(has_key, m_i, float("inf")), mask=offs_m < seqlen_q)
+    tl.store(RowLog2Sum + row, tl.log2(l_safe), mask=offs_m < seqlen_q)
+
+
+@triton.jit(do_not_specialize=["bh", "r0"])
+def dropout_mask_kernel(Rng, Out, bh, r0, rows, cols, dropout_p, BLOCK: tl.constexpr):
+    """Materialise the keep mask of (b, h) for rows r0..r0+rows-1, all ``cols`` keys (tests, debugging)."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_r = pid_r * BLOCK + tl.arange(0, BLOCK)
+    offs_c = pid_c * BLOCK + tl.arange(0, BLOCK)
+    keep = dropout_keep(Rng, bh, r0 + offs_r[:, None], offs_c[None, :], dropout_p)
+    tl.store(
+        Out + offs_r[:, None] * cols + offs_c[None, :],
+        keep.to(tl.int8),
+        mask=(offs_r[:, None] < rows) & (offs_c[None, :] < cols),
+    )

@@ -1,0 +1,180 @@
+"""The two places every kernel of this family shares (pure ``@triton.jit`` code).
+
+* :func:`tile_range` is the tile schedule: which tiles of the other dimension a tile visits, split into
+  ``[lo, full_lo)`` (masked), ``[full_lo, full_hi)`` (every element visible: no mask work) and
+  ``[full_hi, hi)`` (masked). Tiles outside ``[lo, hi)`` are fully masked and never visited. Block-sparse
+  tile lists will replace this function.
+* :func:`scores` is the score pipeline of API.md (scale, softcap, bias, ALiBi, masking) on one tile, in
+  natural units; the softmax converts with one FMA per element (``exp2(s * log2e - m * log2e)``).
+  User ``score_mod`` / ``mask_mod`` code will be compiled into this function.
+
+Indices are positions inside the sequence (``i`` query row, ``j`` key row); ``off = Sk - Sq`` aligns
+causal and windows to the bottom right. Row and column index arrays come in already shaped for
+broadcasting, so the same code serves ``(rows, cols)`` tiles (forward, dQ) and transposed
+``(cols, rows)`` tiles (dK/dV).
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def seq_bounds(CuQ, CuK, b, SQ, SK, VARLEN: tl.constexpr):
+    """(first packed row of q, Sq, first packed row of k, Sk) of batch element / sequence ``b``."""
+    if VARLEN:
+        q_start = tl.load(CuQ + b)
+        seqlen_q = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        seqlen_k = tl.load(CuK + b + 1) - k_start
+    else:
+        q_start = 0
+        seqlen_q = SQ
+        k_start = 0
+        seqlen_k = SK
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
+def tile_range(
+    x0, x1, n_other, lo_shift, hi_shift, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Schedule of the tiles (of size BLOCK, over ``[0, n_other)``) that rows ``x0..x1`` (inclusive) see.
+
+    Element ``x`` sees ``y`` in ``[x + lo_shift, x + hi_shift]`` (a side without its flag is unbounded).
+    Returns ``(lo, full_lo, full_hi, hi)``: visit ``[lo, hi)`` in steps of BLOCK, masking only outside
+    ``[full_lo, full_hi)``. ``lo`` and both ``full_*`` are multiples of BLOCK.
+    """
+    if HAS_LO:
+        any_lo = tl.maximum(x0 + lo_shift, 0)
+        all_lo = tl.maximum(x1 + lo_shift, 0)
+    else:
+        any_lo = x0 * 0
+        all_lo = x0 * 0
+    if HAS_HI:
+        any_hi = tl.minimum(x1 + hi_shift + 1, n_other)
+        all_hi = tl.minimum(x0 + hi_shift + 1, n_other)
+    else:
+        any_hi = x0 * 0 + n_other
+        all_hi = x0 * 0 + n_other
+    lo = (any_lo // BLOCK) * BLOCK
+    hi = tl.maximum(any_hi, lo)
+    full_lo = tl.minimum(tl.maximum(((all_lo + BLOCK - 1) // BLOCK) * BLOCK, lo), hi)
+    full_hi = tl.minimum(tl.maximum((all_hi // BLOCK) * BLOCK, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def kv_tiles(
+    m0,
+    m1,
+    seqlen_k,
+    off,
+    win_left,
+    win_right,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Key tiles that query rows ``m0..m1`` visit (forward, dQ). ``win_right`` is already capped by causal."""
+    return tile_range(m0, m1, seqlen_k, off - win_left, off + win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+
+
+@triton.jit
+def q_tiles(
+    n0,
+    n1,
+    seqlen_q,
+    off,
+    win_left,
+    win_right,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Query tiles that key rows ``n0..n1`` are seen by (dK/dV): the transpose of :func:`kv_tiles`."""
+    return tile_range(n0, n1, seqlen_q, -off - win_right, -off + win_left, HAS_RIGHT, HAS_LEFT, BLOCK_M)
+
+
+@triton.jit
+def scores(
+    qk,
+    rows,
+    cols,
+    seqlen_q,
+    seqlen_k,
+    off,
+    sm_scale,
+    softcap,
+    win_left,
+    win_right,
+    bias_ptr,
+    stride_bm,
+    stride_bn,
+    slope,
+    MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+):
+    """Steps 1-5 of the score pipeline on a tile of raw dot products ``qk``.
+
+    ``rows``/``cols`` are the in-sequence indices i and j, broadcastable to ``qk``'s shape;
+    ``bias_ptr`` points at bias[b, h, 0, 0]. Returns ``(s, tanh_term)``; ``tanh_term`` is the
+    softcap's tanh (for its derivative in backward), or ``qk`` itself when there is no softcap.
+    Masked entries (only computed when MASK) are -inf.
+    """
+    if SOFTCAP:
+        x = qk * (sm_scale / softcap)
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no tanh intrinsic needed (interpreter too)
+        t = 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
+        s = t * softcap
+    else:
+        t = qk
+        s = qk * sm_scale
+    if HAS_BIAS:
+        bmask = (rows < seqlen_q) & (cols < seqlen_k)
+        bias = tl.load(bias_ptr + rows * stride_bm + cols * stride_bn, mask=bmask, other=0.0)
+        s += bias.to(tl.float32)
+    if HAS_ALIBI:
+        s -= slope * tl.abs(rows + off - cols).to(tl.float32)
+    if MASK:
+        vis = (cols < seqlen_k) & (rows < seqlen_q)
+        if HAS_RIGHT:
+            vis = vis & (cols <= rows + off + win_right)
+        if HAS_LEFT:
+            vis = vis & (cols >= rows + off - win_left)
+        s = tl.where(vis, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def dscore_dqk(ds, t, sm_scale, SOFTCAP: tl.constexpr):
+    """Chain rule from the final score back to the raw dot product (the inverse path of :func:`scores`)."""
+    if SOFTCAP:
+        return ds * (sm_scale * (1.0 - t * t))
+    else:
+        return ds * sm_scale
+
+
+@triton.jit
+def dropout_keep(rng_ptr, bh, rows, cols, dropout_p):
+    """Counter-based keep mask: Philox keyed by the call's seed, counters (j, i, b*Hq + h, offset).
+
+    Depends only on (seed, offset, b, h, i, j), so forward, backward and the host-side
+    :func:`attnkit.backends.triton.ops.dropout_keep_mask` draw the same bits for any tiling.
+    """
+    seed = tl.load(rng_ptr)
+    offset = tl.load(rng_ptr + 1).to(tl.uint32)
+    zero = rows * 0 + cols * 0  # int32 block of the tile's shape
+    c0 = (cols + zero).to(tl.uint32)
+    c1 = (rows + zero).to(tl.uint32)
+    c2 = (zero + bh).to(tl.uint32)
+    c3 = zero.to(tl.uint32) + offset
+    r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)  # 24 random bits -> [0, 1)
+    return u >= dropout_p

@@ -1,0 +1,184 @@
+"""Block sizes, warps and stages: defaults per head dim, an optional autotuner, and its persistent cache.
+
+A configuration is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``. ``kind`` is ``"fwd"``, ``"dkdv"`` (BLOCK_M
+is the inner query tile, BLOCK_N the program's key tile) or ``"dq"``. Order of precedence:
+
+1. ``FORCE`` (tests set it to get several tiles per dimension at tiny sizes);
+2. the Triton interpreter: 16 x 16 tiles;
+3. the autotuner's result for this key (memory, then ``$ATTNKIT_CACHE_DIR/triton_autotune.json``), when
+   ``ATTNKIT_TRITON_AUTOTUNE`` is not ``0`` and no CUDA graph is being captured;
+4. the shipped defaults (``attnkit/data/triton_configs.json``, measured on an H100), else the built-in table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from importlib import resources
+
+import torch
+
+Config = tuple[int, int, int, int]
+
+FORCE: dict[str, Config] = {}
+
+# Built-in fallbacks (Hopper-class GPUs): keyed by kind, then the padded head dim.
+_BUILTIN: dict[str, dict[int, Config]] = {
+    "fwd": {
+        16: (128, 64, 4, 3),
+        32: (128, 64, 4, 3),
+        64: (128, 64, 4, 3),
+        128: (128, 64, 8, 3),
+        256: (64, 64, 4, 2),
+    },
+    "dkdv": {
+        16: (64, 128, 8, 3),
+        32: (64, 128, 8, 3),
+        64: (64, 128, 8, 3),
+        128: (64, 128, 8, 2),
+        256: (32, 64, 4, 2),
+    },
+    "dq": {
+        16: (128, 64, 8, 3),
+        32: (128, 64, 8, 3),
+        64: (128, 64, 8, 3),
+        128: (128, 64, 8, 2),
+        256: (64, 32, 4, 2),
+    },
+}
+
+# Candidates the autotuner tries, per kind and padded head dim (the shipped default is always tried too).
+_CANDIDATES: dict[str, dict[int, list[Config]]] = {
+    "fwd": {
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+        256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+    },
+    "dkdv": {
+        64: [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2)],
+        128: [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)],
+        256: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
+    },
+    "dq": {
+        64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2)],
+        128: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
+        256: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2)],
+    },
+}
+
+_lock = threading.Lock()
+_memory: dict[str, Config] = {}
+_disk_loaded = False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _dim_class(d: int) -> int:
+    p = 16
+    while p < d:
+        p *= 2
+    return p
+
+
+def _shipped() -> dict:
+    try:
+        text = resources.files("attnkit").joinpath("data/triton_configs.json").read_text()
+        return json.loads(text)
+    except (FileNotFoundError, OSError, ValueError):
+        return {}
+
+
+_SHIPPED = None
+
+
+def default_config(kind: str, D: int, Dv: int) -> Config:
+    global _SHIPPED
+    if _SHIPPED is None:
+        _SHIPPED = _shipped()
+    dc = _dim_class(max(D, Dv))
+    got = _SHIPPED.get(kind, {}).get(str(dc))
+    if got:
+        return tuple(got)
+    table = _BUILTIN[kind]
+    return table.get(dc, table[256] if dc > 256 else table[16])
+
+
+def _cache_path() -> str:
+    base = os.environ.get("ATTNKIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "attnkit")
+    return os.path.join(base, "triton_autotune.json")
+
+
+def _load_disk():
+    global _disk_loaded
+    if _disk_loaded:
+        return
+    _disk_loaded = True
+    try:
+        with open(_cache_path()) as f:
+            _memory.update({k: tuple(v) for k, v in json.load(f).items()})
+    except (OSError, ValueError):
+        pass
+
+
+def _save_disk():
+    path = _cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(_memory, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _bucket(n: int) -> int:
+    """Sequence lengths tune per power-of-two bucket (so ragged batches do not retune)."""
+    p = 128
+    while p < n and p < 32768:
+        p *= 2
+    return p
+
+
+def tuned_results() -> dict[str, Config]:
+    """Every configuration the autotuner has settled on in this process (and loaded from disk)."""
+    return dict(_memory)
+
+
+def pick(
+    kind: str, D: int, Dv: int, dtype: torch.dtype, flags: tuple, Sq: int, Sk: int, device, launch
+) -> Config:
+    """The configuration for one launch; ``launch(cfg)`` runs the kernel with ``cfg`` (used to autotune)."""
+    if kind in FORCE:
+        return FORCE[kind]
+    if interpreting() or device.type != "cuda":
+        return (16, 16, 4, 1)
+    default = default_config(kind, D, Dv)
+    if os.environ.get("ATTNKIT_TRITON_AUTOTUNE", "1") in ("", "0"):
+        return default
+    if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+        return default
+    name = torch.cuda.get_device_name(device)
+    key = f"{name}|{kind}|D{D}|Dv{Dv}|{str(dtype).split('.')[-1]}|{flags}|{_bucket(Sq)}x{_bucket(Sk)}"
+    with _lock:
+        _load_disk()
+        if key in _memory:
+            return _memory[key]
+    cands = [default] + [c for c in _CANDIDATES[kind].get(_dim_class(max(D, Dv)), []) if c != default]
+    from triton.testing import do_bench
+
+    best, best_ms = default, float("inf")
+    for cfg in cands:
+        try:
+            ms = do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20, return_mode="median")
+        except Exception:  # out of shared memory / registers for this tile shape: skip it
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    with _lock:
+        _memory[key] = best
+        _save_disk()
+    return best

@@ -1,0 +1,555 @@
+"""Host side of the Triton backend: layouts and strides, launch grids, and the ``torch.library`` ops.
+
+``attnkit::triton_fwd`` and ``attnkit::triton_bwd`` are custom ops with fake (meta) implementations, and
+the forward carries an autograd formula that calls the backward op, so ``torch.compile(fullgraph=True)``
+traces through them and CUDA graphs can capture them (dropout seeds are drawn on the device).
+
+Tensor conventions (every launch): q/k/v/out/dO in the caller's layout with unit stride on the head dim,
+read through (batch, head, row) strides; for ``thd`` the batch stride is 0 and each sequence starts at
+``cu_seqlens[n]``. ``lse`` is (B, Hq, Sq) or (Hq, Tq) float32. Windows arrive as ``window_left`` /
+``window_right`` (-1 = unbounded) with ``causal`` separately; the kernels get the right bound already
+capped by causal.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from attnkit.backends.triton import _tuning
+from attnkit.backends.triton._bwd import attn_bwd_dkdv, attn_bwd_dq
+from attnkit.backends.triton._fwd import attn_fwd, dropout_mask_kernel
+
+Tensor = torch.Tensor
+
+POISON = False  # tests: fill outputs with NaN before launch, so unwritten elements show
+
+
+def _strides(t: Tensor, layout: str) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a q/k/v-like tensor."""
+    if layout == "bhsd":  # (B, H, S, D)
+        return t.stride(0), t.stride(1), t.stride(2)
+    if layout == "bshd":  # (B, S, H, D)
+        return t.stride(0), t.stride(2), t.stride(1)
+    return 0, t.stride(1), t.stride(0)  # thd: (T, H, D)
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _sizes(q: Tensor, k: Tensor, layout: str, cu_q: Tensor | None) -> tuple[int, int, int]:
+    """(B, Hq, Hk) of the call."""
+    if layout == "thd":
+        return cu_q.shape[0] - 1, q.shape[1], k.shape[1]
+    if layout == "bhsd":
+        return q.shape[0], q.shape[1], k.shape[1]
+    return q.shape[0], q.shape[2], k.shape[2]
+
+
+def _lse_shape(q: Tensor, layout: str, B: int, Hq: int) -> tuple[int, ...]:
+    if layout == "thd":
+        return (Hq, q.shape[0])
+    return (B, Hq, q.shape[2] if layout == "bhsd" else q.shape[1])
+
+
+def _lse_strides(lse: Tensor, layout: str) -> tuple[int, int, int]:
+    if layout == "thd":  # (Hq, Tq)
+        return 0, lse.stride(0), lse.stride(1)
+    return lse.stride(0), lse.stride(1), lse.stride(2)
+
+
+def _bias4(bias: Tensor | None, B: int, Hq: int, Sq: int, Sk: int):
+    """Bias expanded (as a view) to (B, Hq, Sq, Sk) and its strides (0 on broadcast dims)."""
+    if bias is None:
+        return None, (0, 0, 0, 0)
+    b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(B, Hq, Sq, Sk)
+    return b4, tuple(b4.stride())
+
+
+def _slope_strides(slopes: Tensor | None) -> tuple[int, int]:
+    if slopes is None:
+        return 0, 0
+    return (0, slopes.stride(0)) if slopes.dim() == 1 else (slopes.stride(0), slopes.stride(1))
+
+
+def _window(causal: bool, window_left: int, window_right: int) -> tuple[bool, bool, int, int]:
+    """(HAS_LEFT, HAS_RIGHT, left, right) with causal folded into the right bound."""
+    has_left = window_left >= 0
+    if causal:
+        right = min(window_right, 0) if window_right >= 0 else 0
+        return has_left, True, max(window_left, 0), right
+    return has_left, window_right >= 0, max(window_left, 0), max(window_right, 0)
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def draw_rng(device) -> Tensor:
+    """Dropout state: int64 (2,) = (seed, offset) drawn from the device's default generator (seedable with
+    ``torch.manual_seed``; capturable in CUDA graphs)."""
+    return torch.randint(0, 2**62, (2,), device=device, dtype=torch.int64)
+
+
+def _new(shape, like: Tensor, dtype=None) -> Tensor:
+    t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    if POISON:
+        t.fill_(float("nan"))
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("attnkit::triton_fwd", mutates_args=())
+def triton_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    alibi_slopes: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    layout: str,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Forward: (out in q's layout, lse float32, dropout rng state int64 (2,), row stats float32 (2, *lse)).
+
+    The row stats (max score, log2 of the exp-sum) let the backward recompute probabilities exactly."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, Hq, Hk = _sizes(q, k, layout, cu_seqlens_q)
+    D, Dv = q.shape[-1], v.shape[-1]
+    Sq, Sk = max_seqlen_q, max_seqlen_k
+    out = _new(q.shape[:-1] + (Dv,), q)
+    lse = _new(_lse_shape(q, layout, B, Hq), q, torch.float32)
+    stats = _new((2,) + tuple(lse.shape), q, torch.float32)
+    rng = draw_rng(q.device) if dropout_p > 0 else torch.zeros(2, dtype=torch.int64, device=q.device)
+    if out.numel() == 0:
+        stats[0].fill_(float("inf"))
+        stats[1].fill_(0.0)
+        return out, lse.fill_(float("-inf")), rng, stats
+    b4, sb = _bias4(bias, B, Hq, Sq, Sk)
+    has_left, has_right, wl, wr = _window(causal, window_left, window_right)
+    varlen = layout == "thd"
+    dummy = q
+    flags = (
+        varlen,
+        softcap > 0,
+        bias is not None,
+        alibi_slopes is not None,
+        has_left,
+        has_right,
+        dropout_p > 0,
+    )
+
+    def launch(cfg):
+        BM, BN, warps, stages = cfg
+        grid = (triton.cdiv(max(Sq, 1), BM), B * Hq)
+        attn_fwd[grid](
+            q,
+            k,
+            v,
+            out,
+            lse,
+            stats[0],
+            stats[1],
+            b4 if b4 is not None else dummy,
+            alibi_slopes if alibi_slopes is not None else dummy,
+            cu_seqlens_q if varlen else dummy,
+            cu_seqlens_k if varlen else dummy,
+            rng,
+            *_strides(q, layout),
+            *_strides(k, layout),
+            *_strides(v, layout),
+            *_strides(out, layout),
+            *_lse_strides(lse, layout),
+            *sb,
+            *_slope_strides(alibi_slopes),
+            Hq,
+            Sq,
+            Sk,
+            scale,
+            softcap if softcap > 0 else 1.0,
+            wl,
+            wr,
+            dropout_p,
+            GROUP=Hq // Hk,
+            D=D,
+            DV=Dv,
+            BLOCK_D=_block_d(D),
+            BLOCK_DV=_block_d(Dv),
+            BLOCK_M=BM,
+            BLOCK_N=BN,
+            VARLEN=varlen,
+            SOFTCAP=softcap > 0,
+            HAS_BIAS=bias is not None,
+            HAS_ALIBI=alibi_slopes is not None,
+            HAS_LEFT=has_left,
+            HAS_RIGHT=has_right,
+            DROPOUT=dropout_p > 0,
+            REVERSE=has_right and not has_left,
+            PRECISION=_precision(q.dtype),
+            num_warps=warps,
+            num_stages=stages,
+        )
+
+    cfg = _tuning.pick("fwd", D, Dv, q.dtype, flags, Sq, Sk, q.device, launch)
+    launch(cfg)
+    return out, lse, rng, stats
+
+
+@triton_fwd.register_fake
+def _(
+    q,
+    k,
+    v,
+    bias,
+    alibi_slopes,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    layout,
+    max_seqlen_q,
+    max_seqlen_k,
+    scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    dropout_p,
+):
+    B, Hq, _ = _sizes(q, k, layout, cu_seqlens_q)
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    lse = q.new_empty(_lse_shape(q, layout, B, Hq), dtype=torch.float32)
+    stats = q.new_empty((2,) + tuple(lse.shape), dtype=torch.float32)
+    return out, lse, q.new_empty((2,), dtype=torch.int64), stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("attnkit::triton_bwd", mutates_args=())
+def triton_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    stats: Tensor,
+    dlse: Tensor | None,
+    bias: Tensor | None,
+    alibi_slopes: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    rng: Tensor,
+    layout: str,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    dropout_p: float,
+    bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward: (dq, dk, dv, dbias) with dbias shaped like ``bias`` (an empty tensor when not asked)."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    dout = dout.contiguous()
+    B, Hq, Hk = _sizes(q, k, layout, cu_seqlens_q)
+    D, Dv = q.shape[-1], v.shape[-1]
+    Sq, Sk = max_seqlen_q, max_seqlen_k
+    lse = stats[0]  # only its layout is used below
+    # delta = rowsum(dO * O) - dLSE, in the layout of lse
+    delta = (dout.float() * out.float()).sum(-1)
+    if layout == "bshd":
+        delta = delta.transpose(1, 2)
+    elif layout == "thd":
+        delta = delta.t()
+    if dlse is not None:
+        delta = delta - dlse
+    delta = delta.contiguous()
+    dq = _new(q.shape, q)
+    dk = _new(k.shape, k)
+    dv = _new(v.shape, v)
+    b4, sb = _bias4(bias, B, Hq, Sq, Sk)
+    bias_grad = bias_grad and bias is not None
+    dbias = torch.zeros((B, Hq, Sq, Sk) if bias_grad else (0,), device=q.device, dtype=torch.float32)
+    if q.numel() == 0 or k.numel() == 0:
+        for t in (dq, dk, dv):
+            t.zero_()
+        return dq, dk, dv, _reduce_dbias(dbias, bias) if bias_grad else dbias
+    has_left, has_right, wl, wr = _window(causal, window_left, window_right)
+    varlen = layout == "thd"
+    dummy = q
+    bias_arg = b4 if b4 is not None else dummy
+    slopes_arg = alibi_slopes if alibi_slopes is not None else dummy
+    cu_q = cu_seqlens_q if varlen else dummy
+    cu_k = cu_seqlens_k if varlen else dummy
+    sdb = tuple(dbias.stride()) if bias_grad else (0, 0, 0, 0)
+    common = dict(
+        GROUP=Hq // Hk,
+        D=D,
+        DV=Dv,
+        BLOCK_D=_block_d(D),
+        BLOCK_DV=_block_d(Dv),
+        VARLEN=varlen,
+        SOFTCAP=softcap > 0,
+        HAS_BIAS=bias is not None,
+        HAS_ALIBI=alibi_slopes is not None,
+        HAS_LEFT=has_left,
+        HAS_RIGHT=has_right,
+        DROPOUT=dropout_p > 0,
+        PRECISION=_precision(q.dtype),
+    )
+    scalars = (scale, softcap if softcap > 0 else 1.0, wl, wr, dropout_p)
+    flags = (
+        varlen,
+        softcap > 0,
+        bias is not None,
+        bias_grad,
+        alibi_slopes is not None,
+        has_left,
+        has_right,
+        dropout_p > 0,
+    )
+
+    def launch_dkdv(cfg):
+        BM, BN, warps, stages = cfg
+        grid = (triton.cdiv(max(Sk, 1), BN), B * Hk)
+        attn_bwd_dkdv[grid](
+            q,
+            k,
+            v,
+            dout,
+            dk,
+            dv,
+            stats[0],
+            stats[1],
+            delta,
+            bias_arg,
+            dbias if bias_grad else dummy,
+            slopes_arg,
+            cu_q,
+            cu_k,
+            rng,
+            *_strides(q, layout),
+            *_strides(k, layout),
+            *_strides(v, layout),
+            *_strides(dout, layout),
+            *_strides(dk, layout),
+            *_strides(dv, layout),
+            *_lse_strides(lse, layout),
+            *_lse_strides(delta, layout),
+            *sb,
+            *sdb,
+            *_slope_strides(alibi_slopes),
+            Hq,
+            Hk,
+            Sq,
+            Sk,
+            *scalars,
+            BLOCK_M=BM,
+            BLOCK_N=BN,
+            BIAS_GRAD=bias_grad,
+            num_warps=warps,
+            num_stages=stages,
+            **common,
+        )
+
+    def launch_dq(cfg):
+        BM, BN, warps, stages = cfg
+        grid = (triton.cdiv(max(Sq, 1), BM), B * Hq)
+        attn_bwd_dq[grid](
+            q,
+            k,
+            v,
+            dout,
+            dq,
+            stats[0],
+            stats[1],
+            delta,
+            bias_arg,
+            slopes_arg,
+            cu_q,
+            cu_k,
+            rng,
+            *_strides(q, layout),
+            *_strides(k, layout),
+            *_strides(v, layout),
+            *_strides(dout, layout),
+            *_strides(dq, layout),
+            *_lse_strides(lse, layout),
+            *_lse_strides(delta, layout),
+            *sb,
+            *_slope_strides(alibi_slopes),
+            Hq,
+            Sq,
+            Sk,
+            *scalars,
+            BLOCK_M=BM,
+            BLOCK_N=BN,
+            REVERSE=has_right and not has_left,
+            num_warps=warps,
+            num_stages=stages,
+            **common,
+        )
+
+    launch_dkdv(_tuning.pick("dkdv", D, Dv, q.dtype, flags, Sq, Sk, q.device, launch_dkdv))
+    launch_dq(_tuning.pick("dq", D, Dv, q.dtype, flags, Sq, Sk, q.device, launch_dq))
+    return dq, dk, dv, _reduce_dbias(dbias, bias) if bias_grad else dbias
+
+
+def _reduce_dbias(dbias: Tensor, bias: Tensor) -> Tensor:
+    """Sum the dense (B, Hq, Sq, Sk) gradient over the dims ``bias`` broadcast along."""
+    shape4 = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+    dims = [i for i in range(4) if shape4[i] == 1 and dbias.shape[i] != 1]
+    g = dbias.sum(dim=dims, keepdim=True) if dims else dbias
+    return g.reshape(bias.shape).to(bias.dtype)
+
+
+@triton_bwd.register_fake
+def _(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    stats,
+    dlse,
+    bias,
+    alibi_slopes,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    rng,
+    layout,
+    max_seqlen_q,
+    max_seqlen_k,
+    scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    dropout_p,
+    bias_grad,
+):
+    dbias = (
+        bias.new_empty(bias.shape)
+        if (bias_grad and bias is not None)
+        else q.new_empty((0,), dtype=torch.float32)
+    )
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+# ----------------------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------------------
+_FWD_ARGS = (
+    "q",
+    "k",
+    "v",
+    "bias",
+    "alibi_slopes",
+    "cu_seqlens_q",
+    "cu_seqlens_k",
+    "layout",
+    "max_seqlen_q",
+    "max_seqlen_k",
+    "scale",
+    "causal",
+    "window_left",
+    "window_right",
+    "softcap",
+    "dropout_p",
+)
+
+
+def _setup_context(ctx, inputs, output):
+    args = dict(zip(_FWD_ARGS, inputs))
+    out, _lse, rng, stats = output
+    ctx.save_for_backward(
+        args["q"],
+        args["k"],
+        args["v"],
+        out,
+        stats,
+        rng,
+        args["bias"],
+        args["alibi_slopes"],
+        args["cu_seqlens_q"],
+        args["cu_seqlens_k"],
+    )
+    ctx.params = {n: args[n] for n in _FWD_ARGS[7:]}
+    ctx.bias_grad = args["bias"] is not None and args["bias"].requires_grad
+
+
+def _backward(ctx, dout, dlse, _drng, _dstats):
+    q, k, v, out, stats, rng, bias, slopes, cu_q, cu_k = ctx.saved_tensors
+    p = ctx.params
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv, dbias = triton_bwd(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        stats,
+        dlse,
+        bias,
+        slopes,
+        cu_q,
+        cu_k,
+        rng,
+        p["layout"],
+        p["max_seqlen_q"],
+        p["max_seqlen_k"],
+        p["scale"],
+        p["causal"],
+        p["window_left"],
+        p["window_right"],
+        p["softcap"],
+        p["dropout_p"],
+        ctx.bias_grad,
+    )
+    return (dq, dk, dv, dbias if ctx.bias_grad else None) + (None,) * (len(_FWD_ARGS) - 4)
+
+
+triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers for tests and benchmarks
+# ----------------------------------------------------------------------------------------------------------
+def dropout_keep_mask(
+    rng: Tensor, b: int, Hq: int, h0: int, h1: int, r0: int, rows: int, Sk: int, dropout_p: float
+) -> Tensor:
+    """The kernels' keep mask for batch (sequence) ``b``, heads h0:h1, rows r0:r0+rows, keys 0:Sk -> bool
+    (h1 - h0, rows, Sk), on rng's device. Indices are positions inside the sequence."""
+    out = torch.empty((h1 - h0, rows, Sk), dtype=torch.int8, device=rng.device)
+    BLOCK = 16 if _tuning.interpreting() else 64
+    grid = (triton.cdiv(rows, BLOCK), triton.cdiv(Sk, BLOCK))
+    for i, h in enumerate(range(h0, h1)):
+        if rows and Sk:
+            dropout_mask_kernel[grid](rng, out[i], b * Hq + h, r0, rows, Sk, dropout_p, BLOCK=BLOCK)
+    return out.bool()
+
+
+def dropout_keep_fn(rng: Tensor, Hq: int, dropout_p: float):
+    """A ``dropout_keep`` callback for :func:`attnkit.backends.reference.reference_forward`."""
+
+    def keep(b, h0, h1, r0, rows, Sk, device):
+        return dropout_keep_mask(rng, b, Hq, h0, h1, r0, rows, Sk, dropout_p).to(device)
+
+    return keep
