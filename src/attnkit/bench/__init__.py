@@ -1,0 +1,1 @@
+"""Benchmarks: ``attnkit bench`` (quick suite), ``attnkit bench kernels``, ``attnkit bench vit``."""

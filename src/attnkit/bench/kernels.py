@@ -1,0 +1,330 @@
+"""``attnkit bench kernels``: attention kernels against their peers, measured in one run with one timer.
+
+Every row is timed with ``triton.testing.do_bench`` (CUDA events, median, warm-up), over several input sets
+in rotation so that small shapes do not run out of L2. FLOPs count only visible (query, key) pairs
+(``attnkit.backends.base.attention_flops``: 4·B·H·Sq·Sk·D for dense forward, about half that causal, x3.5 for
+forward+backward). Peers run in the same process: every SDPA backend (``torch.nn.attention.sdpa_kernel``),
+compiled FlexAttention, attnkit's ``triton`` backend and attnkit ``auto``.
+
+Output: a table on the terminal, ``kernels.csv`` / ``kernels.json`` rows (GPU, torch, triton, attnkit
+versions, date) and ``kernels.png`` (TFLOP/s vs sequence length, if matplotlib is installed) under ``--out``.
+On a machine without CUDA it runs a tiny sweep of the CPU-capable backends and says so.
+
+    python -m attnkit.bench.kernels [--quick] [--out bench_out] [--modes fwd,fwd_bwd] [--no-causal]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import sys
+
+import torch
+
+# (B, H, S, D) of ../shared/ANCHORS.md, then the rest of a constant-token sweep for the plot
+ANCHOR_SHAPES = [
+    (32, 16, 512, 128),
+    (4, 16, 4096, 128),
+    (1, 16, 16384, 128),
+    (4, 32, 4096, 64),
+    (1, 32, 16384, 64),
+    (32, 32, 512, 64),
+]
+SWEEP_SHAPES = [(16, 16, 1024, 128), (8, 16, 2048, 128), (2, 16, 8192, 128)]
+CPU_SHAPES = [(1, 2, 64, 32), (1, 2, 128, 32)]
+
+
+def _env_info() -> dict:
+    import attnkit
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = None
+    gpu = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or 'cpu'})"
+    )
+    return dict(
+        gpu=gpu,
+        torch=torch.__version__,
+        triton=tv,
+        attnkit=attnkit.__version__,
+        date=_dt.datetime.now().isoformat(timespec="seconds"),
+    )
+
+
+def _flops(B, H, S, D, causal, backward):
+    from attnkit._call import normalize
+    from attnkit.backends.base import attention_flops
+
+    meta = torch.empty((B, H, S, D), device="meta")
+    call = normalize(
+        meta,
+        meta,
+        meta,
+        layout="bhsd",
+        causal=causal,
+        window=None,
+        softcap=None,
+        alibi_slopes=None,
+        bias=None,
+        score_mod=None,
+        mask=None,
+        scale=None,
+        dropout_p=0.0,
+        cu_seqlens_q=None,
+        cu_seqlens_k=None,
+        max_seqlen_q=None,
+        max_seqlen_k=None,
+        return_lse=False,
+        deterministic=False,
+    )
+    return attention_flops(call, backward)
+
+
+def _runners(causal: bool, on_gpu: bool) -> dict:
+    """name -> fn(q, k, v) -> out. Peers that cannot run here are left out (listed with their reason)."""
+    import torch.nn.functional as F
+
+    import attnkit
+
+    run = {}
+    if on_gpu:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for name, be in (
+            ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+            ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+            ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
+            ("sdpa_math", SDPBackend.MATH),
+        ):
+
+            def fn(q, k, v, be=be):
+                with sdpa_kernel(be):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+            run[name] = fn
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            flex = torch.compile(flex_attention, dynamic=False)
+            masks = {}
+
+            def fn_flex(q, k, v):
+                bm = None
+                if causal:
+                    key = (q.shape[-2], k.shape[-2])
+                    if key not in masks:
+                        masks[key] = create_block_mask(
+                            lambda b, h, i, j: i >= j, None, None, key[0], key[1], device=q.device
+                        )
+                    bm = masks[key]
+                return flex(q, k, v, block_mask=bm)
+
+            run["flex"] = fn_flex
+        except ImportError:
+            pass
+        run["attnkit:triton"] = lambda q, k, v: attnkit.attention(q, k, v, causal=causal, backend="triton")
+        run["attnkit:auto"] = lambda q, k, v: attnkit.attention(q, k, v, causal=causal)
+    else:
+        run["attnkit:reference"] = lambda q, k, v: attnkit.attention(
+            q, k, v, causal=causal, backend="reference"
+        )
+        run["sdpa (cpu)"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            run["attnkit:triton (interpreter)"] = lambda q, k, v: attnkit.attention(
+                q, k, v, causal=causal, backend="triton"
+            )
+    return run
+
+
+def _timer(fn, on_gpu: bool, warmup_ms=25, rep_ms=100) -> float:
+    if on_gpu:
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    import time
+
+    fn()
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return sorted(ts)[1]
+
+
+def bench_one(name, fn, B, H, S, D, causal, mode, dtype, device, on_gpu):
+    """Median ms of one backend on one shape; rotating input sets to keep L2 honest."""
+    need_grad = mode == "fwd_bwd"
+    per_set = 3 * B * H * S * D * torch.tensor([], dtype=dtype).element_size()
+    n_sets = max(1, min(4, math.ceil(200e6 / max(per_set, 1)))) if on_gpu else 1
+    sets = []
+    for _ in range(n_sets):
+        qkv = [
+            torch.randn(B, H, S, D, device=device, dtype=dtype).requires_grad_(need_grad) for _ in range(3)
+        ]
+        sets.append(qkv)
+    grad = torch.randn(B, H, S, D, device=device, dtype=dtype)
+    it = [0]
+
+    def step():
+        q, k, v = sets[it[0] % n_sets]
+        it[0] += 1
+        out = fn(q, k, v)
+        if need_grad:
+            out.backward(grad)
+            for t in (q, k, v):
+                t.grad = None
+
+    step()  # compile / autotune outside the timing
+    ms = _timer(step, on_gpu)
+    return ms
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="attnkit bench kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench_out", help="folder for kernels.csv/json/png (default bench_out)")
+    p.add_argument("--modes", default="fwd,fwd_bwd", help="comma list of fwd, fwd_bwd")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--quick", action="store_true", help="anchor shapes only (no extra sweep points)")
+    p.add_argument("--no-causal", action="store_true", help="skip causal rows")
+    p.add_argument("--backends", default="", help="comma list to keep (default: all that run here)")
+    p.add_argument("--shapes", default="", help="'B,H,S,D;B,H,S,D' overrides the sweep")
+    args = p.parse_args(argv)
+
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    # compiled FlexAttention recompiles per shape and grad mode: keep it compiled for the whole sweep
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s]
+    elif on_gpu:
+        shapes = ANCHOR_SHAPES + ([] if args.quick else SWEEP_SHAPES)
+    else:
+        print(
+            "attnkit bench kernels: no CUDA device, running a tiny CPU sweep (numbers mean nothing for GPUs)"
+        )
+        shapes = CPU_SHAPES
+        dtype = torch.float32
+    modes = [m for m in args.modes.split(",") if m]
+    env = _env_info()
+    print(
+        f"# {env['gpu']} | torch {env['torch']} | triton {env['triton']} | attnkit {env['attnkit']} | "
+        f"{env['date']} | {str(dtype).split('.')[-1]}"
+    )
+    rows = []
+    keep = set(filter(None, args.backends.split(",")))
+    for causal in [False] if args.no_causal else [False, True]:
+        runners = _runners(causal, on_gpu)
+        for B, H, S, D in shapes:
+            for mode in modes:
+                flops = _flops(B, H, S, D, causal, mode == "fwd_bwd")
+                for name, fn in runners.items():
+                    if keep and name not in keep:
+                        continue
+                    if name == "sdpa_math" and S > 4096:
+                        continue  # materialises S x S scores: minutes and tens of GB
+                    try:
+                        ms = bench_one(name, fn, B, H, S, D, causal, mode, dtype, device, on_gpu)
+                        err = ""
+                    except Exception as e:  # a peer that cannot run this shape is recorded, not fatal
+                        ms, err = float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                    if on_gpu:
+                        torch.cuda.empty_cache()
+                    row = dict(
+                        env,
+                        backend=name,
+                        mode=mode,
+                        B=B,
+                        H=H,
+                        S=S,
+                        D=D,
+                        causal=causal,
+                        dtype=str(dtype).split(".")[-1],
+                        ms=ms,
+                        tflops=flops / (ms * 1e-3) / 1e12,
+                        error=err,
+                    )
+                    rows.append(row)
+                    print(
+                        f"{name:<28} {mode:<8} B={B:<3} H={H:<3} S={S:<6} D={D:<4} causal={causal!s:<5} "
+                        f"{ms:9.3f} ms {row['tflops']:8.1f} TFLOP/s {err}",
+                        flush=True,
+                    )
+    _write(rows, args.out)
+    _table(rows)
+    return 0
+
+
+def _write(rows, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    if not rows:
+        return
+    with open(os.path.join(out_dir, "kernels.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out_dir, "kernels.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return
+    panels = sorted({(r["mode"], r["causal"], r["D"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (mode, causal, D) in zip(axes[0], panels):
+        sel = [r for r in rows if (r["mode"], r["causal"], r["D"]) == (mode, causal, D)]
+        for name in sorted({r["backend"] for r in sel}):
+            pts = sorted(
+                (r["S"], r["tflops"]) for r in sel if r["backend"] == name and r["tflops"] == r["tflops"]
+            )
+            if pts:
+                ax.plot([s for s, _ in pts], [t for _, t in pts], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{mode}, D={D}{', causal' if causal else ''}")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("TFLOP/s")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{rows[0]['gpu']}, {rows[0]['dtype']}, torch {rows[0]['torch']}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "kernels.png"), dpi=110)
+
+
+def _table(rows):
+    """Terminal summary: TFLOP/s per backend (columns) for each (shape, mode, causal)."""
+    names = list(dict.fromkeys(r["backend"] for r in rows))
+    keys = list(dict.fromkeys((r["B"], r["H"], r["S"], r["D"], r["mode"], r["causal"]) for r in rows))
+    short = [n.replace("attnkit:", "ak:").replace("sdpa_", "") for n in names]
+    print("\nTFLOP/s (median)")
+    print(f"{'B,H,S,D':<18}{'mode':<9}{'causal':<7}" + "".join(f"{s:>11}" for s in short))
+    for key in keys:
+        vals = {
+            r["backend"]: r["tflops"]
+            for r in rows
+            if (r["B"], r["H"], r["S"], r["D"], r["mode"], r["causal"]) == key
+        }
+        cells = "".join(f"{vals.get(n, float('nan')):>11.1f}" for n in names)
+        shape = ",".join(str(x) for x in key[:4])
+        print(f"{shape:<18}{key[4]:<9}{key[5]!s:<7}{cells}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
