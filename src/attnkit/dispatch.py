@@ -14,6 +14,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import torch
+
 from attnkit._call import AttentionCall
 from attnkit.backends.base import Backend
 from attnkit.errors import AttentionInputError, UnsupportedError
@@ -32,6 +34,8 @@ _BUILTIN_MODULES = (
 _REGISTRY: dict[str, Backend] = {}
 _LOADED = False
 _LOGGED: set = set()
+_CHOICES: dict = {}  # signature of a call -> chosen backend (see _signature)
+_CHOICES_SIZE = 4096
 
 
 def register(backend: Backend, *, replace: bool = False) -> Backend:
@@ -40,6 +44,7 @@ def register(backend: Backend, *, replace: bool = False) -> Backend:
         raise ValueError(f"a backend named {backend.name!r} is already registered")
     backend.available()  # checked now, so that calls traced by torch.compile only read it
     _REGISTRY[backend.name] = backend
+    _CHOICES.clear()
     return backend
 
 
@@ -199,6 +204,11 @@ def choose(call: AttentionCall, backend: str = "auto") -> Backend:
     Kept light (no report is built unless it is needed) so that torch.compile traces it cheaply.
     """
     name, explicit = _requested(backend)
+    key = None if torch.compiler.is_compiling() else _signature(call, name)
+    if key is not None:
+        hit = _CHOICES.get(key)
+        if hit is not None:
+            return hit
     reg = _load()
     if explicit:
         chosen = get(name)
@@ -222,7 +232,48 @@ def choose(call: AttentionCall, backend: str = "auto") -> Backend:
         if key not in _LOGGED:
             _LOGGED.add(key)
             log.warning("attnkit: %s -> %s\n%s", report.shape, chosen.name, report)
+    if key is not None:
+        if len(_CHOICES) >= _CHOICES_SIZE:
+            _CHOICES.pop(next(iter(_CHOICES)))
+        _CHOICES[key] = chosen
     return chosen
+
+
+def _tensor_sig(t):
+    if t is None:
+        return None
+    return (tuple(t.shape), t.stride(), t.dtype, t.requires_grad)
+
+
+def _signature(call: AttentionCall, name: str):
+    """Everything a backend's why_not/cost may look at, so that a choice can be reused for the next call
+    of the same kind (the per-call cost of choosing then drops to a dict lookup). Tensor values never
+    matter to a choice, except thd lengths, which are part of the key."""
+    if call.layout == "thd" and call.seqlens_q is None:
+        return None
+    return (
+        name,
+        call.layout,
+        _tensor_sig(call.q),
+        _tensor_sig(call.k),
+        _tensor_sig(call.v),
+        call.device,
+        call.causal,
+        call.window,
+        call.softcap is not None,
+        _tensor_sig(call.alibi_slopes),
+        _tensor_sig(call.bias),
+        call.score_mod is not None,
+        call.mask is not None,
+        call.block_mask is not None,
+        call.dropout_p > 0,
+        call.return_lse,
+        call.deterministic,
+        call.requires_grad,
+        torch.is_grad_enabled(),
+        None if call.layout != "thd" else (tuple(call.seqlens_q), tuple(call.seqlens_k)),
+        len(_REGISTRY),
+    )
 
 
 def _debug() -> bool:
