@@ -12,3 +12,5 @@ export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m attnkit info | tee "$OUT/info.txt"
 python3 -m pytest -q -x -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | tail -40
+python3 scripts/gpu_probe.py > "$OUT/probe.log" 2>&1
+grep -E "FAIL|ERROR|probe done|re-run" "$OUT/probe.log"
