@@ -1,0 +1,63 @@
+"""The benchmarks run end to end on a CPU: ``attnkit bench`` (quick suite) and ``attnkit bench vit``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attnkit import cli
+from attnkit.bench import quick, vit
+
+
+def test_quick_suite_runs_and_writes_results(tmp_path, capsys):
+    assert quick.main(["--budget-ms", "2", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "auto (" in text and "torch_sdpa" in text
+    data = json.loads((tmp_path / "quick.json").read_text())
+    assert data["environment"]["torch"] == torch.__version__
+    rows = data["results"]
+    assert rows and all(r["ms"] is not None for r in rows if r["note"] is None)
+    assert not [r for r in rows if r["note"]], [r["note"] for r in rows if r["note"]]
+    assert (tmp_path / "quick.csv").read_text().startswith("shape,")
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the CPU path: on a GPU this would run the full benchmark"
+)
+def test_bench_vit_through_the_cli_on_cpu(tmp_path, capsys):
+    rc = cli.main(["bench", "vit", "--steps", "1", "--warmup", "1", "--out", str(tmp_path), "--no-plot"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "tiny" in text and "no GPU here" in text
+    rows = json.loads((tmp_path / "vit.json").read_text())["results"]
+    ran = {(r["experiment"], r["impl"]) for r in rows if r["median_ms"] is not None}
+    assert {
+        ("dense", "plain"),
+        ("dense", "attnkit"),
+        ("softcap", "attnkit"),
+        ("neighborhood", "attnkit"),
+    } <= ran
+    errors = [r["note"] for r in rows if (r["note"] or "").startswith("error")]
+    assert not errors, errors
+    skipped = [r for r in rows if r["median_ms"] is None]
+    assert all(r["note"] for r in skipped)  # every skip says why
+
+
+def test_vit_plan_matches_the_anchor_configurations():
+    assert vit.CONFIGS["short"] == dict(
+        img_size=224, patch_size=16, batch=128, num_heads=16, head_dim=64, depth=24
+    )
+    assert vit.CONFIGS["long"] == dict(
+        img_size=224, patch_size=4, batch=8, num_heads=12, head_dim=64, depth=6
+    )
+    args = vit._parser().parse_args(["--configs", "short,long", "--modes", "eager,compiled"])
+    runs = vit.plan(args, torch.device("cuda"))
+    assert ("short", "dense", "sdpa_cudnn", "compiled") in runs and (
+        "long",
+        "softcap",
+        "flex",
+        "eager",
+    ) in runs
+    assert not [r for r in runs if r[0] == "short" and r[1] != "dense"]  # extra experiments on "long" only
