@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from attnkit._captures import captured_tensors
 from attnkit.errors import AttentionInputError
 from attnkit.masks import Mask, from_mask_mod
 from attnkit.masks._mask import _merge_windows
@@ -180,48 +181,9 @@ def _check_cu_seqlens(arg: str, cu: Any, total: int, device: torch.device) -> li
     return [b - a for a, b in zip(vals, vals[1:])]
 
 
-def _captures_grad(obj, depth: int = 0) -> bool:
-    """Whether ``obj`` is, or holds in its closures/attributes, a tensor that requires grad.
-
-    Walks function closures, bound methods, ScoreMod/Mask objects, containers and nn.Modules a few
-    levels deep; anything it cannot see into counts as not capturing.
-    """
-    if obj is None or depth > 6 or torch.compiler.is_compiling():
-        return False
-    if isinstance(obj, torch.Tensor):
-        return obj.requires_grad
-    if isinstance(obj, torch.nn.Module):
-        return any(p.requires_grad for p in obj.parameters())
-    if isinstance(obj, (list, tuple, set)):
-        return any(_captures_grad(x, depth + 1) for x in obj)
-    if isinstance(obj, dict):
-        return any(_captures_grad(x, depth + 1) for x in obj.values())
-    if isinstance(obj, (ScoreMod, Mask)):
-        return _captures_grad(obj._fn, depth + 1)
-    if hasattr(obj, "__self__") and hasattr(obj, "__func__"):  # bound method
-        return _captures_grad(obj.__self__, depth + 1) or _captures_grad(obj.__func__, depth + 1)
-    code, globs = getattr(obj, "__code__", None), getattr(obj, "__globals__", None)
-    if code is not None and globs is not None:  # module-level tensors the function reads
-        for name in code.co_names:
-            val = globs.get(name)
-            if isinstance(val, (torch.Tensor, torch.nn.Module)) and _captures_grad(val, depth + 1):
-                return True
-    closure = getattr(obj, "__closure__", None)
-    if closure:
-        for cell in closure:
-            try:
-                if _captures_grad(cell.cell_contents, depth + 1):
-                    return True
-            except ValueError:  # an empty cell
-                continue
-    if (
-        callable(obj)
-        and not isinstance(obj, type)
-        and hasattr(obj, "__dict__")
-        and not callable(getattr(obj, "__closure__", None))
-    ):
-        return any(_captures_grad(x, depth + 1) for x in vars(obj).values() if not callable(x))
-    return False
+def _captures_grad(obj) -> bool:
+    """Whether ``obj`` is, or captures, a tensor that requires grad (see :func:`captured_tensors`)."""
+    return any(t.requires_grad for t in captured_tensors(obj))
 
 
 def normalize(

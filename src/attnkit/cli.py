@@ -160,14 +160,19 @@ def cmd_explain(args) -> int:
     return 0
 
 
-def cmd_bench(args, rest: list[str]) -> int:
-    target = {None: "attnkit.bench.quick", "kernels": "attnkit.bench.kernels", "vit": "attnkit.bench.vit"}
-    mod_name = target[args.suite]
+_BENCH_SUITES = {None: "attnkit.bench.quick", "kernels": "attnkit.bench.kernels", "vit": "attnkit.bench.vit"}
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """``attnkit bench [kernels|vit] [options]``: every option goes to the suite's own parser."""
+    suite = argv[0] if argv and argv[0] in _BENCH_SUITES else None
+    rest = argv[1:] if suite else argv
+    mod_name = _BENCH_SUITES[suite]
     try:
         mod = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
         if e.name == mod_name:
-            print(f"attnkit bench: {args.suite or 'quick'} suite is not part of this build", file=sys.stderr)
+            print(f"attnkit bench: {suite or 'quick'} suite is not part of this build", file=sys.stderr)
             return 2
         raise
     return int(mod.main(rest) or 0)
@@ -218,12 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # the suites parse their own options
+        return cmd_bench(argv[1:])
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.cmd == "bench":
-        return cmd_bench(args, rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     return {"info": cmd_info, "explain": cmd_explain}[args.cmd](args)
 
 

@@ -19,6 +19,7 @@ from collections import OrderedDict
 import torch
 
 from attnkit._call import AttentionCall
+from attnkit._captures import captured_tensors
 from attnkit._semantics import modify_scores, visibility
 from attnkit.backends.base import Backend, attention_flops, to_bhsd
 
@@ -176,16 +177,27 @@ class FlexBackend(Backend):
             bm = call.block_mask  # the caller's own BlockMask, when it fits this call, keeps its sparsity
             if tuple(bm.seq_lengths) == (Q, K) and bm.shape[0] in (1, B) and bm.shape[1] in (1, call.Hq):
                 return bm
-        per_call = call.mask is not None or call.layout == "thd" or torch.compiler.is_compiling()
-        key = None if per_call else (call.device, Q, K, call.causal, call.window)
+        # Block structure is cached per shape for causal/window, and per mask object for user masks: the
+        # key holds the mask's identity and the in-place version of every tensor it captures, so editing
+        # doc ids in place, or passing a new mask, builds a new BlockMask. thd masks depend on cu_seqlens.
+        if call.layout == "thd" or torch.compiler.is_compiling():
+            key = None
+        elif call.mask is None:
+            key = (call.device, Q, K, call.causal, call.window)
+        else:
+            src = getattr(call.mask, "source", call.mask)
+            versions = tuple((id(t), t._version) for t in captured_tensors(src))
+            key = (call.device, B, call.Hq, Q, K, call.causal, call.window, id(src), versions)
         if key is not None and key in _BLOCK_CACHE:
             _BLOCK_CACHE.move_to_end(key)
-            return _BLOCK_CACHE[key]
+            return _BLOCK_CACHE[key][1]
         compiled = call.device.type == "cuda"
-        Bm, Hm = (B, call.Hq) if per_call else (None, None)  # causal/window never depend on b or h
+        depends_on_bh = call.mask is not None or call.layout == "thd"
+        Bm, Hm = (B, call.Hq) if depends_on_bh else (None, None)  # causal/window never depend on b or h
         bm = fa.create_block_mask(mask_mod, Bm, Hm, Q, K, device=call.device, _compile=compiled)
         if key is not None:
-            _BLOCK_CACHE[key] = bm
+            # the value keeps the mask object alive, so its id cannot be reused while the entry lives
+            _BLOCK_CACHE[key] = (call.mask and getattr(call.mask, "source", call.mask), bm)
             if len(_BLOCK_CACHE) > _BLOCK_CACHE_SIZE:
                 _BLOCK_CACHE.popitem(last=False)
         return bm

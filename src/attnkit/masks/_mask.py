@@ -36,10 +36,11 @@ class Mask:
             ``causal`` (bool) and ``window`` ((left, right) or None); backends then serve it natively.
     """
 
-    def __init__(self, fn: MaskFn, name: str, native: dict | None = None):
+    def __init__(self, fn: MaskFn, name: str, native: dict | None = None, source=None):
         self._fn = fn
         self.name = name
         self.native = native
+        self.source = self if source is None else source  # the user's object this mask wraps, if any
 
     # -- evaluation ---------------------------------------------------------------------------------
     def mask_mod(self, b, h, q_idx, kv_idx):
@@ -229,4 +230,6 @@ def from_mask_mod(fn: Callable, name: str | None = None) -> Mask:
         return fn
     if not callable(fn):
         raise ValueError(f"from_mask_mod: expected a callable, got {type(fn).__name__}")
-    return Mask(lambda b, h, q, kv, off: fn(b, h, q, kv), name or getattr(fn, "__name__", "mask_mod"))
+    return Mask(
+        lambda b, h, q, kv, off: fn(b, h, q, kv), name or getattr(fn, "__name__", "mask_mod"), source=fn
+    )
