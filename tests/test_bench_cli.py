@@ -61,3 +61,19 @@ def test_vit_plan_matches_the_anchor_configurations():
         "eager",
     ) in runs
     assert not [r for r in runs if r[0] == "short" and r[1] != "dense"]  # extra experiments on "long" only
+
+
+def test_bench_packed_through_the_cli_on_cpu(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    assert cli.main(["bench", "packed", "--out", str(tmp_path), "--steps", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "packed" in out and "padded" in out
+    rows = json.loads((tmp_path / "packed.json").read_text())["results"]
+    assert {(r["batch"], r["attention"]) for r in rows} == {
+        ("padded", "sdpa"),
+        ("padded", "attnkit"),
+        ("packed", "attnkit"),
+    }
+    assert all(r.get("median_ms", 0) > 0 for r in rows), rows
+    packed = next(r for r in rows if r["batch"] == "packed")
+    assert packed["computed_tokens"] == packed["real_tokens"]  # no pad token computed

@@ -160,7 +160,12 @@ def cmd_explain(args) -> int:
     return 0
 
 
-_BENCH_SUITES = {None: "attnkit.bench.quick", "kernels": "attnkit.bench.kernels", "vit": "attnkit.bench.vit"}
+_BENCH_SUITES = {
+    None: "attnkit.bench.quick",
+    "kernels": "attnkit.bench.kernels",
+    "vit": "attnkit.bench.vit",
+    "packed": "attnkit.bench.packed",
+}
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -215,9 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--backend", default="auto")
 
     b = sub.add_parser(
-        "bench", help="benchmarks: quick suite, 'kernels' or 'vit' (--help after the suite)", add_help=False
+        "bench",
+        help="benchmarks: quick suite, kernels, vit or packed (--help after the suite)",
+        add_help=False,
     )
-    b.add_argument("suite", nargs="?", choices=["kernels", "vit"], default=None)
+    b.add_argument("suite", nargs="?", choices=["kernels", "vit", "packed"], default=None)
     return p
 
 
