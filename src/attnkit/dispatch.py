@@ -264,7 +264,7 @@ def _signature(call: AttentionCall, name: str):
         _tensor_sig(call.alibi_slopes),
         _tensor_sig(call.bias),
         call.score_mod is not None,
-        call.mask is not None,
+        None if call.mask is None else id(call.mask.source),  # a mask's sparsity steers the choice
         call.block_mask is not None,
         call.dropout_p > 0,
         call.return_lse,

@@ -104,12 +104,33 @@ class FlexBackend(Backend):
             rate *= 0.45  # a softcap score_mod ran at 214 vs 476 TFLOP/s (ANCHORS.md)
         if call.device.type == "cuda" and call.dtype == torch.float32:
             rate /= 8
-        # Block sparsity: causal/window pairs are skipped; an arbitrary mask's sparsity is unknown (dense).
+        # Block sparsity: causal/window pairs are skipped. A user mask's sparsity is read off its BlockMask
+        # (built now and cached for the call that follows), except under torch.compile: then dense.
         flops = attention_flops(call, call.requires_grad, dense=call.device.type != "cuda")
+        density = self._mask_block_density(call)
+        if density is not None:
+            flops = attention_flops(call, call.requires_grad, dense=True) * density
         t = flops / rate + (60e-6 if call.device.type == "cuda" else 1e-3)
         if call.mask is not None or call.layout == "thd":
             t += 50e-6  # building a block mask
         return t
+
+    def _mask_block_density(self, call: AttentionCall) -> float | None:
+        """Fraction of (query block, key block) pairs a user mask leaves visible, or None if not known."""
+        if (
+            call.mask is None
+            or call.layout == "thd"
+            or call.device.type != "cuda"
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        _, mask_mod = self._dense_mods(call)
+        bm = self._block_mask(call, mask_mod, call.batch, call.Sq, call.Sk)
+        visible = bm.kv_num_blocks.sum() + (
+            0 if bm.full_kv_num_blocks is None else bm.full_kv_num_blocks.sum()
+        )
+        total = bm.kv_num_blocks.numel() * -(-call.Sk // bm.BLOCK_SIZE[1])
+        return float(visible) / max(total, 1)
 
     def notes(self, call: AttentionCall) -> list[str]:
         n = []
