@@ -29,8 +29,13 @@ def backend_or_skip(name):
 
 
 def _doc_mask(B, S):
-    ids = torch.sort(torch.randint(0, 3, (B, S)), dim=1).values
-    return masks.document(ids)
+    """A document mask built on the device of the call (a mask's tensors live where q lives)."""
+
+    def make(dtype, device, grad):
+        ids = torch.sort(torch.randint(0, 3, (B, S), device=device), dim=1).values
+        return masks.document(ids) & masks.causal()
+
+    return make
 
 
 # Each case: a function (dtype, device, grad) -> (q, k, v, kwargs); kwargs may carry a bias.
@@ -47,7 +52,10 @@ def _case(make, **features):
     def build(dtype, device, grad):
         q, k, v, kw = make(dtype, device, grad)
         for key, val in features.items():
-            kw[key] = val(dtype, device, grad) if callable(val) and key in ("bias", "alibi_slopes") else val
+            built = callable(val) and (
+                key in ("bias", "alibi_slopes") or getattr(val, "__name__", "") == "make"
+            )
+            kw[key] = val(dtype, device, grad) if built else val
         return q, k, v, kw
 
     return build
@@ -83,7 +91,7 @@ CASES = {
     ),
     "window_left": _case(_mk(B=2, Hq=2, Sq=16, Sk=16, D=16), window=(4, 0)),
     "window_both_sq<sk": _case(_mk(B=1, Hq=2, Sq=8, Sk=17, D=16), window=(2, 3)),
-    "mask_document": _case(_mk(B=2, Hq=2, Sq=16, Sk=16, D=16), mask=_doc_mask(2, 16) & masks.causal()),
+    "mask_document": _case(_mk(B=2, Hq=2, Sq=16, Sk=16, D=16), mask=_doc_mask(2, 16)),
     "mask_callable": _case(_mk(B=2, Hq=2, Sq=12, Sk=12, D=16), mask=lambda b, h, i, j: (i + j + h) % 3 != 1),
     "mask_combo_sq<sk": _case(_mk(B=1, Hq=2, Sq=6, Sk=14, D=16), mask=masks.chunked(4) | ~masks.causal()),
     "fully_masked_rows": _case(

@@ -452,3 +452,17 @@ def test_no_debug_log_by_default(monkeypatch, caplog):
     with caplog.at_level(logging.DEBUG, logger="attnkit"):
         attnkit.attention(q, k, v)
     assert not [r for r in caplog.records if r.name == "attnkit"]
+
+
+def test_mask_capturing_a_tensor_on_another_device():
+    q = torch.randn(1, 2, 8, 16)
+    ids = torch.zeros(8, dtype=torch.long, device="meta")
+    with pytest.raises(AttentionInputError, match="`mask`"):
+        attnkit.attention(q, q, q, mask=attnkit.masks.document(ids))
+
+
+def test_score_mod_capturing_a_tensor_on_another_device():
+    q = torch.randn(1, 2, 8, 16)
+    table = torch.zeros(2, 15, device="meta")
+    with pytest.raises(AttentionInputError, match="`score_mod`"):
+        attnkit.attention(q, q, q, score_mod=attnkit.mods.relative_bias(table))

@@ -370,6 +370,18 @@ def normalize(
                 window = None if window == (-1, -1) else window
             mask = None
 
+    for arg, obj in (("mask", mask), ("score_mod", score_mod)):
+        if obj is None:
+            continue
+        for t in captured_tensors(getattr(obj, "source", obj)):
+            if t.device != q.device and t.dim() > 0:
+                _fail(
+                    arg,
+                    f"a callable whose captured tensors live on the device of q ({q.device})",
+                    f"one capturing a tensor of shape {tuple(t.shape)} on {t.device}",
+                    f"create it on {q.device} (e.g. doc_ids.to(q.device))",
+                )
+
     requires_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias)
     )

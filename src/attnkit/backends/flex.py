@@ -54,12 +54,13 @@ def _compiled_flex():
     return torch.compile(_flex().flex_attention)
 
 
-def _recompile_headroom():
-    """Each distinct set of mods is its own compiled kernel; past dynamo's default limit of 8 variants,
-    torch would silently run flex_attention eagerly (unfused). Allow more variants for our calls."""
+def _recompile_headroom(dynamic: bool = True):
+    """Each distinct set of mods (and, for static compiles, each shape) is its own compiled kernel; past
+    dynamo's default limit of 8 variants torch would silently run flex_attention eagerly (unfused).
+    Allow more variants for our calls, and turn automatic dynamic shapes on or off."""
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    return cfg.patch(**{name: max(getattr(cfg, name), 64)})
+    return cfg.patch(**{name: max(getattr(cfg, name), 256), "automatic_dynamic_shapes": dynamic})
 
 
 class FlexBackend(Backend):
@@ -163,14 +164,21 @@ class FlexBackend(Backend):
         key = (call.D, call.Dv, call.dtype, score_mod is not None, call.requires_grad)
         if compiled and key in _SMALL_TILES:
             kwargs["kernel_options"] = _SMALL_TILE_OPTIONS
+        # Dense calls compile per shape (inductor's dynamic-shape lowering of some score_mods fails,
+        # e.g. softcap: "unbacked_bindings"); thd calls let lengths go dynamic so new batches reuse the
+        # kernel, and fall back to a static compile if the dynamic one fails.
+        dynamic = call.layout == "thd"
         try:
-            out, lse = self._call(fn, q, k, v, call.return_lse, kwargs)
-        except Exception as e:  # inductor found no tile config that fits shared memory: retry smaller tiles
-            if not compiled or "kernel_options" in kwargs or "out of resource" not in str(e):
+            out, lse = self._call(fn, q, k, v, call.return_lse, kwargs, dynamic)
+        except Exception as e:
+            if not compiled:
                 raise
-            _SMALL_TILES.add(key)
-            kwargs["kernel_options"] = _SMALL_TILE_OPTIONS
-            out, lse = self._call(fn, q, k, v, call.return_lse, kwargs)
+            if "out of resource" in str(e) and "kernel_options" not in kwargs:
+                _SMALL_TILES.add(key)  # inductor's default tiles overflow shared memory: smaller tiles
+                kwargs["kernel_options"] = _SMALL_TILE_OPTIONS
+            elif not dynamic:
+                raise
+            out, lse = self._call(fn, q, k, v, call.return_lse, kwargs, False)
         if call.layout == "thd":
             out = out[0].transpose(0, 1)
             lse = None if lse is None else lse[0]
@@ -179,9 +187,9 @@ class FlexBackend(Backend):
         return out, (None if lse is None else lse.float())
 
     @staticmethod
-    def _call(fn, q, k, v, return_lse, kwargs):
+    def _call(fn, q, k, v, return_lse, kwargs, dynamic=True):
         fa = _flex()
-        with warnings.catch_warnings(), _recompile_headroom():
+        with warnings.catch_warnings(), _recompile_headroom(dynamic):
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             if not return_lse:
                 return fn(q, k, v, **kwargs), None

@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=None, help="longest document (default 2048 GPU, 64 CPU)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--tiny", action="store_true", help="the tiny CPU model and sizes, on any device")
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     try:
@@ -107,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if on_gpu else "cpu")
     if not on_gpu:
         print("attnkit bench packed: no GPU here; tiny model on the CPU (checks the pipeline, not timings).")
-    n_docs = args.docs or (48 if on_gpu else 6)
-    max_len = args.max_len or (2048 if on_gpu else 64)
-    steps = args.steps or (10 if on_gpu else 2)
+    big = on_gpu and not args.tiny
+    model_cfg = GPU_MODEL if big else CPU_MODEL
+    n_docs = args.docs or (48 if big else 6)
+    max_len = args.max_len or (2048 if big else 64)
+    steps = args.steps or (10 if big else 2)
     lengths = _lengths(n_docs, max_len, seed=0)
-    padded, packed = _batches(lengths, (GPU_MODEL if on_gpu else CPU_MODEL)["vocab_size"], device)
+    padded, packed = _batches(lengths, model_cfg["vocab_size"], device)
     real = sum(lengths)
     env = _report.environment()
     rows = []
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         ("padded", "attnkit", padded),
         ("packed", "attnkit", packed),
     ):
-        cfg = transformers.LlamaConfig(**(GPU_MODEL if on_gpu else CPU_MODEL))
+        cfg = transformers.LlamaConfig(**model_cfg)
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).to(device)
         row = dict(
