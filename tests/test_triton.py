@@ -306,6 +306,14 @@ def test_dropout(dtype, causal, seed):
     assert not torch.equal(tri(q, k, v, bias=bias, **kw), out), "a new call must draw a new mask"
 
 
+@pytest.mark.parametrize("name", ["causal", "everything_gqa"])
+def test_deterministic_path_matches_oracle(name):
+    """deterministic=True takes the separate dQ pass (no atomics): held to the same oracle rule as the
+    default fused backward (dQ by atomic adds) that every other test exercises."""
+    q, k, v, bias, kw = _make_case(CASES[name], torch.float16)
+    oracle.check_against_oracle(tri, q, k, v, bias=bias, deterministic=True, **kw)
+
+
 def test_deterministic_backward():
     q, k, v, kw = oracle.make_inputs(
         "bhsd",

@@ -134,6 +134,10 @@ def _runners(causal: bool, on_gpu: bool) -> dict:
         except ImportError:
             pass
         run["attnkit:triton"] = lambda q, k, v: attnkit.attention(q, k, v, causal=causal, backend="triton")
+        # deterministic backward (separate dQ pass, no atomics); the same forward
+        run["attnkit:triton_det"] = lambda q, k, v: attnkit.attention(
+            q, k, v, causal=causal, backend="triton", deterministic=True
+        )
         run["attnkit:auto"] = lambda q, k, v: attnkit.attention(q, k, v, causal=causal)
     else:
         run["attnkit:reference"] = lambda q, k, v: attnkit.attention(

@@ -128,6 +128,7 @@ class TritonBackend(Backend):
             int(wr),
             float(call.softcap or 0.0),
             float(call.dropout_p),
+            bool(call.deterministic),
         )
         return out, (lse if call.return_lse else None)
 
@@ -154,11 +155,14 @@ class TritonBackend(Backend):
                 t += pairs * call.Hq * 4 * 2 / 3.0e12  # dense fp32 dbias written and reduced
         if call.dropout_p > 0:
             t *= 1.3
-        launches = 3 if call.requires_grad else 1
+        launches = (4 if call.deterministic else 5) if call.requires_grad else 1
         return t + 8e-6 * launches
 
     def notes(self, call: AttentionCall) -> list[str]:
-        n = ["backward is always deterministic (separate dQ pass, no atomics)"]
+        if call.deterministic:
+            n = ["deterministic backward: dK/dV kernel, then a separate dQ pass (no atomics)"]
+        else:
+            n = ["backward: one fused kernel, dQ added up with fp32 atomics (deterministic=True avoids them)"]
         if call.device.type != "cuda":
             n.append("running in the Triton interpreter: for tests, very slow")
         return n

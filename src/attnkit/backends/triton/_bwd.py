@@ -1,15 +1,17 @@
-"""Backward kernels (pure ``@triton.jit``), both deterministic (plain stores, no atomics):
+"""Backward kernels (pure ``@triton.jit``):
 
+* :func:`bwd_preprocess`: ``delta = rowsum(dO * O) - dLSE`` per query row, in the layout of lse.
 * :func:`attn_bwd_dkdv`: one program = one tile of BLOCK_N key rows of one (batch, KV head); it loops over
   the GROUP query heads that read this KV head and over the query tiles that see the key tile, and writes
-  dK, dV (and dBias, once per element) without atomics.
-* :func:`attn_bwd_dq`: one program = one tile of BLOCK_M query rows of one (batch, query head), the same
-  schedule as the forward; writes dQ.
+  dK, dV (and dBias, once per element) without atomics. With FUSED_DQ (``deterministic=False``) it also
+  adds each tile's dQ contribution ``dS K`` into an fp32 buffer with atomic adds (FlashAttention-2): five
+  matmuls per visited tile pair instead of seven, and no second pass.
+* :func:`attn_bwd_dq`: the deterministic path's dQ (``deterministic=True``, no atomics): one program = one
+  tile of BLOCK_M query rows of one (batch, query head), the same schedule as the forward.
 
-Both recompute ``p = exp2(s - lse)`` from the saved log-sum-exp; ``delta = rowsum(dO * O) - dLSE`` comes from
-the host. The forward saved each row's max m and log2 of its sum l (p = exp2((s - m) log2e - log2 l) is
-exact to fp32 rounding, unlike exp(s - lse) with a rounded lse); rows with no visible key saved m = +inf, so
-p = 0 there and every gradient stays finite.
+All recompute ``p = exp2(s - m - log2 l)`` in log2 units from the forward's saved row max m and log2 of the
+row sum l (exact to fp32 rounding, unlike exp(s - lse) with a rounded lse); rows with no visible key saved
+m = +inf, so p = 0 there and every gradient stays finite.
 """
 
 import triton
@@ -17,14 +19,70 @@ import triton.language as tl
 
 from attnkit.backends.triton._fwd import load_tile
 from attnkit.backends.triton._pipeline import (
-    LOG2E,
     dropout_keep,
     dscore_dqk,
     kv_tiles,
+    pending_scale,
     q_tiles,
     scores,
     seq_bounds,
 )
+
+
+@triton.jit(do_not_specialize=["SQ", "stride_lb", "stride_lh", "stride_db", "stride_dh"])
+def bwd_preprocess(
+    Out,
+    DO,
+    DLse,
+    Delta,
+    CuQ,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_dob,
+    stride_doh,
+    stride_dos,
+    stride_lb,
+    stride_lh,
+    stride_ls,  # dlse, the layout of lse
+    stride_db,
+    stride_dh,
+    stride_ds,  # delta, the layout of lse
+    Hq,
+    SQ,
+    DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d dO[b, h, i, d] * Out[b, h, i, d] - dLSE[b, h, i] in fp32 (one read of each)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    q_start, seqlen_q, _, _ = seq_bounds(CuQ, CuQ, b, SQ, SQ, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = q_start + offs_m[:, None]
+    mask = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < DV)
+    o = tl.load(
+        Out + b * stride_ob + h * stride_oh + rows * stride_os + offs_dv[None, :], mask=mask, other=0.0
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + rows * stride_dos + offs_dv[None, :], mask=mask, other=0.0
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(
+            DLse + b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls, mask=offs_m < seqlen_q
+        )
+    tl.store(
+        Delta + b * stride_db + h * stride_dh + (q_start + offs_m) * stride_ds, delta, mask=offs_m < seqlen_q
+    )
 
 
 @triton.jit
@@ -48,17 +106,20 @@ def _dkdv_inner(
     l2_base,
     d_base,
     db_ptr,
+    dq_base,
     stride_qs,
     stride_dos,
     stride_ls,
     stride_ds,
     stride_dbm,
     stride_dbn,
+    stride_dqs,
     offs_n,
     offs_d,
     offs_dv,
     lo,
     hi,
+    rot,
     seqlen_q,
     seqlen_k,
     off,
@@ -86,10 +147,29 @@ def _dkdv_inner(
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     DROPOUT: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
+    DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    c = pending_scale(sm_scale, DEFER)
+    if FUSED_DQ:
+        # the key tiles of one head start at different query tiles (rotated by ``rot``), so that their
+        # atomic adds into dQ do not all land on the same rows at the same time
+        n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+        rot = rot % tl.maximum(n_tiles, 1)
+        loop_lo = 0
+        loop_hi = n_tiles * BLOCK_M
+    else:  # the deterministic path visits the tiles in order
+        loop_lo = lo
+        loop_hi = hi
     # Transposed tiles: rows of these tiles are keys (offs_n), columns are queries (offs_m).
-    for start_m in range(lo, hi, BLOCK_M):
+    for start in range(loop_lo, loop_hi, BLOCK_M):
+        if FUSED_DQ:
+            idx = start // BLOCK_M + rot
+            idx = tl.where(idx >= n_tiles, idx - n_tiles, idx)
+            start_m = lo + idx * BLOCK_M
+        else:
+            start_m = start
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = load_tile(
             q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
@@ -132,8 +212,9 @@ def _dkdv_inner(
             HAS_ALIBI,
             HAS_LEFT,
             HAS_RIGHT,
+            DEFER,
         )
-        pt = tl.exp2((st - rm[None, :]) * LOG2E - rl2[None, :])  # (BN, BM) softmax probabilities, transposed
+        pt = tl.exp2(st * c - rm[None, :] - rl2[None, :])  # (BN, BM) softmax probabilities, transposed
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM) = (dO V^T)^T
         if DROPOUT:
             keep = dropout_keep(rng_ptr, bh, offs_m[None, :], offs_n[:, None], dropout_p)
@@ -150,8 +231,21 @@ def _dkdv_inner(
                 dst,
                 mask=(offs_m[None, :] < seqlen_q) & (offs_n[:, None] < seqlen_k),
             )
-        dqkt = dscore_dqk(dst, tt, sm_scale, SOFTCAP)
-        dk += tl.dot(dqkt.to(q.dtype), q, input_precision=PRECISION)
+        dqkt = dscore_dqk(dst, tt, sm_scale, SOFTCAP).to(q.dtype)  # (BN, BM) dL/d(qk), transposed
+        dk += tl.dot(dqkt, q, input_precision=PRECISION)
+        if FUSED_DQ:
+            # this key tile's share of dQ, computed transposed (BD, BM) so that the key tile is the matmul's
+            # M dimension (Hopper's wgmma needs M >= 64; BLOCK_M is often 32)
+            dqt = tl.dot(tl.trans(k), dqkt, input_precision=PRECISION)
+            dq_ptrs = dq_base + offs_m[None, :] * stride_dqs + offs_d[:, None]
+            if MASK:
+                tl.atomic_add(
+                    dq_ptrs, dqt, mask=(offs_m[None, :] < seqlen_q) & (offs_d[:, None] < D), sem="relaxed"
+                )
+            elif BLOCK_D != D:
+                tl.atomic_add(dq_ptrs, dqt, mask=offs_d[:, None] < D, sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dqt, sem="relaxed")
     return dk, dv
 
 
@@ -174,6 +268,7 @@ def attn_bwd_dkdv(
     DO,
     DK,
     DV_,
+    DQ,
     RowMax,
     RowLog2Sum,
     Delta,
@@ -201,6 +296,9 @@ def attn_bwd_dkdv(
     stride_dvb,
     stride_dvh,
     stride_dvs,
+    stride_dqb,
+    stride_dqh,
+    stride_dqs,  # fp32 dQ accumulator (FUSED_DQ only)
     stride_lb,
     stride_lh,
     stride_ls,  # RowMax / RowLog2Sum (the layout of lse)
@@ -241,6 +339,8 @@ def attn_bwd_dkdv(
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     DROPOUT: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
+    DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -289,6 +389,7 @@ def attn_bwd_dkdv(
         d_base = Delta + b * stride_db + h * stride_dh + q_start * stride_ds
         bias_ptr = Bias + b * stride_bb + h * stride_bh
         db_ptr = DBias + b * stride_dbb + h * stride_dbh
+        dq_base = DQ + b * stride_dqb + h * stride_dqh + q_start * stride_dqs
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
@@ -303,17 +404,20 @@ def attn_bwd_dkdv(
             l2_base,
             d_base,
             db_ptr,
+            dq_base,
             stride_qs,
             stride_dos,
             stride_ls,
             stride_ds,
             stride_dbm,
             stride_dbn,
+            stride_dqs,
             offs_n,
             offs_d,
             offs_dv,
             lo,
             full_lo,
+            pid_n,
             seqlen_q,
             seqlen_k,
             off,
@@ -341,6 +445,8 @@ def attn_bwd_dkdv(
             HAS_LEFT,
             HAS_RIGHT,
             DROPOUT,
+            FUSED_DQ,
+            DEFER,
             PRECISION,
         )
         dk, dv = _dkdv_inner(
@@ -354,17 +460,20 @@ def attn_bwd_dkdv(
             l2_base,
             d_base,
             db_ptr,
+            dq_base,
             stride_qs,
             stride_dos,
             stride_ls,
             stride_ds,
             stride_dbm,
             stride_dbn,
+            stride_dqs,
             offs_n,
             offs_d,
             offs_dv,
             full_lo,
             full_hi,
+            pid_n,
             seqlen_q,
             seqlen_k,
             off,
@@ -392,6 +501,8 @@ def attn_bwd_dkdv(
             HAS_LEFT,
             HAS_RIGHT,
             DROPOUT,
+            FUSED_DQ,
+            DEFER,
             PRECISION,
         )
         dk, dv = _dkdv_inner(
@@ -405,17 +516,20 @@ def attn_bwd_dkdv(
             l2_base,
             d_base,
             db_ptr,
+            dq_base,
             stride_qs,
             stride_dos,
             stride_ls,
             stride_ds,
             stride_dbm,
             stride_dbn,
+            stride_dqs,
             offs_n,
             offs_d,
             offs_dv,
             full_hi,
             hi,
+            pid_n,
             seqlen_q,
             seqlen_k,
             off,
@@ -443,6 +557,8 @@ def attn_bwd_dkdv(
             HAS_LEFT,
             HAS_RIGHT,
             DROPOUT,
+            FUSED_DQ,
+            DEFER,
             PRECISION,
         )
     row_mask = offs_n[:, None] < seqlen_k
@@ -499,8 +615,10 @@ def _dq_inner(
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     DROPOUT: tl.constexpr,
+    DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    c = pending_scale(sm_scale, DEFER)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = load_tile(
@@ -543,8 +661,9 @@ def _dq_inner(
             HAS_ALIBI,
             HAS_LEFT,
             HAS_RIGHT,
+            DEFER,
         )
-        p = tl.exp2((s - rm[:, None]) * LOG2E - rl2[:, None])
+        p = tl.exp2(s * c - rm[:, None] - rl2[:, None])
         dp = tl.dot(do, vt, input_precision=PRECISION)  # (BM, BN)
         if DROPOUT:
             keep = dropout_keep(rng_ptr, bh, offs_m[:, None], offs_n[None, :], dropout_p)
@@ -631,6 +750,7 @@ def attn_bwd_dq(
     HAS_RIGHT: tl.constexpr,
     DROPOUT: tl.constexpr,
     REVERSE: tl.constexpr,
+    DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -729,6 +849,7 @@ def attn_bwd_dq(
         HAS_LEFT,
         HAS_RIGHT,
         DROPOUT,
+        DEFER,
         PRECISION,
     )
     dq = _dq_inner(
@@ -773,6 +894,7 @@ def attn_bwd_dq(
         HAS_LEFT,
         HAS_RIGHT,
         DROPOUT,
+        DEFER,
         PRECISION,
     )
     dq = _dq_inner(
@@ -817,6 +939,7 @@ def attn_bwd_dq(
         HAS_LEFT,
         HAS_RIGHT,
         DROPOUT,
+        DEFER,
         PRECISION,
     )
     dq_ptrs = (

@@ -7,7 +7,7 @@ constexpr flags of this one kernel; the score pipeline and tile schedule live in
 import triton
 import triton.language as tl
 
-from attnkit.backends.triton._pipeline import LOG2E, dropout_keep, kv_tiles, scores, seq_bounds
+from attnkit.backends.triton._pipeline import LN2, dropout_keep, kv_tiles, pending_scale, scores, seq_bounds
 
 
 @triton.jit
@@ -66,8 +66,10 @@ def _fwd_inner(
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     DROPOUT: tl.constexpr,
+    DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    c = pending_scale(sm_scale, DEFER)  # scores * c = scores in log2 units
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         # K^T tile (BLOCK_D, BLOCK_N), V tile (BLOCK_N, BLOCK_DV)
@@ -102,12 +104,13 @@ def _fwd_inner(
             HAS_ALIBI,
             HAS_LEFT,
             HAS_RIGHT,
+            DEFER,
         )
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * c)  # log2 units (c > 0)
         # rows that have seen no visible key yet keep m = -inf; subtract 0 there so exp2 gives 0, not NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s * LOG2E - (m_use * LOG2E)[:, None])
-        alpha = tl.exp2((m_i - m_use) * LOG2E)
+        p = tl.exp2(s * c - m_use[:, None])  # one FMA per score
+        alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             keep = dropout_keep(rng_ptr, bh, offs_m[:, None], offs_n[None, :], dropout_p)
@@ -184,6 +187,7 @@ def attn_fwd(
     HAS_RIGHT: tl.constexpr,
     DROPOUT: tl.constexpr,
     REVERSE: tl.constexpr,
+    DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -260,6 +264,7 @@ def attn_fwd(
         HAS_LEFT,
         HAS_RIGHT,
         DROPOUT,
+        DEFER,
         PRECISION,
     )
     acc, l_i, m_i = _fwd_inner(
@@ -302,6 +307,7 @@ def attn_fwd(
         HAS_LEFT,
         HAS_RIGHT,
         DROPOUT,
+        DEFER,
         PRECISION,
     )
     acc, l_i, m_i = _fwd_inner(
@@ -344,6 +350,7 @@ def attn_fwd(
         HAS_LEFT,
         HAS_RIGHT,
         DROPOUT,
+        DEFER,
         PRECISION,
     )
 
@@ -353,7 +360,7 @@ def attn_fwd(
     if DROPOUT:
         inv = inv / (1.0 - dropout_p)
     out = tl.where(has_key[:, None], acc * inv[:, None], 0.0)
-    lse = tl.where(has_key, m_i + tl.log(l_safe), float("-inf"))  # natural log
+    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))  # natural log
 
     o_ptrs = Out + b * stride_ob + h * stride_oh + (q_start + offs_m[:, None]) * stride_os + offs_dv[None, :]
     tl.store(
@@ -361,7 +368,7 @@ def attn_fwd(
     )
     row = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
     tl.store(Lse + row, lse, mask=offs_m < seqlen_q)
-    # backward recomputes p = exp2((s - m) * log2e - log2(l)): exact where lse = m + log(l) would round
+    # backward recomputes p = exp2(s - m - log2(l)) (log2 units): exact where a rounded lse would not be
     tl.store(RowMax + row, tl.where(has_key, m_i, float("inf")), mask=offs_m < seqlen_q)
     tl.store(RowLog2Sum + row, tl.log2(l_safe), mask=offs_m < seqlen_q)
 

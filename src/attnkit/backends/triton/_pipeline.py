@@ -5,8 +5,10 @@
   ``[full_hi, hi)`` (masked). Tiles outside ``[lo, hi)`` are fully masked and never visited. Block-sparse
   tile lists will replace this function.
 * :func:`scores` is the score pipeline of API.md (scale, softcap, bias, ALiBi, masking) on one tile, in
-  natural units; the softmax converts with one FMA per element (``exp2(s * log2e - m * log2e)``).
-  User ``score_mod`` / ``mask_mod`` code will be compiled into this function.
+  log2 units (score * log2e), so the softmax is ``exp2(s - m)``. For a plain positive scale (DEFER) it
+  returns the masked raw dot products and the caller folds ``scale * log2e`` into the FMA before exp2
+  (:func:`pending_scale`): one FMA per score. User ``score_mod`` / ``mask_mod`` code will be compiled
+  into this function.
 
 Indices are positions inside the sequence (``i`` query row, ``j`` key row); ``off = Sk - Sq`` aligns
 causal and windows to the bottom right. Row and column index arrays come in already shaped for
@@ -99,6 +101,15 @@ def q_tiles(
 
 
 @triton.jit
+def pending_scale(sm_scale, DEFER: tl.constexpr):
+    """Factor the caller still applies to :func:`scores`' output to get log2 units (1 unless DEFER)."""
+    if DEFER:
+        return sm_scale * LOG2E
+    else:
+        return 1.0
+
+
+@triton.jit
 def scores(
     qk,
     rows,
@@ -120,28 +131,34 @@ def scores(
     HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
+    DEFER: tl.constexpr,
 ):
-    """Steps 1-5 of the score pipeline on a tile of raw dot products ``qk``.
+    """Steps 1-5 of the score pipeline on a tile of raw dot products ``qk``, in log2 units.
 
     ``rows``/``cols`` are the in-sequence indices i and j, broadcastable to ``qk``'s shape;
-    ``bias_ptr`` points at bias[b, h, 0, 0]. Returns ``(s, tanh_term)``; ``tanh_term`` is the
-    softcap's tanh (for its derivative in backward), or ``qk`` itself when there is no softcap.
-    Masked entries (only computed when MASK) are -inf.
+    ``bias_ptr`` points at bias[b, h, 0, 0]. Returns ``(s, tanh_term)`` with score * log2e =
+    ``s * pending_scale(sm_scale, DEFER)``. DEFER (host: no softcap, bias or ALiBi, and scale > 0) leaves
+    the scale to the caller's exp2 FMA, so ``s`` is ``qk`` itself (masked); the row max of ``s`` times
+    the positive factor is the row max of the scores. ``tanh_term`` is the softcap's tanh (for its
+    derivative in backward), or ``qk``. Masked entries (only computed when MASK) are -inf.
     """
     if SOFTCAP:
         x = qk * (sm_scale / softcap)
         # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no tanh intrinsic needed (interpreter too)
         t = 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
-        s = t * softcap
+        s = t * (softcap * LOG2E)
     else:
         t = qk
-        s = qk * sm_scale
+        if DEFER:
+            s = qk
+        else:
+            s = qk * (sm_scale * LOG2E)
     if HAS_BIAS:
         bmask = (rows < seqlen_q) & (cols < seqlen_k)
         bias = tl.load(bias_ptr + rows * stride_bm + cols * stride_bn, mask=bmask, other=0.0)
-        s += bias.to(tl.float32)
+        s += bias.to(tl.float32) * LOG2E
     if HAS_ALIBI:
-        s -= slope * tl.abs(rows + off - cols).to(tl.float32)
+        s -= (slope * LOG2E) * tl.abs(rows + off - cols).to(tl.float32)
     if MASK:
         vis = (cols < seqlen_k) & (rows < seqlen_q)
         if HAS_RIGHT:

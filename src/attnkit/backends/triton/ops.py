@@ -13,11 +13,13 @@ capped by causal.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
 from attnkit.backends.triton import _tuning
-from attnkit.backends.triton._bwd import attn_bwd_dkdv, attn_bwd_dq
+from attnkit.backends.triton._bwd import attn_bwd_dkdv, attn_bwd_dq, bwd_preprocess
 from attnkit.backends.triton._fwd import attn_fwd, dropout_mask_kernel
 
 Tensor = torch.Tensor
@@ -86,6 +88,11 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _defer(scale: float, softcap: float, bias, alibi_slopes) -> bool:
+    """Plain positive scale: the kernels fold it into the exp2 FMA (``_pipeline.scores``' DEFER)."""
+    return scale > 0 and softcap <= 0 and bias is None and alibi_slopes is None
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -124,10 +131,12 @@ def triton_fwd(
     window_right: int,
     softcap: float,
     dropout_p: float,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Forward: (out in q's layout, lse float32, dropout rng state int64 (2,), row stats float32 (2, *lse)).
 
-    The row stats (max score, log2 of the exp-sum) let the backward recompute probabilities exactly."""
+    The row stats (max score and log2 of the exp-sum, both in log2 units) let the backward recompute
+    probabilities exactly. ``deterministic`` is not used here: autograd hands it to the backward."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, Hq, Hk = _sizes(q, k, layout, cu_seqlens_q)
     D, Dv = q.shape[-1], v.shape[-1]
@@ -200,6 +209,7 @@ def triton_fwd(
             HAS_RIGHT=has_right,
             DROPOUT=dropout_p > 0,
             REVERSE=has_right and not has_left,
+            DEFER=_defer(scale, softcap, bias, alibi_slopes),
             PRECISION=_precision(q.dtype),
             num_warps=warps,
             num_stages=stages,
@@ -228,6 +238,7 @@ def _(
     window_right,
     softcap,
     dropout_p,
+    deterministic=False,
 ):
     B, Hq, _ = _sizes(q, k, layout, cu_seqlens_q)
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
@@ -263,24 +274,28 @@ def triton_bwd(
     softcap: float,
     dropout_p: float,
     bias_grad: bool,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Backward: (dq, dk, dv, dbias) with dbias shaped like ``bias`` (an empty tensor when not asked)."""
+    """Backward: (dq, dk, dv, dbias) with dbias shaped like ``bias`` (an empty tensor when not asked).
+
+    ``deterministic=False``: one fused kernel (dK, dV, and dQ through fp32 atomic adds);
+    ``deterministic=True``: the dK/dV kernel, then a separate dQ pass (no atomics, bitwise reproducible).
+    ``ATTNKIT_TRITON_BWD=split`` takes the separate-dQ path for non-deterministic calls too (A/B runs)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    out = _unit_last(out)
     dout = dout.contiguous()
     B, Hq, Hk = _sizes(q, k, layout, cu_seqlens_q)
     D, Dv = q.shape[-1], v.shape[-1]
     Sq, Sk = max_seqlen_q, max_seqlen_k
     lse = stats[0]  # only its layout is used below
-    # delta = rowsum(dO * O) - dLSE, in the layout of lse
-    delta = (dout.float() * out.float()).sum(-1)
-    if layout == "bshd":
-        delta = delta.transpose(1, 2)
-    elif layout == "thd":
-        delta = delta.t()
-    if dlse is not None:
-        delta = delta - dlse
-    delta = delta.contiguous()
-    dq = _new(q.shape, q)
+    delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)  # rowsum(dO * O) - dLSE
+    fused = not deterministic and os.environ.get("ATTNKIT_TRITON_BWD", "fused") != "split"
+    # fused: dQ accumulates in fp32 (q's shape, contiguous); float32 inputs accumulate in dq itself
+    if fused and q.dtype == torch.float32:
+        dq = dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    else:
+        dq = _new(q.shape, q)
+        dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused else dq
     dk = _new(k.shape, k)
     dv = _new(v.shape, v)
     b4, sb = _bias4(bias, B, Hq, Sq, Sk)
@@ -293,6 +308,25 @@ def triton_bwd(
     has_left, has_right, wl, wr = _window(causal, window_left, window_right)
     varlen = layout == "thd"
     dummy = q
+    BMP = 16 if _tuning.interpreting() else 64
+    bwd_preprocess[(triton.cdiv(max(Sq, 1), BMP), B * Hq)](
+        out,
+        dout,
+        dlse if dlse is not None else delta,
+        delta,
+        cu_seqlens_q if varlen else dummy,
+        *_strides(out, layout),
+        *_strides(dout, layout),
+        *_lse_strides(dlse if dlse is not None else delta, layout),
+        *_lse_strides(delta, layout),
+        Hq,
+        Sq,
+        DV=Dv,
+        BLOCK_DV=_block_d(Dv),
+        BLOCK_M=BMP,
+        VARLEN=varlen,
+        HAS_DLSE=dlse is not None,
+    )
     bias_arg = b4 if b4 is not None else dummy
     slopes_arg = alibi_slopes if alibi_slopes is not None else dummy
     cu_q = cu_seqlens_q if varlen else dummy
@@ -311,6 +345,7 @@ def triton_bwd(
         HAS_LEFT=has_left,
         HAS_RIGHT=has_right,
         DROPOUT=dropout_p > 0,
+        DEFER=_defer(scale, softcap, bias, alibi_slopes),
         PRECISION=_precision(q.dtype),
     )
     scalars = (scale, softcap if softcap > 0 else 1.0, wl, wr, dropout_p)
@@ -335,6 +370,7 @@ def triton_bwd(
             dout,
             dk,
             dv,
+            dq_acc if fused else dummy,
             stats[0],
             stats[1],
             delta,
@@ -350,6 +386,7 @@ def triton_bwd(
             *_strides(dout, layout),
             *_strides(dk, layout),
             *_strides(dv, layout),
+            *(_strides(dq_acc, layout) if fused else (0, 0, 0)),
             *_lse_strides(lse, layout),
             *_lse_strides(delta, layout),
             *sb,
@@ -363,6 +400,7 @@ def triton_bwd(
             BLOCK_M=BM,
             BLOCK_N=BN,
             BIAS_GRAD=bias_grad,
+            FUSED_DQ=fused,
             num_warps=warps,
             num_stages=stages,
             **common,
@@ -406,8 +444,15 @@ def triton_bwd(
             **common,
         )
 
-    launch_dkdv(_tuning.pick("dkdv", D, Dv, q.dtype, flags, Sq, Sk, q.device, launch_dkdv))
-    launch_dq(_tuning.pick("dq", D, Dv, q.dtype, flags, Sq, Sk, q.device, launch_dq))
+    if fused:
+        # autotuning runs the kernel several times: its atomic adds land in dq_acc, so clear it after
+        cfg = _tuning.pick("bwd", D, Dv, q.dtype, flags, Sq, Sk, q.device, launch_dkdv, reset=dq_acc.zero_)
+        launch_dkdv(cfg)
+        if dq_acc is not dq:
+            dq.copy_(dq_acc)
+    else:
+        launch_dkdv(_tuning.pick("dkdv", D, Dv, q.dtype, flags, Sq, Sk, q.device, launch_dkdv))
+        launch_dq(_tuning.pick("dq", D, Dv, q.dtype, flags, Sq, Sk, q.device, launch_dq))
     return dq, dk, dv, _reduce_dbias(dbias, bias) if bias_grad else dbias
 
 
@@ -443,6 +488,7 @@ def _(
     softcap,
     dropout_p,
     bias_grad,
+    deterministic=False,
 ):
     dbias = (
         bias.new_empty(bias.shape)
@@ -472,6 +518,7 @@ _FWD_ARGS = (
     "window_right",
     "softcap",
     "dropout_p",
+    "deterministic",
 )
 
 
@@ -522,6 +569,7 @@ def _backward(ctx, dout, dlse, _drng, _dstats):
         p["softcap"],
         p["dropout_p"],
         ctx.bias_grad,
+        p["deterministic"],
     )
     return (dq, dk, dv, dbias if ctx.bias_grad else None) + (None,) * (len(_FWD_ARGS) - 4)
 
