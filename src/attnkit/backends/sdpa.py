@@ -67,6 +67,9 @@ _DTYPES = {
 }
 
 
+# torch's checks warn once per process, so their verdicts and messages are kept per shape signature.
+_TORCH_CHECKS: dict = {}
+
 _SDP_FLAGS = {  # SDPBackend -> torch._C flag name (torch.nn.attention._backend_names, inverted)
     SDPBackend.CUDNN_ATTENTION: "cudnn",
     SDPBackend.FLASH_ATTENTION: "flash",
@@ -217,8 +220,29 @@ class SDPABackend(Backend):
             shapes = sorted({(a, c) for a, c in zip(lq, lk) if a > 0 and c > 0})
         else:
             shapes = [(call.Sq, call.Sk)]
+        grad_mask = bool(dense) and call.bias is not None and call.bias.requires_grad
         for sq, sk in shapes:
             qs, ks, vs = q[:, :, :sq], k[:, :, :sk], v[:, :, :sk]
+            sig = (
+                self.kind,
+                qs.shape,
+                qs.stride(),
+                ks.shape,
+                ks.stride(),
+                vs.shape,
+                vs.stride(),
+                call.dtype,
+                call.device,
+                bool(dense),
+                grad_mask,
+                call.dropout_p > 0,
+                call.causal,
+                call.Hq != call.Hk,
+            )
+            if sig in _TORCH_CHECKS:
+                if _TORCH_CHECKS[sig]:
+                    return _TORCH_CHECKS[sig]
+                continue
             if self.kind in ("efficient", "cudnn") and call.Hq != call.Hk:
                 ks = ks[:, :1].expand(ks.shape[0], call.Hq, *ks.shape[2:])
                 vs = vs[:, :1].expand(vs.shape[0], call.Hq, *vs.shape[2:])
@@ -238,9 +262,15 @@ class SDPABackend(Backend):
                 found = _torch_warnings(text()) + [str(w.message).strip() for w in caught]
                 msgs = [m for m in found if "has been runtime disabled" not in m]
                 where = f" (sequence shape Sq={sq}, Sk={sk})" if call.layout == "thd" else ""
-                return ["torch: " + m + where for m in msgs] or [
-                    "torch's kernel check refused this call" + where
-                ]
+                if not msgs:
+                    msgs = [
+                        f"can_use_{self.kind}_attention refused (dtype {call.dtype}, "
+                        f"D={call.D}, Dv={call.Dv}, dropout={call.dropout_p}, mask={'yes' if dense else 'no'}"
+                        f"{', mask requires grad' if grad_mask else ''}) without saying why"
+                    ]
+                _TORCH_CHECKS[sig] = ["torch: " + m + where for m in msgs]
+                return _TORCH_CHECKS[sig]
+            _TORCH_CHECKS[sig] = []
         return []
 
     @staticmethod
