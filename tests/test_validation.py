@@ -466,3 +466,16 @@ def test_score_mod_capturing_a_tensor_on_another_device():
     table = torch.zeros(2, 15, device="meta")
     with pytest.raises(AttentionInputError, match="`score_mod`"):
         attnkit.attention(q, q, q, score_mod=attnkit.mods.relative_bias(table))
+
+
+def test_autocast_runs_attention_in_the_autocast_dtype():
+    """Under autocast, mixed q/k/v dtypes are cast like SDPA does (not rejected as mixed dtypes)."""
+    q = torch.randn(1, 2, 8, 16)
+    v = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
+    with pytest.raises(AttentionInputError, match="`v`"):
+        attnkit.attention(q, q, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attnkit.attention(q, q, v)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, q, v)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert (out.float() - ref.float()).abs().max() < 2e-2

@@ -86,6 +86,7 @@ def attention(
         AttentionInputError: a malformed argument (named in the message).
         UnsupportedError: the named backend cannot serve this call (the message lists why).
     """
+    q, k, v = _autocast(q, k, v)
     call = normalize(
         q,
         k,
@@ -123,12 +124,25 @@ def attention(
     return out
 
 
+def _autocast(q, k, v):
+    """Under torch.autocast, attention runs in the autocast dtype, as SDPA does (q, k and v often come
+    out of autocast regions in different dtypes, e.g. rotary embeddings in float32 and v in bfloat16)."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return q, k, v  # validation names the culprit
+    dev = q.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return q, k, v
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t.is_floating_point() and t.dtype != dt else t for t in (q, k, v))
+
+
 def explain(q, k, v, **kwargs) -> dispatch.Report:
     """Report (printable) of every backend for this call: chosen, or rejected with its reasons.
 
     Takes the same arguments as :func:`attention` (``backend`` included) and runs nothing.
     """
     backend = kwargs.pop("backend", "auto")
+    q, k, v = _autocast(q, k, v)
     call = normalize(q, k, v, **_defaults(kwargs))
     _, report = dispatch.evaluate(call, backend)
     return report
