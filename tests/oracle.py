@@ -26,24 +26,6 @@ from attnkit.mods import ScoreMod
 
 F64 = torch.float64
 
-ATTN_DEFAULTS = dict(
-    layout="bhsd",
-    causal=False,
-    window=None,
-    softcap=None,
-    alibi_slopes=None,
-    bias=None,
-    score_mod=None,
-    mask=None,
-    scale=None,
-    dropout_p=0.0,
-    cu_seqlens_q=None,
-    cu_seqlens_k=None,
-    max_seqlen_q=None,
-    max_seqlen_k=None,
-    return_lse=False,
-    deterministic=False,
-)
 
 # Floor of the oracle rule, in units of the input dtype's epsilon at the magnitude of the reference values.
 # It matters only where the plain computation happens to be exact (e.g. a row with one visible key): a
@@ -231,9 +213,7 @@ def attention64(
 # ----------------------------------------------------------------------------------------------------------
 def make_call(q, k, v, **kw):
     """A validated AttentionCall for ``attention(q, k, v, **kw)`` (``backend`` is ignored)."""
-    args = dict(ATTN_DEFAULTS)
-    args.update({key: val for key, val in kw.items() if key != "backend"})
-    return normalize(q, k, v, **args)
+    return normalize(q, k, v, **{key: val for key, val in kw.items() if key != "backend"})
 
 
 def _finite_max_abs(x: torch.Tensor) -> float:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from attnkit import dispatch
 from attnkit._call import normalize
 from attnkit.backends.reference import reference_forward
+
+_ARGS = tuple(inspect.signature(normalize).parameters)[3:]  # attention()'s keyword arguments but backend
 
 
 def attention(
@@ -143,50 +147,9 @@ def explain(q, k, v, **kwargs) -> dispatch.Report:
     """
     backend = kwargs.pop("backend", "auto")
     q, k, v = _autocast(q, k, v)
-    call = normalize(q, k, v, **_defaults(kwargs))
-    _, report = dispatch.evaluate(call, backend)
-    return report
-
-
-def _defaults(kwargs: dict) -> dict:
-    names = (
-        "layout",
-        "causal",
-        "window",
-        "softcap",
-        "alibi_slopes",
-        "bias",
-        "score_mod",
-        "mask",
-        "scale",
-        "dropout_p",
-        "cu_seqlens_q",
-        "cu_seqlens_k",
-        "max_seqlen_q",
-        "max_seqlen_k",
-        "return_lse",
-        "deterministic",
-    )
-    unknown = set(kwargs) - set(names)
+    unknown = set(kwargs) - set(_ARGS)
     if unknown:
         raise TypeError(f"explain() got unexpected keyword arguments {sorted(unknown)}")
-    defaults = dict(
-        layout="bhsd",
-        causal=False,
-        window=None,
-        softcap=None,
-        alibi_slopes=None,
-        bias=None,
-        score_mod=None,
-        mask=None,
-        scale=None,
-        dropout_p=0.0,
-        cu_seqlens_q=None,
-        cu_seqlens_k=None,
-        max_seqlen_q=None,
-        max_seqlen_k=None,
-        return_lse=False,
-        deterministic=False,
-    )
-    defaults.update(kwargs)
-    return defaults
+    call = normalize(q, k, v, **kwargs)
+    _, report = dispatch.evaluate(call, backend)
+    return report

@@ -67,27 +67,7 @@ def _flops(B, H, S, D, causal, backward):
     from attnkit.backends.base import attention_flops
 
     meta = torch.empty((B, H, S, D), device="meta")
-    call = normalize(
-        meta,
-        meta,
-        meta,
-        layout="bhsd",
-        causal=causal,
-        window=None,
-        softcap=None,
-        alibi_slopes=None,
-        bias=None,
-        score_mod=None,
-        mask=None,
-        scale=None,
-        dropout_p=0.0,
-        cu_seqlens_q=None,
-        cu_seqlens_k=None,
-        max_seqlen_q=None,
-        max_seqlen_k=None,
-        return_lse=False,
-        deterministic=False,
-    )
+    call = normalize(meta, meta, meta, causal=causal)
     return attention_flops(call, backward)
 
 
