@@ -210,3 +210,10 @@ def test_oracle_rejects_wrong_implementations(kind):
     oracle.check_against_oracle(_wrong("right"), q, k, v, causal=True, **kw)  # the harness itself passes
     with pytest.raises(AssertionError):
         oracle.check_against_oracle(_wrong(kind), q, k, v, causal=True, **kw)
+
+
+def test_backend_records_read_as_attributes_and_keys():
+    for r in attnkit.backends():
+        assert r["name"] == r.name and r["available"] == r.available
+        assert r.why_not == r.reason == r["reason"]
+        assert (r.reason is None) == r.available

@@ -73,6 +73,16 @@ class BackendRecord:
     reason: str | None
     description: str
 
+    @property
+    def why_not(self) -> str | None:
+        """Alias of ``reason``: why this backend is unavailable (None when it is available)."""
+        return self.reason
+
+    def __getitem__(self, key: str):  # records also read like dicts: r["name"], r["available"], r["reason"]
+        if key in ("name", "available", "reason", "description", "why_not"):
+            return getattr(self, key)
+        raise KeyError(key)
+
     def __str__(self) -> str:
         state = "available" if self.available else f"unavailable: {self.reason}"
         return f"{self.name:<16} {state}"
