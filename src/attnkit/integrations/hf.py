@@ -46,6 +46,7 @@ from collections.abc import Callable
 import torch
 
 import attnkit
+from attnkit._semantics import visibility
 from attnkit.packing import cu_seqlens_from_position_ids
 
 log = logging.getLogger("attnkit")
@@ -495,17 +496,8 @@ def _padded_dense(query, key, value, pm_k, L, causal, window, common):
     shift = L - Sq  # query i stands at key position i + shift
 
     def mod(b, h, q, kv):
-        pos = q + shift
-        ok = pm_k[b, kv]
-        if causal:
-            ok = ok & (kv <= pos)
-        if window is not None:
-            left, right = window
-            if left >= 0:
-                ok = ok & (kv >= pos - left)
-            if right >= 0:
-                ok = ok & (kv <= pos + right)
-        return ok
+        vis = visibility(causal=causal, window=window, mask_mod=None, b=b, h=h, q=q, kv=kv, off=shift)
+        return pm_k[b, kv] if vis is None else pm_k[b, kv] & vis
 
     out = attnkit.attention(query, key, value, layout="bhsd", mask=mod, **common)
     return out.transpose(1, 2).contiguous()
