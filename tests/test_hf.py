@@ -216,6 +216,25 @@ def test_padding_mask_honoured(family, side):
         assert err <= F64_FLOOR * max(alone.abs().max().item(), 1.0), err
 
 
+def test_padding_holes_under_a_sliding_window_match_eager():
+    """A padding mask with holes inside rows, under a sliding window (the dense, absolute-position path):
+    valid query rows equal eager's, whose window counts absolute distances across the holes."""
+    eager64, attn64 = _models("mistral", "eager", "attnkit")
+    eager32 = copy.deepcopy(eager64).float()
+    ids = torch.randint(3, VOCAB, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[0, 3:5] = 0  # holes inside the row: removing them would shorten window distances
+    mask[1, 6] = 0
+    logits = {
+        n: m(ids, attention_mask=mask).logits.double()
+        for n, m in (("e64", eager64), ("a64", attn64), ("e32", eager32))
+    }
+    valid = mask.bool()
+    err = (logits["a64"] - logits["e64"])[valid].abs().max().item()
+    base = (logits["e32"] - logits["e64"])[valid].abs().max().item()
+    _within(err, base, logits["e64"][valid].abs().max().item(), "logits")
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 @pytest.mark.parametrize("cache", [None, "static"])
 def test_generate_left_padded_matches_eager_one_by_one(family, cache):
