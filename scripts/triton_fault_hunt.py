@@ -33,7 +33,7 @@ def main() -> int:
     causal = "--causal" in sys.argv
     from attnkit.backends.triton import _tuning
 
-    dim = _tuning._dim_class(shape[3])
+    dim = _tuning.dim_class(shape[3])
     runs = [("default", None, False), ("default", None, True)]
     for kind, det in (("bwd", False), ("dkdv", True), ("dq", True)):
         runs += [(kind, cfg, det) for cfg in _tuning._CANDIDATES[kind].get(dim, [])]

@@ -117,11 +117,24 @@ def _make_case(case: dict, dtype, requires_grad=True):
     return q, k, v, bias, kw
 
 
+@pytest.mark.parametrize("bwd", ["fused", "split"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("name", list(CASES))
-def test_dense_flags(name, dtype):
+def test_dense_flags(name, dtype, bwd, monkeypatch):
+    """Both non-deterministic backward kernels (the head dim picks one by default: _tuning.fused_backward)."""
+    monkeypatch.setenv("ATTNKIT_TRITON_BWD", bwd)
     q, k, v, bias, kw = _make_case(CASES[name], dtype)
     oracle.check_against_oracle(tri, q, k, v, bias=bias, **kw)
+
+
+def test_backward_kernel_choice(monkeypatch):
+    from attnkit.backends.triton import _tuning
+
+    monkeypatch.delenv("ATTNKIT_TRITON_BWD", raising=False)
+    assert not _tuning.fused_backward(64, 64) and not _tuning.fused_backward(32, 16)
+    assert _tuning.fused_backward(128, 128) and _tuning.fused_backward(64, 96)
+    monkeypatch.setenv("ATTNKIT_TRITON_BWD", "fused")
+    assert _tuning.fused_backward(64, 64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=_ids)
@@ -300,7 +313,7 @@ def test_dropout(dtype, causal, seed):
 @pytest.mark.parametrize("name", ["causal", "everything_gqa"])
 def test_deterministic_path_matches_oracle(name):
     """deterministic=True takes the separate dQ pass (no atomics): held to the same oracle rule as the
-    default fused backward (dQ by atomic adds) that every other test exercises."""
+    non-deterministic kernels."""
     q, k, v, bias, kw = _make_case(CASES[name], torch.float16)
     oracle.check_against_oracle(tri, q, k, v, bias=bias, deterministic=True, **kw)
 

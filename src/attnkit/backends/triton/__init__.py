@@ -19,6 +19,7 @@ import torch
 
 from attnkit._call import AttentionCall
 from attnkit.backends.base import Backend, attention_flops, dense_pairs
+from attnkit.backends.triton import _tuning
 
 _MAX_HEAD_DIM = 256
 _INT32 = 2**31 - 1
@@ -155,14 +156,18 @@ class TritonBackend(Backend):
                 t += pairs * call.Hq * 4 * 2 / 3.0e12  # dense fp32 dbias written and reduced
         if call.dropout_p > 0:
             t *= 1.3
-        launches = (4 if call.deterministic else 5) if call.requires_grad else 1
+        launches = (5 if self._fused(call) else 4) if call.requires_grad else 1
         return t + 8e-6 * launches
 
+    @staticmethod
+    def _fused(call: AttentionCall) -> bool:
+        return not call.deterministic and _tuning.fused_backward(call.D, call.Dv)
+
     def notes(self, call: AttentionCall) -> list[str]:
-        if call.deterministic:
-            n = ["deterministic backward: dK/dV kernel, then a separate dQ pass (no atomics)"]
-        else:
+        if self._fused(call):
             n = ["backward: one fused kernel, dQ added up with fp32 atomics (deterministic=True avoids them)"]
+        else:
+            n = ["backward: dK/dV kernel, then a separate dQ pass (no atomics: deterministic)"]
         if call.device.type != "cuda":
             n.append("running in the Triton interpreter: for tests, very slow")
         return n

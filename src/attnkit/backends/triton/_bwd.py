@@ -3,11 +3,12 @@
 * :func:`bwd_preprocess`: ``delta = rowsum(dO * O) - dLSE`` per query row, in the layout of lse.
 * :func:`attn_bwd_dkdv`: one program = one tile of BLOCK_N key rows of one (batch, KV head); it loops over
   the GROUP query heads that read this KV head and over the query tiles that see the key tile, and writes
-  dK, dV (and dBias, once per element) without atomics. With FUSED_DQ (``deterministic=False``) it also
-  adds each tile's dQ contribution ``dS K`` into an fp32 buffer with atomic adds (FlashAttention-2): five
-  matmuls per visited tile pair instead of seven, and no second pass.
-* :func:`attn_bwd_dq`: the deterministic path's dQ (``deterministic=True``, no atomics): one program = one
-  tile of BLOCK_M query rows of one (batch, query head), the same schedule as the forward.
+  dK, dV (and dBias, once per element) without atomics. With FUSED_DQ (``deterministic=False`` at head
+  dims above 64: ``_tuning.fused_backward``) it also adds each tile's dQ contribution ``dS K`` into an fp32
+  buffer with atomic adds (FlashAttention-2): five matmuls per visited tile pair instead of seven, and no
+  second pass.
+* :func:`attn_bwd_dq`: the separate dQ pass (``deterministic=True``, and head dims <= 64; no atomics): one
+  program = one tile of BLOCK_M query rows of one (batch, query head), the same schedule as the forward.
 
 All recompute ``p = exp2(s - m - log2 l)`` in log2 units from the forward's saved row max m and log2 of the
 row sum l (exact to fp32 rounding, unlike exp(s - lse) with a rounded lse); rows with no visible key saved

@@ -60,7 +60,7 @@ _BUILTIN: dict[str, dict[int, Config]] = {
 _CANDIDATES: dict[str, dict[int, list[Config]]] = {
     "fwd": {
         64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
-        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3)],
         256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
     },
     # bwd: offline sm_90 compiles (ptxas -v) spill registers only for (64, 128, 8, 2) and (64, 64, 8, 3) at
@@ -94,7 +94,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _dim_class(d: int) -> int:
+def dim_class(d: int) -> int:
     p = 16
     while p < d:
         p *= 2
@@ -117,11 +117,23 @@ def _usable(kind: str, cfg: Config) -> bool:
     return not (kind == "dq" and cfg[0] > 2 * cfg[1])
 
 
+def fused_backward(D: int, Dv: int) -> bool:
+    """Whether a non-deterministic backward uses the fused kernel (atomic dQ) or the separate dQ pass.
+
+    Measured on an H200 (bf16, backward alone, docs/triton_notes.md version 3): at head dim 64 the separate
+    pass was 3-16% faster than the fused kernel on every shape; at 128 the fused kernel was 9-16% faster
+    than every split tile pair tried. ``ATTNKIT_TRITON_BWD=fused|split`` overrides (A/B runs)."""
+    mode = os.environ.get("ATTNKIT_TRITON_BWD", "auto")
+    if mode in ("fused", "split"):
+        return mode == "fused"
+    return dim_class(max(D, Dv)) > 64
+
+
 def default_config(kind: str, D: int, Dv: int) -> Config:
     global _SHIPPED
     if _SHIPPED is None:
         _SHIPPED = _shipped()
-    dc = _dim_class(max(D, Dv))
+    dc = dim_class(max(D, Dv))
     got = _SHIPPED.get(kind, {}).get(str(dc))
     if got:
         return tuple(got)
@@ -212,7 +224,7 @@ def pick(
         _load_disk()
         if key in _memory and _usable(kind, _memory[key]):
             return _memory[key]
-    cands = [default] + [c for c in _CANDIDATES[kind].get(_dim_class(max(D, Dv)), []) if c != default]
+    cands = [default] + [c for c in _CANDIDATES[kind].get(dim_class(max(D, Dv)), []) if c != default]
     from triton.testing import do_bench
 
     best, best_ms = default, float("inf")

@@ -13,8 +13,6 @@ capped by causal.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
@@ -278,9 +276,10 @@ def triton_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward: (dq, dk, dv, dbias) with dbias shaped like ``bias`` (an empty tensor when not asked).
 
-    ``deterministic=False``: one fused kernel (dK, dV, and dQ through fp32 atomic adds);
     ``deterministic=True``: the dK/dV kernel, then a separate dQ pass (no atomics, bitwise reproducible).
-    ``ATTNKIT_TRITON_BWD=split`` takes the separate-dQ path for non-deterministic calls too (A/B runs)."""
+    ``deterministic=False``: head dims above 64 use one fused kernel (dK, dV, and dQ through fp32 atomic
+    adds); smaller ones take the separate pass too, which measured faster there
+    (:func:`_tuning.fused_backward`)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = _unit_last(out)
     dout = dout.contiguous()
@@ -289,7 +288,7 @@ def triton_bwd(
     Sq, Sk = max_seqlen_q, max_seqlen_k
     lse = stats[0]  # only its layout is used below
     delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)  # rowsum(dO * O) - dLSE
-    fused = not deterministic and os.environ.get("ATTNKIT_TRITON_BWD", "fused") != "split"
+    fused = not deterministic and _tuning.fused_backward(D, Dv)
     # fused: dQ accumulates in fp32 (q's shape, contiguous); float32 inputs accumulate in dq itself
     if fused and q.dtype == torch.float32:
         dq = dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
