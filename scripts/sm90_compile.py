@@ -26,8 +26,8 @@ FLOATS = {"sm_scale", "softcap", "dropout_p"}
 INTS = {"Hq", "Hk", "SQ", "SK"}
 PTR_TYPES = {
     "Lse": "*fp32",
-    "RowMax": "*fp32",
-    "RowLog2Sum": "*fp32",
+    "LseHi": "*fp32",
+    "LseLo": "*fp32",
     "Slopes": "*fp32",
     "CuQ": "*i32",
     "CuK": "*i32",
@@ -92,6 +92,8 @@ def report(k) -> dict:
     return out
 
 
+UNIT_STRIDES = ("stride_ls", "stride_ds")
+
 FWD_DEFAULTS = dict(
     GROUP=1,
     VARLEN=False,
@@ -102,6 +104,8 @@ FWD_DEFAULTS = dict(
     HAS_RIGHT=False,
     DROPOUT=False,
     REVERSE=False,
+    FUSED_DQ=False,
+    BIAS_GRAD=False,
     DEFER=True,
     PRECISION="tf32",
     TMA=False,
@@ -122,6 +126,8 @@ def main():
     for f in a.flag:
         k, v = f.split("=")
         c[k] = {"1": True, "0": False}.get(v, int(v) if v.isdigit() else v)
+    # a launch specializes integer arguments equal to 1 as constants: the row-stat strides always are
+    c.update({n: 1 for n in UNIT_STRIDES if n in fn.arg_names and n not in c})
     c = {k: v for k, v in c.items() if k in fn.arg_names}
     k = compile_kernel(fn, c, w, s)
     print(a.kernel, a.cfg, a.flag, report(k))
