@@ -117,12 +117,15 @@ def _make_case(case: dict, dtype, requires_grad=True):
     return q, k, v, bias, kw
 
 
-@pytest.mark.parametrize("bwd", ["fused", "split"])
+@pytest.mark.parametrize("bwd", ["fused", "split", "split-one-loop"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("name", list(CASES))
 def test_dense_flags(name, dtype, bwd, monkeypatch):
-    """Both non-deterministic backward kernels (the head dim picks one by default: _tuning.fused_backward)."""
-    monkeypatch.setenv("ATTNKIT_TRITON_BWD", bwd)
+    """Every backward variant on every flag case: the fused kernel (opt-in), the separate dQ pass (the
+    default) with the dK/dV loop split by the tile schedule, and with dK/dV in one masked loop (the default
+    for causal calls only: _tuning.one_loop_dkdv)."""
+    monkeypatch.setenv("ATTNKIT_TRITON_BWD", bwd.split("-")[0])
+    monkeypatch.setenv("ATTNKIT_TRITON_BWD_LOOP", "one" if bwd.endswith("one-loop") else "three")
     q, k, v, bias, kw = _make_case(CASES[name], dtype)
     oracle.check_against_oracle(tri, q, k, v, bias=bias, **kw)
 
@@ -130,11 +133,17 @@ def test_dense_flags(name, dtype, bwd, monkeypatch):
 def test_backward_kernel_choice(monkeypatch):
     from attnkit.backends.triton import _tuning
 
-    monkeypatch.delenv("ATTNKIT_TRITON_BWD", raising=False)
-    assert not _tuning.fused_backward(64, 64) and not _tuning.fused_backward(32, 16)
-    assert _tuning.fused_backward(128, 128) and _tuning.fused_backward(64, 96)
+    for var in ("ATTNKIT_TRITON_BWD", "ATTNKIT_TRITON_BWD_LOOP", "ATTNKIT_TRITON_BWD_STREAMS"):
+        monkeypatch.delenv(var, raising=False)
+    assert not any(_tuning.fused_backward(d, d) for d in (16, 64, 96, 128, 256))
+    assert _tuning.one_loop_dkdv(False, True)  # causal
+    assert not _tuning.one_loop_dkdv(False, False) and not _tuning.one_loop_dkdv(True, True)
+    assert _tuning.concurrent_backward()
     monkeypatch.setenv("ATTNKIT_TRITON_BWD", "fused")
-    assert _tuning.fused_backward(64, 64)
+    monkeypatch.setenv("ATTNKIT_TRITON_BWD_LOOP", "one")
+    monkeypatch.setenv("ATTNKIT_TRITON_BWD_STREAMS", "0")
+    assert _tuning.fused_backward(64, 64) and _tuning.one_loop_dkdv(False, False)
+    assert not _tuning.concurrent_backward()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=_ids)
@@ -421,6 +430,41 @@ def test_cuda_graph_capture():
     g.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, tri(q, k, v, causal=True))
+
+
+@pytest.mark.cuda
+def test_backward_side_stream(monkeypatch):
+    """dQ on a side stream (the default) gives the bits of serial launches, eagerly and in a captured
+    CUDA graph of forward + backward replayed on new inputs."""
+    q, k, v, _ = oracle.make_inputs(
+        "bhsd", B=2, Hq=4, Sq=384, D=128, dtype=torch.bfloat16, device="cuda", requires_grad=True
+    )
+    do = torch.randn_like(q)
+
+    def grads():
+        return torch.autograd.grad(tri(q, k, v, causal=True), (q, k, v), do)
+
+    monkeypatch.setenv("ATTNKIT_TRITON_BWD_STREAMS", "0")
+    serial = grads()
+    monkeypatch.setenv("ATTNKIT_TRITON_BWD_STREAMS", "1")
+    for got, want in zip(grads(), serial):
+        assert torch.equal(got, want)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        grads()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = grads()
+    with torch.no_grad():
+        for t in (q, k, v):
+            t.copy_(torch.randn_like(t))
+    g.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setenv("ATTNKIT_TRITON_BWD_STREAMS", "0")
+    for got, want in zip(captured, grads()):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.cuda

@@ -38,7 +38,7 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def _rates() -> dict:
-    """Measured TFLOP/s of these kernels (bf16, H100; see docs/triton_notes.md), by mode and head dim."""
+    """Measured TFLOP/s of these kernels (bf16, H200; see docs/triton_notes.md), by mode and head dim."""
     try:
         return json.loads(resources.files("attnkit").joinpath("data/triton_rates.json").read_text())
     except (FileNotFoundError, OSError, ValueError):
@@ -167,7 +167,7 @@ class TritonBackend(Backend):
         if self._fused(call):
             n = ["backward: one fused kernel, dQ added up with fp32 atomics (deterministic=True avoids them)"]
         else:
-            n = ["backward: dK/dV kernel, then a separate dQ pass (no atomics: deterministic)"]
+            n = ["backward: dK/dV kernel and a separate dQ pass beside it (no atomics: deterministic)"]
         if call.device.type != "cuda":
             n.append("running in the Triton interpreter: for tests, very slow")
         return n

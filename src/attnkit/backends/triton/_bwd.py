@@ -3,16 +3,20 @@
 * :func:`bwd_preprocess`: ``delta = rowsum(dO * O) - dLSE`` per query row, in the layout of lse.
 * :func:`attn_bwd_dkdv`: one program = one tile of BLOCK_N key rows of one (batch, KV head); it loops over
   the GROUP query heads that read this KV head and over the query tiles that see the key tile, and writes
-  dK, dV (and dBias, once per element) without atomics. With FUSED_DQ (``deterministic=False`` at head
-  dims above 64: ``_tuning.fused_backward``) it also adds each tile's dQ contribution ``dS K`` into an fp32
-  buffer with atomic adds (FlashAttention-2): five matmuls per visited tile pair instead of seven, and no
-  second pass.
-* :func:`attn_bwd_dq`: the separate dQ pass (``deterministic=True``, and head dims <= 64; no atomics): one
-  program = one tile of BLOCK_M query rows of one (batch, query head), the same schedule as the forward.
+  dK, dV (and dBias, once per element) without atomics. With FUSED_DQ (opt-in:
+  ``_tuning.fused_backward``) it also adds each tile's dQ contribution ``dS K`` into an fp32 buffer with
+  atomic adds (FlashAttention-2): five matmuls per visited tile pair instead of seven, and no second pass.
+* :func:`attn_bwd_dq`: the separate dQ pass (the default, deterministic or not; no atomics): one program =
+  one tile of BLOCK_M query rows of one (batch, query head), the same schedule as the forward. The host
+  runs it on a side stream next to dK/dV (``_tuning.concurrent_backward``).
 
-All recompute ``p = exp2(s - m - log2 l)`` in log2 units from the forward's saved row max m and log2 of the
-row sum l (exact to fp32 rounding, unlike exp(s - lse) with a rounded lse); rows with no visible key saved
-m = +inf, so p = 0 there and every gradient stays finite.
+All recompute ``p = exp2(s - lse2)`` in log2 units, where the forward saved lse2 = m + log2 l (row max plus
+log2 of the row sum) as an unevaluated sum hi + lo (:func:`attnkit.backends.triton._fwd.two_sum`). float32
+inputs subtract both parts (``s - hi - lo``: exact to fp32 rounding, unlike exp(s - lse) with a rounded lse);
+16-bit inputs subtract hi alone (relative error in p about 2^-24 * |lse2|, far below their own rounding),
+which saves a load per row and the registers of a third row vector in the dK/dV loop (measured offline for
+sm_90: 188 bytes of spills at (64, 128, 8 warps, 3 stages) became 4). Rows with no visible key saved
+hi = +inf, lo = 0, so p = 0 there and every gradient stays finite.
 """
 
 import triton
@@ -87,12 +91,16 @@ def bwd_preprocess(
 
 
 @triton.jit
-def _load_row_stats(l_base, l2_base, d_base, stride_ls, stride_ds, offs, seqlen_q):
-    """Row max m (+inf on rows without keys and outside the sequence), log2 of the row sum, delta."""
-    m = tl.load(l_base + offs * stride_ls, mask=offs < seqlen_q, other=float("inf"))
-    l2 = tl.load(l2_base + offs * stride_ls, mask=offs < seqlen_q, other=0.0)
+def _load_row_stats(hi_base, lo_base, d_base, stride_ls, stride_ds, offs, seqlen_q, EXACT: tl.constexpr):
+    """lse2 = hi + lo (+inf on rows without keys and outside the sequence; lo only when EXACT, else hi is
+    returned in its place and unused) and delta."""
+    hi = tl.load(hi_base + offs * stride_ls, mask=offs < seqlen_q, other=float("inf"))
+    if EXACT:
+        lo = tl.load(lo_base + offs * stride_ls, mask=offs < seqlen_q, other=0.0)
+    else:
+        lo = hi
     delta = tl.load(d_base + offs * stride_ds, mask=offs < seqlen_q, other=0.0)
-    return m, l2, delta
+    return hi, lo, delta
 
 
 @triton.jit
@@ -103,8 +111,8 @@ def _dkdv_inner(
     v,
     q_base,
     do_base,
-    l_base,
-    l2_base,
+    hi_base,
+    lo_base,
     d_base,
     db_ptr,
     dq_base,
@@ -190,7 +198,10 @@ def _dkdv_inner(
             MASK,
             BLOCK_DV != DV,
         )  # (BM, BDV)
-        rm, rl2, delta = _load_row_stats(l_base, l2_base, d_base, stride_ls, stride_ds, offs_m, seqlen_q)
+        exact: tl.constexpr = k.dtype == tl.float32
+        lse_hi, lse_lo, delta = _load_row_stats(
+            hi_base, lo_base, d_base, stride_ls, stride_ds, offs_m, seqlen_q, exact
+        )
         qkt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BN, BM)
         st, tt = scores(
             qkt,
@@ -215,7 +226,10 @@ def _dkdv_inner(
             HAS_RIGHT,
             DEFER,
         )
-        pt = tl.exp2(st * c - rm[None, :] - rl2[None, :])  # (BN, BM) softmax probabilities, transposed
+        lg = st * c - lse_hi[None, :]
+        if exact:
+            lg -= lse_lo[None, :]
+        pt = tl.exp2(lg)  # (BN, BM) softmax probabilities, transposed
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM) = (dO V^T)^T
         if DROPOUT:
             keep = dropout_keep(rng_ptr, bh, offs_m[None, :], offs_n[:, None], dropout_p)
@@ -270,8 +284,8 @@ def attn_bwd_dkdv(
     DK,
     DV_,
     DQ,
-    RowMax,
-    RowLog2Sum,
+    LseHi,
+    LseLo,
     Delta,
     Bias,
     DBias,
@@ -302,7 +316,7 @@ def attn_bwd_dkdv(
     stride_dqs,  # fp32 dQ accumulator (FUSED_DQ only)
     stride_lb,
     stride_lh,
-    stride_ls,  # RowMax / RowLog2Sum (the layout of lse)
+    stride_ls,  # LseHi / LseLo (the layout of lse)
     stride_db,
     stride_dh,
     stride_ds,
@@ -343,6 +357,7 @@ def attn_bwd_dkdv(
     FUSED_DQ: tl.constexpr,
     DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
+    ONE_LOOP: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -385,8 +400,8 @@ def attn_bwd_dkdv(
         bh = b * Hq + h
         q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
         do_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dos
-        l_base = RowMax + b * stride_lb + h * stride_lh + q_start * stride_ls
-        l2_base = RowLog2Sum + b * stride_lb + h * stride_lh + q_start * stride_ls
+        hi_base = LseHi + b * stride_lb + h * stride_lh + q_start * stride_ls
+        lo_base = LseLo + b * stride_lb + h * stride_lh + q_start * stride_ls
         d_base = Delta + b * stride_db + h * stride_dh + q_start * stride_ds
         bias_ptr = Bias + b * stride_bb + h * stride_bh
         db_ptr = DBias + b * stride_dbb + h * stride_dbh
@@ -394,174 +409,74 @@ def attn_bwd_dkdv(
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
-        dk, dv = _dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            q_base,
-            do_base,
-            l_base,
-            l2_base,
-            d_base,
-            db_ptr,
-            dq_base,
-            stride_qs,
-            stride_dos,
-            stride_ls,
-            stride_ds,
-            stride_dbm,
-            stride_dbn,
-            stride_dqs,
-            offs_n,
-            offs_d,
-            offs_dv,
-            lo,
-            full_lo,
-            pid_n,
-            seqlen_q,
-            seqlen_k,
-            off,
-            sm_scale,
-            softcap,
-            win_left,
-            win_right,
-            bias_ptr,
-            stride_bm,
-            stride_bn,
-            slope,
-            Rng,
-            bh,
-            dropout_p,
-            D,
-            DV,
-            BLOCK_D,
-            BLOCK_DV,
-            BLOCK_M,
-            True,
-            SOFTCAP,
-            HAS_BIAS,
-            BIAS_GRAD,
-            HAS_ALIBI,
-            HAS_LEFT,
-            HAS_RIGHT,
-            DROPOUT,
-            FUSED_DQ,
-            DEFER,
-            PRECISION,
-        )
-        dk, dv = _dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            q_base,
-            do_base,
-            l_base,
-            l2_base,
-            d_base,
-            db_ptr,
-            dq_base,
-            stride_qs,
-            stride_dos,
-            stride_ls,
-            stride_ds,
-            stride_dbm,
-            stride_dbn,
-            stride_dqs,
-            offs_n,
-            offs_d,
-            offs_dv,
-            full_lo,
-            full_hi,
-            pid_n,
-            seqlen_q,
-            seqlen_k,
-            off,
-            sm_scale,
-            softcap,
-            win_left,
-            win_right,
-            bias_ptr,
-            stride_bm,
-            stride_bn,
-            slope,
-            Rng,
-            bh,
-            dropout_p,
-            D,
-            DV,
-            BLOCK_D,
-            BLOCK_DV,
-            BLOCK_M,
-            False,
-            SOFTCAP,
-            HAS_BIAS,
-            BIAS_GRAD,
-            HAS_ALIBI,
-            HAS_LEFT,
-            HAS_RIGHT,
-            DROPOUT,
-            FUSED_DQ,
-            DEFER,
-            PRECISION,
-        )
-        dk, dv = _dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            q_base,
-            do_base,
-            l_base,
-            l2_base,
-            d_base,
-            db_ptr,
-            dq_base,
-            stride_qs,
-            stride_dos,
-            stride_ls,
-            stride_ds,
-            stride_dbm,
-            stride_dbn,
-            stride_dqs,
-            offs_n,
-            offs_d,
-            offs_dv,
-            full_hi,
-            hi,
-            pid_n,
-            seqlen_q,
-            seqlen_k,
-            off,
-            sm_scale,
-            softcap,
-            win_left,
-            win_right,
-            bias_ptr,
-            stride_bm,
-            stride_bn,
-            slope,
-            Rng,
-            bh,
-            dropout_p,
-            D,
-            DV,
-            BLOCK_D,
-            BLOCK_DV,
-            BLOCK_M,
-            True,
-            SOFTCAP,
-            HAS_BIAS,
-            BIAS_GRAD,
-            HAS_ALIBI,
-            HAS_LEFT,
-            HAS_RIGHT,
-            DROPOUT,
-            FUSED_DQ,
-            DEFER,
-            PRECISION,
-        )
+        # the tile schedule's three segments: masked head, unmasked body, masked tail; ONE_LOOP: every
+        # visited tile in one masked loop, so the software pipeline runs through the diagonal without
+        # draining and refilling (_tuning.one_loop_dkdv)
+        for seg in tl.static_range(1 if ONE_LOOP else 3):
+            if ONE_LOOP:
+                seg_lo, seg_hi = lo, hi
+            elif seg == 0:
+                seg_lo, seg_hi = lo, full_lo
+            elif seg == 1:
+                seg_lo, seg_hi = full_lo, full_hi
+            else:
+                seg_lo, seg_hi = full_hi, hi
+            dk, dv = _dkdv_inner(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                hi_base,
+                lo_base,
+                d_base,
+                db_ptr,
+                dq_base,
+                stride_qs,
+                stride_dos,
+                stride_ls,
+                stride_ds,
+                stride_dbm,
+                stride_dbn,
+                stride_dqs,
+                offs_n,
+                offs_d,
+                offs_dv,
+                seg_lo,
+                seg_hi,
+                pid_n,
+                seqlen_q,
+                seqlen_k,
+                off,
+                sm_scale,
+                softcap,
+                win_left,
+                win_right,
+                bias_ptr,
+                stride_bm,
+                stride_bn,
+                slope,
+                Rng,
+                bh,
+                dropout_p,
+                D,
+                DV,
+                BLOCK_D,
+                BLOCK_DV,
+                BLOCK_M,
+                ONE_LOOP or seg != 1,
+                SOFTCAP,
+                HAS_BIAS,
+                BIAS_GRAD,
+                HAS_ALIBI,
+                HAS_LEFT,
+                HAS_RIGHT,
+                DROPOUT,
+                FUSED_DQ,
+                DEFER,
+                PRECISION,
+            )
     row_mask = offs_n[:, None] < seqlen_k
     dk_ptrs = (
         DK + b * stride_dkb + hk * stride_dkh + (k_start + offs_n[:, None]) * stride_dks + offs_d[None, :]
@@ -578,8 +493,8 @@ def _dq_inner(
     dq,
     q,
     do,
-    rm,
-    rl2,
+    lse_hi,
+    lse_lo,
     delta,
     k_base,
     v_base,
@@ -664,7 +579,10 @@ def _dq_inner(
             HAS_RIGHT,
             DEFER,
         )
-        p = tl.exp2(s * c - rm[:, None] - rl2[:, None])
+        lg = s * c - lse_hi[:, None]
+        if q.dtype == tl.float32:
+            lg -= lse_lo[:, None]
+        p = tl.exp2(lg)
         dp = tl.dot(do, vt, input_precision=PRECISION)  # (BM, BN)
         if DROPOUT:
             keep = dropout_keep(rng_ptr, bh, offs_m[:, None], offs_n[None, :], dropout_p)
@@ -693,8 +611,8 @@ def attn_bwd_dq(
     V,
     DO,
     DQ,
-    RowMax,
-    RowLog2Sum,
+    LseHi,
+    LseLo,
     Delta,
     Bias,
     Slopes,
@@ -788,14 +706,15 @@ def attn_bwd_dq(
         BLOCK_DV != DV,
     )
     row0 = b * stride_lb + h * stride_lh + q_start * stride_ls
-    rm, rl2, delta = _load_row_stats(
-        RowMax + row0,
-        RowLog2Sum + row0,
+    lse_hi, lse_lo, delta = _load_row_stats(
+        LseHi + row0,
+        LseLo + row0,
         Delta + b * stride_db + h * stride_dh + q_start * stride_ds,
         stride_ls,
         stride_ds,
         offs_m,
         seqlen_q,
+        q.dtype == tl.float32,
     )
     k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
@@ -808,141 +727,59 @@ def attn_bwd_dq(
     lo, full_lo, full_hi, hi = kv_tiles(
         m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
     )
-    dq = _dq_inner(
-        dq,
-        q,
-        do,
-        rm,
-        rl2,
-        delta,
-        k_base,
-        v_base,
-        stride_ks,
-        stride_vs,
-        offs_m,
-        offs_d,
-        offs_dv,
-        lo,
-        full_lo,
-        seqlen_q,
-        seqlen_k,
-        off,
-        sm_scale,
-        softcap,
-        win_left,
-        win_right,
-        bias_ptr,
-        stride_bm,
-        stride_bn,
-        slope,
-        Rng,
-        bh,
-        dropout_p,
-        D,
-        DV,
-        BLOCK_D,
-        BLOCK_DV,
-        BLOCK_N,
-        True,
-        SOFTCAP,
-        HAS_BIAS,
-        HAS_ALIBI,
-        HAS_LEFT,
-        HAS_RIGHT,
-        DROPOUT,
-        DEFER,
-        PRECISION,
-    )
-    dq = _dq_inner(
-        dq,
-        q,
-        do,
-        rm,
-        rl2,
-        delta,
-        k_base,
-        v_base,
-        stride_ks,
-        stride_vs,
-        offs_m,
-        offs_d,
-        offs_dv,
-        full_lo,
-        full_hi,
-        seqlen_q,
-        seqlen_k,
-        off,
-        sm_scale,
-        softcap,
-        win_left,
-        win_right,
-        bias_ptr,
-        stride_bm,
-        stride_bn,
-        slope,
-        Rng,
-        bh,
-        dropout_p,
-        D,
-        DV,
-        BLOCK_D,
-        BLOCK_DV,
-        BLOCK_N,
-        False,
-        SOFTCAP,
-        HAS_BIAS,
-        HAS_ALIBI,
-        HAS_LEFT,
-        HAS_RIGHT,
-        DROPOUT,
-        DEFER,
-        PRECISION,
-    )
-    dq = _dq_inner(
-        dq,
-        q,
-        do,
-        rm,
-        rl2,
-        delta,
-        k_base,
-        v_base,
-        stride_ks,
-        stride_vs,
-        offs_m,
-        offs_d,
-        offs_dv,
-        full_hi,
-        hi,
-        seqlen_q,
-        seqlen_k,
-        off,
-        sm_scale,
-        softcap,
-        win_left,
-        win_right,
-        bias_ptr,
-        stride_bm,
-        stride_bn,
-        slope,
-        Rng,
-        bh,
-        dropout_p,
-        D,
-        DV,
-        BLOCK_D,
-        BLOCK_DV,
-        BLOCK_N,
-        True,
-        SOFTCAP,
-        HAS_BIAS,
-        HAS_ALIBI,
-        HAS_LEFT,
-        HAS_RIGHT,
-        DROPOUT,
-        DEFER,
-        PRECISION,
-    )
+    # the tile schedule's three segments: masked head, unmasked body, masked tail
+    for seg in tl.static_range(3):
+        if seg == 0:
+            seg_lo, seg_hi = lo, full_lo
+        elif seg == 1:
+            seg_lo, seg_hi = full_lo, full_hi
+        else:
+            seg_lo, seg_hi = full_hi, hi
+        dq = _dq_inner(
+            dq,
+            q,
+            do,
+            lse_hi,
+            lse_lo,
+            delta,
+            k_base,
+            v_base,
+            stride_ks,
+            stride_vs,
+            offs_m,
+            offs_d,
+            offs_dv,
+            seg_lo,
+            seg_hi,
+            seqlen_q,
+            seqlen_k,
+            off,
+            sm_scale,
+            softcap,
+            win_left,
+            win_right,
+            bias_ptr,
+            stride_bm,
+            stride_bn,
+            slope,
+            Rng,
+            bh,
+            dropout_p,
+            D,
+            DV,
+            BLOCK_D,
+            BLOCK_DV,
+            BLOCK_N,
+            seg != 1,
+            SOFTCAP,
+            HAS_BIAS,
+            HAS_ALIBI,
+            HAS_LEFT,
+            HAS_RIGHT,
+            DROPOUT,
+            DEFER,
+            PRECISION,
+        )
     dq_ptrs = (
         DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqs + offs_d[None, :]
     )

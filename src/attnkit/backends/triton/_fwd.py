@@ -11,6 +11,15 @@ from attnkit.backends.triton._pipeline import LN2, dropout_keep, kv_tiles, pendi
 
 
 @triton.jit
+def two_sum(a, b):
+    """(hi, lo) with hi = fl(a + b) and hi + lo == a + b exactly (Knuth's TwoSum; no ordering needed)."""
+    hi = a + b
+    bb = hi - a
+    lo = (a - (hi - bb)) + (b - bb)
+    return hi, lo
+
+
+@triton.jit
 def load_tile(ptrs, idx, bound, cidx, CBOUND: tl.constexpr, CHECK_ROWS: tl.constexpr, PAD: tl.constexpr):
     """Load a (rows, cols) tile; rows checked against ``bound`` and columns against CBOUND only if asked."""
     if CHECK_ROWS:
@@ -136,8 +145,8 @@ def attn_fwd(
     V,
     Out,
     Lse,
-    RowMax,
-    RowLog2Sum,
+    LseHi,
+    LseLo,
     Bias,
     Slopes,
     CuQ,
@@ -157,7 +166,7 @@ def attn_fwd(
     stride_os,
     stride_lb,
     stride_lh,
-    stride_ls,  # lse (B, Hq, Sq) or (Hq, Tq); RowMax, RowLog2Sum alike
+    stride_ls,  # lse (B, Hq, Sq) or (Hq, Tq); LseHi, LseLo alike
     stride_bb,
     stride_bh,
     stride_bm,
@@ -368,9 +377,11 @@ def attn_fwd(
     )
     row = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls
     tl.store(Lse + row, lse, mask=offs_m < seqlen_q)
-    # backward recomputes p = exp2(s - m - log2(l)) (log2 units): exact where a rounded lse would not be
-    tl.store(RowMax + row, tl.where(has_key, m_i, float("inf")), mask=offs_m < seqlen_q)
-    tl.store(RowLog2Sum + row, tl.log2(l_safe), mask=offs_m < seqlen_q)
+    # backward recomputes p = exp2(s - lse2) (log2 units) with lse2 = m + log2(l) kept as hi + lo, exact
+    # where a rounded lse would not be (float32 inputs use both parts; see _bwd's docstring)
+    lse_hi, lse_lo = two_sum(m_i, tl.log2(l_safe))
+    tl.store(LseHi + row, tl.where(has_key, lse_hi, float("inf")), mask=offs_m < seqlen_q)
+    tl.store(LseLo + row, tl.where(has_key, lse_lo, 0.0), mask=offs_m < seqlen_q)
 
 
 @triton.jit(do_not_specialize=["bh", "r0"])

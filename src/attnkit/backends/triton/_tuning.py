@@ -118,15 +118,31 @@ def _usable(kind: str, cfg: Config) -> bool:
 
 
 def fused_backward(D: int, Dv: int) -> bool:
-    """Whether a non-deterministic backward uses the fused kernel (atomic dQ) or the separate dQ pass.
+    """Whether a non-deterministic backward uses the fused kernel (atomic dQ) instead of the separate dQ
+    pass. Never by default: since the backward keeps lse as hi + lo and loads only hi for 16-bit inputs (no
+    more register spills in dK/dV), the separate pass was faster at every measured shape, head dims 64 and
+    128 (H200, bf16, backward alone: docs/triton_notes.md version 4). ``ATTNKIT_TRITON_BWD=fused`` selects
+    the fused kernel (A/B runs)."""
+    return os.environ.get("ATTNKIT_TRITON_BWD", "split") == "fused"
 
-    Measured on an H200 (bf16, backward alone, docs/triton_notes.md version 3): at head dim 64 the separate
-    pass was 3-16% faster than the fused kernel on every shape; at 128 the fused kernel was 9-16% faster
-    than every split tile pair tried. ``ATTNKIT_TRITON_BWD=fused|split`` overrides (A/B runs)."""
-    mode = os.environ.get("ATTNKIT_TRITON_BWD", "auto")
-    if mode in ("fused", "split"):
-        return mode == "fused"
-    return dim_class(max(D, Dv)) > 64
+
+def one_loop_dkdv(has_left: bool, has_right: bool) -> bool:
+    """Whether dK/dV visits its tiles in one masked loop instead of the schedule's masked head, unmasked
+    body and masked tail (the dQ pass always takes the three). One loop keeps the software pipeline full
+    across the diagonal; the body then pays the mask. Measured on the H200 (version 4): causal +10-14%
+    (4k and 512, head dims 64 and 128), non-causal -6% (the body loses its unmasked loads); windows were not
+    measured and keep the three loops. ``ATTNKIT_TRITON_BWD_LOOP=one|three`` overrides."""
+    mode = os.environ.get("ATTNKIT_TRITON_BWD_LOOP", "auto")
+    if mode in ("one", "three"):
+        return mode == "one"
+    return has_right and not has_left
+
+
+def concurrent_backward() -> bool:
+    """Whether the dQ pass runs on a side stream, overlapping dK/dV (its programs fill the SMs that the
+    dK/dV grid's last wave leaves idle). Measured on the H200 (version 4): +1-6%, largest on causal calls.
+    ``ATTNKIT_TRITON_BWD_STREAMS=0`` turns it off."""
+    return os.environ.get("ATTNKIT_TRITON_BWD_STREAMS", "1") == "1"
 
 
 def default_config(kind: str, D: int, Dv: int) -> Config:

@@ -133,8 +133,9 @@ def triton_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Forward: (out in q's layout, lse float32, dropout rng state int64 (2,), row stats float32 (2, *lse)).
 
-    The row stats (max score and log2 of the exp-sum, both in log2 units) let the backward recompute
-    probabilities exactly. ``deterministic`` is not used here: autograd hands it to the backward."""
+    The row stats (lse in log2 units, max score plus log2 of the exp-sum, as an unevaluated sum hi + lo)
+    let the backward recompute probabilities exactly. ``deterministic`` is not used here: autograd hands it
+    to the backward."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, Hq, Hk = _sizes(q, k, layout, cu_seqlens_q)
     D, Dv = q.shape[-1], v.shape[-1]
@@ -276,9 +277,9 @@ def triton_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward: (dq, dk, dv, dbias) with dbias shaped like ``bias`` (an empty tensor when not asked).
 
-    ``deterministic=True``: the dK/dV kernel, then a separate dQ pass (no atomics, bitwise reproducible).
-    ``deterministic=False``: head dims above 64 use one fused kernel (dK, dV, and dQ through fp32 atomic
-    adds); smaller ones take the separate pass too, which measured faster there
+    By default the dK/dV kernel, then a separate dQ pass (no atomics: bitwise reproducible, so
+    ``deterministic=True`` changes nothing); ``ATTNKIT_TRITON_BWD=fused`` opts non-deterministic calls into
+    one fused kernel (dK, dV, and dQ through fp32 atomic adds), measured slower since version 4
     (:func:`_tuning.fused_backward`)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = _unit_last(out)
@@ -359,6 +360,8 @@ def triton_bwd(
         dropout_p > 0,
     )
 
+    one_loop = _tuning.one_loop_dkdv(has_left, has_right)
+
     def launch_dkdv(cfg):
         BM, BN, warps, stages = cfg
         grid = (triton.cdiv(max(Sk, 1), BN), B * Hk)
@@ -400,6 +403,7 @@ def triton_bwd(
             BLOCK_N=BN,
             BIAS_GRAD=bias_grad,
             FUSED_DQ=fused,
+            ONE_LOOP=one_loop,
             num_warps=warps,
             num_stages=stages,
             **common,
@@ -450,9 +454,33 @@ def triton_bwd(
         if dq_acc is not dq:
             dq.copy_(dq_acc)
     else:
-        launch_dkdv(_tuning.pick("dkdv", D, Dv, q.dtype, flags, Sq, Sk, q.device, launch_dkdv))
-        launch_dq(_tuning.pick("dq", D, Dv, q.dtype, flags, Sq, Sk, q.device, launch_dq))
+        cfg_dkdv = _tuning.pick("dkdv", D, Dv, q.dtype, flags, Sq, Sk, q.device, launch_dkdv)
+        cfg_dq = _tuning.pick("dq", D, Dv, q.dtype, flags, Sq, Sk, q.device, launch_dq)
+        if q.is_cuda and _tuning.concurrent_backward():
+            # dQ does not depend on dK/dV: on a side stream its programs fill the SMs that dK/dV's last
+            # wave leaves idle (FlexAttention gets the same from one grid of both kinds of program)
+            main = torch.cuda.current_stream(q.device)
+            side = _side_stream(q.device)
+            side.wait_stream(main)
+            launch_dkdv(cfg_dkdv)
+            with torch.cuda.stream(side):
+                launch_dq(cfg_dq)
+            main.wait_stream(side)
+        else:
+            launch_dkdv(cfg_dkdv)
+            launch_dq(cfg_dq)
     return dq, dk, dv, _reduce_dbias(dbias, bias) if bias_grad else dbias
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device) -> torch.cuda.Stream:
+    """One side stream per device, reused across calls (creating streams per call leaks them)."""
+    key = torch.device(device).index
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[key]
 
 
 def _reduce_dbias(dbias: Tensor, bias: Tensor) -> Tensor:
