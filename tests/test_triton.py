@@ -388,6 +388,18 @@ def test_unavailable_on_cpu_without_interpreter():
     assert res.stdout.startswith("False") and "TRITON_INTERPRET" in res.stdout, res.stdout + res.stderr
 
 
+def test_eager_calls_skip_the_op():
+    """Eager calls run the autograd.Function (no op dispatch: host time); traced ones the op (see below)."""
+    q, k, v, _ = oracle.make_inputs("bhsd", B=1, Hq=2, Sq=20, D=16, dtype=torch.float16, device=DEV)
+    q.requires_grad_(True)
+    out = tri(q, k, v, causal=True)
+    assert type(out.grad_fn).__name__.startswith("_EagerAttention")
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(lambda q, k, v: tri(q, k, v, causal=True))(q.detach(), k, v)
+    assert "attnkit.triton_fwd" in str(graph.code)
+
+
 def test_compile_fullgraph():
     """torch.compile traces through the custom ops (fake impls + autograd) without graph breaks."""
     q, k, v, _ = oracle.make_inputs(

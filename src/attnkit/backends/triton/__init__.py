@@ -112,7 +112,7 @@ class TritonBackend(Backend):
             wl, wr = call.window
         else:
             wl = wr = -1
-        out, lse, _, _ = ops.triton_fwd(
+        out, lse, _, _ = ops.attention(
             call.q,
             call.k,
             call.v,
