@@ -15,7 +15,6 @@ capped by causal.
 from __future__ import annotations
 
 import torch
-import triton
 
 from attnkit.backends.triton import _tuning
 from attnkit.backends.triton._bwd import attn_bwd_dkdv, attn_bwd_dq, bwd_preprocess
@@ -84,7 +83,13 @@ def _window(causal: bool, window_left: int, window_right: int) -> tuple[bool, bo
 
 
 def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    """Padded head dim: the next power of two, at least 16 (plain Python: triton's helpers cost ~2 us a
+    call, and every launch asks several times)."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _defer(scale: float, softcap: float, bias, alibi_slopes) -> bool:
@@ -164,7 +169,7 @@ def _triton_fwd(
 
     def launch(cfg):
         BM, BN, warps, stages = cfg
-        grid = (triton.cdiv(max(Sq, 1), BM), B * Hq)
+        grid = (_cdiv(max(Sq, 1), BM), B * Hq)
         attn_fwd[grid](
             q,
             k,
@@ -311,7 +316,7 @@ def _triton_bwd(
     varlen = layout == "thd"
     dummy = q
     BMP = 16 if _tuning.interpreting() else 64
-    bwd_preprocess[(triton.cdiv(max(Sq, 1), BMP), B * Hq)](
+    bwd_preprocess[(_cdiv(max(Sq, 1), BMP), B * Hq)](
         out,
         dout,
         dlse if dlse is not None else delta,
@@ -366,7 +371,7 @@ def _triton_bwd(
 
     def launch_dkdv(cfg):
         BM, BN, warps, stages = cfg
-        grid = (triton.cdiv(max(Sk, 1), BN), B * Hk)
+        grid = (_cdiv(max(Sk, 1), BN), B * Hk)
         attn_bwd_dkdv[grid](
             q,
             k,
@@ -413,7 +418,7 @@ def _triton_bwd(
 
     def launch_dq(cfg):
         BM, BN, warps, stages = cfg
-        grid = (triton.cdiv(max(Sq, 1), BM), B * Hq)
+        grid = (_cdiv(max(Sq, 1), BM), B * Hq)
         attn_bwd_dq[grid](
             q,
             k,
@@ -656,7 +661,7 @@ def dropout_keep_mask(
     (h1 - h0, rows, Sk), on rng's device. Indices are positions inside the sequence."""
     out = torch.empty((h1 - h0, rows, Sk), dtype=torch.int8, device=rng.device)
     BLOCK = 16 if _tuning.interpreting() else 64
-    grid = (triton.cdiv(rows, BLOCK), triton.cdiv(Sk, BLOCK))
+    grid = (_cdiv(rows, BLOCK), _cdiv(Sk, BLOCK))
     for i, h in enumerate(range(h0, h1)):
         if rows and Sk:
             dropout_mask_kernel[grid](rng, out[i], b * Hq + h, r0, rows, Sk, dropout_p, BLOCK=BLOCK)
