@@ -1,13 +1,14 @@
 """Block sizes, warps and stages: defaults per head dim, an optional autotuner, and its persistent cache.
 
-A configuration is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``. ``kind`` is ``"fwd"``, ``"bwd"`` (the fused
-backward with atomic dQ; BLOCK_M is the inner query tile, BLOCK_N the program's key tile), or the
-deterministic backward's ``"dkdv"`` (tiles as ``"bwd"``) and ``"dq"``. Order of precedence:
+A configuration is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``. ``kind`` is ``"fwd"``, the default
+backward's ``"dkdv"`` (BLOCK_M is the inner query tile, BLOCK_N the program's key tile) and ``"dq"``, or
+``"bwd"`` (the opt-in fused backward with atomic dQ, tiles as ``"dkdv"``). Order of precedence:
 
 1. ``FORCE`` (tests set it to get several tiles per dimension at tiny sizes);
 2. the Triton interpreter: 16 x 16 tiles;
 3. the autotuner's result for this key (memory, then ``$ATTNKIT_CACHE_DIR/triton_autotune.json``), when
-   ``ATTNKIT_TRITON_AUTOTUNE`` is not ``0`` and no CUDA graph is being captured;
+   ``ATTNKIT_TRITON_AUTOTUNE`` is not ``0`` and no CUDA graph is being captured (a repeated question is
+   answered from one dict lookup, also inside a capture);
 4. the shipped defaults (``attnkit/data/triton_configs.json``, autotuned on an H200), else the built-in table.
 """
 
