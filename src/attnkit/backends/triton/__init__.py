@@ -161,7 +161,7 @@ class TritonBackend(Backend):
 
     @staticmethod
     def _fused(call: AttentionCall) -> bool:
-        return not call.deterministic and _tuning.fused_backward(call.D, call.Dv)
+        return not call.deterministic and _tuning.fused_backward()
 
     def notes(self, call: AttentionCall) -> list[str]:
         if self._fused(call):

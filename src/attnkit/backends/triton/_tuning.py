@@ -118,7 +118,7 @@ def _usable(kind: str, cfg: Config) -> bool:
     return not (kind == "dq" and cfg[0] > 2 * cfg[1])
 
 
-def fused_backward(D: int, Dv: int) -> bool:
+def fused_backward() -> bool:
     """Whether a non-deterministic backward uses the fused kernel (atomic dQ) instead of the separate dQ
     pass. Never by default: since the backward keeps lse as hi + lo and loads only hi for 16-bit inputs (no
     more register spills in dK/dV), the separate pass was faster at every measured shape, head dims 64 and

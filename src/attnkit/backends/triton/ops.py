@@ -296,7 +296,7 @@ def _triton_bwd(
     Sq, Sk = max_seqlen_q, max_seqlen_k
     lse = stats[0]  # only its layout is used below
     delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)  # rowsum(dO * O) - dLSE
-    fused = not deterministic and _tuning.fused_backward(D, Dv)
+    fused = not deterministic and _tuning.fused_backward()
     # fused: dQ accumulates in fp32 (q's shape, contiguous); float32 inputs accumulate in dq itself
     if fused and q.dtype == torch.float32:
         dq = dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
