@@ -16,9 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.backends.triton import _tuning
-from attnkit.backends.triton._bwd import attn_bwd_dkdv, attn_bwd_dq, bwd_preprocess
-from attnkit.backends.triton._fwd import attn_fwd, dropout_mask_kernel
+from attnkit.backends.triton import _bwd, _fwd, _tuning
+from attnkit.backends.triton._launch import Launch
+
+# every launch goes through Launch: the compiled kernel looked up from the arguments, without Triton's
+# per-launch binding (host time is what short sequences wait on)
+attn_fwd = Launch(_fwd.attn_fwd)
+attn_bwd_dkdv = Launch(_bwd.attn_bwd_dkdv)
+attn_bwd_dq = Launch(_bwd.attn_bwd_dq)
+bwd_preprocess = Launch(_bwd.bwd_preprocess)
+dropout_mask_kernel = _fwd.dropout_mask_kernel
 
 Tensor = torch.Tensor
 
@@ -145,10 +152,11 @@ def _triton_fwd(
     B, Hq, Hk = _sizes(q, k, layout, cu_seqlens_q)
     D, Dv = q.shape[-1], v.shape[-1]
     Sq, Sk = max_seqlen_q, max_seqlen_k
+    # without dropout the kernels never read the state: no fill (a launch of host time) for it
+    rng = draw_rng(q.device) if dropout_p > 0 else torch.empty(2, dtype=torch.int64, device=q.device)
     out = _new(q.shape[:-1] + (Dv,), q)
     lse = _new(_lse_shape(q, layout, B, Hq), q, torch.float32)
     stats = _new((2,) + tuple(lse.shape), q, torch.float32)
-    rng = draw_rng(q.device) if dropout_p > 0 else torch.zeros(2, dtype=torch.int64, device=q.device)
     if out.numel() == 0:
         stats[0].fill_(float("inf"))
         stats[1].fill_(0.0)
@@ -307,7 +315,11 @@ def _triton_bwd(
     dv = _new(v.shape, v)
     b4, sb = _bias4(bias, B, Hq, Sq, Sk)
     bias_grad = bias_grad and bias is not None
-    dbias = torch.zeros((B, Hq, Sq, Sk) if bias_grad else (0,), device=q.device, dtype=torch.float32)
+    dbias = (
+        torch.zeros((B, Hq, Sq, Sk), device=q.device, dtype=torch.float32)
+        if bias_grad
+        else torch.empty((0,), device=q.device, dtype=torch.float32)
+    )
     if q.numel() == 0 or k.numel() == 0:
         for t in (dq, dk, dv):
             t.zero_()
@@ -416,7 +428,7 @@ def _triton_bwd(
             **common,
         )
 
-    def launch_dq(cfg):
+    def launch_dq(cfg, stream=None):
         BM, BN, warps, stages = cfg
         grid = (_cdiv(max(Sq, 1), BM), B * Hq)
         attn_bwd_dq[grid](
@@ -451,6 +463,7 @@ def _triton_bwd(
             REVERSE=has_right and not has_left,
             num_warps=warps,
             num_stages=stages,
+            stream=stream,
             **common,
         )
 
@@ -466,12 +479,12 @@ def _triton_bwd(
         if q.is_cuda and _tuning.concurrent_backward():
             # dQ does not depend on dK/dV: on a side stream its programs fill the SMs that dK/dV's last
             # wave leaves idle (FlexAttention gets the same from one grid of both kinds of program)
+            # (the launch takes the side stream's handle: no stream switch on the host)
             main = torch.cuda.current_stream(q.device)
             side = _side_stream(q.device)
             side.wait_stream(main)
             launch_dkdv(cfg_dkdv)
-            with torch.cuda.stream(side):
-                launch_dq(cfg_dq)
+            launch_dq(cfg_dq, side.cuda_stream)
             main.wait_stream(side)
         else:
             launch_dkdv(cfg_dkdv)
