@@ -516,3 +516,66 @@ def test_larger_bf16(causal):
         requires_grad=True,
     )
     oracle.check_against_oracle(tri, q, k, v, causal=causal, **kw)
+
+
+# -- the Hopper Gluon forward (plain calls on sm_90) --------------------------------------------------------
+def _hopper() -> bool:
+    return HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.fixture
+def gluon_calls(monkeypatch):
+    """A list that grows by one each time the Gluon forward runs (the test skips off Hopper)."""
+    if not _hopper():
+        pytest.skip("the Gluon forward needs sm_90")
+    gluon = ops._gluon()
+    calls, real = [], gluon.try_forward
+
+    def counted(*a, **k):  # counts the calls the Gluon kernel ran
+        res = real(*a, **k)
+        calls.extend([1] if res is not None else [])
+        return res
+
+    monkeypatch.setattr(gluon, "try_forward", counted)
+    return calls
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "layout,Hq,Hk,Sq,Sk,D,causal",
+    [
+        ("bhsd", 4, 4, 256, 256, 128, False),
+        ("bshd", 4, 2, 200, 1152, 64, False),  # GQA, Sq != Sk, a partial query tile
+        ("bhsd", 2, 2, 384, 128, 128, True),  # Sq > Sk: the top rows see no key
+        ("bshd", 6, 3, 333, 512, 128, True),
+        ("bhsd", 2, 1, 1000, 1024, 128, True),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_ids)
+def test_gluon_forward_against_oracle(gluon_calls, layout, Hq, Hk, Sq, Sk, D, causal, dtype):
+    """The plain-call forward takes the Gluon kernel on Hopper (counted), then the Triton backward: both
+    held to the oracle, with gradients."""
+    q, k, v, kw = oracle.make_inputs(
+        layout, B=2, Hq=Hq, Hk=Hk, Sq=Sq, Sk=Sk, D=D, dtype=dtype, device="cuda", requires_grad=True
+    )
+    oracle.check_against_oracle(tri, q, k, v, causal=causal, **kw)
+    assert gluon_calls, "the Gluon forward was not used"
+
+
+@pytest.mark.cuda
+def test_gluon_forward_off_switch_and_fallbacks(gluon_calls, monkeypatch):
+    """ATTNKIT_TRITON_GLUON=0, and calls it does not take (a softcap, Sk not a multiple of 64, head dim 64
+    with a causal mask), go to the plain-Triton forward."""
+    q, k, v, kw = oracle.make_inputs("bhsd", Hq=2, Sq=256, D=128, dtype=torch.bfloat16, device="cuda")
+    tri(q, k, v, softcap=5.0, **kw)
+    q2, k2, v2, kw2 = oracle.make_inputs("bhsd", Hq=2, Sq=200, D=128, dtype=torch.bfloat16, device="cuda")
+    tri(q2, k2, v2, **kw2)
+    q3, k3, v3, kw3 = oracle.make_inputs("bhsd", Hq=2, Sq=2048, D=64, dtype=torch.bfloat16, device="cuda")
+    tri(q3, k3, v3, causal=True, **kw3)
+    assert not gluon_calls
+    monkeypatch.setenv("ATTNKIT_TRITON_GLUON", "0")
+    off = tri(q, k, v, **kw)
+    monkeypatch.delenv("ATTNKIT_TRITON_GLUON")
+    on = tri(q, k, v, **kw)
+    assert len(gluon_calls) == 1
+    torch.testing.assert_close(on, off, atol=2e-2, rtol=2e-2)

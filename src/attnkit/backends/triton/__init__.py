@@ -55,7 +55,7 @@ def _rate(mode: str, head_dim: int, causal: bool) -> float:
     table = _RATES.get(mode + ("_causal" if causal else ""), {}) or _RATES.get(mode, {})
     table = {d: r for d, r in table.items() if d.isdigit()}
     if not table:
-        return {"fwd": 300.0, "fwd_bwd": 180.0}[mode]
+        return {"fwd_bwd": 180.0}.get(mode, 300.0)
     dims = sorted(int(d) for d in table)
     best = min(dims, key=lambda d: (abs(d - head_dim), d))
     return float(table[str(best)])
@@ -139,6 +139,8 @@ class TritonBackend(Backend):
             return 1e6 + call.batch * call.Hq * call.Sq * call.Sk * (call.D + call.Dv) / 1e6
         mode = "fwd_bwd" if call.requires_grad else "fwd"
         causal = call.causal or call.window is not None
+        if mode == "fwd" and self._gluon(call):  # the Hopper kernel; short sequences run below its peak
+            mode = "fwd_gluon_short" if call.Sk <= 1024 else "fwd_gluon"
         rate = _rate(mode, max(call.D, call.Dv), causal) * 1e12
         if call.dtype == torch.float32:
             rate /= 12.0  # exact fp32 dots (no tf32) run on the CUDA cores
@@ -160,6 +162,22 @@ class TritonBackend(Backend):
         return t + 8e-6 * launches
 
     @staticmethod
+    def _gluon(call: AttentionCall) -> bool:
+        plain = call.bias is None and call.alibi_slopes is None and not call.softcap and call.window is None
+        plain = plain and call.dropout_p == 0 and call.device.type == "cuda"
+        return plain and _tuning.gluon_forward_eligible(
+            _capability(call.device),
+            call.layout,
+            call.D,
+            call.Dv,
+            call.dtype,
+            call.Sk,
+            call.causal,
+            True,
+            call.scale,
+        )
+
+    @staticmethod
     def _fused(call: AttentionCall) -> bool:
         return not call.deterministic and _tuning.fused_backward()
 
@@ -170,6 +188,8 @@ class TritonBackend(Backend):
             n = ["backward: dK/dV kernel and a separate dQ pass beside it (no atomics: deterministic)"]
         if call.device.type != "cuda":
             n.append("running in the Triton interpreter: for tests, very slow")
+        elif self._gluon(call):
+            n.append("forward: the Hopper Gluon kernel (TMA producer warp, two consumer warpgroups)")
         return n
 
 

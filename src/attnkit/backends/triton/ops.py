@@ -154,6 +154,18 @@ def _triton_fwd(
     Sq, Sk = max_seqlen_q, max_seqlen_k
     # without dropout the kernels never read the state: no fill (a launch of host time) for it
     rng = draw_rng(q.device) if dropout_p > 0 else torch.empty(2, dtype=torch.int64, device=q.device)
+    # plain calls (causal or not, no other feature) on Hopper: the warp-specialized Gluon kernel
+    plain = bias is None and alibi_slopes is None and softcap <= 0 and dropout_p <= 0
+    plain = plain and window_left < 0 and window_right < 0
+    plain = plain and q.numel() > 0 and k.numel() > 0
+    if q.is_cuda and _tuning.gluon_forward_eligible(
+        _capability(q.device), layout, D, Dv, q.dtype, Sk, causal, plain, scale
+    ):
+        gluon = _gluon()
+        done = gluon.try_forward(q, k, v, layout, scale, causal) if gluon is not None else None
+        if done is not None:  # (strides or alignment a TMA descriptor cannot take: the Triton kernel)
+            out, lse, stats = done
+            return out, lse, rng, stats
     out = _new(q.shape[:-1] + (Dv,), q)
     lse = _new(_lse_shape(q, layout, B, Hq), q, torch.float32)
     stats = _new((2,) + tuple(lse.shape), q, torch.float32)
@@ -230,6 +242,28 @@ def _triton_fwd(
     cfg = _tuning.pick("fwd", D, Dv, q.dtype, flags, Sq, Sk, q.device, launch)
     launch(cfg)
     return out, lse, rng, stats
+
+
+_CAPS: dict = {}
+_GLUON: list = []
+
+
+def _capability(device) -> tuple[int, int]:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPS:
+        _CAPS[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPS[idx]
+
+
+def _gluon():
+    """The Hopper Gluon forward module, or None where this Triton has no Gluon (imported on first use)."""
+    if not _GLUON:
+        try:
+            from attnkit.backends.triton import _gluon_fwd
+        except ImportError:
+            _gluon_fwd = None
+        _GLUON.append(_gluon_fwd)
+    return _GLUON[0]
 
 
 triton_fwd = torch.library.custom_op("attnkit::triton_fwd", mutates_args=())(_triton_fwd)

@@ -1,0 +1,628 @@
+"""Hopper (sm_90a) attention forward in Triton's Gluon dialect: FlashAttention-3 style warp specialization.
+
+One CTA computes BLOCK_M = 128 query rows of one (batch, query head) against every visible key tile.
+Compared with the plain-Triton kernel in ``_fwd.py`` (same outputs: ``out``, natural-log ``lse``, and the
+exact log2 row statistics ``hi + lo == m + log2(l)``), it spells out what the compiler would otherwise
+have to discover.
+
+Partitions (``gl.warp_specialize``)
+    * producer (worker, 1 warp, 24 registers): issues every TMA load. Q once, then K_j and V_j of each
+      visited key tile j into a NUM_STAGES-deep shared-memory ring (slot ``j % NUM_STAGES``).
+    * consumers: wgmma and the online softmax, 240 registers a thread. Warpgroup w owns query rows
+      ``64 w .. 64 w + 63`` of the tile. P feeds the second wgmma from registers (DotOperandLayout,
+      k_width=2), never through shared memory.
+      - SPLIT=False: one consumer, the default partition of 8 warps (num_warps=8); the accumulators use
+        ``NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1])``.
+      - SPLIT=True (the default): two consumers of 4 warps each (num_warps=4), the default partition for
+        rows 0..63 and a worker for rows 64..127, each on its own 64-row slice of the Q tile. They meet
+        only at the ring's mbarriers, so the compiler's partition-wide ``bar.sync`` (before every
+        mbarrier arrive and after it, before the next wait) spans one warpgroup instead of coupling
+        both: one warpgroup's softmax then runs under the other's wgmma (the effect FA3 gets from its
+        explicit ping-pong), worth +10-20% on an H200 at long sequences.
+
+Barrier protocol (``CONSUMERS`` = 2 with SPLIT, else 1)
+    * ``q_bar`` (count 1): the producer's ``expect`` + TMA completes it once; consumers wait phase 0.
+    * ``k_ready[s]`` / ``v_ready[s]`` (count 1): the producer arrives (``expect`` with the tile's byte
+      count) and the TMA's transaction bytes complete the phase; consumers wait parity ``(j // NS) & 1``.
+      K and V have separate barriers so that Q K_j^T can start before V_j has landed.
+    * ``k_empty[s]`` / ``v_empty[s]`` (count CONSUMERS): each consumer arrives once the wgmma that read
+      the slot has been waited for (Triton puts a barrier over the partition's warps before its
+      single-thread arrive, so every warpgroup of that partition is done with it); the producer waits
+      parity ``((j // NS) & 1) ^ 1`` before it refills the slot (a fresh barrier counts its phase "-1"
+      as complete, so the first round passes).
+    Every TMA the producer issues is waited for by the consumer (Q included, even when the tile has no
+    visible key), so no copy is in flight when the CTA exits. The ring is only ever read by wgmma and
+    written by TMA (both async proxy), so it needs no proxy fence.
+
+Intra-warpgroup overlap (OVERLAP=True, FA3 section 3.2)
+    Iteration j issues ``S_{j+1} = Q K_{j+1}^T`` and then ``O += P_j V_j``, both async; waits for
+    ``S_{j+1}`` only (``warpgroup_mma_wait(1)``: groups retire in order), runs the softmax of
+    ``S_{j+1}`` while ``P_j V_j`` is still on the tensor cores, then waits for everything, rescales O by
+    ``alpha_{j+1}`` and releases the slots. Invariant: when ``P_j V_j`` is issued, O and P_j are both
+    relative to the running max through tile j. OVERLAP=False is the plain order (S_j, softmax, O *=
+    alpha, P_j V_j, wait) for comparison.
+
+Tile schedule
+    Causal masking is bottom-right aligned (``off = Sk - Sq``; row i sees key j iff ``j <= i + off``).
+    Only tiles with a visible key for some row are visited: ``n_tiles`` of them, the first ``n_full``
+    fully visible (no mask arithmetic at all) and the rest, last in the loop, masked. Rows that see no
+    key end with ``m = -inf``, ``l = 0``: out 0, lse -inf, hi +inf, lo 0. Sk is a multiple of BLOCK_N, so
+    a K/V tile never crosses a sequence end; rows past Sq are computed (on whatever Q rows the TMA box
+    covers, zero past the tensor's end) and never stored.
+
+Softmax in log2 units: ``p = exp2(s * c - m)`` with ``c = scale * log2(e)`` (one FMA per score), fp32
+statistics and accumulators.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+LOG2E = 1.4426950408889634
+LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
+
+BLOCK_M = 128
+NUM_WARPS = 8  # the consumer: two warpgroups of 64 query rows each (one partition, or two when SPLIT)
+PRODUCER_REGS: gl.constexpr = gl.constexpr(24)  # the TMA warp needs only scalars
+CONSUMER_REGS: gl.constexpr = gl.constexpr(240)  # the second consumer warpgroup when SPLIT
+MAXNREG = 168  # 12 warps (8 consumer + the producer's warpgroup) * 32 * 168 <= 64K: consumers get 240 each
+HEAD_DIMS = (64, 128)
+DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+# --------------------------------------------------------------------------------------------- device
+
+
+@gluon.jit
+def two_sum(a, b):
+    """(hi, lo) with hi = fl(a + b) and hi + lo == a + b exactly (Knuth's TwoSum, as in ``_fwd.py``)."""
+    hi = a + b
+    bb = hi - a
+    lo = (a - (hi - bb)) + (b - bb)
+    return hi, lo
+
+
+@gluon.jit
+def _producer(descs, bufs, coords, n_tiles, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """1 warp: TMA loads of Q (once) and of K_j, V_j into ring slot j % NUM_STAGES."""
+    q_desc, k_desc, v_desc = descs
+    q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty = bufs
+    q_row, q_col, k_row, k_col = coords
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem)
+    for j in range(n_tiles):
+        s = j % NUM_STAGES
+        phase = (j // NUM_STAGES) & 1
+        row = k_row + j * BLOCK_N
+        # the slot's previous tile (j - NUM_STAGES) must have been released by the consumer
+        mbarrier.wait(k_empty.index(s), phase ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row, k_col], k_ready.index(s), k_smem.index(s))
+        mbarrier.wait(v_empty.index(s), phase ^ 1)
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [row, k_col], v_ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _softmax_tile(s, m_i, l_i, row_lim, col0, c, BLOCK_N: gl.constexpr, MASK: gl.constexpr):
+    """Online-softmax update with the raw scores ``s`` (BLOCK_M, BLOCK_N) of the key tile at ``col0``.
+
+    ``m_i`` (running max, log2 units) and ``l_i`` (running sum) are (BLOCK_M,) in the row slice of s's
+    layout; ``row_lim[r] = i_r + off`` is the last key row r sees (used only when MASK). Returns
+    (p fp32 (BLOCK_M, BLOCK_N), alpha = exp2(m_old - m_new) (BLOCK_M,), m_new, l_new).
+    """
+    if MASK:
+        cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))  # (BLOCK_N,)
+        s = gl.where(cols[None, :] <= row_lim[:, None], s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * c)  # c > 0: max of the scaled scores
+    if MASK:
+        # a row with no visible key so far keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new  # every row of an unmasked tile has a finite score
+    p = gl.exp2(s * c - m_use[:, None])  # (BLOCK_M, BLOCK_N), one FMA + ex2 per score
+    alpha = gl.exp2(m_i - m_use)  # (BLOCK_M,), 0 on the first visited tile (m_i = -inf)
+    l_new = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_new
+
+
+@gluon.jit
+def _overlap_step(
+    j,
+    o,
+    p,
+    m_i,
+    l_i,
+    row_lim,
+    c,
+    q_smem,
+    k_smem,
+    v_smem,
+    k_ready,
+    k_empty,
+    v_ready,
+    v_empty,
+    s_layout: gl.constexpr,
+    o_layout: gl.constexpr,
+    p_layout: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    NUM_STAGES: gl.constexpr,
+    MASK: gl.constexpr,
+):
+    """One FA3 iteration: S_{j+1} = Q K_{j+1}^T and O += P_j V_j in flight, softmax(S_{j+1}) under PV_j.
+
+    In: O (BLOCK_M, D) and P_j (BLOCK_M, BLOCK_N) relative to the running max through tile j. Out: O
+    including tile j and P_{j+1}, both relative to the max through tile j + 1. MASK applies to tile j + 1.
+    """
+    jn = j + 1
+    sn = jn % NUM_STAGES
+    sc = j % NUM_STAGES
+    mbarrier.wait(k_ready.index(sn), (jn // NUM_STAGES) & 1)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(sn).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    mbarrier.wait(v_ready.index(sc), (j // NUM_STAGES) & 1)
+    o_tok = warpgroup_mma(p, v_smem.index(sc), o, is_async=True)
+    s = warpgroup_mma_wait(1, deps=(s_tok,))  # (BLOCK_M, BLOCK_N); groups retire in order: S done
+    mbarrier.arrive(k_empty.index(sn))
+    p_new, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, row_lim, jn * BLOCK_N, c, BLOCK_N, MASK)
+    p_new = gl.convert_layout(p_new.to(q_smem.dtype), p_layout)  # registers: the next wgmma's A
+    o, p = warpgroup_mma_wait(0, deps=(o_tok, p))  # P_j stays live until its wgmma is done
+    mbarrier.arrive(v_empty.index(sc))
+    alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+    o = o * alpha_o[:, None]
+    return o, p_new, m_i, l_i
+
+
+@gluon.jit
+def _serial_step(
+    j,
+    o,
+    m_i,
+    l_i,
+    row_lim,
+    c,
+    q_smem,
+    k_smem,
+    v_smem,
+    k_ready,
+    k_empty,
+    v_ready,
+    v_empty,
+    s_layout: gl.constexpr,
+    o_layout: gl.constexpr,
+    p_layout: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    NUM_STAGES: gl.constexpr,
+    MASK: gl.constexpr,
+):
+    """Tile j without overlap: S_j, softmax, O *= alpha, O += P_j V_j, each waited for."""
+    sc = j % NUM_STAGES
+    phase = (j // NUM_STAGES) & 1
+    mbarrier.wait(k_ready.index(sc), phase)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(sc).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s_tok,))  # (BLOCK_M, BLOCK_N)
+    mbarrier.arrive(k_empty.index(sc))
+    p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, row_lim, j * BLOCK_N, c, BLOCK_N, MASK)
+    p = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+    alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+    o = o * alpha_o[:, None]
+    mbarrier.wait(v_ready.index(sc), phase)
+    o_tok = warpgroup_mma(p, v_smem.index(sc), o, is_async=True)
+    o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
+    mbarrier.arrive(v_empty.index(sc))
+    return o, m_i, l_i
+
+
+@gluon.jit
+def _consumer(
+    bufs,
+    work,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    HEAD_D: gl.constexpr,
+    NUM_STAGES: gl.constexpr,
+    OVERLAP: gl.constexpr,
+    WG: gl.constexpr,
+    WARPS: gl.constexpr,
+):
+    """wgmma + online softmax over the visited key tiles, then the epilogue (masked stores).
+
+    WARPS = 8: the only consumer, all BLOCK_M rows (each warpgroup 64 of them). WARPS = 4 (SPLIT): one of
+    two consumer partitions, rows ``64 WG .. 64 WG + 63`` of the tile, synchronised with the other only
+    through the mbarriers (the compiler's partition-wide barriers then span one warpgroup, not two).
+    """
+    q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty = bufs
+    Out, Lse, Stats, o_base, stride_os, row_base, stats_stride, m0, off, SQ, c, n_tiles, n_full = work
+    ROWS: gl.constexpr = 16 * WARPS  # rows this partition owns: 16 per warp
+    # each warpgroup owns 64 rows; the wgmma N is the whole tile (BLOCK_N for S, HEAD_D for O)
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEAD_D, 16]
+    )
+    if ROWS < BLOCK_M:
+        q_smem = q_smem.slice(WG * ROWS, ROWS)  # (ROWS, HEAD_D): this warpgroup's query rows
+    m0 = m0 + WG * ROWS
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    o = gl.zeros([ROWS, HEAD_D], gl.float32, o_layout)  # (ROWS, HEAD_D)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)  # (ROWS,) log2 units
+    l_i = gl.zeros([ROWS], gl.float32, row_s)  # (ROWS,)
+    rows = m0 + gl.arange(0, ROWS, layout=row_s)  # (ROWS,) query rows in the sequence
+    row_lim = rows + off  # (ROWS,) the last key row each query row sees (causal)
+
+    mbarrier.wait(q_bar, 0)  # always: no TMA may be in flight when the CTA exits
+    if OVERLAP:
+        if n_tiles > 0:
+            # prologue: S_0 and its softmax, nothing to overlap with yet
+            mbarrier.wait(k_ready.index(0), 0)
+            s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+            s_tok = warpgroup_mma(
+                q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True
+            )
+            s = warpgroup_mma_wait(0, deps=(s_tok,))  # (ROWS, BLOCK_N)
+            mbarrier.arrive(k_empty.index(0))
+            if n_full > 0:
+                p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, row_lim, 0, c, BLOCK_N, False)
+            else:
+                p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, row_lim, 0, c, BLOCK_N, True)
+            p = gl.convert_layout(p.to(q_smem.dtype), p_layout)  # (ROWS, BLOCK_N) wgmma A operand
+            # steady state: iteration j computes S_{j+1}; tiles 1 .. n_full - 1 unmasked, the rest masked
+            split = gl.maximum(n_full - 1, 0)
+            for j in range(0, split):
+                o, p, m_i, l_i = _overlap_step(
+                    j, o, p, m_i, l_i, row_lim, c, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
+                    v_empty, s_layout, o_layout, p_layout, ROWS, BLOCK_N, NUM_STAGES, False,
+                )  # fmt: skip
+            for j in range(split, n_tiles - 1):
+                o, p, m_i, l_i = _overlap_step(
+                    j, o, p, m_i, l_i, row_lim, c, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
+                    v_empty, s_layout, o_layout, p_layout, ROWS, BLOCK_N, NUM_STAGES, True,
+                )  # fmt: skip
+            # drain: O += P_last V_last
+            jl = n_tiles - 1
+            sl = jl % NUM_STAGES
+            mbarrier.wait(v_ready.index(sl), (jl // NUM_STAGES) & 1)
+            o_tok = warpgroup_mma(p, v_smem.index(sl), o, is_async=True)
+            o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
+            mbarrier.arrive(v_empty.index(sl))
+    else:
+        for j in range(0, n_full):
+            o, m_i, l_i = _serial_step(
+                j, o, m_i, l_i, row_lim, c, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                s_layout, o_layout, p_layout, ROWS, BLOCK_N, NUM_STAGES, False,
+            )  # fmt: skip
+        for j in range(n_full, n_tiles):
+            o, m_i, l_i = _serial_step(
+                j, o, m_i, l_i, row_lim, c, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                s_layout, o_layout, p_layout, ROWS, BLOCK_N, NUM_STAGES, True,
+            )  # fmt: skip
+
+    # ---- epilogue: normalise, stage O through Q's (now dead) shared tile for 16-byte row stores
+    has_key = l_i > 0.0  # (BLOCK_M,)
+    l_safe = gl.where(has_key, l_i, 1.0)
+    log2_l = gl.log2(l_safe)
+    inv = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout))
+    o = o * inv[:, None]  # rows without a visible key accumulated exact zeros
+    q_smem.store(o.to(q_smem.dtype))
+    VEC: gl.constexpr = 8  # 16 bytes of a 16-bit type per thread
+    TPW_N: gl.constexpr = HEAD_D // VEC if HEAD_D // VEC < 32 else 32
+    st_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPW_N, TPW_N], [WARPS, 1], [1, 0])
+    o_st = q_smem.load(st_layout)  # (ROWS, HEAD_D)
+    rows_st = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, st_layout))
+    cols_st = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, st_layout))
+    o_ptrs = Out + o_base + rows_st.to(gl.int64)[:, None] * stride_os + cols_st[None, :]
+    gl.store(o_ptrs, o_st, mask=rows_st[:, None] < SQ)
+
+    lse = gl.where(has_key, (m_i + log2_l) * LN2, float("-inf"))  # natural log
+    hi, lo = two_sum(m_i, log2_l)  # log2 units, exact: the backward recomputes p = exp2(s - hi - lo)
+    row_mask = rows < SQ
+    gl.store(Lse + row_base + rows, lse, mask=row_mask)
+    gl.store(Stats + row_base + rows, gl.where(has_key, hi, float("inf")), mask=row_mask)
+    gl.store(Stats + stats_stride + row_base + rows, gl.where(has_key, lo, 0.0), mask=row_mask)
+
+
+@gluon.jit(do_not_specialize=["Hq", "Hk", "GROUP", "SQ", "SK"])  # one compile serves every shape
+def _attn_fwd_ws(
+    q_desc,
+    k_desc,
+    v_desc,
+    Out,
+    Lse,
+    Stats,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    Hq,
+    Hk,
+    GROUP,
+    SQ,
+    SK,
+    c,
+    BSHD: gl.constexpr,
+    CAUSAL: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    HEAD_D: gl.constexpr,
+    NUM_STAGES: gl.constexpr,
+    OVERLAP: gl.constexpr,
+    SPLIT: gl.constexpr,
+):
+    pid_m = gl.program_id(0)
+    if CAUSAL:  # load balance: the longest rows (last query tiles) start first
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    bh = gl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    off = SK - SQ
+
+    # key tiles [0, n_tiles) have a visible key for some row; [0, n_full) are visible to every row
+    if CAUSAL:
+        m1 = gl.minimum(m0 + BLOCK_M, SQ) - 1  # last real row of the tile
+        hi = gl.minimum(gl.maximum(m1 + off + 1, 0), SK)
+        n_tiles = (hi + BLOCK_N - 1) // BLOCK_N
+        n_full = gl.minimum(gl.maximum(m0 + off + 1, 0) // BLOCK_N, n_tiles)
+    else:
+        n_tiles = SK // BLOCK_N
+        n_full = n_tiles
+
+    # 2D TMA coordinates: bhsd flattens to (B*H*S, D) rows, bshd to (B*S, H*D) with column h*D
+    if BSHD:
+        q_row = b * SQ + m0
+        q_col = h * HEAD_D
+        k_row = b * SK
+        k_col = hk * HEAD_D
+    else:
+        q_row = bh * SQ + m0
+        q_col = 0
+        k_row = (b * Hk + hk) * SK
+        k_col = 0
+    o_base = b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+    row_base = bh.to(gl.int64) * SQ  # lse (B, Hq, Sq) and stats (2, B, Hq, Sq), contiguous
+    stats_stride = gl.num_programs(1).to(gl.int64) * SQ
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_desc.layout)  # (BLOCK_M, HEAD_D)
+    k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_D], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    CONSUMERS: gl.constexpr = 2 if SPLIT else 1  # arrivals that free a ring slot
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
+
+    bufs = (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty)
+    work = (Out, Lse, Stats, o_base, stride_os, row_base, stats_stride, m0, off, SQ, c, n_tiles, n_full)
+    descs = (q_desc, k_desc, v_desc)
+    coords = (q_row, q_col, k_row, k_col)
+    if SPLIT:  # two 4-warp consumers (launched with num_warps=4) + the TMA warp
+        gl.warp_specialize(
+            [
+                (_consumer, (bufs, work, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES, OVERLAP, 0, 4)),
+                (_consumer, (bufs, work, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES, OVERLAP, 1, 4)),
+                (_producer, (descs, bufs, coords, n_tiles, BLOCK_N, NUM_STAGES)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )
+    else:  # one 8-warp consumer (num_warps=8) + the TMA warp
+        gl.warp_specialize(
+            [
+                (_consumer, (bufs, work, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES, OVERLAP, 0, 8)),
+                (_producer, (descs, bufs, coords, n_tiles, BLOCK_N, NUM_STAGES)),
+            ],
+            [1],
+            [PRODUCER_REGS],
+        )
+
+
+# ----------------------------------------------------------------------------------------------- host
+
+
+def default_cfg(head_dim: int, seqlen_k: int, causal: bool) -> tuple[int, int, bool, bool]:
+    """(BLOCK_N, NUM_STAGES, OVERLAP, SPLIT): the widest key tile Sk allows, a 3-deep ring past 1K keys,
+    the FA3 overlap, two consumer partitions (the best or within noise of it on an H200 for
+    D in {64, 128}, S in {512, 4K, 16K}, causal or not)."""
+    block_n = 128 if seqlen_k % 128 == 0 else 64
+    stages = 3 if seqlen_k > 1024 else 2
+    return block_n, stages, True, True
+
+
+def _full_cfg(cfg, head_dim: int, seqlen_k: int, causal: bool) -> tuple[int, int, bool, bool]:
+    """A cfg of 3 (BLOCK_N, NUM_STAGES, OVERLAP) or 4 (+ SPLIT) entries, or None for the default."""
+    if cfg is None:
+        return default_cfg(head_dim, seqlen_k, causal)
+    cfg = tuple(cfg)
+    return (int(cfg[0]), int(cfg[1]), bool(cfg[2]), bool(cfg[3]) if len(cfg) > 3 else False)
+
+
+def _smem_bytes(head_dim: int, block_n: int, stages: int, elem: int = 2) -> int:
+    return (BLOCK_M * head_dim + 2 * stages * block_n * head_dim) * elem + 1024
+
+
+def _flat2d(t: torch.Tensor, layout: str):
+    """The 2D (rows, cols) view the TMA descriptors walk, or None if the strides do not allow it."""
+    B, d1, d2, D = t.shape
+    try:
+        # bhsd: (B, H, S, D) -> (B*H*S, D); bshd: (B, S, H, D) -> (B*S, H*D)
+        return t.view(B * d1 * d2, D) if layout == "bhsd" else t.view(B * d1, d2 * D)
+    except RuntimeError:
+        return None
+
+
+def supported(q, k, v, layout, causal, **unsupported_features) -> str | None:
+    """None if :func:`gluon_forward` can run these inputs, else a short reason.
+
+    Keyword arguments: ``cfg`` (checked against Sk and shared memory), ``scale`` (must be > 0), and any
+    feature (bias, softcap, dropout_p, window, ...) which must be absent (None / False / 0).
+    """
+    cfg = unsupported_features.pop("cfg", None)
+    scale = unsupported_features.pop("scale", None)
+    for name, val in unsupported_features.items():
+        absent = val is None or val is False or (isinstance(val, (int, float)) and val == 0)
+        if not absent and not (isinstance(val, (tuple, list)) and all(x in (None, -1) for x in val)):
+            return f"gluon forward does not support {name}"
+    if layout not in ("bhsd", "bshd"):
+        return f"layout {layout!r} (bhsd or bshd only)"
+    if not (q.is_cuda and k.is_cuda and v.is_cuda):
+        return "needs CUDA tensors"
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "needs sm_90 (H100/H200): wgmma, TMA and setmaxnreg"
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return "dtype must be bf16 or fp16, the same for q, k, v"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "needs 4-d q, k, v"
+    if scale is not None and not scale > 0:
+        return "scale must be > 0"
+    hd = 1 if layout == "bhsd" else 2
+    sd = 3 - hd
+    B, Hq, Sq, D = q.shape[0], q.shape[hd], q.shape[sd], q.shape[3]
+    Hk, Sk = k.shape[hd], k.shape[sd]
+    if k.shape != v.shape or k.shape[0] != B:
+        return "k and v must have the same shape and batch as q"
+    if D not in HEAD_DIMS or v.shape[3] != D or k.shape[3] != D:
+        return f"head dim {D} (q) / {v.shape[3]} (v): needs D == Dv in {HEAD_DIMS}"
+    if Hk == 0 or Hq % Hk:
+        return "Hq must be a multiple of Hk"
+    if Sq < 1 or Sk < 1:
+        return "empty sequence"
+    if B * Hq > 65535:
+        return "B * Hq > 65535 (grid dimension 1)"
+    block_n, stages, _, _ = _full_cfg(cfg, D, Sk, causal)
+    if Sk % block_n:
+        return f"Sk = {Sk} is not a multiple of BLOCK_N = {block_n}"
+    if _smem_bytes(D, block_n, stages) > 227 * 1024:
+        return f"cfg {cfg} needs more shared memory than sm_90 has"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(3) != 1:
+            return f"{name}'s last dim must have unit stride"
+        flat = _flat2d(t, layout)
+        if flat is None:
+            return f"{name}'s strides do not flatten to 2D rows for TMA"
+        if t.data_ptr() % 16 or (flat.stride(0) * t.element_size()) % 16:
+            return f"{name} needs a 16-byte aligned base and row stride"
+    return None
+
+
+_SMEM_LAYOUTS: dict = {}
+
+
+def _smem_layout(block_rows: int, D: int, dtype: torch.dtype):
+    key = (block_rows, D, dtype)
+    if key not in _SMEM_LAYOUTS:  # building one costs ~6 us: once per tile shape
+        _SMEM_LAYOUTS[key] = gl.NVMMASharedLayout.get_default_for([block_rows, D], DTYPES[dtype])
+    return _SMEM_LAYOUTS[key]
+
+
+def _descriptor(t: torch.Tensor, layout: str, block_rows: int, flat=None):
+    flat = _flat2d(t, layout) if flat is None else flat
+    D = t.shape[3]
+    smem_layout = _smem_layout(block_rows, D, t.dtype)
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [block_rows, D], smem_layout)
+
+
+def try_forward(q, k, v, layout: str, scale: float, causal: bool):
+    """:func:`gluon_forward` for a call the caller has already found eligible (sm_90, bhsd/bshd, 16-bit,
+    D == Dv in HEAD_DIMS, Sk a multiple of 64, Hq a multiple of Hk, no other feature: see
+    ``_tuning.gluon_forward_eligible``); checks only what that cannot know (strides, alignment, grid
+    size) and returns None where they do not fit, instead of raising. The library's per-call path: the
+    full :func:`supported` costs tens of microseconds a call."""
+    hd = 1 if layout == "bhsd" else 2
+    B, Hq, Sq = q.shape[0], q.shape[hd], q.shape[3 - hd]
+    Sk = k.shape[3 - hd]
+    if B * Hq > 65535 or Sq < 1 or Sk < 1:
+        return None
+    flats = []
+    for t in (q, k, v):
+        flat = _flat2d(t, layout)
+        if flat is None or t.data_ptr() % 16 or (flat.stride(0) * t.element_size()) % 16:
+            return None
+        flats.append(flat)
+    return _launch(q, k, v, layout, scale, causal, _full_cfg(None, q.shape[3], Sk, causal), flats)
+
+
+def gluon_forward(q, k, v, layout: str, scale: float, causal: bool, cfg=None):
+    """Attention forward on Hopper: (out in q's layout and shape, lse (B, Hq, Sq) float32, stats (2, B, Hq,
+    Sq) float32 with stats[0] + stats[1] == m + log2(l) exactly).
+
+    ``cfg`` = (BLOCK_N, NUM_STAGES, OVERLAP[, SPLIT]) or None for :func:`default_cfg`; SPLIT runs the two
+    consumer warpgroups as two partitions instead of one 8-warp partition."""
+    why = supported(q, k, v, layout, causal, cfg=cfg, scale=scale)
+    if why is not None:
+        raise ValueError(f"gluon_forward: {why}")
+    Sk = k.shape[2 if layout == "bhsd" else 1]
+    return _launch(q, k, v, layout, scale, causal, _full_cfg(cfg, q.shape[3], Sk, causal))
+
+
+def _launch(q, k, v, layout, scale, causal, cfg, flats=(None, None, None)):
+    hd = 1 if layout == "bhsd" else 2
+    sd = 3 - hd
+    B, Hq, Sq, D = q.shape[0], q.shape[hd], q.shape[sd], q.shape[3]
+    Hk, Sk = k.shape[hd], k.shape[sd]
+    block_n, stages, overlap, split = cfg
+
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    stats = torch.empty((2, B, Hq, Sq), dtype=torch.float32, device=q.device)
+    so = out.stride()
+    stride_ob, stride_oh, stride_os = (so[0], so[1], so[2]) if layout == "bhsd" else (so[0], so[2], so[1])
+
+    q_desc = _descriptor(q, layout, BLOCK_M, flats[0])
+    k_desc = _descriptor(k, layout, block_n, flats[1])
+    v_desc = _descriptor(v, layout, block_n, flats[2])
+    grid = (triton.cdiv(Sq, BLOCK_M), B * Hq)
+    _attn_fwd_ws[grid](
+        q_desc,
+        k_desc,
+        v_desc,
+        out,
+        lse,
+        stats,
+        stride_ob,
+        stride_oh,
+        stride_os,
+        Hq,
+        Hk,
+        Hq // Hk,
+        Sq,
+        Sk,
+        scale * LOG2E,
+        BSHD=layout == "bshd",
+        CAUSAL=bool(causal),
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=block_n,
+        HEAD_D=D,
+        NUM_STAGES=stages,
+        OVERLAP=overlap,
+        SPLIT=split,
+        num_warps=4 if split else NUM_WARPS,
+        maxnreg=MAXNREG,
+    )
+    return out, lse, stats
+
+
+__all__ = ["default_cfg", "gluon_forward", "supported", "try_forward"]
