@@ -1,8 +1,11 @@
-"""Is backend="auto" as fast as the backend it picks? Alternates raw SDPA (cuDNN) and attnkit auto on the
-same inputs several times (clock drift shows as spread between repeats) and prints auto's choice.
+"""Is backend="auto" as fast as the backend it picks? Alternates raw SDPA (cuDNN), attnkit auto and attnkit
+pinned to cuDNN on the same inputs several times (clock drift shows as spread between repeats) and prints
+auto's choice. Forward by default; ``fwd_bwd`` times forward+backward; ``nc`` drops the causal mask.
 
-    PYTHONPATH=src python3 scripts/gpu_auto_check.py
+    PYTHONPATH=src python3 scripts/gpu_auto_check.py [fwd_bwd] [nc]
 """
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -12,26 +15,41 @@ from triton.testing import do_bench
 import attnkit
 
 
-def check(B, H, S, D):
-    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    print(B, H, S, D, "causal: auto picks", attnkit.explain(q, k, v, causal=True).chosen)
+def check(B, H, S, D, causal, backward):
+    q, k, v = (
+        torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward) for _ in range(3)
+    )
+    do = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
+    print(B, H, S, D, f"causal={causal} backward={backward}: auto picks",
+          attnkit.explain(q, k, v, causal=causal).chosen)  # fmt: skip
+
+    def timed(f):
+        def go():
+            out = f()
+            if backward:
+                torch.autograd.grad(out, (q, k, v), do)
+
+        return go
 
     def raw():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-    def auto():
-        return attnkit.attention(q, k, v, causal=True)
-
-    def pinned():
-        return attnkit.attention(q, k, v, causal=True, backend="sdpa_cudnn")
-
+    fns = (
+        ("raw_cudnn", timed(raw)),
+        ("auto", timed(lambda: attnkit.attention(q, k, v, causal=causal))),
+        ("ak_cudnn", timed(lambda: attnkit.attention(q, k, v, causal=causal, backend="sdpa_cudnn"))),
+    )
     for rep in range(3):
-        fns = (("raw_cudnn", raw), ("auto", auto), ("ak_cudnn", pinned))
         t = {n: do_bench(f, warmup=25, rep=100, return_mode="median") for n, f in fns}
-        ratio = round(t["raw_cudnn"] / t["auto"], 3)
-        print("  rep", rep, {n: round(x, 4) for n, x in t.items()}, "auto/raw", ratio)
+        print(
+            "  rep",
+            rep,
+            {n: round(x, 4) for n, x in t.items()},
+            "raw/auto",
+            round(t["raw_cudnn"] / t["auto"], 3),
+        )
 
 
 for shape in [(4, 16, 4096, 128), (1, 16, 16384, 128)]:
-    check(*shape)
+    check(*shape, causal="nc" not in sys.argv, backward="fwd_bwd" in sys.argv)
