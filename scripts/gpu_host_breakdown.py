@@ -96,6 +96,61 @@ def threads_and_engine(q, k, v, do, fwd_bwd):
         print(f"  {e.key[:60]}: {e.self_device_time_total / 20:.1f} us, {e.count / 20:.0f} per call")
 
 
+def split_fwd_bwd(q, k, v, do, n=300):
+    """Where a forward+backward's host time goes when the graph is built and freed every call: the
+    forward call, the ``autograd.grad`` call, and inside them our op bodies (wrapped with timers)."""
+    import gc
+    import os
+
+    spent = {"_triton_fwd": 0.0, "_triton_bwd": 0.0}
+    real = {name: getattr(ops, name) for name in spent}
+
+    def timed(name):
+        def go(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return real[name](*a, **kw)
+            finally:
+                spent[name] += time.perf_counter() - t
+
+        return go
+
+    def run(label, backward):
+        for name in spent:
+            spent[name] = 0.0
+        t_f = t_b = 0.0
+        for i in range(n + 20):
+            if i == 20:
+                torch.cuda.synchronize()
+                t_f = t_b = 0.0
+                for name in spent:
+                    spent[name] = 0.0
+            t0 = time.perf_counter()
+            out = attnkit.attention(q, k, v, causal=True, backend="triton")
+            t1 = time.perf_counter()
+            backward(out)
+            t_b += time.perf_counter() - t1
+            t_f += t1 - t0
+        torch.cuda.synchronize()
+        body = ", ".join(f"{k_} {v_ / n * 1e6:.0f}" for k_, v_ in spent.items())
+        print(f"{label}: forward call {t_f / n * 1e6:.0f} us, backward call {t_b / n * 1e6:.0f} us ({body})")
+
+    for name in spent:
+        setattr(ops, name, timed(name))
+    try:
+        run("autograd.grad", lambda out: torch.autograd.grad(out, (q, k, v), do))
+        run("out.backward", lambda out: out.backward(do))
+        os.environ["ATTNKIT_TRITON_BWD_STREAMS"] = "0"
+        run("autograd.grad, no side stream", lambda out: torch.autograd.grad(out, (q, k, v), do))
+        del os.environ["ATTNKIT_TRITON_BWD_STREAMS"]
+        gc.disable()
+        run("autograd.grad, gc off", lambda out: torch.autograd.grad(out, (q, k, v), do))
+        gc.enable()
+    finally:
+        for name in spent:
+            setattr(ops, name, real[name])
+
+
 def time_launch(fn, grid, args, kwargs) -> dict:
     """Host us of one launch: whole, binder, cache key, current stream, and the compiled launcher alone."""
     from triton import knobs
@@ -156,6 +211,7 @@ def main():
         for name in names:
             getattr(ops, name).fast = fast
         print(f"fwd+bwd, Launch fast path {'on' if fast else 'off'}: {per_call(fwd_bwd, 1000):.0f} us")
+    split_fwd_bwd(q, k, v, do)
     threads_and_engine(q, k, v, do, fwd_bwd)
     side = torch.cuda.Stream()
     main_s = torch.cuda.current_stream()
