@@ -23,18 +23,10 @@ from attnkit.backends.triton import _tuning
 
 _MAX_HEAD_DIM = 256
 _INT32 = 2**31 - 1
-_CAPS: dict[int, tuple[int, int]] = {}
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _capability(device: torch.device) -> tuple[int, int]:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _CAPS:
-        _CAPS[idx] = torch.cuda.get_device_capability(idx)
-    return _CAPS[idx]
 
 
 def _rates() -> dict:
@@ -77,7 +69,7 @@ class TritonBackend(Backend):
         if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             r.append(f"dtype {call.dtype} not supported (float16, bfloat16, float32)")
         if call.device.type == "cuda":
-            if _capability(call.device) < (8, 0):
+            if _tuning.capability(call.device) < (8, 0):
                 r.append("needs a GPU of compute capability >= 8.0")
         elif not _interpreting():
             r.append(f"tensors on {call.device.type}: needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
@@ -166,7 +158,7 @@ class TritonBackend(Backend):
         plain = call.bias is None and call.alibi_slopes is None and not call.softcap and call.window is None
         plain = plain and call.dropout_p == 0 and call.device.type == "cuda"
         return plain and _tuning.gluon_forward_eligible(
-            _capability(call.device),
+            _tuning.capability(call.device),
             call.layout,
             call.D,
             call.Dv,

@@ -18,8 +18,8 @@ arguments:
 
 A key seen for the first time goes through Triton's own path (which compiles if needed) and the kernel it
 returns is remembered. The fast path is skipped under the interpreter, with launch hooks set (profilers),
-when arguments are not laid out as expected, and when a ``stream`` handle is not given and cannot be
-looked up cheaply; each such launch is simply Triton's.
+and when arguments are not laid out as expected (a constexpr passed by position, a default left to Triton);
+each such launch is simply Triton's.
 """
 
 from __future__ import annotations

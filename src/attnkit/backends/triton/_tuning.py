@@ -146,6 +146,17 @@ def concurrent_backward() -> bool:
     return os.environ.get("ATTNKIT_TRITON_BWD_STREAMS", "1") == "1"
 
 
+_CAPS: dict[int, tuple[int, int]] = {}
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device, asked of the driver once per device."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPS:
+        _CAPS[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPS[idx]
+
+
 def gluon_forward_eligible(
     capability: tuple[int, int],
     layout: str,

@@ -159,7 +159,7 @@ def _triton_fwd(
     plain = plain and window_left < 0 and window_right < 0
     plain = plain and q.numel() > 0 and k.numel() > 0
     if q.is_cuda and _tuning.gluon_forward_eligible(
-        _capability(q.device), layout, D, Dv, q.dtype, Sk, causal, plain, scale
+        _tuning.capability(q.device), layout, D, Dv, q.dtype, Sk, causal, plain, scale
     ):
         gluon = _gluon()
         done = gluon.try_forward(q, k, v, layout, scale, causal) if gluon is not None else None
@@ -244,15 +244,7 @@ def _triton_fwd(
     return out, lse, rng, stats
 
 
-_CAPS: dict = {}
 _GLUON: list = []
-
-
-def _capability(device) -> tuple[int, int]:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _CAPS:
-        _CAPS[idx] = torch.cuda.get_device_capability(idx)
-    return _CAPS[idx]
 
 
 def _gluon():
