@@ -1,6 +1,7 @@
 """attnkit's own host (Python) time per triton-backend call, on a machine without a GPU: the Triton
 interpreter path with every kernel launch stubbed out, so what is left is normalization, dispatch, the
-launchers' argument building, autograd and allocation. Prints us per call, then a cProfile of fwd+bwd.
+launchers' argument building, autograd and allocation. Prints us per call (median of 7 rounds), then a
+cProfile of fwd+bwd.
 
     python scripts/host_overhead_cpu.py
 
@@ -10,6 +11,7 @@ The GPU-side launch cost (Triton's launcher, the driver) is not in this number: 
 import cProfile
 import os
 import pstats
+import statistics
 import time
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -44,13 +46,22 @@ def fwd_bwd():
     return torch.autograd.grad(out, (q, k, v), do)
 
 
-for name, fn in (("fwd nograd", fwd_nograd), ("fwd grad", fwd), ("fwd_bwd", fwd_bwd)):
+# the three loops take turns, 7 rounds of 300 calls each: the median round is the number (a busy machine
+# moves single rounds by 10-30%), the fastest one is shown beside it
+ROUNDS, CALLS = 7, 300
+cases = (("fwd nograd", fwd_nograd), ("fwd grad", fwd), ("fwd_bwd", fwd_bwd))
+times: dict[str, list[float]] = {name: [] for name, _ in cases}
+for _, fn in cases:
     for _ in range(20):
         fn()
-    t = time.perf_counter()
-    for _ in range(300):
-        fn()
-    print(name, f"{(time.perf_counter() - t) / 300 * 1e6:.0f} us")
+for _ in range(ROUNDS):
+    for name, fn in cases:
+        t = time.perf_counter()
+        for _ in range(CALLS):
+            fn()
+        times[name].append((time.perf_counter() - t) / CALLS * 1e6)
+for name, ts in times.items():
+    print(name, f"{statistics.median(ts):.0f} us (fastest round {min(ts):.0f})")
 pr = cProfile.Profile()
 pr.enable()
 for _ in range(300):

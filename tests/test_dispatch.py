@@ -104,6 +104,72 @@ def test_auto_only_chooses_capable_backends():
         assert chosen.available()[0]
 
 
+def _cache_variants():
+    """(label, q, k, v, kwargs, grad_enabled): calls that differ from the first in one input each that a
+    backend's why_not or cost reads."""
+    q, k, v = _qkv()
+    g = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    d, dk, dv = _qkv(D=32)
+    tq, tk, tv, tkw = oracle.make_inputs("thd", Hq=4, D=16, seqlens_q=[3, 5], seqlens_k=[4, 2])
+    nc = k.transpose(2, 3).contiguous().transpose(2, 3)  # k's shape, other strides
+    bias = torch.randn(6, 9)
+    return [
+        ("plain", q, k, v, {}, True),
+        ("float64", q.double(), k.double(), v.double(), {}, True),
+        ("head dim", d, dk, dv, {}, True),
+        ("Sq", q[:, :, :5], k, v, {}, True),
+        ("Sk", q, k[:, :, :7], v[:, :, :7], {}, True),
+        ("strides", q, nc, v, {}, True),
+        ("requires grad", *g, {}, True),
+        ("no_grad", *g, {}, False),
+        ("causal", q, k, v, {"causal": True}, True),
+        ("window", q, k, v, {"window": (2, 0)}, True),
+        ("other window", q, k, v, {"window": (3, 0)}, True),
+        ("negative scale", q, k, v, {"scale": -0.25}, True),
+        ("softcap", q, k, v, {"softcap": 5.0}, True),
+        ("bias", q, k, v, {"bias": bias}, True),
+        ("bias shape", q, k, v, {"bias": torch.randn(1, 9)}, True),
+        ("bias grad", q, k, v, {"bias": bias.clone().requires_grad_()}, True),
+        ("bias float64", q, k, v, {"bias": bias.double()}, True),
+        ("alibi", q, k, v, {"alibi_slopes": torch.rand(4)}, True),
+        ("alibi grad", q, k, v, {"alibi_slopes": torch.rand(4, requires_grad=True)}, True),
+        ("mask", q, k, v, {"mask": lambda b, h, i, j: i >= j}, True),
+        ("dropout", q, k, v, {"dropout_p": 0.1}, True),
+        ("return_lse", q, k, v, {"return_lse": True}, True),
+        ("deterministic", q, k, v, {"deterministic": True}, True),
+        ("thd", tq, tk, tv, tkw, True),
+        ("thd max_seqlen", tq, tk, tv, {**tkw, "max_seqlen_q": 9}, True),
+    ]
+
+
+def test_choice_cache_key_sees_every_input_the_choice_reads():
+    """dispatch.choose reuses a choice for calls with the same signature: calls that differ in anything a
+    backend's why_not or cost looks at must get different signatures."""
+    seen = {}
+    for label, q, k, v, kw, grad in _cache_variants():
+        with torch.set_grad_enabled(grad):
+            sig = dispatch._signature(oracle.make_call(q, k, v, **kw), "auto")
+        assert sig not in seen, f"{label!r} shares its signature with {seen.get(sig)!r}"
+        seen[sig] = label
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "sdpa_math", "flex"])
+def test_cached_choices_match_fresh_ones(backend):
+    """Interleaved calls of different kinds, twice over: each cached answer (a backend, or the
+    UnsupportedError of an explicit one that cannot serve) is the one a fresh evaluation gives."""
+    dispatch._CHOICES.clear()
+    variants = _cache_variants()
+    for label, q, k, v, kw, grad in variants + variants[::-1]:
+        with torch.set_grad_enabled(grad):
+            call = oracle.make_call(q, k, v, **kw)
+            fresh, report = dispatch.evaluate(call, backend)
+            if fresh is None:
+                with pytest.raises(UnsupportedError):
+                    dispatch.choose(call, backend)
+            else:
+                assert dispatch.choose(call, backend) is fresh, (label, report.chosen)
+
+
 class _Dummy(Backend):
     name = "dummy_test_backend"
     description = "test double: the reference, claiming to be very fast, refusing masks"

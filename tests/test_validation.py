@@ -61,6 +61,17 @@ def test_v_wrong_rank_thd():
     expect_error("v", q, k, v.unsqueeze(0), **kw)
 
 
+def test_first_culprit_is_named():
+    """With several malformed tensors, the error names the same one every time: ranks and dtypes of q, k,
+    v in that order first, then k's and v's device and dtype against q's."""
+    q, k, v, _ = qkv()
+    expect_error("q", q[0], k.to(torch.int32), v)
+    expect_error("k", q, k.to(torch.int32), v[0])
+    expect_error("v", q, torch.empty(k.shape, device="meta"), v.to(torch.int32))
+    expect_error("k", q, torch.empty(k.shape, device="meta"), v.double())
+    expect_error("k", q, k.double(), v.half())
+
+
 def test_bad_layout():
     q, k, v, _ = qkv()
     expect_error("layout", q, k, v, layout="bhds")

@@ -181,6 +181,21 @@ def _check_cu_seqlens(arg: str, cu: Any, total: int, device: torch.device) -> li
     return [b - a for a, b in zip(vals, vals[1:])]
 
 
+def _check_tensors(q, k, v, layout: str, rank: int):
+    """Raise for the first of q, k, v with the wrong rank or dtype, or a device or dtype other than q's."""
+    shape_txt = {"bhsd": "(B, H, S, D)", "bshd": "(B, S, H, D)", "thd": "(T, H, D)"}[layout]
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != rank:
+            _fail(name, f"a {rank}-D tensor {shape_txt} for layout={layout!r}", _describe(t))
+        if t.dtype not in DTYPES:
+            _fail(name, "dtype float16, bfloat16, float32 or float64", _describe(t))
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            _fail(name, f"a tensor on the device of q ({q.device})", _describe(t))
+        if t.dtype != q.dtype:
+            _fail(name, f"dtype {q.dtype} (the dtype of q)", _describe(t), "cast q, k and v to one dtype")
+
+
 def _captures_grad(obj) -> bool:
     """Whether ``obj`` is, or captures, a tensor that requires grad (see :func:`captured_tensors`)."""
     return any(t.requires_grad for t in captured_tensors(obj))
@@ -210,23 +225,27 @@ def normalize(
 ) -> AttentionCall:
     """Validate every argument of ``attnkit.attention`` (same names and defaults) and return the call."""
     # -- tensors --------------------------------------------------------------------------------------
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            _fail(name, "a torch.Tensor", _describe(t))
+    # (each section tests the well-formed case in one expression and only then looks for the culprit:
+    # attention() pays this on every call, and short sequences wait on the host)
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                _fail(name, "a torch.Tensor", _describe(t))
     if layout not in LAYOUTS:
         _fail("layout", f"one of {LAYOUTS}", repr(layout))
     rank = 3 if layout == "thd" else 4
-    shape_txt = {"bhsd": "(B, H, S, D)", "bshd": "(B, S, H, D)", "thd": "(T, H, D)"}[layout]
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != rank:
-            _fail(name, f"a {rank}-D tensor {shape_txt} for layout={layout!r}", _describe(t))
-        if t.dtype not in DTYPES:
-            _fail(name, "dtype float16, bfloat16, float32 or float64", _describe(t))
-    for name, t in (("k", k), ("v", v)):
-        if t.device != q.device:
-            _fail(name, f"a tensor on the device of q ({q.device})", _describe(t))
-        if t.dtype != q.dtype:
-            _fail(name, f"dtype {q.dtype} (the dtype of q)", _describe(t), "cast q, k and v to one dtype")
+    device, dtype = q.device, q.dtype
+    if not (
+        q.dim() == rank
+        and k.dim() == rank
+        and v.dim() == rank
+        and dtype in DTYPES
+        and k.dtype == dtype
+        and v.dtype == dtype
+        and k.device == device
+        and v.device == device
+    ):
+        _check_tensors(q, k, v, layout, rank)
 
     if layout == "bhsd":
         (B, Hq, Sq, D), (Bk, Hk, Sk, Dk), (Bv, Hv, Sv, Dv) = q.shape, k.shape, v.shape
@@ -269,8 +288,8 @@ def normalize(
                 "None",
                 "for self-attention pass the same tensor as cu_seqlens_q",
             )
-        seqlens_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, Tq, q.device)
-        seqlens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, Tk, q.device)
+        seqlens_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, Tq, device)
+        seqlens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, Tk, device)
         if cu_seqlens_k.shape != cu_seqlens_q.shape:
             _fail(
                 "cu_seqlens_k",
@@ -292,7 +311,9 @@ def normalize(
         else:  # under compile / graph capture: trust the caller's bounds, else the whole packed length
             Sq = max_seqlen_q if max_seqlen_q is not None else Tq
             Sk = max_seqlen_k if max_seqlen_k is not None else Tk
-    else:
+    elif not (
+        cu_seqlens_q is None and cu_seqlens_k is None and max_seqlen_q is None and max_seqlen_k is None
+    ):
         for arg, val in (
             ("cu_seqlens_q", cu_seqlens_q),
             ("cu_seqlens_k", cu_seqlens_k),
@@ -303,9 +324,10 @@ def normalize(
                 _fail(arg, "None unless layout='thd'", _describe(val))
 
     # -- flags ---------------------------------------------------------------------------------------
-    for arg, val in (("causal", causal), ("return_lse", return_lse), ("deterministic", deterministic)):
-        if not isinstance(val, bool):
-            _fail(arg, "a bool", repr(val))
+    if not (isinstance(causal, bool) and isinstance(return_lse, bool) and isinstance(deterministic, bool)):
+        for arg, val in (("causal", causal), ("return_lse", return_lse), ("deterministic", deterministic)):
+            if not isinstance(val, bool):
+                _fail(arg, "a bool", repr(val))
     if window is not None:
         if (
             not isinstance(window, (tuple, list))
@@ -334,13 +356,13 @@ def normalize(
             )
         if alibi_slopes.shape not in ((Hq,), (B, Hq)):
             _fail("alibi_slopes", f"shape ({Hq},) or ({B}, {Hq})", _describe(alibi_slopes))
-        if alibi_slopes.device != q.device:
-            _fail("alibi_slopes", f"a tensor on the device of q ({q.device})", _describe(alibi_slopes))
+        if alibi_slopes.device != device:
+            _fail("alibi_slopes", f"a tensor on the device of q ({device})", _describe(alibi_slopes))
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
             _fail("bias", "a floating-point tensor (use mask= for boolean masks)", _describe(bias))
-        if bias.device != q.device:
-            _fail("bias", f"a tensor on the device of q ({q.device})", _describe(bias))
+        if bias.device != device:
+            _fail("bias", f"a tensor on the device of q ({device})", _describe(bias))
         _check_broadcastable("bias", bias, (B, Hq, Sq, Sk), f"({batch_name}, Hq, Sq, Sk)")
 
     # -- programmable parts ------------------------------------------------------------------------------
@@ -374,18 +396,19 @@ def normalize(
         if obj is None:
             continue
         for t in captured_tensors(getattr(obj, "source", obj)):
-            if t.device != q.device and t.dim() > 0:
+            if t.device != device and t.dim() > 0:
                 _fail(
                     arg,
-                    f"a callable whose captured tensors live on the device of q ({q.device})",
+                    f"a callable whose captured tensors live on the device of q ({device})",
                     f"one capturing a tensor of shape {tuple(t.shape)} on {t.device}",
-                    f"create it on {q.device} (e.g. doc_ids.to(q.device))",
+                    f"create it on {device} (e.g. doc_ids.to(q.device))",
                 )
 
-    requires_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, bias)
+    grad_enabled = torch.is_grad_enabled()
+    requires_grad = grad_enabled and (
+        q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad)
     )
-    if not requires_grad and torch.is_grad_enabled():
+    if not requires_grad and grad_enabled:
         # A learnable tensor captured by score_mod (or by a mask) needs a backend with a backward too.
         requires_grad = _captures_grad(score_mod) or _captures_grad(mask) or _captures_grad(alibi_slopes)
 

@@ -131,10 +131,10 @@ def attention(
 def _autocast(q, k, v):
     """Under torch.autocast, attention runs in the autocast dtype, as SDPA does (q, k and v often come
     out of autocast regions in different dtypes, e.g. rotary embeddings in float32 and v in bfloat16)."""
-    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
         return q, k, v  # validation names the culprit
-    dev = q.device.type
-    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+    dev = "cuda" if q.is_cuda else "cpu" if q.is_cpu else None  # (cheaper than q.device.type)
+    if dev is None or not torch.is_autocast_enabled(dev):
         return q, k, v
     dt = torch.get_autocast_dtype(dev)
     return tuple(t.to(dt) if t.is_floating_point() and t.dtype != dt else t for t in (q, k, v))

@@ -238,9 +238,9 @@ def choose(call: AttentionCall, backend: str = "auto") -> Backend:
                 raise UnsupportedError("auto", ["no registered backend can serve this call"])
             cand = next(c for c in report.candidates if c.name == name)
             raise UnsupportedError(name, cand.reasons)
-        key = (report.shape, tuple(report.features), report.requested, chosen.name)
-        if key not in _LOGGED:
-            _LOGGED.add(key)
+        seen = (report.shape, tuple(report.features), report.requested, chosen.name)
+        if seen not in _LOGGED:
+            _LOGGED.add(seen)
             log.warning("attnkit: %s -> %s\n%s", report.shape, chosen.name, report)
     if key is not None:
         if len(_CHOICES) >= _CHOICES_SIZE:
@@ -252,24 +252,34 @@ def choose(call: AttentionCall, backend: str = "auto") -> Backend:
 def _tensor_sig(t):
     if t is None:
         return None
-    return (tuple(t.shape), t.stride(), t.dtype, t.requires_grad)
+    return (t.shape, t.stride(), t.dtype, t.requires_grad)
 
 
 def _signature(call: AttentionCall, name: str):
     """Everything a backend's why_not/cost may look at, so that a choice can be reused for the next call
     of the same kind (the per-call cost of choosing then drops to a dict lookup). Tensor values never
-    matter to a choice, except thd lengths, which are part of the key."""
+    matter to a choice, except thd lengths, which are part of the key (with max_seqlen, which may exceed
+    the longest sequence). q, k and v share one dtype and device: normalize checked it."""
     if call.layout == "thd" and call.seqlens_q is None:
         return None
+    q, k, v = call.q, call.k, call.v
     return (
         name,
         call.layout,
-        _tensor_sig(call.q),
-        _tensor_sig(call.k),
-        _tensor_sig(call.v),
-        call.device,
+        q.shape,
+        q.stride(),
+        q.requires_grad,
+        k.shape,
+        k.stride(),
+        k.requires_grad,
+        v.shape,
+        v.stride(),
+        v.requires_grad,
+        q.dtype,
+        q.device,
         call.causal,
         call.window,
+        call.scale > 0,  # triton's cost asks whether its Hopper forward can fold the scale
         call.softcap is not None,
         _tensor_sig(call.alibi_slopes),
         _tensor_sig(call.bias),
@@ -281,7 +291,7 @@ def _signature(call: AttentionCall, name: str):
         call.deterministic,
         call.requires_grad,
         torch.is_grad_enabled(),
-        None if call.layout != "thd" else (tuple(call.seqlens_q), tuple(call.seqlens_k)),
+        None if call.layout != "thd" else (tuple(call.seqlens_q), tuple(call.seqlens_k), call.Sq, call.Sk),
         len(_REGISTRY),
     )
 
