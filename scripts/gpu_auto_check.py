@@ -2,7 +2,7 @@
 pinned to cuDNN on the same inputs several times (clock drift shows as spread between repeats) and prints
 auto's choice. Forward by default; ``fwd_bwd`` times forward+backward; ``nc`` drops the causal mask.
 
-    PYTHONPATH=src python3 scripts/gpu_auto_check.py [fwd_bwd] [nc]
+    PYTHONPATH=src python3 scripts/gpu_auto_check.py [fwd_bwd] [nc] [d64]   # d64: 1,32,16384,64 only
 """
 
 import sys
@@ -51,5 +51,6 @@ def check(B, H, S, D, causal, backward):
         )
 
 
-for shape in [(4, 16, 4096, 128), (1, 16, 16384, 128)]:
+SHAPES = [(1, 32, 16384, 64)] if "d64" in sys.argv else [(4, 16, 4096, 128), (1, 16, 16384, 128)]
+for shape in SHAPES:
     check(*shape, causal="nc" not in sys.argv, backward="fwd_bwd" in sys.argv)

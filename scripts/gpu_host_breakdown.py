@@ -179,6 +179,48 @@ def time_launch(fn, grid, args, kwargs) -> dict:
     }
 
 
+def short_shape_probe(B=32, H=16, S=512, D=128):
+    """Host-bound or not, at a short shape: per forward+backward step, do_bench's time (the GPU's pace when
+    the host keeps up), the host's own time per step (30 steps queued without a sync), and the summed GPU
+    kernel time (torch.profiler); alternately with the dQ side stream as shipped (off at this size) and forced
+    on."""
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+    from triton.testing import do_bench
+
+    for causal in (False, True):
+        q, k, v = (
+            torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv"
+        )
+        do = torch.randn_like(q)
+
+        def step(causal=causal, q=q, k=k, v=v, do=do):
+            out = attnkit.attention(q, k, v, causal=causal, backend="triton")
+            return torch.autograd.grad(out, (q, k, v), do)
+
+        for flag in ("auto", "1", "auto", "1"):  # the dQ side stream: off at this size (auto), forced on
+            os.environ["ATTNKIT_TRITON_BWD_STREAMS"] = flag
+            bench_ms = do_bench(step, warmup=25, rep=100, return_mode="median")
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(30):
+                step()
+            host_ms = (time.perf_counter() - t) / 30 * 1e3
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    step()
+                torch.cuda.synchronize()
+            kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            gpu_ms = sum(e.device_time for e in kern) / 10 / 1e3
+            names = sorted({e.name[:28] for e in kern})
+            print(f"{B},{H},{S},{D} causal={causal} bwd_streams={flag}: do_bench {bench_ms:.3f} ms,", end=" ")
+            print(f"host/step {host_ms:.3f} ms, GPU kernels/step {gpu_ms:.3f} ms", end=" ")
+            print(f"({len(kern) // 10} launches: {names})")
+        os.environ.pop("ATTNKIT_TRITON_BWD_STREAMS")
+
+
 def main():
     q, k, v = (
         torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv"
@@ -200,17 +242,21 @@ def main():
         setattr(ops, name, r.fn)
     print(f"fwd+bwd through attnkit: {per_call(fwd_bwd):.0f} us")
     for name, r in recs.items():
+        if not r.calls:
+            print(f"{name}: not launched (a Gluon kernel ran in its place)")
+            continue
         grid, args, kwargs = r.calls[0]
         rows = time_launch(r.fn.fn, grid, args, kwargs)
         launch = r.fn[grid]
         rows["attnkit Launch"] = per_call(lambda go=launch, a=args, kw=kwargs: go(*a, **kw))
         print(f"{name} ({len(args)} positional, {len(kwargs)} keyword):",
               ", ".join(f"{k} {v:.1f} us" for k, v in rows.items()))  # fmt: skip
-    names = list(recs)
+    names = [n for n, r in recs.items() if r.calls]
     for fast in (False, True, False, True):  # alternated: the host's speed drifts within a run
         for name in names:
             getattr(ops, name).fast = fast
         print(f"fwd+bwd, Launch fast path {'on' if fast else 'off'}: {per_call(fwd_bwd, 1000):.0f} us")
+    short_shape_probe()
     split_fwd_bwd(q, k, v, do)
     threads_and_engine(q, k, v, do, fwd_bwd)
     side = torch.cuda.Stream()

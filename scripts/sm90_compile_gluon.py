@@ -1,7 +1,8 @@
-"""Compile the Gluon warp-specialized forward (``_gluon_fwd.py``) for sm_90a on a machine without a GPU.
+"""Compile the Gluon warp-specialized kernels for sm_90a on a machine without a GPU: the forward
+(``_gluon_fwd.py``) or, with ``--kernel bwd``, the dK/dV backward (``_gluon_bwd.py``, cfg BLOCK_M,NUM_STAGES).
 
-    python scripts/sm90_compile_gluon.py [--d 64 128] [--causal 0 1] [--cfg 128,2,1 ...] [--dtype bf16]
-                                         [--layout bhsd] [--dump DIR]
+    python scripts/sm90_compile_gluon.py [--kernel fwd|bwd] [--d 64 128] [--causal 0 1] [--cfg 128,2,1 ...]
+                                         [--dtype bf16] [--layout bhsd] [--dump DIR]
 
 For every (D, causal, cfg) it prints what ptxas says (registers, spill bytes, shared memory, warnings such
 as wgmma serialization), the setmaxnreg budgets of the partitions, the highest register the SASS touches
@@ -26,6 +27,7 @@ from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
+from attnkit.backends.triton import _gluon_bwd as gb  # noqa: E402
 from attnkit.backends.triton import _gluon_fwd as gf  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -65,7 +67,16 @@ def compile_fwd(d: int, causal: bool, cfg, dtype: str = "bf16", layout: str = "b
         "OVERLAP": overlap,
         "SPLIT": split,
     }
-    fn = gf._attn_fwd_ws
+    src = _source(gf._attn_fwd_ws, sig, constexprs)
+    return triton.compile(
+        src,
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": 4 if split else gf.NUM_WARPS, "maxnreg": gf.MAXNREG},
+    )
+
+
+def _source(fn, sig: dict, constexprs: dict):
+    """A GluonASTSource with the attributes a launch would give: 16-divisible pointers and strides."""
     plain = set(fn.do_not_specialize)  # head counts and lengths: never specialized, as at launch
     attrs = {}
     for i, name in enumerate(fn.arg_names):
@@ -77,12 +88,35 @@ def compile_fwd(d: int, causal: bool, cfg, dtype: str = "bf16", layout: str = "b
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif sig[name].startswith("*"):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    src = GluonASTSource(fn, sig, constexprs, attrs)
-    return triton.compile(
-        src,
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": 4 if split else gf.NUM_WARPS, "maxnreg": gf.MAXNREG},
-    )
+    return GluonASTSource(fn, sig, constexprs, attrs)
+
+
+def compile_bwd(d: int, causal: bool, cfg, dtype: str = "bf16", layout: str = "bhsd"):
+    block_m, stages = cfg
+    tdt = TORCH_DTYPES[dtype]
+    cols = d if layout == "bhsd" else 4 * d
+    sig = {
+        "q_desc": desc_signature(tdt, 1024, cols, block_m, d),
+        "do_desc": desc_signature(tdt, 1024, cols, block_m, d),
+        "k_desc": desc_signature(tdt, 1024, cols, gb.BLOCK_N, d),
+        "v_desc": desc_signature(tdt, 1024, cols, gb.BLOCK_N, d),
+        "DK": "*" + dtype,
+        "DV": "*" + dtype,
+        "Hi": "*fp32",
+        "Delta": "*fp32",
+        "c": "fp32",
+        "scale": "fp32",
+    }
+    constexprs = {
+        "BSHD": layout == "bshd",
+        "CAUSAL": causal,
+        "BLOCK_M": block_m,
+        "HEAD_D": d,
+        "NUM_STAGES": stages,
+    }
+    src = _source(gb._attn_bwd_dkdv_ws, sig, constexprs)
+    options = {"num_warps": 4, "maxnreg": gb.MAXNREG}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def count(pattern: str, text: str) -> int:
@@ -149,6 +183,7 @@ def report(k, dump: str | None = None, tag: str = "") -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--kernel", default="fwd", choices=["fwd", "bwd"])
     ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--causal", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--cfg", nargs="+", default=None, help="BLOCK_N,NUM_STAGES,OVERLAP[,SPLIT] ...")
@@ -156,6 +191,8 @@ def main():
     ap.add_argument("--layout", default="bhsd", choices=["bhsd", "bshd"])
     ap.add_argument("--dump", default=None, help="write ptx / ttgir / sass per config here")
     a = ap.parse_args()
+    if a.kernel == "bwd":
+        return main_bwd(a)
     if a.cfg:
         cfgs = [[int(x) for x in c.split(",")] for c in a.cfg]
         cfgs = [(c[0], c[1], bool(c[2]), bool(c[3]) if len(c) > 3 else False) for c in cfgs]
@@ -180,6 +217,31 @@ def main():
                     continue
                 warn = r.pop("ptxas_warnings")
                 print(f"D={d} causal={causal} cfg={cfg}: {r}")
+                for w in warn:
+                    print("    ptxas:", w)
+    sys.exit(1 if failures else 0)
+
+
+def main_bwd(a):
+    cfgs = [tuple(int(x) for x in c.split(",")) for c in a.cfg] if a.cfg else [(64, 2), (64, 3), (128, 2)]
+    failures = 0
+    for d in a.d:
+        for causal in a.causal:
+            for cfg in cfgs:
+                if gb._smem_bytes(d, *cfg) > 227 * 1024:
+                    print(f"bwd D={d} causal={causal} cfg={cfg}: skipped (shared memory)")
+                    continue
+                tag = f"bwd_d{d}_c{causal}_m{cfg[0]}_s{cfg[1]}_{a.dtype}_{a.layout}"
+                try:
+                    r = report(compile_bwd(d, bool(causal), cfg, a.dtype, a.layout), a.dump, tag)
+                except Exception as e:  # report and go on with the other configs
+                    failures += 1
+                    msg = str(e).strip().splitlines()
+                    name = type(e).__name__
+                    print(f"bwd D={d} causal={causal} cfg={cfg}: COMPILE ERROR {name}: {msg[:12]}")
+                    continue
+                warn = r.pop("ptxas_warnings")
+                print(f"bwd D={d} causal={causal} cfg={cfg}: {r}")
                 for w in warn:
                     print("    ptxas:", w)
     sys.exit(1 if failures else 0)

@@ -138,7 +138,10 @@ def test_backward_kernel_choice(monkeypatch):
     assert not _tuning.fused_backward()  # at every head dim
     assert _tuning.one_loop_dkdv(False, True)  # causal
     assert not _tuning.one_loop_dkdv(False, False) and not _tuning.one_loop_dkdv(True, True)
-    assert _tuning.concurrent_backward()
+    assert _tuning.concurrent_backward(4 * 32 * 4096 * 4096)  # long sequences: dQ beside dK/dV
+    assert not _tuning.concurrent_backward(32 * 32 * 512 * 512)  # host-bound: no stream waits
+    monkeypatch.setenv("ATTNKIT_TRITON_BWD_STREAMS", "1")
+    assert _tuning.concurrent_backward(1)
     monkeypatch.setenv("ATTNKIT_TRITON_BWD", "fused")
     monkeypatch.setenv("ATTNKIT_TRITON_BWD_LOOP", "one")
     monkeypatch.setenv("ATTNKIT_TRITON_BWD_STREAMS", "0")
@@ -579,3 +582,125 @@ def test_gluon_forward_off_switch_and_fallbacks(gluon_calls, monkeypatch):
     monkeypatch.delenv("ATTNKIT_TRITON_GLUON")
     tri(q, k, v, **kw)
     assert len(gluon_calls) == 1
+
+
+# -- the Hopper Gluon dK/dV backward (plain calls on sm_90) --------------------------------------------------
+@pytest.fixture
+def gluon_bwd_calls(monkeypatch):
+    """A list that grows by one each time the Gluon dK/dV kernel runs (the test skips off Hopper)."""
+    if not _hopper():
+        pytest.skip("the Gluon backward needs sm_90")
+    gluon = ops._gluon("bwd")
+    calls, real = [], gluon.launch_dkdv
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(gluon, "launch_dkdv", counted)
+    return calls
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "layout,Hq,Hk,Sq,Sk,D,causal",
+    [
+        ("bhsd", 4, 4, 256, 256, 128, False),
+        ("bhsd", 4, 4, 256, 256, 128, True),
+        ("bshd", 4, 2, 200, 1152, 64, False),  # GQA, Sq != Sk, a partial query tile
+        ("bshd", 4, 1, 200, 330, 64, True),  # MQA, Sk not a multiple of the 128-key tile
+        ("bhsd", 2, 2, 384, 128, 128, True),  # Sq > Sk: the top rows see no key
+        ("bshd", 6, 3, 333, 512, 128, True),
+        ("bhsd", 2, 1, 1000, 1024, 128, True),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_ids)
+def test_gluon_backward_against_oracle(gluon_bwd_calls, layout, Hq, Hk, Sq, Sk, D, causal, dtype):
+    """Plain calls with gradients take the Gluon dK/dV kernel on Hopper (counted), next to the Triton dQ
+    pass; every gradient held to the oracle."""
+    q, k, v, kw = oracle.make_inputs(
+        layout, B=2, Hq=Hq, Hk=Hk, Sq=Sq, Sk=Sk, D=D, dtype=dtype, device="cuda", requires_grad=True
+    )
+    oracle.check_against_oracle(tri, q, k, v, causal=causal, **kw)
+    assert gluon_bwd_calls, "the Gluon dK/dV kernel was not used"
+
+
+@pytest.mark.cuda
+def test_gluon_backward_lse_gradient(gluon_bwd_calls):
+    """A loss through lse as well as out (delta = rowsum(dO * O) - dLSE) on the Gluon dK/dV kernel."""
+    q, k, v, kw = oracle.make_inputs(
+        "bhsd", B=2, Hq=4, Sq=300, Sk=384, D=128, dtype=torch.bfloat16, device="cuda", requires_grad=True
+    )
+    kw["causal"] = True
+    leaves = [q, k, v]
+    mine = [oracle.clone_leaf(t) for t in leaves]
+    ref = [oracle.clone_leaf(t, torch.float64) for t in leaves]
+    base = [oracle.clone_leaf(t) for t in leaves]
+    out, lse = tri(*mine, return_lse=True, **kw)
+    out64, lse64 = oracle.attention64(*ref, **kw)
+    outb, lseb = reference_forward(oracle.make_call(*base, return_lse=True, **kw), upcast=False)
+    g = torch.randn_like(out)
+    w = torch.randn_like(lse)
+
+    def loss(o, lse_):
+        return (o * g.to(o.dtype)).sum() + (lse_ * w.to(lse_.dtype)).sum()
+
+    loss(out, lse).backward()
+    loss(out64, lse64).backward()
+    loss(outb, lseb).backward()
+    for a, r, b_, n in zip(mine, ref, base, "qkv"):
+        oracle.assert_close(a.grad, r.grad, b_.grad, dtype=torch.bfloat16, name=f"grad {n}")
+    assert gluon_bwd_calls
+
+
+@pytest.mark.cuda
+def test_gluon_backward_off_switches_and_fallbacks(gluon_bwd_calls, monkeypatch):
+    """ATTNKIT_TRITON_GLUON_BWD=0 (or ATTNKIT_TRITON_GLUON=0), and calls it does not take (a softcap, a
+    window, float32, head dim 96), run the Triton dK/dV kernel, held to the oracle."""
+    q, k, v, kw = oracle.make_inputs(
+        "bhsd", Hq=2, Sq=256, D=128, dtype=torch.bfloat16, device="cuda", requires_grad=True
+    )
+    tri(q, k, v, softcap=5.0, **kw).sum().backward()
+    tri(q, k, v, window=(32, 0), **kw).sum().backward()
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    tri(q32, k32, v32, **kw).sum().backward()
+    q96, k96, v96, kw96 = oracle.make_inputs(
+        "bhsd", Hq=2, Sq=256, D=96, dtype=torch.bfloat16, device="cuda", requires_grad=True
+    )
+    tri(q96, k96, v96, **kw96).sum().backward()
+    assert not gluon_bwd_calls
+    for var in ("ATTNKIT_TRITON_GLUON_BWD", "ATTNKIT_TRITON_GLUON"):
+        monkeypatch.setenv(var, "0")
+        oracle.check_against_oracle(tri, q, k, v, causal=True, **kw)
+        assert not gluon_bwd_calls
+        monkeypatch.delenv(var)
+    tri(q, k, v, **kw).sum().backward()
+    assert len(gluon_bwd_calls) == 1
+
+
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq", "bwd"])
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_fitting_default_fits_shared_memory(kind, D, monkeypatch):
+    """Without the autotuner (ATTNKIT_TRITON_AUTOTUNE=0, capture, compile) the tiles must still fit: the
+    shipped 16-bit defaults where they fit an H200's 227 KiB, smaller tiles for float32 or smaller GPUs."""
+    from attnkit.backends.triton import _tuning
+
+    dev = torch.device("cuda", 0)
+    for limit in (232448, 166912, 101376):  # H100/H200, A100, consumer Ampere/Ada
+        monkeypatch.setattr(_tuning, "_smem_limit", lambda device, limit=limit: limit)
+        for dtype in (torch.bfloat16, torch.float32):
+            cfg = _tuning.fitting_default(kind, D, D, dtype, dev)
+            elem = 2 if dtype == torch.bfloat16 else 4
+            assert _tuning._smem_estimate(kind, cfg, D, D, elem) <= limit, (limit, dtype, cfg)
+            if limit == 232448 and dtype == torch.bfloat16:
+                assert cfg == _tuning.default_config(kind, D, D)
+
+
+@pytest.mark.cuda
+def test_float32_head_dim_128_without_autotune(monkeypatch):
+    """The shipped tiles are sized for 16-bit inputs; float32 with the autotuner off must still launch."""
+    monkeypatch.setenv("ATTNKIT_TRITON_AUTOTUNE", "0")
+    q, k, v, kw = oracle.make_inputs(
+        "bhsd", Hq=2, Sq=200, D=128, dtype=torch.float32, device="cuda", requires_grad=True
+    )
+    oracle.check_against_oracle(tri, q, k, v, causal=True, **kw)

@@ -133,6 +133,8 @@ class TritonBackend(Backend):
         causal = call.causal or call.window is not None
         if mode == "fwd" and self._gluon(call):  # the Hopper kernel; short sequences run below its peak
             mode = "fwd_gluon_short" if call.Sk <= 1024 else "fwd_gluon"
+        elif mode == "fwd_bwd" and self._gluon_bwd(call):  # the Hopper dK/dV kernel
+            mode = "fwd_bwd_gluon_short" if call.Sk <= 1024 else "fwd_bwd_gluon"
         rate = _rate(mode, max(call.D, call.Dv), causal) * 1e12
         if call.dtype == torch.float32:
             rate /= 12.0  # exact fp32 dots (no tf32) run on the CUDA cores
@@ -153,11 +155,9 @@ class TritonBackend(Backend):
         launches = (5 if self._fused(call) else 4) if call.requires_grad else 1
         return t + 8e-6 * launches
 
-    @staticmethod
-    def _gluon(call: AttentionCall) -> bool:
-        plain = call.bias is None and call.alibi_slopes is None and not call.softcap and call.window is None
-        plain = plain and call.dropout_p == 0 and call.device.type == "cuda"
-        return plain and _tuning.gluon_forward_eligible(
+    @classmethod
+    def _gluon(cls, call: AttentionCall) -> bool:
+        return cls._plain(call) and _tuning.gluon_forward_eligible(
             _tuning.capability(call.device),
             call.layout,
             call.D,
@@ -167,6 +167,24 @@ class TritonBackend(Backend):
             call.causal,
             True,
             call.scale,
+        )
+
+    @staticmethod
+    def _plain(call: AttentionCall) -> bool:
+        plain = call.bias is None and call.alibi_slopes is None and not call.softcap and call.window is None
+        return plain and call.dropout_p == 0 and call.device.type == "cuda"
+
+    @classmethod
+    def _gluon_bwd(cls, call: AttentionCall) -> bool:
+        return cls._plain(call) and _tuning.gluon_backward_eligible(
+            _tuning.capability(call.device),
+            call.layout,
+            call.D,
+            call.Dv,
+            call.dtype,
+            True,
+            call.scale,
+            cls._fused(call),
         )
 
     @staticmethod
@@ -180,8 +198,13 @@ class TritonBackend(Backend):
             n = ["backward: dK/dV kernel and a separate dQ pass beside it (no atomics: deterministic)"]
         if call.device.type != "cuda":
             n.append("running in the Triton interpreter: for tests, very slow")
-        elif self._gluon(call):
-            n.append("forward: the Hopper Gluon kernel (TMA producer warp, two consumer warpgroups)")
+        else:
+            if self._gluon(call):
+                n.append("forward: the Hopper Gluon kernel (TMA producer warp, two consumer warpgroups)")
+            if call.requires_grad and self._gluon_bwd(call):
+                n.append(
+                    "backward: dK/dV in the Hopper Gluon kernel (TMA producer warp, two consumer warpgroups)"
+                )
         return n
 
 

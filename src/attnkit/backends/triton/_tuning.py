@@ -139,11 +139,20 @@ def one_loop_dkdv(has_left: bool, has_right: bool) -> bool:
     return has_right and not has_left
 
 
-def concurrent_backward() -> bool:
+CONCURRENT_MIN_WORK = 2**29  # B * Hq * Sq * Sk below which the backward is host-bound on an H200 machine
+
+
+def concurrent_backward(work: int = CONCURRENT_MIN_WORK) -> bool:
     """Whether the dQ pass runs on a side stream, overlapping dK/dV (its programs fill the SMs that the
-    dK/dV grid's last wave leaves idle). Measured on the H200 (version 4): +1-6%, largest on causal calls.
-    ``ATTNKIT_TRITON_BWD_STREAMS=0`` turns it off."""
-    return os.environ.get("ATTNKIT_TRITON_BWD_STREAMS", "1") == "1"
+    dK/dV grid's last wave leaves idle). Measured on the H200 (version 4): +1-6% at long sequences, largest
+    on causal calls, nothing at S = 512; the two stream waits cost ~40-90 us of host time per backward
+    (scripts/gpu_host_breakdown.py), which is what short sequences wait on. So only where ``work`` (B * Hq *
+    Sq * Sk) is at least ``CONCURRENT_MIN_WORK`` (S = 4096 with 32 heads; the B=32, S=512 shapes are below).
+    ``ATTNKIT_TRITON_BWD_STREAMS=0`` turns it off, ``=1`` on at every size."""
+    mode = os.environ.get("ATTNKIT_TRITON_BWD_STREAMS", "auto")
+    if mode in ("0", "1"):
+        return mode == "1"
+    return work >= CONCURRENT_MIN_WORK
 
 
 _CAPS: dict[int, tuple[int, int]] = {}
@@ -185,6 +194,35 @@ def gluon_forward_eligible(
         and Sk % 64 == 0
         and scale > 0
         and os.environ.get("ATTNKIT_TRITON_GLUON", "1") != "0"
+    )
+
+
+def gluon_backward_eligible(
+    capability: tuple[int, int],
+    layout: str,
+    D: int,
+    Dv: int,
+    dtype: torch.dtype,
+    plain: bool,
+    scale,
+    fused: bool,
+) -> bool:
+    """Whether a backward's dK/dV goes to the Hopper Gluon kernel (``_gluon_bwd.py``: TMA producer warp,
+    two consumer warpgroups), judged from the call alone; ``_gluon_bwd.try_backward_dkdv`` then checks
+    strides and alignment. ``plain`` as for :func:`gluon_forward_eligible`; not with the fused (atomic dQ)
+    backward, which computes dQ in the same kernel. ``ATTNKIT_TRITON_GLUON=0`` turns off both Gluon
+    kernels, ``ATTNKIT_TRITON_GLUON_BWD=0`` this one alone."""
+    return (
+        plain
+        and not fused
+        and capability == (9, 0)
+        and layout != "thd"
+        and D in (64, 128)
+        and Dv == D
+        and dtype in (torch.float16, torch.bfloat16)
+        and scale > 0
+        and os.environ.get("ATTNKIT_TRITON_GLUON", "1") != "0"
+        and os.environ.get("ATTNKIT_TRITON_GLUON_BWD", "1") != "0"
     )
 
 
@@ -297,8 +335,49 @@ def pick(
 _fast: dict = {}
 
 
-def _pick(kind, D, Dv, dtype, flags, Sq, Sk, device, launch, reset) -> Config:
+def _smem_estimate(kind: str, cfg: Config, D: int, Dv: int, elem: int) -> int:
+    """Bytes of shared memory a tile shape needs, an upper estimate: the tiles loaded once plus the tiles
+    of the software pipeline, ``num_stages`` deep (Triton's own count is at most this)."""
+    BM, BN, _, stages = cfg
+    d, dv = dim_class(D), dim_class(Dv)
+    if kind == "fwd":  # Q once; K and V per stage
+        return (BM * d + stages * BN * (d + dv)) * elem
+    if kind == "dq":  # Q and dO once; K and V per stage
+        return (BM * (d + dv) + stages * BN * (d + dv)) * elem
+    return (BN * (d + dv) + stages * BM * (d + dv)) * elem  # dkdv, bwd: K and V once; Q and dO per stage
+
+
+_SMEM: dict = {}
+
+
+def _smem_limit(device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMEM:
+        props = torch.cuda.get_device_properties(idx)
+        _SMEM[idx] = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
+    return _SMEM[idx]
+
+
+_SMALL: list[Config] = [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)]
+
+
+def fitting_default(kind: str, D: int, Dv: int, dtype: torch.dtype, device) -> Config:
+    """The shipped default if its tiles fit this GPU's shared memory at this dtype, else the first that does
+    of the autotuner's candidates and a few small tiles. The defaults are tuned for 16-bit inputs on an H200:
+    float32 inputs (twice the bytes) or GPUs with less shared memory would otherwise fail to launch
+    wherever the autotuner does not run (``ATTNKIT_TRITON_AUTOTUNE=0``, CUDA-graph capture, compile)."""
     default = default_config(kind, D, Dv)
+    elem = torch.empty((), dtype=dtype).element_size()
+    limit = _smem_limit(device)
+    cands = [default] + _CANDIDATES[kind].get(dim_class(max(D, Dv)), []) + _SMALL
+    for cfg in cands:
+        if _usable(kind, cfg) and _smem_estimate(kind, cfg, D, Dv, elem) <= limit:
+            return cfg
+    return cands[-1]
+
+
+def _pick(kind, D, Dv, dtype, flags, Sq, Sk, device, launch, reset) -> Config:
+    default = fitting_default(kind, D, Dv, dtype, device)
     if os.environ.get("ATTNKIT_TRITON_AUTOTUNE", "1") in ("", "0"):
         return default
     if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():

@@ -244,18 +244,22 @@ def _triton_fwd(
     return out, lse, rng, stats
 
 
-_GLUON: list = []
+_GLUON: dict = {}
 
 
-def _gluon():
-    """The Hopper Gluon forward module, or None where this Triton has no Gluon (imported on first use)."""
-    if not _GLUON:
+def _gluon(kind: str = "fwd"):
+    """The Hopper Gluon module for ``kind`` ("fwd": ``_gluon_fwd``, "bwd": ``_gluon_bwd``), or None where
+    this Triton has no Gluon (imported on first use)."""
+    if kind not in _GLUON:
         try:
-            from attnkit.backends.triton import _gluon_fwd
+            if kind == "fwd":
+                from attnkit.backends.triton import _gluon_fwd as mod
+            else:
+                from attnkit.backends.triton import _gluon_bwd as mod
         except ImportError:
-            _gluon_fwd = None
-        _GLUON.append(_gluon_fwd)
-    return _GLUON[0]
+            mod = None
+        _GLUON[kind] = mod
+    return _GLUON[kind]
 
 
 triton_fwd = torch.library.custom_op("attnkit::triton_fwd", mutates_args=())(_triton_fwd)
@@ -352,6 +356,8 @@ def _triton_bwd(
         return dq, dk, dv, _reduce_dbias(dbias, bias) if bias_grad else dbias
     has_left, has_right, wl, wr = _window(causal, window_left, window_right)
     varlen = layout == "thd"
+    plain = bias is None and alibi_slopes is None and softcap <= 0 and dropout_p <= 0
+    plain = plain and window_left < 0 and window_right < 0
     dummy = q
     BMP = 16 if _tuning.interpreting() else 64
     bwd_preprocess[(_cdiv(max(Sq, 1), BMP), B * Hq)](
@@ -500,20 +506,36 @@ def _triton_bwd(
         if dq_acc is not dq:
             dq.copy_(dq_acc)
     else:
-        cfg_dkdv = _tuning.pick("dkdv", D, Dv, q.dtype, flags, Sq, Sk, q.device, launch_dkdv)
+        gluon_bwd = views = None
+        if q.is_cuda and _tuning.gluon_backward_eligible(
+            _tuning.capability(q.device), layout, D, Dv, q.dtype, plain, scale, fused
+        ):
+            gluon_bwd = _gluon("bwd")
+            views = gluon_bwd.tma_views(q, k, v, dout, dk, dv, layout) if gluon_bwd is not None else None
+        if views is not None:  # the Hopper Gluon dK/dV kernel (None: strides a TMA descriptor cannot take)
+
+            def run_dkdv():
+                gluon_bwd.launch_dkdv(q, k, v, dout, stats[0], delta, dk, dv, layout, scale, causal, views)
+
+        else:
+            cfg_dkdv = _tuning.pick("dkdv", D, Dv, q.dtype, flags, Sq, Sk, q.device, launch_dkdv)
+
+            def run_dkdv():
+                launch_dkdv(cfg_dkdv)
+
         cfg_dq = _tuning.pick("dq", D, Dv, q.dtype, flags, Sq, Sk, q.device, launch_dq)
-        if q.is_cuda and _tuning.concurrent_backward():
+        if q.is_cuda and _tuning.concurrent_backward(B * Hq * Sq * Sk):
             # dQ does not depend on dK/dV: on a side stream its programs fill the SMs that dK/dV's last
             # wave leaves idle (FlexAttention gets the same from one grid of both kinds of program)
             # (the launch takes the side stream's handle: no stream switch on the host)
             main = torch.cuda.current_stream(q.device)
             side = _side_stream(q.device)
             side.wait_stream(main)
-            launch_dkdv(cfg_dkdv)
+            run_dkdv()
             launch_dq(cfg_dq, side.cuda_stream)
             main.wait_stream(side)
         else:
-            launch_dkdv(cfg_dkdv)
+            run_dkdv()
             launch_dq(cfg_dq)
     return dq, dk, dv, _reduce_dbias(dbias, bias) if bias_grad else dbias
 
@@ -678,10 +700,21 @@ def attention(*inputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     about 0.3 ms of host time per forward+backward (H200 machine, tiny shape: 1.19 ms per call through the
     op, 0.91 ms through the Function; scripts/gpu_host_overhead.py), and short sequences wait on the host.
     Other tracers (make_fx, fake or functional tensors) get the op too."""
-    q = inputs[0]
+    q, k, v, bias = inputs[:4]
     if torch.compiler.is_compiling() or type(q) is not torch.Tensor or _dispatch_mode() is not None:
         return triton_fwd(*inputs)  # traced (dynamo, export, make_fx, fake or functional tensors)
+    wants_grad = (
+        q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if not (wants_grad and torch.is_grad_enabled()) and not _functorch_wrapped(q):
+        return _triton_fwd(*inputs)  # nothing to differentiate: the Function's plumbing costs ~15 us
     return _EagerAttention.apply(*inputs)
+
+
+def _functorch_wrapped(t: Tensor) -> bool:
+    """Whether ``t`` is a functorch (vmap, grad transform) wrapper: those keep going through the Function."""
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check is not None and check(t))
 
 
 def _dispatch_mode():

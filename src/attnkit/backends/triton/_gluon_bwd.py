@@ -1,0 +1,445 @@
+"""Hopper (sm_90a) attention backward, dK and dV, in Triton's Gluon dialect: FlashAttention-3 style warp
+specialization.
+
+One CTA owns BLOCK_N = 128 key rows of one (batch, KV head) and walks every query tile (BLOCK_M rows) of
+every query head of its group that sees them, accumulating dK and dV in registers; it writes them once, with
+no atomics. dQ is not computed here: the plain-Triton dQ pass (``_bwd.attn_bwd_dq``) runs beside it on a side
+stream, as after the Triton dK/dV kernel. Inputs are those of ``_bwd.attn_bwd_dkdv``: the forward's log2
+row statistic ``hi`` (16-bit inputs subtract it alone, as the Triton kernel does; rows with no visible key
+saved +inf, so p = 0 there) and ``delta = rowsum(dO * O) - dLSE``.
+
+Partitions (``gl.warp_specialize``; launched with num_warps=4)
+    * producer (worker, 1 warp, 24 registers): the TMA loads. K and V of the CTA once, then Q_t and dO_t of
+      each visited query tile into a NUM_STAGES-deep ring (slot ``it % NUM_STAGES``, ``it`` counting the
+      visited (head, tile) pairs in order).
+    * two consumers of 4 warps (240 registers a thread): warpgroup w owns key rows ``64 w .. 64 w + 63`` of
+      the CTA's tile, so every product has the key rows as its M dimension (FA3's swapped S and dP):
+        S^T  = K_w Q_t^T       (64, BLOCK_M)  A = K_w (shared), B = Q_t^T (shared, permuted)
+        dP^T = V_w dO_t^T      (64, BLOCK_M)  A = V_w, B = dO_t^T
+        P^T  = exp2(c S^T - hi)               c = scale * log2(e), one FMA + ex2 a score
+        dV  += P^T dO_t        (64, D)        A = P^T from registers, B = dO_t (shared)
+        dS^T = P^T (dP^T - delta)
+        dK  += dS^T Q_t        (64, D)        A = dS^T from registers, B = Q_t
+      so P^T and dS^T feed the wgmma from registers, never through shared memory; dK is scaled once at the
+      end. The two warpgroups meet only at the ring's mbarriers (the compiler's partition-wide barriers then
+      span one warpgroup), so one's exponentials run under the other's wgmmas.
+
+Barrier protocol
+    * ``kv_bar`` (count 1): the producer's ``expect`` of both tiles' bytes and the two TMAs complete it;
+      both consumers wait phase 0 (always, so that no TMA is in flight when the CTA exits).
+    * ``q_ready[s]`` / ``do_ready[s]`` (count 1): ``expect`` + TMA; consumers wait parity
+      ``(it // NS) & 1``. Q and dO have separate barriers so that S^T can start before dO has landed.
+    * ``q_empty[s]`` / ``do_empty[s]`` (count 2): each consumer arrives once its last wgmma reading the slot
+      has been waited for; the producer waits parity ``((it // NS) & 1) ^ 1`` (a fresh barrier passes).
+
+Schedule (causal masking bottom-right aligned: off = Sk - Sq, query i sees key j iff j <= i + off)
+    The query tiles of a head are ``[t0, n_m)``: t0 is the first with a row that sees the CTA's first key;
+    ``[t0, t_full)`` hold the diagonal and get the mask, ``[t_full, n_m)`` see every key of the CTA and get
+    no mask arithmetic. Query rows past Sq (the TMA box reads the next head's rows, or zeros at the end of
+    the tensor) load hi = +inf and delta = 0, so they add exact zeros; key rows past Sk are computed and
+    never stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from attnkit.backends.triton._gluon_fwd import DTYPES, HEAD_DIMS, LOG2E, _descriptor, _flat2d
+
+BLOCK_N = 128  # key rows per CTA: 64 per consumer warpgroup
+WG_ROWS: gl.constexpr = gl.constexpr(64)
+PRODUCER_REGS: gl.constexpr = gl.constexpr(24)
+CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
+MAXNREG = 168  # 12 warps (8 consumer + the producer's warpgroup) * 32 * 168 <= 64K: consumers get 240 each
+
+
+# --------------------------------------------------------------------------------------------- device
+
+
+@gluon.jit
+def _producer(descs, bufs, coords, sched, GROUP, BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """1 warp: TMA loads of K, V (once) and of Q_t, dO_t into ring slot it % NUM_STAGES."""
+    q_desc, do_desc, k_desc, v_desc = descs
+    k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, do_ready, do_empty = bufs
+    q_row0, q_head_rows, q_col0, q_head_cols, k_row, k_col = coords
+    t0, t_full, n_m = sched
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [k_row, k_col], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [k_row, k_col], kv_bar, v_smem)
+    it = 0
+    for g in range(GROUP):
+        row0 = q_row0 + g * q_head_rows  # bhsd: the next head's rows; bshd: the same rows
+        col = q_col0 + g * q_head_cols  # bshd: the next head's columns
+        for t in range(t0, n_m):
+            s = it % NUM_STAGES
+            phase = (it // NUM_STAGES) & 1
+            row = row0 + t * BLOCK_M
+            mbarrier.wait(q_empty.index(s), phase ^ 1)  # both consumers are done with tile it - NS
+            mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [row, col], q_ready.index(s), q_smem.index(s))
+            mbarrier.wait(do_empty.index(s), phase ^ 1)
+            mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(do_desc, [row, col], do_ready.index(s), do_smem.index(s))
+            it += 1
+
+
+@gluon.jit
+def _tile(
+    it,
+    t,
+    dk,
+    dv,
+    k_w,
+    v_w,
+    keys,
+    hi_base,
+    d_base,
+    SQ,
+    off,
+    c,
+    q_smem,
+    do_smem,
+    q_ready,
+    q_empty,
+    do_ready,
+    do_empty,
+    s_layout: gl.constexpr,
+    op_layout: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    NUM_STAGES: gl.constexpr,
+    MASK: gl.constexpr,
+):
+    """One query tile t (ring slot of visit ``it``) against this warpgroup's 64 keys: dK, dV updated."""
+    s = it % NUM_STAGES
+    phase = (it // NUM_STAGES) & 1
+    cols = t * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))  # (BLOCK_M,) query rows
+    inside = cols < SQ
+    hi = gl.load(hi_base + cols, mask=inside, other=float("inf"))  # (BLOCK_M,) rows past Sq: p = 0
+    delta = gl.load(d_base + cols, mask=inside, other=0.0)  # (BLOCK_M,)
+    zero = gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout)
+    mbarrier.wait(q_ready.index(s), phase)
+    q_t = q_smem.index(s)  # (BLOCK_M, D)
+    s_tok = warpgroup_mma(k_w, q_t.permute((1, 0)), zero, use_acc=False, is_async=True)
+    mbarrier.wait(do_ready.index(s), phase)
+    do_t = do_smem.index(s)  # (BLOCK_M, D)
+    dp_tok = warpgroup_mma(v_w, do_t.permute((1, 0)), zero, use_acc=False, is_async=True)
+    st = warpgroup_mma_wait(1, deps=(s_tok,))  # (64, BLOCK_M) S^T; dP^T may still run
+    pt = gl.exp2(st * c - hi[None, :])  # (64, BLOCK_M) P^T
+    if MASK:  # key <= query + off, as (key - off - t BLOCK_M) <= local query index: one value per row
+        lim = keys - off - t * BLOCK_M  # (64,)
+        local = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))  # (BLOCK_M,)
+        pt = gl.where(lim[:, None] <= local[None, :], pt, 0.0)
+    p_op = gl.convert_layout(pt.to(q_smem.dtype), op_layout)
+    dv = warpgroup_mma(p_op, do_t, dv, is_async=True)
+    dpt = warpgroup_mma_wait(1, deps=(dp_tok,))  # (64, BLOCK_M) dP^T; dV may still run
+    dst = pt * (dpt - delta[None, :])  # (64, BLOCK_M) dS^T (unscaled)
+    ds_op = gl.convert_layout(dst.to(q_smem.dtype), op_layout)
+    dk = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+    dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
+    mbarrier.arrive(q_empty.index(s))
+    mbarrier.arrive(do_empty.index(s))
+    return dk, dv
+
+
+@gluon.jit
+def _consumer(
+    bufs,
+    work,
+    GROUP,
+    BLOCK_M: gl.constexpr,
+    HEAD_D: gl.constexpr,
+    NUM_STAGES: gl.constexpr,
+    WG: gl.constexpr,
+):
+    """Warpgroup WG: key rows 64 WG .. 64 WG + 63 of the CTA's tile; every visited query tile, then dK, dV."""
+    k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, do_ready, do_empty = bufs
+    DK, DV, Hi, Delta, dk_base, dv_base, stride_ks, stat_base, SQ, SK, n0, off, c, scale, sched = work
+    t0, t_full, n_m = sched
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16]
+    )
+    a_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16]
+    )
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout, k_width=2)
+    k_w = k_smem.slice(WG * WG_ROWS, WG_ROWS)  # (64, D)
+    v_w = v_smem.slice(WG * WG_ROWS, WG_ROWS)  # (64, D)
+    keys = n0 + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))  # (64,)
+
+    dk = gl.zeros([WG_ROWS, HEAD_D], gl.float32, a_layout)  # (64, D)
+    dv = gl.zeros([WG_ROWS, HEAD_D], gl.float32, a_layout)  # (64, D)
+    mbarrier.wait(kv_bar, 0)
+    it = 0
+    for g in range(GROUP):
+        hi_base = Hi + stat_base + g * SQ  # this query head's row statistics (B, Hq, Sq) contiguous
+        d_base = Delta + stat_base + g * SQ
+        for t in range(t0, t_full):  # the diagonal: masked
+            dk, dv = _tile(
+                it, t, dk, dv, k_w, v_w, keys, hi_base, d_base, SQ, off, c, q_smem, do_smem, q_ready,
+                q_empty, do_ready, do_empty, s_layout, op_layout, BLOCK_M, NUM_STAGES, True,
+            )  # fmt: skip
+            it += 1
+        for t in range(t_full, n_m):  # every key visible to every row
+            dk, dv = _tile(
+                it, t, dk, dv, k_w, v_w, keys, hi_base, d_base, SQ, off, c, q_smem, do_smem, q_ready,
+                q_empty, do_ready, do_empty, s_layout, op_layout, BLOCK_M, NUM_STAGES, False,
+            )  # fmt: skip
+            it += 1
+
+    # ---- epilogue: stage through this warpgroup's K and V rows (dead now) for 16-byte row stores
+    VEC: gl.constexpr = 8  # 16 bytes of a 16-bit type per thread
+    TPW_N: gl.constexpr = HEAD_D // VEC if HEAD_D // VEC < 32 else 32
+    st_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPW_N, TPW_N], [4, 1], [1, 0])
+    keys_st = n0 + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, st_layout))
+    cols_st = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, st_layout))
+    offs = keys_st.to(gl.int64)[:, None] * stride_ks + cols_st[None, :]  # (64, D)
+    row_ok = keys_st[:, None] < SK
+    k_w.store((dk * scale).to(k_w.dtype))
+    gl.store(DK + dk_base + offs, k_w.load(st_layout), mask=row_ok)
+    v_w.store(dv.to(v_w.dtype))
+    gl.store(DV + dv_base + offs, v_w.load(st_layout), mask=row_ok)
+
+
+@gluon.jit(do_not_specialize=["Hq", "Hk", "GROUP", "SQ", "SK"])  # one compile serves every shape
+def _attn_bwd_dkdv_ws(
+    q_desc,
+    do_desc,
+    k_desc,
+    v_desc,
+    DK,
+    DV,
+    Hi,
+    Delta,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    Hq,
+    Hk,
+    GROUP,
+    SQ,
+    SK,
+    c,
+    scale,
+    BSHD: gl.constexpr,
+    CAUSAL: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    HEAD_D: gl.constexpr,
+    NUM_STAGES: gl.constexpr,
+):
+    BLOCK_N: gl.constexpr = 2 * WG_ROWS
+    pid_n = gl.program_id(0)  # key tile: tile 0 has the most query tiles under causal, and starts first
+    bhk = gl.program_id(1)
+    b = bhk // Hk
+    hk = bhk % Hk
+    n0 = pid_n * BLOCK_N
+    off = SK - SQ
+    n_m = (SQ + BLOCK_M - 1) // BLOCK_M
+    if CAUSAL:
+        # first row that sees key n0 is n0 - off; every row from n0 + BLOCK_N - 1 - off on sees the whole tile
+        t0 = gl.minimum(gl.maximum(n0 - off, 0) // BLOCK_M, n_m)
+        t_full = gl.minimum((gl.maximum(n0 + BLOCK_N - 1 - off, 0) + BLOCK_M - 1) // BLOCK_M, n_m)
+    else:
+        t0 = 0
+        t_full = 0
+
+    h0 = hk * GROUP  # the group's first query head
+    if BSHD:  # (B*S, H*D): rows b*S + s, head h at column h*D
+        q_row0 = b * SQ
+        q_head_rows = 0
+        q_col0 = h0 * HEAD_D
+        q_head_cols = HEAD_D
+        k_row = b * SK + n0
+        k_col = hk * HEAD_D
+    else:  # (B*H*S, D)
+        q_row0 = (b * Hq + h0) * SQ
+        q_head_rows = SQ
+        q_col0 = 0
+        q_head_cols = 0
+        k_row = bhk * SK + n0
+        k_col = 0
+    dk_base = b.to(gl.int64) * stride_kb + hk.to(gl.int64) * stride_kh  # dK and dV share k's layout
+    stat_base = (b * Hq + h0).to(gl.int64) * SQ  # hi, delta: (B, Hq, Sq) contiguous
+
+    dtype: gl.constexpr = q_desc.dtype
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_D], k_desc.layout)  # (BLOCK_N, D)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_D], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, HEAD_D], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, HEAD_D], do_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    do_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)
+        mbarrier.init(do_ready.index(i), count=1)
+        mbarrier.init(do_empty.index(i), count=2)
+
+    sched = (t0, t_full, n_m)
+    bufs = (k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, do_ready, do_empty)
+    work = (DK, DV, Hi, Delta, dk_base, dk_base, stride_ks, stat_base, SQ, SK, n0, off, c, scale, sched)
+    descs = (q_desc, do_desc, k_desc, v_desc)
+    coords = (q_row0, q_head_rows, q_col0, q_head_cols, k_row, k_col)
+    gl.warp_specialize(
+        [
+            (_consumer, (bufs, work, GROUP, BLOCK_M, HEAD_D, NUM_STAGES, 0)),
+            (_consumer, (bufs, work, GROUP, BLOCK_M, HEAD_D, NUM_STAGES, 1)),
+            (_producer, (descs, bufs, coords, sched, GROUP, BLOCK_M, NUM_STAGES)),
+        ],
+        [4, 1],
+        [CONSUMER_REGS, PRODUCER_REGS],
+    )
+
+
+# ----------------------------------------------------------------------------------------------- host
+
+
+def default_cfg(head_dim: int, seqlen_q: int, causal: bool) -> tuple[int, int]:
+    """(BLOCK_M, NUM_STAGES): query rows per step and the depth of the Q/dO ring."""
+    return 64, 2
+
+
+def _smem_bytes(head_dim: int, block_m: int, stages: int, elem: int = 2) -> int:
+    return (2 * BLOCK_N * head_dim + 2 * stages * block_m * head_dim) * elem + 1024
+
+
+def supported(q, k, v, dout, dk, dv, layout, causal, cfg=None, scale=None) -> str | None:
+    """None if :func:`gluon_backward_dkdv` can run these inputs (plain attention: the caller checks that
+    no other feature is on), else a short reason."""
+    if layout not in ("bhsd", "bshd"):
+        return f"layout {layout!r} (bhsd or bshd only)"
+    if not all(t.is_cuda for t in (q, k, v, dout, dk, dv)):
+        return "needs CUDA tensors"
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "needs sm_90 (H100/H200): wgmma, TMA and setmaxnreg"
+    if q.dtype not in DTYPES or any(t.dtype != q.dtype for t in (k, v, dout, dk, dv)):
+        return "dtype must be bf16 or fp16, the same for q, k, v, dout, dk, dv"
+    if scale is not None and not scale > 0:
+        return "scale must be > 0"
+    hd = 1 if layout == "bhsd" else 2
+    B, Hq, Sq, D = q.shape[0], q.shape[hd], q.shape[3 - hd], q.shape[3]
+    Hk, Sk = k.shape[hd], k.shape[3 - hd]
+    if k.shape != v.shape or k.shape[0] != B or dout.shape != q.shape:
+        return "k and v must have the same shape and batch as q, dout the shape of q"
+    if dk.shape != k.shape or dv.shape != k.shape or dk.stride() != dv.stride():
+        return "dk and dv must have k's shape and the same strides"
+    if D not in HEAD_DIMS or k.shape[3] != D:
+        return f"head dim {D} (q) / {v.shape[3]} (v): needs D == Dv in {HEAD_DIMS}"
+    if Hk == 0 or Hq % Hk:
+        return "Hq must be a multiple of Hk"
+    if Sq < 1 or Sk < 1:
+        return "empty sequence"
+    if B * Hk > 65535:
+        return "B * Hk > 65535 (grid dimension 1)"
+    block_m, stages = cfg if cfg is not None else default_cfg(D, Sq, causal)
+    if _smem_bytes(D, block_m, stages) > 227 * 1024:
+        return f"cfg {cfg} needs more shared memory than sm_90 has"
+    if dk.stride(3) != 1:
+        return "dk's last dim must have unit stride"
+    for name, t in (("q", q), ("k", k), ("v", v), ("dout", dout)):
+        if t.stride(3) != 1:
+            return f"{name}'s last dim must have unit stride"
+        flat = _flat2d(t, layout)
+        if flat is None:
+            return f"{name}'s strides do not flatten to 2D rows for TMA"
+        if t.data_ptr() % 16 or (flat.stride(0) * t.element_size()) % 16:
+            return f"{name} needs a 16-byte aligned base and row stride"
+    return None
+
+
+def tma_views(q, k, v, dout, dk, dv, layout: str):
+    """For a call the caller has found eligible (``_tuning.gluon_backward_eligible``: sm_90, bhsd/bshd,
+    16-bit, D == Dv in HEAD_DIMS, no other feature): the 2D views the TMA descriptors of q, dout, k, v walk,
+    or None where the strides, alignment or grid do not fit (then the Triton kernel runs). Cheaper than
+    :func:`supported`, which the library's per-call path does not need."""
+    hd = 1 if layout == "bhsd" else 2
+    if k.shape[0] * k.shape[hd] > 65535 or q.shape[3 - hd] < 1 or k.shape[3 - hd] < 1:
+        return None
+    if dk.stride() != dv.stride() or dk.stride(3) != 1:
+        return None
+    flats = []
+    for t in (q, dout, k, v):
+        flat = _flat2d(t, layout)
+        if flat is None or t.data_ptr() % 16 or (flat.stride(0) * t.element_size()) % 16:
+            return None
+        flats.append(flat)
+    return tuple(flats)
+
+
+def launch_dkdv(q, k, v, dout, hi, delta, dk, dv, layout: str, scale: float, causal: bool, views):
+    """:func:`gluon_backward_dkdv` with the default cfg on views :func:`tma_views` returned."""
+    cfg = default_cfg(q.shape[3], q.shape[2 if layout == "bhsd" else 1], causal)
+    _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, views)
+
+
+def gluon_backward_dkdv(q, k, v, dout, hi, delta, dk, dv, layout: str, scale: float, causal: bool, cfg=None):
+    """dK and dV of plain attention on Hopper, written into ``dk`` and ``dv`` (k's shape and layout).
+
+    ``hi`` (B, Hq, Sq) float32 contiguous: the forward's log2 row statistic (``stats[0]``; +inf for rows
+    with no visible key); ``delta`` (B, Hq, Sq) float32 contiguous: rowsum(dO * O) - dLSE. ``cfg`` =
+    (BLOCK_M, NUM_STAGES) or None for :func:`default_cfg`."""
+    why = supported(q, k, v, dout, dk, dv, layout, causal, cfg=cfg, scale=scale)
+    if why is not None:
+        raise ValueError(f"gluon_backward_dkdv: {why}")
+    hd = 1 if layout == "bhsd" else 2
+    B, Hq, Sq = q.shape[0], q.shape[hd], q.shape[3 - hd]
+    for name, t in (("hi", hi), ("delta", delta)):
+        if t.shape != (B, Hq, Sq) or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"gluon_backward_dkdv: {name} must be a contiguous float32 (B, Hq, Sq) tensor")
+    cfg = tuple(cfg) if cfg is not None else default_cfg(q.shape[3], Sq, causal)
+    _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg)
+
+
+def _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, flats=(None,) * 4):
+    hd = 1 if layout == "bhsd" else 2
+    B, Hq, Sq, D = q.shape[0], q.shape[hd], q.shape[3 - hd], q.shape[3]
+    Hk, Sk = k.shape[hd], k.shape[3 - hd]
+    block_m, stages = cfg
+    sk = dk.stride()
+    stride_kb, stride_kh, stride_ks = (sk[0], sk[1], sk[2]) if layout == "bhsd" else (sk[0], sk[2], sk[1])
+    q_desc = _descriptor(q, layout, block_m, flats[0])
+    do_desc = _descriptor(dout, layout, block_m, flats[1])
+    k_desc = _descriptor(k, layout, BLOCK_N, flats[2])
+    v_desc = _descriptor(v, layout, BLOCK_N, flats[3])
+    grid = (triton.cdiv(Sk, BLOCK_N), B * Hk)
+    _attn_bwd_dkdv_ws[grid](
+        q_desc,
+        do_desc,
+        k_desc,
+        v_desc,
+        dk,
+        dv,
+        hi,
+        delta,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        Hq,
+        Hk,
+        Hq // Hk,
+        Sq,
+        Sk,
+        scale * LOG2E,
+        scale,
+        BSHD=layout == "bshd",
+        CAUSAL=bool(causal),
+        BLOCK_M=block_m,
+        HEAD_D=D,
+        NUM_STAGES=stages,
+        num_warps=4,
+        maxnreg=MAXNREG,
+    )
+
+
+__all__ = ["default_cfg", "gluon_backward_dkdv", "launch_dkdv", "supported", "tma_views"]
