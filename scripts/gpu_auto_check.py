@@ -1,8 +1,9 @@
 """Is backend="auto" as fast as the backend it picks? Alternates raw SDPA (cuDNN), attnkit auto and attnkit
-pinned to cuDNN on the same inputs several times (clock drift shows as spread between repeats) and prints
-auto's choice. Forward by default; ``fwd_bwd`` times forward+backward; ``nc`` drops the causal mask.
+pinned to cuDNN and to our Triton kernels on the same inputs several times (clock drift shows as spread
+between repeats) and prints auto's choice. Forward by default; ``fwd_bwd`` times forward+backward; ``nc``
+drops the causal mask.
 
-    PYTHONPATH=src python3 scripts/gpu_auto_check.py [fwd_bwd] [nc] [d64]   # d64: 1,32,16384,64 only
+    PYTHONPATH=src python3 scripts/gpu_auto_check.py [fwd_bwd] [nc] [d64]   # d64: the head-dim-64 shapes
 """
 
 import sys
@@ -39,6 +40,7 @@ def check(B, H, S, D, causal, backward):
         ("raw_cudnn", timed(raw)),
         ("auto", timed(lambda: attnkit.attention(q, k, v, causal=causal))),
         ("ak_cudnn", timed(lambda: attnkit.attention(q, k, v, causal=causal, backend="sdpa_cudnn"))),
+        ("ak_triton", timed(lambda: attnkit.attention(q, k, v, causal=causal, backend="triton"))),
     )
     for rep in range(3):
         t = {n: do_bench(f, warmup=25, rep=100, return_mode="median") for n, f in fns}
@@ -51,6 +53,10 @@ def check(B, H, S, D, causal, backward):
         )
 
 
-SHAPES = [(1, 32, 16384, 64)] if "d64" in sys.argv else [(4, 16, 4096, 128), (1, 16, 16384, 128)]
+SHAPES = (
+    [(4, 32, 4096, 64), (1, 32, 16384, 64)]
+    if "d64" in sys.argv
+    else [(4, 16, 4096, 128), (1, 16, 16384, 128)]
+)
 for shape in SHAPES:
     check(*shape, causal="nc" not in sys.argv, backward="fwd_bwd" in sys.argv)

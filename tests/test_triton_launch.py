@@ -5,7 +5,9 @@ Runs on the CPU: a stand-in JIT function "compiles" one kernel per distinct spec
 Triton's own ``native_specialize_impl`` (the rule the real launch path applies), and records which kernel
 each launch ran and with what arguments. Random call sequences then mix integers that are and are not 1
 or multiples of 16, 32- and 64-bit values, ints passed where floats were, aligned and misaligned tensors
-of several dtypes, and changing constexprs.
+of several dtypes, and changing constexprs. Gluon kernels take host TMA descriptors: their specialization
+(dtype, block shape, shared-memory layout) is checked the same way, and :func:`_gluon_fwd.tma_rows` (which
+decides whether a tensor can be walked by one) against ``torch.Tensor.view``, the rule it spells out.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ class Kernel:
 class FakeJit:
     """Triton's ``fn[grid](*args, **kwargs)`` contract: specialize, look up or compile, launch."""
 
-    def __init__(self):
-        self.params = [
+    def __init__(self, params=None):
+        self.params = params or [
             Param("X"),
             Param("Y"),
             Param("n"),
@@ -80,8 +82,8 @@ def fake_cuda(monkeypatch):
     class Stream:
         cuda_stream = "current"
 
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+    monkeypatch.setattr(_launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(_launch, "_current_stream", lambda dev: Stream.cuda_stream)
 
 
 INTS = st.sampled_from([0, 1, 2, 16, 17, 32, 48, -16, 2**31 - 16, 2**31, 2**40])
@@ -134,6 +136,68 @@ def test_fast_path_is_taken_and_honours_the_stream(fake_cuda):
     assert other is not first and fn.slow == 2
 
 
+@pytest.fixture(scope="module")
+def gluon_fwd():
+    return pytest.importorskip("attnkit.backends.triton._gluon_fwd")
+
+
+@settings(max_examples=60)
+@given(st.data())
+def test_fast_path_with_tma_descriptors_launches_the_kernel_triton_would(fake_cuda, gluon_fwd, data):
+    """Descriptors of changing dtype, box rows, shape and strides: the kernel is Triton's choice (dtype, box
+    and layout), a new shape or stride alone never recompiles, and every descriptor is passed through."""
+    fn = FakeJit([Param("QD"), Param("KD"), Param("O"), Param("n"), Param("BLOCK", constexpr=True)])
+    fast = _launch.Launch(fn)
+    bufs = {dt: torch.zeros(4096, 128, dtype=dt) for dt in (torch.float16, torch.bfloat16)}
+    for _ in range(data.draw(st.integers(1, 12))):
+        dt = data.draw(st.sampled_from(list(bufs)))
+        rows = data.draw(st.sampled_from([64, 128, 1000, 4096]))
+        descs = [
+            gluon_fwd.descriptor(bufs[dt].view(1, 1, 4096, 128)[:, :, :rows], (rows, 128, 128), box)
+            for box in (data.draw(st.sampled_from([64, 128])), data.draw(st.sampled_from([64, 128])))
+        ]
+        args = (*descs, bufs[dt], data.draw(INTS))
+        kwargs = {"BLOCK": 16, "num_warps": 4}
+        kernel = fast[(1,)](*args, **kwargs)
+        assert kernel.key == fn.spec(args, kwargs)
+        passed = kernel.launches[-1][2]
+        assert passed[0] is descs[0] and passed[1] is descs[1] and passed[2] is bufs[dt]
+    assert fn.slow == len(fast._memo)
+
+
+def _view_rows(t, layout):
+    """The rule :func:`tma_rows` spells out, by trying the view (the code before it did this per call)."""
+    B, d1, d2, D = t.shape
+    try:
+        flat = t.view(B * d1 * d2, D) if layout == "bhsd" else t.view(B * d1, d2 * D)
+    except RuntimeError:
+        return None
+    if flat.stride(1) != 1 and flat.shape[1] != 1:
+        return None
+    stride = flat.stride(0) if flat.shape[0] > 1 else flat.shape[1]
+    if t.data_ptr() % 16 or (stride * t.element_size()) % 16:
+        return None
+    return flat.shape[0], flat.shape[1], stride
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_tma_rows_follows_view(gluon_fwd, data):
+    """Permuted, sliced, padded and size-1 dims, both layouts: (rows, cols, row stride) or None exactly as
+    viewing the tensor as 2D rows (and TMA's 16-byte rules) would give."""
+    shape = [data.draw(st.sampled_from([1, 2, 3, 8])) for _ in range(3)] + [
+        data.draw(st.sampled_from([8, 64]))
+    ]
+    pad = [data.draw(st.sampled_from([0, 0, 1, 8])) for _ in range(4)]
+    base = torch.zeros([n + p for n, p in zip(shape, pad)], dtype=torch.float16)
+    t = base[tuple(slice(data.draw(st.sampled_from([0, p])), None) if p else slice(None) for p in pad)]
+    t = t[tuple(slice(0, n) for n in shape)]
+    perm = data.draw(st.permutations(range(4)))
+    t = t.permute(*perm) if data.draw(st.booleans()) else t
+    layout = data.draw(st.sampled_from(["bhsd", "bshd"]))
+    assert gluon_fwd.tma_rows(t, layout) == _view_rows(t, layout), (tuple(t.shape), t.stride(), layout)
+
+
 def test_interpreted_functions_take_tritons_path():
     class NotJit:
         def __getitem__(self, grid):
@@ -143,30 +207,149 @@ def test_interpreted_functions_take_tritons_path():
 
 
 @pytest.mark.cuda
-def test_fast_path_on_the_gpu_gives_tritons_bits():
-    """The real kernels through both paths: same bits, and repeats hit the memo."""
+@pytest.mark.parametrize("D, S", [(64, 200), (128, 256)])  # on Hopper: Triton or Gluon forward, Gluon dK/dV
+def test_fast_path_on_the_gpu_gives_tritons_bits(D, S, monkeypatch):
+    """The real kernels through both paths: same bits, and every kernel that ran hits the memo."""
     import attnkit
-    from attnkit.backends.triton import ops
+    from attnkit.backends.triton import _gluon_bwd, _gluon_fwd, ops
 
-    kernels = (ops.attn_fwd, ops.bwd_preprocess, ops.attn_bwd_dkdv, ops.attn_bwd_dq)
-    q, k, v = (
-        torch.randn(2, 3, 200, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in "qkv"
-    )
+    monkeypatch.setattr(ops, "REPLAY", False)  # every call through the Launch objects
+    kernels = {
+        "attn_fwd": ops.attn_fwd,
+        "bwd_preprocess": ops.bwd_preprocess,
+        "attn_bwd_dkdv": ops.attn_bwd_dkdv,
+        "attn_bwd_dq": ops.attn_bwd_dq,
+        "gluon fwd": _gluon_fwd._FWD_LAUNCH,
+        "gluon dkdv": _gluon_bwd._DKDV_LAUNCH,
+    }
+    q, k, v = (torch.randn(2, 3, S, D, device="cuda", dtype=torch.float16, requires_grad=True) for _ in "qkv")
     do = torch.randn_like(q)
 
     def run():
         out = attnkit.attention(q, k, v, causal=True, backend="triton")
         return (out, *torch.autograd.grad(out, (q, k, v), do))
 
+    ran = set()
     try:
-        for kernel in kernels:
+        for name, kernel in kernels.items():
             kernel.fast = False
+            kernel._memo.clear()
+            kernel._slow = lambda *a, _real=kernel._slow, _name=name: (ran.add(_name), _real(*a))[1]
         slow = run()
     finally:
-        for kernel in kernels:
+        for kernel in kernels.values():
             kernel.fast = True
+            del kernel._slow  # the class's method again
     run()
     fast = run()
-    assert all(kernel._memo for kernel in kernels)
+    assert {"bwd_preprocess", "attn_bwd_dq"} <= ran and ran & {"attn_fwd", "gluon fwd"}, ran
+    assert all(kernels[name]._memo for name in ran), ran
     for a, b in zip(slow, fast):
         assert torch.equal(a, b)
+
+
+def test_recorded_launches_replay_on_new_tensors(fake_cuda):
+    """A recorded call's launches, replayed on other tensors, are exactly the launches the call itself
+    would make on them; launches that cannot be replayed (Triton's own path, a side stream, a tensor made
+    inside the call, one tensor in two places) give no replay."""
+    fn = FakeJit()
+    fast = _launch.Launch(fn)
+    kw = {"BLOCK": 16, "FLAG": True, "num_warps": 4}
+
+    def body(x, y, made_inside=False, stream=None):
+        z = torch.zeros(4) if made_inside else y
+        fast[(2, 3)](x, z, 4, 16, 0.5, 100, stream=stream, **kw)
+        fast[(5,)](y, x, 7, 32, 1.5, 3, **kw)
+
+    x, y = torch.zeros(8), torch.zeros(8)
+    with _launch.Recording() as rec:  # the first call compiles: Triton's path
+        body(x, y)
+    assert not rec.replayable
+    with _launch.Recording() as rec:
+        body(x, y)
+    assert rec.replayable and len(rec.log) == 2
+    replay = _launch.Replay.build(rec.log, [x, y])
+    x2, y2 = torch.zeros(8), torch.zeros(8)
+    kernels = list(fn.kernels.values())
+    marks = [len(kn.launches) for kn in kernels]
+    replay([x2, y2])
+    replayed = [kn.launches[m:] for kn, m in zip(kernels, marks)]
+    marks = [len(kn.launches) for kn in kernels]
+    body(x2, y2)
+    direct = [kn.launches[m:] for kn, m in zip(kernels, marks)]
+    assert replayed == direct and sum(map(len, replayed)) == 2
+    assert replayed[0][0][2][0] is x2 and replayed[0][0][2][1] is y2  # the new tensors, not the old
+    for kwargs in ({"made_inside": True}, {"stream": "side"}):
+        with _launch.Recording() as rec:
+            body(x, y, **kwargs)
+        assert rec.replayable and _launch.Replay.build(rec.log, [x, y]) is None, kwargs
+    # one object in two places of the list (the caller's key guarantees the replays' are one too)
+    with _launch.Recording() as rec:
+        body(x, x)
+    marks = [len(kn.launches) for kn in kernels]
+    _launch.Replay.build(rec.log, [x, x])([x2, x2])
+    assert [kn.launches[m:] for kn, m in zip(kernels, marks)][0][0][2][:2] == (x2, x2)
+
+
+REPLAY_CASES = [  # (layout, B, Hq, Hk, Sq, Sk, D, causal, window, dropout_p, dtype, use_lse, strided)
+    ("bhsd", 2, 4, 2, 200, 256, 128, True, None, 0.0, torch.bfloat16, False, False),  # Gluon fwd + dK/dV
+    ("bshd", 2, 4, 4, 256, 256, 128, False, None, 0.0, torch.float16, True, True),  # lse used, q a view
+    ("bhsd", 1, 6, 1, 130, 70, 64, True, None, 0.0, torch.float16, False, False),  # MQA, Triton forward
+    ("bshd", 2, 4, 2, 96, 160, 64, False, (32, 8), 0.2, torch.bfloat16, True, False),  # window + dropout
+    ("thd", 3, 4, 2, None, None, 64, True, None, 0.0, torch.float16, False, False),  # packed, ragged
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", REPLAY_CASES, ids=lambda c: f"{c[0]}-D{c[6]}-p{c[9]}-lse{c[11]}")
+def test_replayed_calls_give_the_full_paths_bits(case):
+    """ops' replays (a repeated call's launches without the host work) against the full path, forward and
+    backward, bit for bit, on fresh inputs each call; and the replays did run."""
+    import attnkit
+    from attnkit.backends.triton import ops
+
+    layout, B, Hq, Hk, Sq, Sk, D, causal, window, p, dtype, use_lse, strided = case
+    kw = dict(layout=layout, causal=causal, window=window, dropout_p=p, return_lse=True, backend="triton")
+
+    def inputs(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        if layout == "thd":
+            lens = [37, 0, 91]
+            cu = torch.tensor([0, 37, 37, 128], device="cuda", dtype=torch.int32)
+            shapes = [(128, Hq, D), (128, Hk, D), (128, Hk, D)]
+            kw.update(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lens), max_seqlen_k=max(lens))
+        elif layout == "bhsd":
+            shapes = [(B, Hq, Sq, D), (B, Hk, Sk, D), (B, Hk, Sk, D)]
+        else:
+            shapes = [(B, Sq, Hq, D), (B, Sk, Hk, D), (B, Sk, Hk, D)]
+        qkv = [torch.randn(s, device="cuda", dtype=dtype, generator=g) for s in shapes]
+        if strided:  # q as a slice of a wider buffer: row stride != Hq * D
+            wide = torch.randn(*shapes[0][:-2], Hq + 2, D, device="cuda", dtype=dtype, generator=g)
+            qkv[0] = wide[..., :Hq, :].copy_(qkv[0])
+        return [t.requires_grad_() for t in qkv], torch.randn(
+            shapes[0], device="cuda", dtype=dtype, generator=g
+        )
+
+    def step(seed):
+        (q, k, v), do = inputs(seed)
+        torch.manual_seed(seed)  # the dropout state
+        out, lse = attnkit.attention(q, k, v, **kw)
+        loss = (out * do).sum() + (lse.nan_to_num(0, 0, 0).sum() if use_lse else 0)
+        return [out, lse, *torch.autograd.grad(loss, (q, k, v))]
+
+    try:
+        ops.REPLAY = False
+        full = [step(seed) for seed in (1, 2, 3)]
+        ops.REPLAY = True
+        ops._REPLAYS.clear()
+        ran = []
+        real = _launch.Replay.__call__
+        _launch.Replay.__call__ = lambda self, t: (ran.append(self), real(self, t))[1]
+        replayed = [step(seed) for seed in (1, 2, 3)]  # the first records nothing new, the second records
+    finally:
+        ops.REPLAY = True
+        _launch.Replay.__call__ = real
+    assert len(ran) >= 2, "the third call's forward and backward should have been replays"
+    for a, b in zip(full, replayed):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)

@@ -43,7 +43,6 @@ Schedule (causal masking bottom-right aligned: off = Sk - Sq, query i sees key j
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -53,7 +52,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from attnkit.backends.triton._gluon_fwd import DTYPES, HEAD_DIMS, LOG2E, _descriptor, _flat2d
+from attnkit.backends.triton._gluon_fwd import DTYPES, HEAD_DIMS, LOG2E, descriptor, tma_reason, tma_rows
+from attnkit.backends.triton._launch import Launch
 
 BLOCK_N = 128  # key rows per CTA: 64 per consumer warpgroup
 WG_ROWS: gl.constexpr = gl.constexpr(64)
@@ -347,34 +347,22 @@ def supported(q, k, v, dout, dk, dv, layout, causal, cfg=None, scale=None) -> st
         return f"cfg {cfg} needs more shared memory than sm_90 has"
     if dk.stride(3) != 1:
         return "dk's last dim must have unit stride"
-    for name, t in (("q", q), ("k", k), ("v", v), ("dout", dout)):
-        if t.stride(3) != 1:
-            return f"{name}'s last dim must have unit stride"
-        flat = _flat2d(t, layout)
-        if flat is None:
-            return f"{name}'s strides do not flatten to 2D rows for TMA"
-        if t.data_ptr() % 16 or (flat.stride(0) * t.element_size()) % 16:
-            return f"{name} needs a 16-byte aligned base and row stride"
-    return None
+    return tma_reason((("q", q), ("k", k), ("v", v), ("dout", dout)), layout)
 
 
 def tma_views(q, k, v, dout, dk, dv, layout: str):
     """For a call the caller has found eligible (``_tuning.gluon_backward_eligible``: sm_90, bhsd/bshd,
     16-bit, D == Dv in HEAD_DIMS, no other feature): the 2D views the TMA descriptors of q, dout, k, v walk,
     or None where the strides, alignment or grid do not fit (then the Triton kernel runs). Cheaper than
-    :func:`supported`, which the library's per-call path does not need."""
+    :func:`supported`, which the library's per-call path does not need. Each view is :func:`tma_rows`'
+    (rows, cols, row stride); no tensor view is made."""
     hd = 1 if layout == "bhsd" else 2
     if k.shape[0] * k.shape[hd] > 65535 or q.shape[3 - hd] < 1 or k.shape[3 - hd] < 1:
         return None
     if dk.stride() != dv.stride() or dk.stride(3) != 1:
         return None
-    flats = []
-    for t in (q, dout, k, v):
-        flat = _flat2d(t, layout)
-        if flat is None or t.data_ptr() % 16 or (flat.stride(0) * t.element_size()) % 16:
-            return None
-        flats.append(flat)
-    return tuple(flats)
+    rows = (tma_rows(q, layout), tma_rows(dout, layout), tma_rows(k, layout), tma_rows(v, layout))
+    return None if None in rows else rows
 
 
 def launch_dkdv(q, k, v, dout, hi, delta, dk, dv, layout: str, scale: float, causal: bool, views):
@@ -398,22 +386,23 @@ def gluon_backward_dkdv(q, k, v, dout, hi, delta, dk, dv, layout: str, scale: fl
         if t.shape != (B, Hq, Sq) or t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError(f"gluon_backward_dkdv: {name} must be a contiguous float32 (B, Hq, Sq) tensor")
     cfg = tuple(cfg) if cfg is not None else default_cfg(q.shape[3], Sq, causal)
-    _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg)
+    rows = tuple(tma_rows(t, layout) for t in (q, dout, k, v))
+    _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, rows)
 
 
-def _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, flats=(None,) * 4):
+def _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, rows):
     hd = 1 if layout == "bhsd" else 2
     B, Hq, Sq, D = q.shape[0], q.shape[hd], q.shape[3 - hd], q.shape[3]
     Hk, Sk = k.shape[hd], k.shape[3 - hd]
     block_m, stages = cfg
     sk = dk.stride()
     stride_kb, stride_kh, stride_ks = (sk[0], sk[1], sk[2]) if layout == "bhsd" else (sk[0], sk[2], sk[1])
-    q_desc = _descriptor(q, layout, block_m, flats[0])
-    do_desc = _descriptor(dout, layout, block_m, flats[1])
-    k_desc = _descriptor(k, layout, BLOCK_N, flats[2])
-    v_desc = _descriptor(v, layout, BLOCK_N, flats[3])
-    grid = (triton.cdiv(Sk, BLOCK_N), B * Hk)
-    _attn_bwd_dkdv_ws[grid](
+    q_desc = descriptor(q, rows[0], block_m)
+    do_desc = descriptor(dout, rows[1], block_m)
+    k_desc = descriptor(k, rows[2], BLOCK_N)
+    v_desc = descriptor(v, rows[3], BLOCK_N)
+    grid = (-(-Sk // BLOCK_N), B * Hk)
+    _DKDV_LAUNCH[grid](
         q_desc,
         do_desc,
         k_desc,
@@ -441,5 +430,7 @@ def _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, flats=
         maxnreg=MAXNREG,
     )
 
+
+_DKDV_LAUNCH = Launch(_attn_bwd_dkdv_ws)  # the compiled kernel looked up without Triton's per-launch binding
 
 __all__ = ["default_cfg", "gluon_backward_dkdv", "launch_dkdv", "supported", "tma_views"]

@@ -57,7 +57,6 @@ statistics and accumulators.
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -67,6 +66,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from attnkit.backends.triton._launch import Launch
 
 LOG2E = 1.4426950408889634
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
@@ -464,14 +465,34 @@ def _smem_bytes(head_dim: int, block_n: int, stages: int, elem: int = 2) -> int:
     return (BLOCK_M * head_dim + 2 * stages * block_n * head_dim) * elem + 1024
 
 
-def _flat2d(t: torch.Tensor, layout: str):
-    """The 2D (rows, cols) view the TMA descriptors walk, or None if the strides do not allow it."""
+def tma_rows(t: torch.Tensor, layout: str) -> tuple[int, int, int] | None:
+    """(rows, cols, row stride) of the 2D matrix the TMA descriptors walk: bhsd (B, H, S, D) as
+    (B*H*S, D), bshd (B, S, H, D) as (B*S, H*D); or None where the strides do not flatten so (the rules of
+    ``t.view``: size-1 dims are free), the last dim is not unit-stride, or the base or row stride is not
+    16-byte aligned. The one place these rules live: every Gluon launch and support check asks here, and
+    no view is made."""
     B, d1, d2, D = t.shape
-    try:
-        # bhsd: (B, H, S, D) -> (B*H*S, D); bshd: (B, S, H, D) -> (B*S, H*D)
-        return t.view(B * d1 * d2, D) if layout == "bhsd" else t.view(B * d1, d2 * D)
-    except RuntimeError:
+    s0, s1, s2, s3 = t.stride()
+    if s3 != 1 and D != 1:
         return None
+    if layout == "bhsd":
+        row_dims, cols = ((B, s0), (d1, s1), (d2, s2)), D
+    else:  # bshd: heads and head dim merge into the columns
+        if d2 != 1 and D != 1 and s2 != D:
+            return None
+        row_dims, cols = ((B, s0), (d1, s1)), d2 * D
+    rows, stride = 1, None
+    for n, s in reversed(row_dims):  # innermost first, as view merges
+        if n == 1:
+            continue
+        if stride is not None and s != rows * stride:
+            return None
+        stride = s if stride is None else stride
+        rows *= n
+    stride = cols if stride is None else stride  # a single row: any stride will do
+    if t.data_ptr() % 16 or (stride * t.element_size()) % 16:
+        return None
+    return rows, cols, stride
 
 
 def supported(q, k, v, layout, causal, **unsupported_features) -> str | None:
@@ -517,14 +538,18 @@ def supported(q, k, v, layout, causal, **unsupported_features) -> str | None:
         return f"Sk = {Sk} is not a multiple of BLOCK_N = {block_n}"
     if _smem_bytes(D, block_n, stages) > 227 * 1024:
         return f"cfg {cfg} needs more shared memory than sm_90 has"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(3) != 1:
-            return f"{name}'s last dim must have unit stride"
-        flat = _flat2d(t, layout)
-        if flat is None:
-            return f"{name}'s strides do not flatten to 2D rows for TMA"
-        if t.data_ptr() % 16 or (flat.stride(0) * t.element_size()) % 16:
-            return f"{name} needs a 16-byte aligned base and row stride"
+    return tma_reason((("q", q), ("k", k), ("v", v)), layout)
+
+
+def tma_reason(named, layout: str) -> str | None:
+    """Why one of the (name, tensor) pairs cannot be walked by a TMA descriptor (:func:`tma_rows`), or
+    None."""
+    for name, t in named:
+        if tma_rows(t, layout) is None:
+            return (
+                f"{name}'s strides do not flatten to 2D rows with a unit-stride last dim and a 16-byte "
+                "aligned base and row stride (TMA)"
+            )
     return None
 
 
@@ -538,31 +563,44 @@ def _smem_layout(block_rows: int, D: int, dtype: torch.dtype):
     return _SMEM_LAYOUTS[key]
 
 
-def _descriptor(t: torch.Tensor, layout: str, block_rows: int, flat=None):
-    flat = _flat2d(t, layout) if flat is None else flat
+def descriptor(t: torch.Tensor, rows_cols_stride: tuple[int, int, int], block_rows: int):
+    """The host TMA descriptor of ``t`` as :func:`tma_rows` flattened it, boxes of (block_rows, head dim).
+
+    Built without ``TensorDescriptor.__post_init__``: its checks (16-byte base and strides, unit last
+    stride) are :func:`tma_rows`' own, which every caller has passed, and they cost ~7 us of host time a
+    descriptor on the H200 machine (seven a forward+backward)."""
+    rows, cols, stride = rows_cols_stride
     D = t.shape[3]
-    smem_layout = _smem_layout(block_rows, D, t.dtype)
-    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [block_rows, D], smem_layout)
+    desc = _TD_NEW(TensorDescriptor)
+    desc.base = t  # the launcher reads only its address and dtype; the shape and strides are below
+    desc.shape = [rows, cols]
+    desc.strides = [stride, 1]
+    desc.block_shape = [block_rows, D]
+    desc.layout = _smem_layout(block_rows, D, t.dtype)
+    desc.padding = "zero"
+    return desc
 
 
-def try_forward(q, k, v, layout: str, scale: float, causal: bool):
+_TD_NEW = object.__new__
+
+
+def try_forward(q, k, v, layout: str, scale: float, causal: bool, bufs=None):
     """:func:`gluon_forward` for a call the caller has already found eligible (sm_90, bhsd/bshd, 16-bit,
     D == Dv in HEAD_DIMS, Sk a multiple of 64, Hq a multiple of Hk, no other feature: see
     ``_tuning.gluon_forward_eligible``); checks only what that cannot know (strides, alignment, grid
     size) and returns None where they do not fit, instead of raising. The library's per-call path: the
-    full :func:`supported` costs tens of microseconds a call."""
+    full :func:`supported` costs tens of microseconds a call. ``bufs``: (out, lse, stats) to write, as
+    :func:`gluon_forward` would allocate them (contiguous, q's shape; float32 (B, Hq, Sq); float32
+    (2, B, Hq, Sq)), or None to allocate."""
     hd = 1 if layout == "bhsd" else 2
     B, Hq, Sq = q.shape[0], q.shape[hd], q.shape[3 - hd]
     Sk = k.shape[3 - hd]
     if B * Hq > 65535 or Sq < 1 or Sk < 1:
         return None
-    flats = []
-    for t in (q, k, v):
-        flat = _flat2d(t, layout)
-        if flat is None or t.data_ptr() % 16 or (flat.stride(0) * t.element_size()) % 16:
-            return None
-        flats.append(flat)
-    return _launch(q, k, v, layout, scale, causal, _full_cfg(None, q.shape[3], Sk, causal), flats)
+    rows = (tma_rows(q, layout), tma_rows(k, layout), tma_rows(v, layout))
+    if None in rows:
+        return None
+    return _launch(q, k, v, layout, scale, causal, _full_cfg(None, q.shape[3], Sk, causal), rows, bufs)
 
 
 def gluon_forward(q, k, v, layout: str, scale: float, causal: bool, cfg=None):
@@ -575,27 +613,31 @@ def gluon_forward(q, k, v, layout: str, scale: float, causal: bool, cfg=None):
     if why is not None:
         raise ValueError(f"gluon_forward: {why}")
     Sk = k.shape[2 if layout == "bhsd" else 1]
-    return _launch(q, k, v, layout, scale, causal, _full_cfg(cfg, q.shape[3], Sk, causal))
+    rows = (tma_rows(q, layout), tma_rows(k, layout), tma_rows(v, layout))
+    return _launch(q, k, v, layout, scale, causal, _full_cfg(cfg, q.shape[3], Sk, causal), rows)
 
 
-def _launch(q, k, v, layout, scale, causal, cfg, flats=(None, None, None)):
+def _launch(q, k, v, layout, scale, causal, cfg, rows, bufs=None):
     hd = 1 if layout == "bhsd" else 2
     sd = 3 - hd
     B, Hq, Sq, D = q.shape[0], q.shape[hd], q.shape[sd], q.shape[3]
     Hk, Sk = k.shape[hd], k.shape[sd]
     block_n, stages, overlap, split = cfg
 
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-    stats = torch.empty((2, B, Hq, Sq), dtype=torch.float32, device=q.device)
+    if bufs is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+        stats = torch.empty((2, B, Hq, Sq), dtype=torch.float32, device=q.device)
+    else:
+        out, lse, stats = bufs
     so = out.stride()
     stride_ob, stride_oh, stride_os = (so[0], so[1], so[2]) if layout == "bhsd" else (so[0], so[2], so[1])
 
-    q_desc = _descriptor(q, layout, BLOCK_M, flats[0])
-    k_desc = _descriptor(k, layout, block_n, flats[1])
-    v_desc = _descriptor(v, layout, block_n, flats[2])
-    grid = (triton.cdiv(Sq, BLOCK_M), B * Hq)
-    _attn_fwd_ws[grid](
+    q_desc = descriptor(q, rows[0], BLOCK_M)
+    k_desc = descriptor(k, rows[1], block_n)
+    v_desc = descriptor(v, rows[2], block_n)
+    grid = (-(-Sq // BLOCK_M), B * Hq)
+    _FWD_LAUNCH[grid](
         q_desc,
         k_desc,
         v_desc,
@@ -625,4 +667,6 @@ def _launch(q, k, v, layout, scale, causal, cfg, flats=(None, None, None)):
     return out, lse, stats
 
 
-__all__ = ["default_cfg", "gluon_forward", "supported", "try_forward"]
+_FWD_LAUNCH = Launch(_attn_fwd_ws)  # the compiled kernel looked up without Triton's per-launch binding
+
+__all__ = ["default_cfg", "descriptor", "gluon_forward", "supported", "tma_rows", "try_forward"]

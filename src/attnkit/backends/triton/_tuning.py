@@ -91,8 +91,16 @@ _memory: dict[str, Config] = {}
 _disk_loaded = False
 
 
+_INTERPRETING: list[bool] = []
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether the Triton kernels run in the interpreter. Triton decides that once, when the kernels are
+    decorated (imported), from ``TRITON_INTERPRET``; so is it read here once, on the first ask (every
+    launch asks: an environment read is ~1 us of host time)."""
+    if not _INTERPRETING:
+        _INTERPRETING.append(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+    return _INTERPRETING[0]
 
 
 def dim_class(d: int) -> int:
@@ -333,6 +341,7 @@ def pick(
 
 
 _fast: dict = {}
+TUNED = [0]  # autotuning runs in this process (ops' replays must not record their trial launches)
 
 
 def _smem_estimate(kind: str, cfg: Config, D: int, Dv: int, elem: int) -> int:
@@ -391,6 +400,7 @@ def _pick(kind, D, Dv, dtype, flags, Sq, Sk, device, launch, reset) -> Config:
     cands = [default] + [c for c in _CANDIDATES[kind].get(dim_class(max(D, Dv)), []) if c != default]
     from triton.testing import do_bench
 
+    TUNED[0] += 1
     best, best_ms = default, float("inf")
     for cfg in cands:
         try:

@@ -14,9 +14,11 @@ capped by causal.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from attnkit.backends.triton import _bwd, _fwd, _tuning
+from attnkit.backends.triton import _bwd, _fwd, _launch, _tuning
 from attnkit.backends.triton._launch import Launch
 
 # every launch goes through Launch: the compiled kernel looked up from the arguments, without Triton's
@@ -26,6 +28,7 @@ attn_bwd_dkdv = Launch(_bwd.attn_bwd_dkdv)
 attn_bwd_dq = Launch(_bwd.attn_bwd_dq)
 bwd_preprocess = Launch(_bwd.bwd_preprocess)
 dropout_mask_kernel = _fwd.dropout_mask_kernel
+_INTERPRETED = not attn_fwd.fast  # the kernels were decorated under TRITON_INTERPRET=1
 
 Tensor = torch.Tensor
 
@@ -147,13 +150,50 @@ def _triton_fwd(
 
     The row stats (lse in log2 units, max score plus log2 of the exp-sum, as an unevaluated sum hi + lo)
     let the backward recompute probabilities exactly. ``deterministic`` is not used here: autograd hands it
-    to the backward."""
+    to the backward.
+
+    A call that repeats an earlier one in everything but its tensors' addresses replays that call's
+    launches (:func:`_replayed`)."""
+    args = (q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, layout, max_seqlen_q, max_seqlen_k)
+    args += (scale, causal, window_left, window_right, softcap, dropout_p)
+    key = _replay_key("fwd", args[:7], args[7:]) if bias is None and q.is_cuda else None
+    if key is None:
+        return _fwd_body(*args)
+    replay = _REPLAYS.get(key)
+    if replay:
+        tensors = _fwd_buffers(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, layout, dropout_p)
+        replay(tensors)
+        out, lse, stats, _, _, rng = tensors[3:9]
+        return out, lse, rng, stats
+    return _replayed(key, replay, _fwd_body, args)
+
+
+def _fwd_buffers(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, layout, dropout_p) -> list:
+    """Every tensor a forward launch may take, in the order replays pass them: [q, k, v (unit last
+    stride), out, lse, stats, hi, lo (allocated; stats = (hi, lo)), rng (the dropout state), alibi_slopes,
+    cu_seqlens_q, cu_seqlens_k]."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, Hq, _ = _sizes(q, k, layout, cu_seqlens_q)
+    out = _new(q.shape[:-1] + (v.shape[-1],), q)
+    lse = _new(_lse_shape(q, layout, B, Hq), q, torch.float32)
+    stats = _new((2,) + tuple(lse.shape), q, torch.float32)
+    # without dropout the kernels never read the state: no fill (a launch of host time) for it
+    rng = draw_rng(q.device) if dropout_p > 0 else torch.empty(2, dtype=torch.int64, device=q.device)
+    return [q, k, v, out, lse, stats, *stats.unbind(0), rng, alibi_slopes, cu_seqlens_q, cu_seqlens_k]
+
+
+def _fwd_body(
+    q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, layout, max_seqlen_q, max_seqlen_k, scale,
+    causal, window_left, window_right, softcap, dropout_p, keep=None,
+):  # fmt: skip
+    """:func:`_triton_fwd`'s work; ``keep`` (a list) gets the tensors its launches may take."""
+    tensors = _fwd_buffers(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, layout, dropout_p)
+    if keep is not None:
+        keep += tensors
+    q, k, v, out, lse, stats, hi, lo, rng = tensors[:9]
     B, Hq, Hk = _sizes(q, k, layout, cu_seqlens_q)
     D, Dv = q.shape[-1], v.shape[-1]
     Sq, Sk = max_seqlen_q, max_seqlen_k
-    # without dropout the kernels never read the state: no fill (a launch of host time) for it
-    rng = draw_rng(q.device) if dropout_p > 0 else torch.empty(2, dtype=torch.int64, device=q.device)
     # plain calls (causal or not, no other feature) on Hopper: the warp-specialized Gluon kernel
     plain = bias is None and alibi_slopes is None and softcap <= 0 and dropout_p <= 0
     plain = plain and window_left < 0 and window_right < 0
@@ -162,13 +202,9 @@ def _triton_fwd(
         _tuning.capability(q.device), layout, D, Dv, q.dtype, Sk, causal, plain, scale
     ):
         gluon = _gluon()
-        done = gluon.try_forward(q, k, v, layout, scale, causal) if gluon is not None else None
+        done = gluon.try_forward(q, k, v, layout, scale, causal, (out, lse, stats)) if gluon else None
         if done is not None:  # (strides or alignment a TMA descriptor cannot take: the Triton kernel)
-            out, lse, stats = done
             return out, lse, rng, stats
-    out = _new(q.shape[:-1] + (Dv,), q)
-    lse = _new(_lse_shape(q, layout, B, Hq), q, torch.float32)
-    stats = _new((2,) + tuple(lse.shape), q, torch.float32)
     if out.numel() == 0:
         stats[0].fill_(float("inf"))
         stats[1].fill_(0.0)
@@ -196,8 +232,8 @@ def _triton_fwd(
             v,
             out,
             lse,
-            stats[0],
-            stats[1],
+            hi,
+            lo,
             b4 if b4 is not None else dummy,
             alibi_slopes if alibi_slopes is not None else dummy,
             cu_seqlens_q if varlen else dummy,
@@ -325,24 +361,73 @@ def _triton_bwd(
     By default the dK/dV kernel, then a separate dQ pass (no atomics: bitwise reproducible, so
     ``deterministic=True`` changes nothing); ``ATTNKIT_TRITON_BWD=fused`` opts non-deterministic calls into
     one fused kernel (dK, dV, and dQ through fp32 atomic adds), measured slower since version 4
-    (:func:`_tuning.fused_backward`)."""
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    out = _unit_last(out)
-    dout = dout.contiguous()
+    (:func:`_tuning.fused_backward`).
+
+    A call that repeats an earlier one in everything but its tensors' addresses replays that call's
+    launches (:func:`_replayed`): the backward runs on autograd's device thread, where every line of
+    Python costs about twice what it costs on the caller's thread (``scripts/gpu_host_threads.py``)."""
+    args = (dout, q, k, v, out, stats, dlse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng, layout)
+    args += (max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p)
+    args += (bias_grad, deterministic)
+    fused = not deterministic and _tuning.fused_backward()
+    key = None
+    if bias is None and not fused and q.is_cuda:  # (bias and fused: work besides launches, not replayed)
+        key = _replay_key("bwd", args[:12], args[12:])
+    if key is None:
+        return _bwd_body(*args)
+    replay = _REPLAYS.get(key)
+    if replay:
+        tensors = _bwd_buffers(dout, q, k, v, out, stats, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng)
+        replay(tensors)
+        return (*tensors[8:11], torch.empty((0,), device=q.device, dtype=torch.float32))
+    return _replayed(key, replay, _bwd_body, args)
+
+
+def _bwd_buffers(dout, q, k, v, out, stats, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng) -> list:
+    """Every tensor a backward launch may take, in the order replays pass them: [q, k, v, out (unit last
+    stride), dout (contiguous), hi, lo (the forward's log2 row statistic, stats = (hi, lo)), delta, dq, dk,
+    dv (allocated), dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng]."""
+    q, k, v, out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out)
+    hi, lo = stats.unbind(0)
+    delta = torch.empty(hi.shape, device=q.device, dtype=torch.float32)  # rowsum(dO * O) - dLSE
+    grads = [_new(q.shape, q), _new(k.shape, k), _new(v.shape, v)]
+    return [
+        q,
+        k,
+        v,
+        out,
+        dout.contiguous(),
+        hi,
+        lo,
+        delta,
+        *grads,
+        dlse,
+        alibi_slopes,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        rng,
+    ]
+
+
+def _bwd_body(
+    dout, q, k, v, out, stats, dlse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng, layout,
+    max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p, bias_grad,
+    deterministic, keep=None,
+):  # fmt: skip
+    """:func:`_triton_bwd`'s work; ``keep`` (a list) gets the tensors its launches may take."""
+    tensors = _bwd_buffers(dout, q, k, v, out, stats, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng)
+    if keep is not None:
+        keep += tensors
+    q, k, v, out, dout, hi, lo, delta, dq, dk, dv = tensors[:11]
     B, Hq, Hk = _sizes(q, k, layout, cu_seqlens_q)
     D, Dv = q.shape[-1], v.shape[-1]
     Sq, Sk = max_seqlen_q, max_seqlen_k
-    lse = stats[0]  # only its layout is used below
-    delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)  # rowsum(dO * O) - dLSE
     fused = not deterministic and _tuning.fused_backward()
     # fused: dQ accumulates in fp32 (q's shape, contiguous); float32 inputs accumulate in dq itself
     if fused and q.dtype == torch.float32:
         dq = dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     else:
-        dq = _new(q.shape, q)
         dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused else dq
-    dk = _new(k.shape, k)
-    dv = _new(v.shape, v)
     b4, sb = _bias4(bias, B, Hq, Sq, Sk)
     bias_grad = bias_grad and bias is not None
     dbias = (
@@ -359,7 +444,10 @@ def _triton_bwd(
     plain = bias is None and alibi_slopes is None and softcap <= 0 and dropout_p <= 0
     plain = plain and window_left < 0 and window_right < 0
     dummy = q
-    BMP = 16 if _tuning.interpreting() else 64
+    # every stride once (host time: each ``stride(i)`` is a call into torch)
+    st_q, st_k, st_v = _strides(q, layout), _strides(k, layout), _strides(v, layout)
+    st_do, st_delta, st_lse = _strides(dout, layout), _lse_strides(delta, layout), _lse_strides(hi, layout)
+    BMP = 16 if _INTERPRETED else 64
     bwd_preprocess[(_cdiv(max(Sq, 1), BMP), B * Hq)](
         out,
         dout,
@@ -367,9 +455,9 @@ def _triton_bwd(
         delta,
         cu_seqlens_q if varlen else dummy,
         *_strides(out, layout),
-        *_strides(dout, layout),
-        *_lse_strides(dlse if dlse is not None else delta, layout),
-        *_lse_strides(delta, layout),
+        *st_do,
+        *(_lse_strides(dlse, layout) if dlse is not None else st_delta),
+        *st_delta,
         Hq,
         Sq,
         DV=Dv,
@@ -411,8 +499,6 @@ def _triton_bwd(
         dropout_p > 0,
     )
 
-    one_loop = _tuning.one_loop_dkdv(has_left, has_right)
-
     def launch_dkdv(cfg):
         BM, BN, warps, stages = cfg
         grid = (_cdiv(max(Sk, 1), BN), B * Hk)
@@ -424,8 +510,8 @@ def _triton_bwd(
             dk,
             dv,
             dq_acc if fused else dummy,
-            stats[0],
-            stats[1],
+            hi,
+            lo,
             delta,
             bias_arg,
             dbias if bias_grad else dummy,
@@ -433,15 +519,15 @@ def _triton_bwd(
             cu_q,
             cu_k,
             rng,
-            *_strides(q, layout),
-            *_strides(k, layout),
-            *_strides(v, layout),
-            *_strides(dout, layout),
+            *st_q,
+            *st_k,
+            *st_v,
+            *st_do,
             *_strides(dk, layout),
             *_strides(dv, layout),
             *(_strides(dq_acc, layout) if fused else (0, 0, 0)),
-            *_lse_strides(lse, layout),
-            *_lse_strides(delta, layout),
+            *st_lse,
+            *st_delta,
             *sb,
             *sdb,
             *_slope_strides(alibi_slopes),
@@ -454,7 +540,7 @@ def _triton_bwd(
             BLOCK_N=BN,
             BIAS_GRAD=bias_grad,
             FUSED_DQ=fused,
-            ONE_LOOP=one_loop,
+            ONE_LOOP=_tuning.one_loop_dkdv(has_left, has_right),
             num_warps=warps,
             num_stages=stages,
             **common,
@@ -469,21 +555,21 @@ def _triton_bwd(
             v,
             dout,
             dq,
-            stats[0],
-            stats[1],
+            hi,
+            lo,
             delta,
             bias_arg,
             slopes_arg,
             cu_q,
             cu_k,
             rng,
-            *_strides(q, layout),
-            *_strides(k, layout),
-            *_strides(v, layout),
-            *_strides(dout, layout),
+            *st_q,
+            *st_k,
+            *st_v,
+            *st_do,
             *_strides(dq, layout),
-            *_lse_strides(lse, layout),
-            *_lse_strides(delta, layout),
+            *st_lse,
+            *st_delta,
             *sb,
             *_slope_strides(alibi_slopes),
             Hq,
@@ -515,7 +601,7 @@ def _triton_bwd(
         if views is not None:  # the Hopper Gluon dK/dV kernel (None: strides a TMA descriptor cannot take)
 
             def run_dkdv():
-                gluon_bwd.launch_dkdv(q, k, v, dout, stats[0], delta, dk, dv, layout, scale, causal, views)
+                gluon_bwd.launch_dkdv(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, views)
 
         else:
             cfg_dkdv = _tuning.pick("dkdv", D, Dv, q.dtype, flags, Sq, Sk, q.device, launch_dkdv)
@@ -538,6 +624,58 @@ def _triton_bwd(
             run_dkdv()
             launch_dq(cfg_dq)
     return dq, dk, dv, _reduce_dbias(dbias, bias) if bias_grad else dbias
+
+
+# ----------------------------------------------------------------------------------------------------------
+# replays: a repeated call's launches without the host work that chose them
+# ----------------------------------------------------------------------------------------------------------
+_REPLAYS: dict = {}  # key -> Replay, or False where the call cannot be replayed
+_MAX_REPLAYS = 1024
+REPLAY = True  # tests and A/B runs: False takes the full path every call
+# every switch that changes which kernels run or how (read per call: tests and A/B runs flip them)
+_SWITCHES = (
+    "ATTNKIT_TRITON_GLUON",
+    "ATTNKIT_TRITON_GLUON_BWD",
+    "ATTNKIT_TRITON_BWD",
+    "ATTNKIT_TRITON_BWD_LOOP",
+    "ATTNKIT_TRITON_BWD_STREAMS",
+    "ATTNKIT_TRITON_AUTOTUNE",
+)
+
+
+def _replay_key(kind: str, tensors: tuple, scalars: tuple):
+    """Everything a forward or backward call's launches depend on but its tensors' addresses: each
+    tensor's shape, strides, dtype and address mod 16 (Triton specializes on 16-byte alignment), which
+    tensors are the same object, the scalar arguments, the device, the switches; None where calls must
+    take the full path (replays off, launch hooks set, tiles forced by tests)."""
+    if not REPLAY or _tuning.FORCE or _launch.hooked():
+        return None
+    sig = tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15) for t in tensors])
+    first: dict = {}  # which tensors are one object (cu_seqlens_q is cu_seqlens_k, q is k): the first index
+    same = tuple([first.setdefault(id(t), i) for i, t in enumerate(tensors) if t is not None])
+    env = os.environ
+    switches = tuple([env.get(name) for name in _SWITCHES])
+    device = tensors[1 if kind == "bwd" else 0].get_device()
+    # (the current device too: a compiled kernel's handle belongs to the device it was launched on)
+    return (kind, sig, same, scalars, device, _launch._current_device(), switches, POISON)
+
+
+def _replayed(key, known, body, args):
+    """Run ``body(*args)`` for a call with replay key ``key``, recording its launches, and remember them
+    for the next call with the same key when every launch took the fast path (not the first call of a
+    shape, which compiles or autotunes) and every tensor a launch took is one the replay can pass. Calls
+    that can never be replayed (a side stream, a tensor made inside) are remembered as such."""
+    if known is False:
+        return body(*args)
+    keep: list = []
+    tuned = _tuning.TUNED[0]
+    with _launch.Recording() as rec:
+        result = body(*args, keep=keep)
+    if rec.replayable and _tuning.TUNED[0] == tuned:  # (no autotuning trials in the log)
+        if len(_REPLAYS) >= _MAX_REPLAYS:
+            _REPLAYS.clear()
+        _REPLAYS[key] = _launch.Replay.build(rec.log, keep) or False
+    return result
 
 
 _SIDE_STREAMS: dict = {}
@@ -732,7 +870,7 @@ def dropout_keep_mask(
     """The kernels' keep mask for batch (sequence) ``b``, heads h0:h1, rows r0:r0+rows, keys 0:Sk -> bool
     (h1 - h0, rows, Sk), on rng's device. Indices are positions inside the sequence."""
     out = torch.empty((h1 - h0, rows, Sk), dtype=torch.int8, device=rng.device)
-    BLOCK = 16 if _tuning.interpreting() else 64
+    BLOCK = 16 if _INTERPRETED else 64
     grid = (_cdiv(rows, BLOCK), _cdiv(Sk, BLOCK))
     for i, h in enumerate(range(h0, h1)):
         if rows and Sk:
