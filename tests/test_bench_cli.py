@@ -78,3 +78,30 @@ def test_bench_packed_through_the_cli_on_cpu(tmp_path, capsys):
     assert all(r.get("median_ms", 0) > 0 for r in rows), [r.get("note") for r in rows]
     packed = next(r for r in rows if r["batch"] == "packed")
     assert packed["computed_tokens"] == packed["real_tokens"]  # no pad token computed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU sweep: on a GPU this would run the full table")
+def test_bench_kernels_alternates_rounds_and_keeps_the_median(tmp_path, monkeypatch):
+    """Every backend of a shape is timed once a round, in turn; each row keeps its median round and says
+    how far its rounds spread."""
+    from attnkit.bench import kernels
+
+    order = []
+
+    def timer(step, on_gpu):  # each step's rounds read 3, 1, 2 ms
+        order.append(step)
+        return (3.0, 1.0, 2.0)[order.count(step) - 1]
+
+    monkeypatch.setattr(kernels, "_timer", timer)
+    assert kernels.main(["--rounds", "3", "--out", str(tmp_path), "--modes", "fwd", "--no-causal"]) == 0
+    rows = json.loads((tmp_path / "kernels.json").read_text())
+    per_shape = len(rows) // len(kernels.CPU_SHAPES)
+    assert per_shape >= 2
+    # within a shape: backends A, B, C, then B, C, A, then C, A, B (not A three times, then B)
+    first = order[: 3 * per_shape]
+    r0, r1, r2 = first[:per_shape], first[per_shape : 2 * per_shape], first[2 * per_shape :]
+    assert len(set(r0)) == per_shape and r1 == r0[1:] + r0[:1] and r2 == r0[2:] + r0[:2]
+    for r in rows:
+        assert r["rounds"] == 3 and r["error"] == ""
+    # each backend's rounds read 3, 1, 2: median 2, spread (3 - 1) / 2
+    assert all(r["ms"] == 2.0 and r["spread"] == 1.0 for r in rows), rows

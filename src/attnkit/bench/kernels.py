@@ -1,7 +1,11 @@
 """``attnkit bench kernels``: attention kernels against their peers, measured in one run with one timer.
 
 Every row is timed with ``triton.testing.do_bench`` (CUDA events, median, warm-up), over several input sets
-in rotation so that small shapes do not run out of L2. FLOPs count only visible (query, key) pairs
+in rotation so that small shapes do not run out of L2. Each shape's backends are timed in turn, ``--rounds``
+times over (3 on a GPU), each round starting one backend later, and each keeps its median round: the lent
+GPUs' clocks and hosts drift by 5-10% within a minute, and alternating spreads that drift over every backend
+alike (the ``spread`` column is
+each backend's (slowest - fastest) / median round). FLOPs count only visible (query, key) pairs
 (``attnkit.backends.base.attention_flops``: 4·B·H·Sq·Sk·D for dense forward, about half that causal, x3.5 for
 forward+backward). Peers run in the same process: every SDPA backend (``torch.nn.attention.sdpa_kernel``),
 compiled FlexAttention, attnkit's ``triton`` backend and attnkit ``auto``.
@@ -147,8 +151,9 @@ def _timer(fn, on_gpu: bool, warmup_ms=25, rep_ms=100) -> float:
     return sorted(ts)[1]
 
 
-def bench_one(name, fn, B, H, S, D, causal, mode, dtype, device, on_gpu):
-    """Median ms of one backend on one shape; rotating input sets to keep L2 honest."""
+def prepare(fn, B, H, S, D, mode, dtype, device, on_gpu):
+    """One timing step of ``fn`` (forward, or forward+backward) over rotating input sets, run once (compile,
+    autotune) before it is returned."""
     need_grad = mode == "fwd_bwd"
     per_set = 3 * B * H * S * D * torch.tensor([], dtype=dtype).element_size()
     n_sets = max(1, min(4, math.ceil(200e6 / max(per_set, 1)))) if on_gpu else 1
@@ -171,8 +176,7 @@ def bench_one(name, fn, B, H, S, D, causal, mode, dtype, device, on_gpu):
                 t.grad = None
 
     step()  # compile / autotune outside the timing
-    ms = _timer(step, on_gpu)
-    return ms
+    return step
 
 
 def main(argv=None) -> int:
@@ -184,10 +188,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-causal", action="store_true", help="skip causal rows")
     p.add_argument("--backends", default="", help="comma list to keep (default: all that run here)")
     p.add_argument("--shapes", default="", help="'B,H,S,D;B,H,S,D' overrides the sweep")
+    p.add_argument("--rounds", type=int, default=0, help="timings per backend, alternated (default 3, CPU 1)")
     args = p.parse_args(argv)
 
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
+    rounds = args.rounds if args.rounds > 0 else (3 if on_gpu else 1)
     # compiled FlexAttention recompiles per shape and grad mode: keep it compiled for the whole sweep
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     if hasattr(torch._dynamo.config, "recompile_limit"):
@@ -216,18 +222,37 @@ def main(argv=None) -> int:
         for B, H, S, D in shapes:
             for mode in modes:
                 flops = _flops(B, H, S, D, causal, mode == "fwd_bwd")
+                steps, errors, times = {}, {}, {}
                 for name, fn in runners.items():
                     if keep and name not in keep:
                         continue
                     if name == "sdpa_math" and S > 4096:
                         continue  # materialises S x S scores: minutes and tens of GB
                     try:
-                        ms = bench_one(name, fn, B, H, S, D, causal, mode, dtype, device, on_gpu)
-                        err = ""
+                        steps[name] = prepare(fn, B, H, S, D, mode, dtype, device, on_gpu)
                     except Exception as e:  # a peer that cannot run this shape is recorded, not fatal
-                        ms, err = float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                    if on_gpu:
-                        torch.cuda.empty_cache()
+                        errors[name] = _error(e)
+                names = list(steps)
+                for r in range(
+                    rounds if names else 0
+                ):  # every backend once a round, each starting one later:
+                    for name in names[r % len(names) :] + names[: r % len(names)]:  # drift hits all alike
+                        step = steps[name]
+                        if name in errors:
+                            continue
+                        try:
+                            times.setdefault(name, []).append(_timer(step, on_gpu))
+                        except Exception as e:
+                            errors[name] = _error(e)
+                del steps
+                if on_gpu:
+                    torch.cuda.empty_cache()
+                for name in runners:
+                    if name not in errors and name not in times:
+                        continue
+                    ts = sorted(times.get(name, [])) if name not in errors else []
+                    ms = ts[(len(ts) - 1) // 2] if ts else float("nan")  # the median round (lower middle)
+                    spread = (ts[-1] - ts[0]) / ms if ts else float("nan")
                     row = dict(
                         env,
                         backend=name,
@@ -240,17 +265,23 @@ def main(argv=None) -> int:
                         dtype=str(dtype).split(".")[-1],
                         ms=ms,
                         tflops=flops / (ms * 1e-3) / 1e12,
-                        error=err,
+                        rounds=len(ts),
+                        spread=spread,
+                        error=errors.get(name, ""),
                     )
                     rows.append(row)
                     print(
                         f"{name:<28} {mode:<8} B={B:<3} H={H:<3} S={S:<6} D={D:<4} causal={causal!s:<5} "
-                        f"{ms:9.3f} ms {row['tflops']:8.1f} TFLOP/s {err}",
+                        f"{ms:9.3f} ms {row['tflops']:8.1f} TFLOP/s spread {spread:5.1%} {row['error']}",
                         flush=True,
                     )
     _write(rows, args.out)
     _table(rows)
     return 0
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
 def _write(rows, out_dir):
