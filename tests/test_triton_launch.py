@@ -198,6 +198,25 @@ def test_tma_rows_follows_view(gluon_fwd, data):
     assert gluon_fwd.tma_rows(t, layout) == _view_rows(t, layout), (tuple(t.shape), t.stride(), layout)
 
 
+def test_launch_hooks_take_tritons_path_and_spoil_recordings(fake_cuda, monkeypatch):
+    """With a launch hook set (a profiler), every launch goes through Triton's path, which calls the hook,
+    and no recording made meanwhile is replayable."""
+    from triton import knobs
+
+    fn = FakeJit()
+    fast = _launch.Launch(fn)
+    x = torch.zeros(8)
+    args, kw = (x, x, 4, 16, 0.5, 100), {"BLOCK": 16, "FLAG": True, "num_warps": 4}
+    fast[(1,)](*args, **kw)
+    fast[(1,)](*args, **kw)
+    assert fn.slow == 1 and not _launch.hooked()
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda *a: None)
+    assert _launch.hooked()
+    with _launch.Recording() as rec:
+        fast[(1,)](*args, **kw)
+    assert fn.slow == 2 and not rec.replayable
+
+
 def test_interpreted_functions_take_tritons_path():
     class NotJit:
         def __getitem__(self, grid):

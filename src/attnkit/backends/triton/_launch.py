@@ -80,7 +80,7 @@ class Launch:
 
     def run(self, grid, args: tuple, kwargs: dict, stream):
         plan = self._plan(args) if self.fast else False
-        if not plan or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+        if not plan or hooked():
             return self._slow(grid, args, kwargs, stream)
         ptr, desc, nospec, spec = plan
         try:  # (no ``None in tensors``: comparing a tensor with None costs ~15 us, an exception inside)
