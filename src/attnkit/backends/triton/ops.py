@@ -28,7 +28,6 @@ attn_bwd_dkdv = Launch(_bwd.attn_bwd_dkdv)
 attn_bwd_dq = Launch(_bwd.attn_bwd_dq)
 bwd_preprocess = Launch(_bwd.bwd_preprocess)
 dropout_mask_kernel = _fwd.dropout_mask_kernel
-_INTERPRETED = not attn_fwd.fast  # the kernels were decorated under TRITON_INTERPRET=1
 
 Tensor = torch.Tensor
 
@@ -447,7 +446,7 @@ def _bwd_body(
     # every stride once (host time: each ``stride(i)`` is a call into torch)
     st_q, st_k, st_v = _strides(q, layout), _strides(k, layout), _strides(v, layout)
     st_do, st_delta, st_lse = _strides(dout, layout), _lse_strides(delta, layout), _lse_strides(hi, layout)
-    BMP = 16 if _INTERPRETED else 64
+    BMP = 16 if _tuning.interpreting() else 64
     bwd_preprocess[(_cdiv(max(Sq, 1), BMP), B * Hq)](
         out,
         dout,
@@ -870,7 +869,7 @@ def dropout_keep_mask(
     """The kernels' keep mask for batch (sequence) ``b``, heads h0:h1, rows r0:r0+rows, keys 0:Sk -> bool
     (h1 - h0, rows, Sk), on rng's device. Indices are positions inside the sequence."""
     out = torch.empty((h1 - h0, rows, Sk), dtype=torch.int8, device=rng.device)
-    BLOCK = 16 if _INTERPRETED else 64
+    BLOCK = 16 if _tuning.interpreting() else 64
     grid = (_cdiv(rows, BLOCK), _cdiv(Sk, BLOCK))
     for i, h in enumerate(range(h0, h1)):
         if rows and Sk:
