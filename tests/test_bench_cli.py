@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -97,11 +98,29 @@ def test_bench_kernels_alternates_rounds_and_keeps_the_median(tmp_path, monkeypa
     rows = json.loads((tmp_path / "kernels.json").read_text())
     per_shape = len(rows) // len(kernels.CPU_SHAPES)
     assert per_shape >= 2
-    # within a shape: backends A, B, C, then B, C, A, then C, A, B (not A three times, then B)
+    # within a shape: every backend once a round (not A three times, then B), round r starting at backend r
     first = order[: 3 * per_shape]
-    r0, r1, r2 = first[:per_shape], first[per_shape : 2 * per_shape], first[2 * per_shape :]
-    assert len(set(r0)) == per_shape and r1 == r0[1:] + r0[:1] and r2 == r0[2:] + r0[:2]
+    rs = [first[i * per_shape : (i + 1) * per_shape] for i in range(3)]
+    assert len(set(rs[0])) == per_shape and all(sorted(map(id, r)) == sorted(map(id, rs[0])) for r in rs)
+    assert [r[0] for r in rs] == [rs[0][i % per_shape] for i in range(3)]
+    if per_shape >= 3:  # and nobody follows the same backend in rounds 0 and 1
+        before = [{id(b): a for a, b in zip(r, r[1:])} for r in rs[:2]]
+        assert all(a is not before[0].get(b) for b, a in before[1].items())
     for r in rows:
         assert r["rounds"] == 3 and r["error"] == ""
     # each backend's rounds read 3, 1, 2: median 2, spread (3 - 1) / 2
     assert all(r["ms"] == 2.0 and r["spread"] == 1.0 for r in rows), rows
+
+
+@pytest.mark.parametrize("n", range(1, 10))
+def test_round_order_varies_each_backends_predecessor(n):
+    from attnkit.bench.kernels import round_order
+
+    orders = [round_order(n, r) for r in range(3)]
+    assert all(sorted(o) == list(range(n)) for o in orders)
+    assert [o[0] for o in orders] == [r % n for r in range(3)]
+    pred = [{b: a for a, b in zip(o, o[1:])} for o in orders]
+    distinct = sum(1 for m in range(1, n) if math.gcd(m, n) == 1)  # rounds before a step repeats
+    for r1 in range(min(3, distinct)):
+        for r2 in range(r1):
+            assert all(pred[r1][x] != pred[r2].get(x) for x in pred[r1]), (n, orders)

@@ -2,13 +2,13 @@
 
 Every row is timed with ``triton.testing.do_bench`` (CUDA events, median, warm-up), over several input sets
 in rotation so that small shapes do not run out of L2. Each shape's backends are timed in turn, ``--rounds``
-times over (3 on a GPU), each round starting one backend later, and each keeps its median round: the lent
-GPUs' clocks and hosts drift by 5-10% within a minute, and alternating spreads that drift over every backend
-alike (the ``spread`` column is
-each backend's (slowest - fastest) / median round). FLOPs count only visible (query, key) pairs
-(``attnkit.backends.base.attention_flops``: 4·B·H·Sq·Sk·D for dense forward, about half that causal, x3.5 for
-forward+backward). Peers run in the same process: every SDPA backend (``torch.nn.attention.sdpa_kernel``),
-compiled FlexAttention, attnkit's ``triton`` backend and attnkit ``auto``.
+times over (3 on a GPU), each round in another order (:func:`round_order`), and each keeps its median
+round: the lent GPUs' clocks and hosts drift by 5-10% within a minute, and alternating spreads that drift
+over every backend alike (the ``spread`` column is each backend's (slowest - fastest) / median round).
+FLOPs count only visible (query, key) pairs (``attnkit.backends.base.attention_flops``: 4·B·H·Sq·Sk·D for
+dense forward, about half that causal, x3.5 for forward+backward). Peers run in the same process: every
+SDPA backend (``torch.nn.attention.sdpa_kernel``), compiled FlexAttention, attnkit's ``triton`` backend and
+attnkit ``auto``.
 
 Output: a table on the terminal, ``kernels.csv`` / ``kernels.json`` rows (GPU, torch, triton, attnkit
 versions, date) and ``kernels.png`` (TFLOP/s vs sequence length, if matplotlib is installed) under ``--out``.
@@ -151,6 +151,17 @@ def _timer(fn, on_gpu: bool, warmup_ms=25, rep_ms=100) -> float:
     return sorted(ts)[1]
 
 
+def round_order(n: int, r: int) -> list[int]:
+    """The order of round ``r`` over ``n`` backends (indices): it starts at backend ``r mod n`` and steps by
+    the r-th number coprime with n (1, then the next), so each round starts one backend later (clock drift
+    within a round falls on every backend alike) and, as far as n allows, no backend follows the same one
+    in two rounds (a backend run right after a heavy one inherits its heat and lowered clocks: with plain
+    rotation ``auto`` always followed ``triton_det``)."""
+    steps = [m for m in range(1, n) if math.gcd(m, n) == 1] or [1]
+    m = steps[r % len(steps)]
+    return [(r + i * m) % n for i in range(n)]
+
+
 def prepare(fn, B, H, S, D, mode, dtype, device, on_gpu):
     """One timing step of ``fn`` (forward, or forward+backward) over rotating input sets, run once (compile,
     autotune) before it is returned."""
@@ -233,10 +244,8 @@ def main(argv=None) -> int:
                     except Exception as e:  # a peer that cannot run this shape is recorded, not fatal
                         errors[name] = _error(e)
                 names = list(steps)
-                for r in range(
-                    rounds if names else 0
-                ):  # every backend once a round, each starting one later:
-                    for name in names[r % len(names) :] + names[: r % len(names)]:  # drift hits all alike
+                for r in range(rounds if names else 0):  # every backend once a round (round_order)
+                    for name in (names[i] for i in round_order(len(names), r)):
                         step = steps[name]
                         if name in errors:
                             continue
@@ -272,7 +281,8 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(
                         f"{name:<28} {mode:<8} B={B:<3} H={H:<3} S={S:<6} D={D:<4} causal={causal!s:<5} "
-                        f"{ms:9.3f} ms {row['tflops']:8.1f} TFLOP/s spread {spread:5.1%} {row['error']}",
+                        f"{ms:9.3f} ms {row['tflops']:8.1f} TFLOP/s spread {spread:5.1%} "
+                        f"rounds {'/'.join(f'{t:.3f}' for t in times.get(name, []))} {row['error']}",
                         flush=True,
                     )
     _write(rows, args.out)
