@@ -45,7 +45,7 @@ def desc_signature(dtype: torch.dtype, rows: int, cols: int, block_rows: int, d:
 
 
 def compile_fwd(d: int, causal: bool, cfg, dtype: str = "bf16", layout: str = "bhsd"):
-    block_n, stages, overlap, split = (tuple(cfg) + (False,))[:4]
+    block_n, stages, overlap, split, persistent = (tuple(cfg) + (False, False))[:5]
     tdt = TORCH_DTYPES[dtype]
     cols = d if layout == "bhsd" else 4 * d
     sig = {
@@ -66,6 +66,7 @@ def compile_fwd(d: int, causal: bool, cfg, dtype: str = "bf16", layout: str = "b
         "NUM_STAGES": stages,
         "OVERLAP": overlap,
         "SPLIT": split,
+        "PERSISTENT": persistent,
     }
     src = _source(gf._attn_fwd_ws, sig, constexprs)
     return triton.compile(
@@ -186,7 +187,9 @@ def main():
     ap.add_argument("--kernel", default="fwd", choices=["fwd", "bwd"])
     ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--causal", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--cfg", nargs="+", default=None, help="BLOCK_N,NUM_STAGES,OVERLAP[,SPLIT] ...")
+    ap.add_argument(
+        "--cfg", nargs="+", default=None, help="BLOCK_N,NUM_STAGES,OVERLAP[,SPLIT[,PERSISTENT]] ..."
+    )
     ap.add_argument("--dtype", default="bf16", choices=sorted(TORCH_DTYPES))
     ap.add_argument("--layout", default="bhsd", choices=["bhsd", "bshd"])
     ap.add_argument("--dump", default=None, help="write ptx / ttgir / sass per config here")
@@ -195,7 +198,7 @@ def main():
         return main_bwd(a)
     if a.cfg:
         cfgs = [[int(x) for x in c.split(",")] for c in a.cfg]
-        cfgs = [(c[0], c[1], bool(c[2]), bool(c[3]) if len(c) > 3 else False) for c in cfgs]
+        cfgs = [(c[0], c[1], *(bool(x) for x in c[2:5])) for c in cfgs]
     else:
         cfgs = [(bn, st, ov, False) for bn in (128, 64) for st in (2, 3) for ov in (True, False)]
         cfgs += [(bn, st, True, True) for bn in (128, 64) for st in (2, 3)]

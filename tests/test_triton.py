@@ -573,6 +573,40 @@ def test_gluon_forward_against_oracle(gluon_calls, layout, Hq, Hk, Sq, Sk, D, ca
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("cfg", [(128, 2, True, True), (64, 2, True, False), (128, 2, False, False)], ids=str)
+@pytest.mark.parametrize(
+    "layout,Hq,Hk,Sq,Sk,D,causal",
+    [
+        ("bhsd", 4, 2, 640, 512, 64, True),  # Sq > Sk: items whose rows see no key, amid full ones
+        ("bhsd", 4, 2, 640, 512, 64, False),
+        ("bshd", 3, 3, 200, 1024, 128, True),  # a partial last query tile; items of 1 to 8 key tiles
+    ],
+)
+def test_gluon_persistent_forward(gluon_calls, monkeypatch, cfg, layout, Hq, Hk, Sq, Sk, D, causal):
+    """A persistent launch of 3 CTAs (each streams many items of different lengths through one ring and
+    both Q buffers) writes the same bits as one item per CTA; through the library (Triton backward),
+    held to the oracle, with gradients."""
+    gluon = ops._gluon()
+    q, k, v, kw = oracle.make_inputs(
+        layout, B=2, Hq=Hq, Hk=Hk, Sq=Sq, Sk=Sk, D=D, dtype=torch.bfloat16, device="cuda", requires_grad=True
+    )
+    scale = D**-0.5
+    with torch.no_grad():
+        one = gluon.gluon_forward(q, k, v, layout, scale, causal, cfg=cfg + (False,))
+        monkeypatch.setattr(gluon, "PERSISTENT_CTAS", 3)
+        many = gluon.gluon_forward(q, k, v, layout, scale, causal, cfg=cfg + (True,))
+    for name, a, b in zip(("out", "lse", "stats"), one, many):
+        diff = (a.float() - b.float()).abs().nan_to_num()
+        assert torch.equal(a, b), (name, diff.max().item(), (diff > 0).sum().item(), a.numel())
+    with pytest.raises(ValueError, match="PERSISTENT with SPLIT needs OVERLAP"):  # (wrong rows seen)
+        gluon.gluon_forward(q, k, v, layout, scale, causal, cfg=(128, 2, False, True, True))
+    monkeypatch.setattr(gluon, "default_cfg", lambda *a: cfg + (True,))
+    monkeypatch.setattr(ops._tuning, "gluon_forward_eligible", lambda *a: True)  # (D=64 causal too)
+    oracle.check_against_oracle(tri, q, k, v, causal=causal, **kw)
+    assert gluon_calls, "the Gluon forward was not used"
+
+
+@pytest.mark.cuda
 def test_gluon_forward_off_switch_and_fallbacks(gluon_calls, monkeypatch):
     """ATTNKIT_TRITON_GLUON=0, and calls it does not take (a softcap, Sk not a multiple of 64, head dim 64
     with a causal mask), go to the plain-Triton forward."""

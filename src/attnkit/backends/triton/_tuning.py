@@ -188,15 +188,15 @@ def gluon_forward_eligible(
     """Whether a forward goes to the Hopper Gluon kernel (``_gluon_fwd.py``: warp-specialized, TMA, FA3's
     overlap), judged from the call alone; ``_gluon_fwd.try_forward`` then checks strides and alignment.
     ``plain``: no bias, ALiBi, softcap, window or dropout (causal is fine). Where it is faster on the H200
-    (docs/triton_notes.md version 5, same process as the plain-Triton kernel): head dim 128 at every
-    measured length (S = 4k: 690 against 463 TFLOP/s; S = 512: 436 against 316, causal 241 against 207),
-    head dim 64 only without a causal mask past 1K keys (S = 512: 300 against 317; causal: 147 against
+    (docs/triton_notes.md versions 5 and 8, same process as the plain-Triton kernel): head dim 128 at
+    every measured length (S = 4k: 690 against 463 TFLOP/s; S = 512: 509 against 299, causal 238 against
+    174), head dim 64 without a causal mask (S = 512, persistent: 381 against 311; causal: 147 against
     209). ``ATTNKIT_TRITON_GLUON=0`` turns it off."""
     return (
         plain
         and capability == (9, 0)
         and layout != "thd"
-        and (D == 128 or (D == 64 and not causal and Sk > 1024))
+        and (D == 128 or (D == 64 and not causal))
         and Dv == D
         and dtype in (torch.float16, torch.bfloat16)
         and Sk % 64 == 0
