@@ -51,6 +51,11 @@ _CUDA_RATES = {
     "efficient": (165e12, 135e12),
     "math": (40e12, 30e12),
 }
+# cuDNN's forward on short sequences (Sk <= 1024) without a mask, by head dim: the same H200, B=32 S=512,
+# 2026-11-21 (docs/results/2026-11-21-h200-v8: 371-383 TFLOP/s at D=64, 495-499 at D=128); 560 over-rates
+# it there. (Causal calls keep 560: their short rows were not measured apart, and 375 sent the causal
+# D=64 forward to a kernel 19% slower.)
+_CUDNN_SHORT_FWD = {64: 375e12, 128: 495e12}
 # Rough CPU rates (2-core machine); only the ranking matters.
 _CPU_RATES = {"flash": (30e9, 15e9), "math": (15e9, 8e9)}
 _DTYPES = {
@@ -285,6 +290,9 @@ class SDPABackend(Backend):
         flops = attention_flops(call, call.requires_grad, dense=bool(dense))
         rates = _CUDA_RATES if call.device.type == "cuda" else _CPU_RATES
         rate = rates[self.kind][1 if call.requires_grad else 0]
+        short = call.Sk <= 1024 and not (call.requires_grad or call.causal or dense)
+        if self.kind == "cudnn" and short and call.device.type == "cuda":
+            rate = _CUDNN_SHORT_FWD[min(_CUDNN_SHORT_FWD, key=lambda d: (abs(d - call.D), d))]
         if call.device.type == "cuda" and call.dtype in (torch.float32, torch.float64):
             rate /= 8  # no half-precision tensor cores
         t = flops / rate + 20e-6
