@@ -521,117 +521,31 @@ def _attn_fwd_ws(
     bufs = (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty)
     out = (Out, Lse, Stats, stride_ob, stride_oh, stride_os, BH.to(gl.int64) * SQ, SQ, SK)
     descs = (q_desc, k_desc, v_desc)
+    # (the Gluon frontend builds no tuple by concatenation: each partition's arguments are spelled out)
     if SPLIT:  # two 4-warp consumers (launched with num_warps=4) + the TMA warp
         gl.warp_specialize(
             [
-                (
-                    _consumer,
-                    (
-                        bufs,
-                        out,
-                        items,
-                        sched,
-                        c,
-                        CAUSAL,
-                        BSHD,
-                        BLOCK_M,
-                        BLOCK_N,
-                        HEAD_D,
-                        NUM_STAGES,
-                        Q_BUFS,
-                        OVERLAP,
-                        PERSISTENT,
-                        0,
-                        4,
-                    ),
-                ),
-                (
-                    _consumer,
-                    (
-                        bufs,
-                        out,
-                        items,
-                        sched,
-                        c,
-                        CAUSAL,
-                        BSHD,
-                        BLOCK_M,
-                        BLOCK_N,
-                        HEAD_D,
-                        NUM_STAGES,
-                        Q_BUFS,
-                        OVERLAP,
-                        PERSISTENT,
-                        1,
-                        4,
-                    ),
-                ),
-                (
-                    _producer,
-                    (
-                        descs,
-                        bufs,
-                        items,
-                        sched,
-                        CAUSAL,
-                        BSHD,
-                        BLOCK_M,
-                        BLOCK_N,
-                        HEAD_D,
-                        NUM_STAGES,
-                        Q_BUFS,
-                        PERSISTENT,
-                    ),
-                ),
+                (_consumer, (bufs, out, items, sched, c, CAUSAL, BSHD, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES,
+                             Q_BUFS, OVERLAP, PERSISTENT, 0, 4)),
+                (_consumer, (bufs, out, items, sched, c, CAUSAL, BSHD, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES,
+                             Q_BUFS, OVERLAP, PERSISTENT, 1, 4)),
+                (_producer, (descs, bufs, items, sched, CAUSAL, BSHD, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES,
+                             Q_BUFS, PERSISTENT)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
-        )
+        )  # fmt: skip
     else:  # one 8-warp consumer (num_warps=8) + the TMA warp
         gl.warp_specialize(
             [
-                (
-                    _consumer,
-                    (
-                        bufs,
-                        out,
-                        items,
-                        sched,
-                        c,
-                        CAUSAL,
-                        BSHD,
-                        BLOCK_M,
-                        BLOCK_N,
-                        HEAD_D,
-                        NUM_STAGES,
-                        Q_BUFS,
-                        OVERLAP,
-                        PERSISTENT,
-                        0,
-                        8,
-                    ),
-                ),
-                (
-                    _producer,
-                    (
-                        descs,
-                        bufs,
-                        items,
-                        sched,
-                        CAUSAL,
-                        BSHD,
-                        BLOCK_M,
-                        BLOCK_N,
-                        HEAD_D,
-                        NUM_STAGES,
-                        Q_BUFS,
-                        PERSISTENT,
-                    ),
-                ),
+                (_consumer, (bufs, out, items, sched, c, CAUSAL, BSHD, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES,
+                             Q_BUFS, OVERLAP, PERSISTENT, 0, 8)),
+                (_producer, (descs, bufs, items, sched, CAUSAL, BSHD, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES,
+                             Q_BUFS, PERSISTENT)),
             ],
             [1],
             [PRODUCER_REGS],
-        )
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- host
