@@ -155,8 +155,8 @@ def round_order(n: int, r: int) -> list[int]:
     """The order of round ``r`` over ``n`` backends (indices): it starts at backend ``r mod n`` and steps by
     the r-th number coprime with n (1, then the next), so each round starts one backend later (clock drift
     within a round falls on every backend alike) and, as far as n allows, no backend follows the same one
-    in two rounds (a backend run right after a heavy one inherits its heat and lowered clocks: with plain
-    rotation ``auto`` always followed ``triton_det``)."""
+    in two rounds (a backend run right after a heavy one may inherit its heat and lowered clocks, the lent
+    H200 running at its power cap under load: with plain rotation ``auto`` always followed ``triton_det``)."""
     steps = [m for m in range(1, n) if math.gcd(m, n) == 1] or [1]
     m = steps[r % len(steps)]
     return [(r + i * m) % n for i in range(n)]
