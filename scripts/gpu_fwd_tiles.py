@@ -20,7 +20,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from attnkit.backends.triton import _gluon_fwd, _tuning, ops  # noqa: E402
+from attnkit.backends.triton.kernels.hopper import fwd as _gluon_fwd
+from attnkit.backends.triton.ops import attention as ops
+from attnkit.backends.triton.runtime import tuning as _tuning  # noqa: E402
 from attnkit.bench.kernels import _flops, _runners, prepare  # noqa: E402
 
 B, H, S, D = (int(x) for x in sys.argv[1].split(","))

@@ -112,8 +112,8 @@ def yardstick(qh, kh, vh, do_h, scale, vis):
 def run_checks(cfg, path):
     import torch
 
-    from attnkit.backends.triton import _gluon_bwd as gb
-    from attnkit.backends.triton import ops
+    from attnkit.backends.triton.kernels.hopper import bwd as gb
+    from attnkit.backends.triton.ops import attention as ops
 
     torch_dt = {"bf16": torch.bfloat16, "fp16": torch.float16}
     seed = 100
@@ -208,8 +208,8 @@ def time_shape(B, H, S, D, causal, cfgs, path):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from attnkit.backends.triton import _gluon_bwd as gb
-    from attnkit.backends.triton import ops
+    from attnkit.backends.triton.kernels.hopper import bwd as gb
+    from attnkit.backends.triton.ops import attention as ops
 
     torch.manual_seed(0)
     q, k, v, do = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))

@@ -134,7 +134,7 @@ def sdpa_math(qh, kh, vh, scale, vis):
 def run_checks(cfg, path):
     import torch
 
-    from attnkit.backends.triton import _gluon_fwd as gf
+    from attnkit.backends.triton.kernels.hopper import fwd as gf
 
     ln2 = math.log(2.0)
     torch_dt = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -216,8 +216,8 @@ def time_row(q, k, v, causal, cfgs, flex, path):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from attnkit.backends.triton import _gluon_fwd as gf
-    from attnkit.backends.triton import ops
+    from attnkit.backends.triton.kernels.hopper import fwd as gf
+    from attnkit.backends.triton.ops import attention as ops
 
     B, H, S, D = q.shape
     scale = 1.0 / math.sqrt(D)

@@ -15,7 +15,7 @@ import torch
 from triton.testing import do_bench
 
 import attnkit
-from attnkit.backends.triton import ops
+from attnkit.backends.triton.ops import attention as ops
 
 
 def host_us(fn, n=200):

@@ -8,7 +8,7 @@ that see no key amid full ones): one work item per CTA against persistent (3 CTA
 import torch
 import torch.nn.functional as F
 
-from attnkit.backends.triton import _gluon_fwd as gf
+from attnkit.backends.triton.kernels.hopper import fwd as gf
 
 torch.manual_seed(0)
 B, Hq, Hk, Sq, Sk, D = 2, 4, 2, 640, 512, 64

@@ -16,7 +16,7 @@ import time
 import torch
 
 import attnkit
-from attnkit.backends.triton import ops
+from attnkit.backends.triton.ops import attention as ops
 
 
 def per_call(fn, n=300):

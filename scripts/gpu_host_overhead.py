@@ -16,7 +16,7 @@ import attnkit
 
 def _bwd_args(q, k, v, out, do):
     """Positional arguments of ops.triton_bwd for a causal bhsd call (row stats from a forward)."""
-    from attnkit.backends.triton import ops
+    from attnkit.backends.triton.ops import attention as ops
 
     S = q.shape[2]
     o, _lse, rng, stats = ops.triton_fwd(
@@ -51,7 +51,7 @@ def main():
         import gc
         import os
 
-        from attnkit.backends.triton import ops
+        from attnkit.backends.triton.ops import attention as ops
 
         saved = out.grad_fn  # the autograd node holds what the custom op saved; call the op's body directly
         args = _bwd_args(q, k, v, out, do)

@@ -24,7 +24,7 @@ from gpu_host_breakdown import per_call  # (scripts/ is on the path when run as 
 from triton.testing import do_bench
 
 import attnkit
-from attnkit.backends.triton import ops
+from attnkit.backends.triton.ops import attention as ops
 
 
 def inputs(B, H, S, D):
@@ -49,7 +49,8 @@ def single_threaded(fn):
 
 def launches():
     """Every ``_launch.Launch`` of the backend (Triton and Gluon kernels)."""
-    from attnkit.backends.triton import _gluon_bwd, _gluon_fwd
+    from attnkit.backends.triton.kernels.hopper import bwd as _gluon_bwd
+    from attnkit.backends.triton.kernels.hopper import fwd as _gluon_fwd
 
     return [ops.attn_fwd, ops.bwd_preprocess, ops.attn_bwd_dkdv, ops.attn_bwd_dq, _gluon_fwd._FWD_LAUNCH,
             _gluon_bwd._DKDV_LAUNCH]  # fmt: skip

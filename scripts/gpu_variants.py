@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 import attnkit
-from attnkit.backends.triton import _tuning
+from attnkit.backends.triton.runtime import tuning as _tuning
 
 SHAPES = [(4, 16, 4096, 128), (1, 16, 16384, 128), (32, 16, 512, 128), (4, 32, 4096, 64), (32, 32, 512, 64)]
 FWD = {

@@ -18,7 +18,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 
 import attnkit  # noqa: E402
-from attnkit.backends.triton import ops  # noqa: E402
+from attnkit.backends.triton.ops import attention as ops  # noqa: E402
 
 
 class Stub:

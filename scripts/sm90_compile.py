@@ -20,7 +20,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from attnkit.backends.triton import _bwd, _fwd  # noqa: E402
+from attnkit.backends.triton.kernels import bwd as _bwd  # noqa: E402
+from attnkit.backends.triton.kernels import fwd as _fwd
 
 FLOATS = {"sm_scale", "softcap", "dropout_p"}
 INTS = {"Hq", "Hk", "SQ", "SK"}

@@ -27,8 +27,8 @@ from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
-from attnkit.backends.triton import _gluon_bwd as gb  # noqa: E402
-from attnkit.backends.triton import _gluon_fwd as gf  # noqa: E402
+from attnkit.backends.triton.kernels.hopper import bwd as gb  # noqa: E402
+from attnkit.backends.triton.kernels.hopper import fwd as gf  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

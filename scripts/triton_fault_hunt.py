@@ -11,7 +11,7 @@ import sys
 
 CHILD = r"""
 import sys, torch, attnkit
-from attnkit.backends.triton import _tuning
+from attnkit.backends.triton.runtime import tuning as _tuning
 B, H, S, D = {shape}
 kind, cfg, det = {kind!r}, {cfg!r}, {det!r}
 if cfg is not None:
@@ -31,7 +31,7 @@ print("maxdiff", (out.float() - ref).abs().max().item())
 def main() -> int:
     shape = tuple(int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "32,32,512,64").split(","))
     causal = "--causal" in sys.argv
-    from attnkit.backends.triton import _tuning
+    from attnkit.backends.triton.runtime import tuning as _tuning
 
     dim = _tuning.dim_class(shape[3])
     runs = [("default", None, False), ("default", None, True)]

@@ -30,13 +30,13 @@ DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if HAS_CUDA else [])
 SIZES = (300, 413) if HAS_CUDA else (37, 45)
 B, HQ = 2, 4
 
-ops = pytest.importorskip("attnkit.backends.triton.ops")
+ops = pytest.importorskip("attnkit.backends.triton.ops.attention")
 
 
 def _interpreted() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
-    from attnkit.backends.triton import _fwd
+    from attnkit.backends.triton.kernels import fwd as _fwd
 
     return isinstance(_fwd.attn_fwd, InterpretedFunction)
 
@@ -131,7 +131,7 @@ def test_dense_flags(name, dtype, bwd, monkeypatch):
 
 
 def test_backward_kernel_choice(monkeypatch):
-    from attnkit.backends.triton import _tuning
+    from attnkit.backends.triton.runtime import tuning as _tuning
 
     for var in ("ATTNKIT_TRITON_BWD", "ATTNKIT_TRITON_BWD_LOOP", "ATTNKIT_TRITON_BWD_STREAMS"):
         monkeypatch.delenv(var, raising=False)
@@ -490,7 +490,7 @@ def test_backward_side_stream(monkeypatch):
 
 @pytest.mark.cuda
 def test_new_lengths_do_not_recompile():
-    from attnkit.backends.triton import _fwd
+    from attnkit.backends.triton.kernels import fwd as _fwd
 
     def run(lens):
         q, k, v, kw = oracle.make_inputs(
@@ -708,7 +708,7 @@ def test_gluon_backward_off_switches_and_fallbacks(gluon_bwd_calls, monkeypatch)
 def test_fitting_default_fits_shared_memory(kind, D, monkeypatch):
     """Without the autotuner (ATTNKIT_TRITON_AUTOTUNE=0, capture, compile) the tiles must still fit: the
     shipped 16-bit defaults where they fit an H200's 227 KiB, smaller tiles for float32 or smaller GPUs."""
-    from attnkit.backends.triton import _tuning
+    from attnkit.backends.triton.runtime import tuning as _tuning
 
     dev = torch.device("cuda", 0)
     for limit in (232448, 166912, 101376):  # H100/H200, A100, consumer Ampere/Ada

@@ -1,5 +1,5 @@
-"""The fast launch path (``backends/triton/_launch.py``) must launch exactly the kernel Triton's own path
-would: same specialization of every argument, same constexprs, every argument passed through.
+"""The fast launch path (``backends/triton/runtime/launch.py``) must launch exactly the kernel Triton's own
+path would: same specialization of every argument, same constexprs, every argument passed through.
 
 Runs on the CPU: a stand-in JIT function "compiles" one kernel per distinct specialization, computed by
 Triton's own ``native_specialize_impl`` (the rule the real launch path applies), and records which kernel
@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 
-from attnkit.backends.triton import _launch  # noqa: E402
+from attnkit.backends.triton.runtime import launch as _launch  # noqa: E402
 
 
 class Param:
@@ -138,7 +138,7 @@ def test_fast_path_is_taken_and_honours_the_stream(fake_cuda):
 
 @pytest.fixture(scope="module")
 def gluon_fwd():
-    return pytest.importorskip("attnkit.backends.triton._gluon_fwd")
+    return pytest.importorskip("attnkit.backends.triton.kernels.hopper.fwd")
 
 
 @settings(max_examples=60)
@@ -230,7 +230,9 @@ def test_interpreted_functions_take_tritons_path():
 def test_fast_path_on_the_gpu_gives_tritons_bits(D, S, monkeypatch):
     """The real kernels through both paths: same bits, and every kernel that ran hits the memo."""
     import attnkit
-    from attnkit.backends.triton import _gluon_bwd, _gluon_fwd, ops
+    from attnkit.backends.triton.kernels.hopper import bwd as _gluon_bwd
+    from attnkit.backends.triton.kernels.hopper import fwd as _gluon_fwd
+    from attnkit.backends.triton.ops import attention as ops
 
     monkeypatch.setattr(ops, "REPLAY", False)  # every call through the Launch objects
     kernels = {
@@ -325,7 +327,7 @@ def test_replayed_calls_give_the_full_paths_bits(case):
     """ops' replays (a repeated call's launches without the host work) against the full path, forward and
     backward, bit for bit, on fresh inputs each call; and the replays did run."""
     import attnkit
-    from attnkit.backends.triton import ops
+    from attnkit.backends.triton.ops import attention as ops
 
     layout, B, Hq, Hk, Sq, Sk, D, causal, window, p, dtype, use_lse, strided = case
     kw = dict(layout=layout, causal=causal, window=window, dropout_p=p, return_lse=True, backend="triton")

@@ -9,6 +9,7 @@ from attnkit import masks, mods
 from attnkit.api import attention, explain
 from attnkit.dispatch import backends, register
 from attnkit.errors import AttentionInputError, UnsupportedError
+from attnkit.merge import merge_attention
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "backends",
     "explain",
     "masks",
+    "merge_attention",
     "mods",
     "register",
     "__version__",

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-Offset = "int | torch.Tensor"
-
 
 def offset_for(b, off):
     """Offset for batch index tensor ``b``: ``off`` itself if it is an int, else ``off[b]``."""

@@ -53,10 +53,6 @@ def to_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.transpose(1, 2) if layout == "bshd" else x
 
 
-def from_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
-    return x.transpose(1, 2) if layout == "bshd" else x
-
-
 def seqlens(call: AttentionCall) -> tuple[list[int], list[int]]:
     """Host lists of the query and key lengths of a thd call (reads cu_seqlens when not known yet)."""
     if call.seqlens_q is not None:

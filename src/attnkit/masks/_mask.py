@@ -34,13 +34,30 @@ class Mask:
         name: a short description, shown by ``repr`` and ``attnkit.explain``.
         native: when the mask is exactly expressible by ``attention``'s own flags, a dict with keys
             ``causal`` (bool) and ``window`` ((left, right) or None); backends then serve it natively.
+        kind: the structure, for lowerings that carry a mask to a kernel as data: the factory's name
+            (``"document"``, ``"prefix_lm"``, ...), ``"and"`` / ``"or"`` / ``"not"`` for compositions (their
+            operands in ``parts``), or ``"mask_mod"`` for a wrapped callable.
+        params: the factory's arguments by name (tensors as given): the mask's data.
     """
 
-    def __init__(self, fn: MaskFn, name: str, native: dict | None = None, source=None):
+    def __init__(
+        self,
+        fn: MaskFn,
+        name: str,
+        native: dict | None = None,
+        source=None,
+        *,
+        kind: str = "mask_mod",
+        params: dict | None = None,
+        parts: tuple = (),
+    ):
         self._fn = fn
         self.name = name
         self.native = native
         self.source = self if source is None else source  # the user's object this mask wraps, if any
+        self.kind = kind
+        self.params = {} if params is None else params
+        self.parts = tuple(parts)
 
     # -- evaluation ---------------------------------------------------------------------------------
     def mask_mod(self, b, h, q_idx, kv_idx):
@@ -91,6 +108,8 @@ class Mask:
             lambda b, h, q, kv, off: f(b, h, q, kv, off) & g(b, h, q, kv, off),
             f"({self.name} & {other.name})",
             native,
+            kind="and",
+            parts=(self, other),
         )
 
     def __or__(self, other: Mask | Callable) -> Mask:
@@ -99,11 +118,18 @@ class Mask:
         return Mask(
             lambda b, h, q, kv, off: f(b, h, q, kv, off) | g(b, h, q, kv, off),
             f"({self.name} | {other.name})",
+            kind="or",
+            parts=(self, other),
         )
 
     def __invert__(self) -> Mask:
         f = self._fn
-        return Mask(lambda b, h, q, kv, off: ~_as_bool(f(b, h, q, kv, off)), f"~{self.name}")
+        return Mask(
+            lambda b, h, q, kv, off: ~_as_bool(f(b, h, q, kv, off)),
+            f"~{self.name}",
+            kind="not",
+            parts=(self,),
+        )
 
     __rand__ = __and__
     __ror__ = __or__
@@ -131,6 +157,7 @@ def full() -> Mask:
         lambda b, h, q, kv, off: torch.ones_like(q + kv, dtype=torch.bool),
         "full",
         {"causal": False, "window": None},
+        kind="full",
     )
 
 
@@ -142,7 +169,9 @@ def causal() -> Mask:
         █ █ █ █ ·
         █ █ █ █ █
     """
-    return Mask(lambda b, h, q, kv, off: kv <= q + off, "causal", {"causal": True, "window": None})
+    return Mask(
+        lambda b, h, q, kv, off: kv <= q + off, "causal", {"causal": True, "window": None}, kind="causal"
+    )
 
 
 def sliding_window(left: int, right: int = 0) -> Mask:
@@ -164,7 +193,13 @@ def sliding_window(left: int, right: int = 0) -> Mask:
             ok = ok & (kv <= pos + right)
         return ok
 
-    return Mask(fn, f"sliding_window({left}, {right})", {"causal": False, "window": (left, right)})
+    return Mask(
+        fn,
+        f"sliding_window({left}, {right})",
+        {"causal": False, "window": (left, right)},
+        kind="sliding_window",
+        params={"left": left, "right": right},
+    )
 
 
 def document(doc_ids: torch.Tensor, kv_doc_ids: torch.Tensor | None = None) -> Mask:
@@ -184,7 +219,7 @@ def document(doc_ids: torch.Tensor, kv_doc_ids: torch.Tensor | None = None) -> M
             return doc_ids[q] == kv_ids[kv]
         return doc_ids[b, q] == kv_ids[b, kv]
 
-    return Mask(fn, "document")
+    return Mask(fn, "document", kind="document", params={"doc_ids": doc_ids, "kv_doc_ids": kv_doc_ids})
 
 
 def prefix_lm(prefix_len) -> Mask:
@@ -194,7 +229,12 @@ def prefix_lm(prefix_len) -> Mask:
         p = prefix_len[b] if isinstance(prefix_len, torch.Tensor) else prefix_len
         return (kv < p) | (kv <= q + off)
 
-    return Mask(fn, f"prefix_lm({prefix_len if isinstance(prefix_len, int) else 'tensor'})")
+    return Mask(
+        fn,
+        f"prefix_lm({prefix_len if isinstance(prefix_len, int) else 'tensor'})",
+        kind="prefix_lm",
+        params={"prefix_len": prefix_len},
+    )
 
 
 def chunked(chunk_size: int) -> Mask:
@@ -203,7 +243,10 @@ def chunked(chunk_size: int) -> Mask:
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunked: `chunk_size` must be a positive int, got {chunk_size!r}")
     return Mask(
-        lambda b, h, q, kv, off: (q + off) // chunk_size == kv // chunk_size, f"chunked({chunk_size})"
+        lambda b, h, q, kv, off: (q + off) // chunk_size == kv // chunk_size,
+        f"chunked({chunk_size})",
+        kind="chunked",
+        params={"chunk_size": chunk_size},
     )
 
 
@@ -221,7 +264,12 @@ def neighborhood_2d(height: int, width: int, kernel: int, num_prefix_tokens: int
         near = ((qi // width - ki // width).abs() <= r) & ((qi % width - ki % width).abs() <= r)
         return near | (q < n) | (kv < n)
 
-    return Mask(fn, f"neighborhood_2d({height}x{width}, k={kernel})")
+    return Mask(
+        fn,
+        f"neighborhood_2d({height}x{width}, k={kernel})",
+        kind="neighborhood_2d",
+        params={"height": height, "width": width, "kernel": kernel, "num_prefix_tokens": num_prefix_tokens},
+    )
 
 
 def from_mask_mod(fn: Callable, name: str | None = None) -> Mask:

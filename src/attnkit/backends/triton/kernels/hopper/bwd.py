@@ -52,8 +52,15 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from attnkit.backends.triton._gluon_fwd import DTYPES, HEAD_DIMS, LOG2E, descriptor, tma_reason, tma_rows
-from attnkit.backends.triton._launch import Launch
+from attnkit.backends.triton.kernels.hopper.fwd import (
+    DTYPES,
+    HEAD_DIMS,
+    LOG2E,
+    descriptor,
+    tma_reason,
+    tma_rows,
+)
+from attnkit.backends.triton.runtime.launch import Launch
 
 BLOCK_N = 128  # key rows per CTA: 64 per consumer warpgroup
 WG_ROWS: gl.constexpr = gl.constexpr(64)

@@ -18,8 +18,11 @@ import os
 
 import torch
 
-from attnkit.backends.triton import _bwd, _fwd, _launch, _tuning
-from attnkit.backends.triton._launch import Launch
+from attnkit.backends.triton.kernels import bwd as _bwd
+from attnkit.backends.triton.kernels import fwd as _fwd
+from attnkit.backends.triton.runtime import launch as _launch
+from attnkit.backends.triton.runtime import tuning as _tuning
+from attnkit.backends.triton.runtime.launch import Launch
 
 # every launch goes through Launch: the compiled kernel looked up from the arguments, without Triton's
 # per-launch binding (host time is what short sequences wait on)
@@ -288,9 +291,9 @@ def _gluon(kind: str = "fwd"):
     if kind not in _GLUON:
         try:
             if kind == "fwd":
-                from attnkit.backends.triton import _gluon_fwd as mod
+                from attnkit.backends.triton.kernels.hopper import fwd as mod
             else:
-                from attnkit.backends.triton import _gluon_bwd as mod
+                from attnkit.backends.triton.kernels.hopper import bwd as mod
         except ImportError:
             mod = None
         _GLUON[kind] = mod

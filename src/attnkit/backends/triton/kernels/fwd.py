@@ -7,7 +7,14 @@ constexpr flags of this one kernel; the score pipeline and tile schedule live in
 import triton
 import triton.language as tl
 
-from attnkit.backends.triton._pipeline import LN2, dropout_keep, kv_tiles, pending_scale, scores, seq_bounds
+from attnkit.backends.triton.kernels.common import (
+    LN2,
+    dropout_keep,
+    kv_tiles,
+    pending_scale,
+    scores,
+    seq_bounds,
+)
 
 
 @triton.jit

@@ -22,8 +22,7 @@ hi = +inf, lo = 0, so p = 0 there and every gradient stays finite.
 import triton
 import triton.language as tl
 
-from attnkit.backends.triton._fwd import load_tile
-from attnkit.backends.triton._pipeline import (
+from attnkit.backends.triton.kernels.common import (
     dropout_keep,
     dscore_dqk,
     kv_tiles,
@@ -32,6 +31,7 @@ from attnkit.backends.triton._pipeline import (
     scores,
     seq_bounds,
 )
+from attnkit.backends.triton.kernels.fwd import load_tile
 
 
 @triton.jit(do_not_specialize=["SQ", "stride_lb", "stride_lh", "stride_db", "stride_dh"])

@@ -1,0 +1,211 @@
+"""The ``triton`` backend: attnkit's own FlashAttention-style kernels, forward and backward.
+
+One kernel family (``_fwd.py``, ``_bwd.py``; shared score pipeline and tile schedule in ``_pipeline.py``)
+serves causal (bottom-right), windows, softcap, ALiBi, additive bias with its gradient, GQA/MQA, D != Dv,
+head dims up to 256, fp16/bf16/fp32, bhsd/bshd/thd, return_lse, dropout and deterministic backward. Host
+launchers and the ``torch.library`` ops live in ``ops.py``; block sizes in ``_tuning.py``.
+
+On a machine without CUDA the backend is available only under the Triton interpreter
+(``TRITON_INTERPRET=1``, set before Triton is imported), and its cost keeps ``auto`` away from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+
+import torch
+
+from attnkit._call import AttentionCall
+from attnkit.backends.base import Backend, attention_flops, dense_pairs
+from attnkit.backends.triton.runtime import tuning as _tuning
+
+_MAX_HEAD_DIM = 256
+_INT32 = 2**31 - 1
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _rates() -> dict:
+    """Measured TFLOP/s of these kernels (bf16, H200; see docs/triton_notes.md), by mode and head dim."""
+    try:
+        return json.loads(resources.files("attnkit").joinpath("data/triton_rates.json").read_text())
+    except (FileNotFoundError, OSError, ValueError):
+        return {}
+
+
+_RATES = None
+
+
+def _rate(mode: str, head_dim: int, causal: bool) -> float:
+    global _RATES
+    if _RATES is None:
+        _RATES = _rates()
+    table = _RATES.get(mode + ("_causal" if causal else ""), {}) or _RATES.get(mode, {})
+    table = {d: r for d, r in table.items() if d.isdigit()}
+    if not table:
+        return {"fwd_bwd": 180.0}.get(mode, 300.0)
+    dims = sorted(int(d) for d in table)
+    best = min(dims, key=lambda d: (abs(d - head_dim), d))
+    return float(table[str(best)])
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    description = "attnkit's own Triton kernels (FlashAttention-2 style, fwd + bwd, every dense flag)"
+
+    def _check_available(self):
+        import triton  # noqa: F401  (raises ImportError where Triton is missing: the base class reports it)
+
+        if torch.cuda.is_available() or _interpreting():
+            return True, None
+        return False, "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on the CPU)"
+
+    def why_not(self, call: AttentionCall) -> list[str]:
+        r = []
+        if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            r.append(f"dtype {call.dtype} not supported (float16, bfloat16, float32)")
+        if call.device.type == "cuda":
+            if _tuning.capability(call.device) < (8, 0):
+                r.append("needs a GPU of compute capability >= 8.0")
+        elif not _interpreting():
+            r.append(f"tensors on {call.device.type}: needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+        if call.score_mod is not None:
+            r.append(
+                "user score_mod callables are not compiled into the Triton kernels yet "
+                "(use backend='flex' or 'reference')"
+            )
+        if call.mask is not None:
+            r.append(
+                f"user mask ({call.mask.name}) is not compiled into the Triton kernels yet "
+                "(use backend='flex' or 'reference')"
+            )
+        if max(call.D, call.Dv) > _MAX_HEAD_DIM:
+            r.append(f"head dim {max(call.D, call.Dv)} > {_MAX_HEAD_DIM}")
+        if call.alibi_slopes is not None and call.alibi_slopes.requires_grad:
+            r.append("no gradient for alibi_slopes (pass a tensor that does not require grad)")
+        if any(t.numel() > _INT32 for t in (call.q, call.k, call.v)):
+            r.append("a q/k/v tensor with >= 2**31 elements (kernels use 32-bit offsets)")
+        if call.bias is not None:
+            dense = call.batch * call.Hq * call.Sq * call.Sk
+            if call.bias.requires_grad and dense > _INT32:
+                r.append("bias gradient of >= 2**31 elements (kernels use 32-bit offsets)")
+            if not call.bias.is_floating_point() or call.bias.dtype == torch.float64:
+                r.append(f"bias dtype {call.bias.dtype} (float16, bfloat16 or float32)")
+        return r
+
+    def run(self, call: AttentionCall):
+        from attnkit.backends.triton.ops import attention as ops
+
+        if call.window is not None:
+            wl, wr = call.window
+        else:
+            wl = wr = -1
+        out, lse, _, _ = ops.attention(
+            call.q,
+            call.k,
+            call.v,
+            call.bias,
+            call.alibi_slopes,
+            call.cu_seqlens_q,
+            call.cu_seqlens_k,
+            call.layout,
+            int(call.Sq),
+            int(call.Sk),
+            float(call.scale),
+            bool(call.causal),
+            int(wl),
+            int(wr),
+            float(call.softcap or 0.0),
+            float(call.dropout_p),
+            bool(call.deterministic),
+        )
+        return out, (lse if call.return_lse else None)
+
+    def cost(self, call: AttentionCall) -> float:
+        if call.device.type != "cuda":
+            # the interpreter: correct but very slow; auto must never prefer it
+            return 1e6 + call.batch * call.Hq * call.Sq * call.Sk * (call.D + call.Dv) / 1e6
+        mode = "fwd_bwd" if call.requires_grad else "fwd"
+        causal = call.causal or call.window is not None
+        if mode == "fwd" and self._gluon(call):  # the Hopper kernel; short sequences run below its peak
+            mode = "fwd_gluon_short" if call.Sk <= 1024 else "fwd_gluon"
+        elif mode == "fwd_bwd" and self._gluon_bwd(call):  # the Hopper dK/dV kernel
+            mode = "fwd_bwd_gluon_short" if call.Sk <= 1024 else "fwd_bwd_gluon"
+        rate = _rate(mode, max(call.D, call.Dv), causal) * 1e12
+        if call.dtype == torch.float32:
+            rate /= 12.0  # exact fp32 dots (no tf32) run on the CUDA cores
+        if call.layout == "thd" and call.seqlens_q is None:  # lengths unknown on the host (compile, capture)
+            pairs = float(call.batch * call.Sq * call.Sk)
+            flops = pairs * call.Hq * 2.0 * (call.D + call.Dv) * (3.5 if call.requires_grad else 1.0)
+        else:
+            pairs = dense_pairs(call)
+            flops = attention_flops(call, call.requires_grad)
+        t = flops / rate
+        if call.bias is not None:  # the bias tile is read once per visible pair (twice more in backward)
+            nbytes = pairs * call.Hq * call.bias.element_size()
+            t += nbytes * (3 if call.requires_grad else 1) / 3.0e12
+            if call.requires_grad and call.bias.requires_grad:
+                t += pairs * call.Hq * 4 * 2 / 3.0e12  # dense fp32 dbias written and reduced
+        if call.dropout_p > 0:
+            t *= 1.3
+        launches = (5 if self._fused(call) else 4) if call.requires_grad else 1
+        return t + 8e-6 * launches
+
+    @classmethod
+    def _gluon(cls, call: AttentionCall) -> bool:
+        return cls._plain(call) and _tuning.gluon_forward_eligible(
+            _tuning.capability(call.device),
+            call.layout,
+            call.D,
+            call.Dv,
+            call.dtype,
+            call.Sk,
+            call.causal,
+            True,
+            call.scale,
+        )
+
+    @staticmethod
+    def _plain(call: AttentionCall) -> bool:
+        plain = call.bias is None and call.alibi_slopes is None and not call.softcap and call.window is None
+        return plain and call.dropout_p == 0 and call.device.type == "cuda"
+
+    @classmethod
+    def _gluon_bwd(cls, call: AttentionCall) -> bool:
+        return cls._plain(call) and _tuning.gluon_backward_eligible(
+            _tuning.capability(call.device),
+            call.layout,
+            call.D,
+            call.Dv,
+            call.dtype,
+            True,
+            call.scale,
+            cls._fused(call),
+        )
+
+    @staticmethod
+    def _fused(call: AttentionCall) -> bool:
+        return not call.deterministic and _tuning.fused_backward()
+
+    def notes(self, call: AttentionCall) -> list[str]:
+        if self._fused(call):
+            n = ["backward: one fused kernel, dQ added up with fp32 atomics (deterministic=True avoids them)"]
+        else:
+            n = ["backward: dK/dV kernel and a separate dQ pass beside it (no atomics: deterministic)"]
+        if call.device.type != "cuda":
+            n.append("running in the Triton interpreter: for tests, very slow")
+        else:
+            if self._gluon(call):
+                n.append("forward: the Hopper Gluon kernel (TMA producer warp, two consumer warpgroups)")
+            if call.requires_grad and self._gluon_bwd(call):
+                n.append(
+                    "backward: dK/dV in the Hopper Gluon kernel (TMA producer warp, two consumer warpgroups)"
+                )
+        return n
+
+
+BACKEND = TritonBackend()

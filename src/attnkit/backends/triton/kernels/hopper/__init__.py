@@ -1,0 +1,1 @@
+"""Gluon (warp-specialized, TMA) kernels for Hopper GPUs."""

@@ -1,0 +1,1 @@
+"""Host launchers and ``torch.library`` custom ops (fake + autograd) for the kernels in ``kernels/``."""

@@ -1,0 +1,1 @@
+"""Host runtime: the launch cache (``launch``), tile tuning and device facts (``tuning``)."""
