@@ -24,6 +24,33 @@ def test_quick_suite_runs_and_writes_results(tmp_path, capsys):
     assert (tmp_path / "quick.csv").read_text().startswith("shape,")
 
 
+def test_quick_suite_rows_have_a_sane_spread_on_cpu(tmp_path):
+    """Warmed up until settled, a row's time is near its fastest call (the first CPU run once showed rows
+    15-75x the steady time, cold calls counted)."""
+    assert quick.main(["--budget-ms", "15", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "quick.json").read_text())["results"]
+    spreads = {(r["shape"], r["causal"], r["mode"], r["backend"]): r["spread"] for r in rows}
+    assert spreads and all(0 <= s < 2 for s in spreads.values()), spreads
+
+
+def test_the_timer_warms_up_until_the_time_settles():
+    """The first calls are 30x slower (lazy initialisation): they must not reach the median."""
+    import time
+
+    from attnkit.bench import _timing
+
+    calls = [0]
+
+    def fn():
+        calls[0] += 1
+        time.sleep(0.03 if calls[0] <= 6 else 0.001)
+
+    t = _timing.measure(fn, on_gpu=False, budget_ms=30)
+    assert t.warmup >= 6 and t.samples >= 5
+    assert t.ms < 10, t  # 1 ms steady (sleep overshoots under load), 30 ms cold
+    assert t.spread >= 0 and t.min_ms <= t.ms
+
+
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="the CPU path: on a GPU this would run the full benchmark"
 )

@@ -1,4 +1,8 @@
-"""Command line: ``attnkit info``, ``attnkit explain ...``, ``attnkit bench [kernels|vit] ...``."""
+"""Command line: ``attnkit info``, ``attnkit explain ...``, ``attnkit bench [SUITE] ...``.
+
+Bad input (a malformed option, an argument ``attnkit.attention`` refuses, a device this machine lacks)
+prints one line, ``attnkit <command>: error: ...``, and exits with status 2: no traceback.
+"""
 
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ def _device_info() -> dict:
         "device": "cpu",
         "name": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "").strip() or "0 (unset)",
     }
 
 
@@ -74,18 +78,50 @@ def cmd_info(args) -> int:
     return 0
 
 
+class CLIError(Exception):
+    """Bad command-line input: :func:`main` prints its message on one line and exits with status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a :class:`CLIError` (one line, exit status 2 from :func:`main`)."""
+
+    def error(self, message):
+        raise CLIError(f"{message} (see {self.prog} --help)")
+
+
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip() != ""]
+    try:
+        return [int(x) for x in text.split(",") if x.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _ints_of(n: int, what: str):
+    """An argparse type: exactly ``n`` comma-separated integers (``what`` names them in the error)."""
+
+    def parse(text: str) -> list[int]:
+        vals = _ints(text)
+        if len(vals) != n:
+            raise argparse.ArgumentTypeError(f"expected {what} ({n} integers), got {text!r}")
+        return vals
+
+    return parse
 
 
 def _build_call_args(args):
     """Tensors and keyword arguments for attention/explain from the command line description."""
     import attnkit
 
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise CLIError(f"--device: expected cpu or cuda, got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: this machine has no CUDA device (use --device cpu)")
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[
-        args.dtype
+        dtype_name
     ]
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     B, Hq, Sq, D = args.shape
     Hk = args.hk or Hq
     Sk = args.sk or Sq
@@ -113,7 +149,7 @@ def _build_call_args(args):
         t.requires_grad_(grad)
     kw["causal"] = args.causal
     if args.window:
-        kw["window"] = tuple(_ints(args.window))
+        kw["window"] = tuple(args.window)
     if args.softcap:
         kw["softcap"] = args.softcap
     if args.alibi:
@@ -136,9 +172,7 @@ def _build_call_args(args):
         elif name == "custom":
             kw["mask"] = masks.from_mask_mod(lambda b, h, qi, ki: (qi - ki) % 2 == 0, "custom")
         else:
-            raise SystemExit(
-                f"attnkit explain: unknown --mask {name!r} (document, prefix, chunked, sliding, custom)"
-            )
+            raise CLIError(f"--mask: unknown {name!r} (document, prefix, chunked, sliding, custom)")
     if args.score_mod:
         kw["score_mod"] = {
             "relative": attnkit.mods.relative_bias(torch.zeros(Hq, 33, device=device)),
@@ -160,39 +194,59 @@ def cmd_explain(args) -> int:
     return 0
 
 
-_BENCH_SUITES = {
-    None: "attnkit.bench.quick",
-    "kernels": "attnkit.bench.kernels",
-    "vit": "attnkit.bench.vit",
-    "packed": "attnkit.bench.packed",
+# ``attnkit bench SUITE``: suite name -> (module with ``main(argv) -> int``, one-line description).
+# Register a new suite here, with one line; ``attnkit bench --help`` lists them all.
+BENCH_SUITES = {
+    "quick": ("attnkit.bench.quick", "a few shapes on every capable backend, sized for this machine"),
+    "kernels": ("attnkit.bench.kernels", "our kernels against every SDPA backend and FlexAttention"),
+    "vit": ("attnkit.bench.vit", "a ViT training step for every attention, eager and compiled"),
+    "packed": ("attnkit.bench.packed", "a Llama training step on mixed-length documents, padded vs packed"),
 }
 
 
+def _bench_help() -> str:
+    lines = [
+        "usage: attnkit bench [SUITE] [options]",
+        "",
+        "suites (default: quick):",
+        *(f"  {name:<10} {text}" for name, (_, text) in BENCH_SUITES.items()),
+        "",
+        "Each suite's options: attnkit bench SUITE --help",
+    ]
+    return "\n".join(lines)
+
+
 def cmd_bench(argv: list[str]) -> int:
-    """``attnkit bench [kernels|vit] [options]``: every option goes to the suite's own parser."""
-    suite = argv[0] if argv and argv[0] in _BENCH_SUITES else None
-    rest = argv[1:] if suite else argv
-    mod_name = _BENCH_SUITES[suite]
+    """``attnkit bench [SUITE] [options]``: every option after the suite goes to the suite's own parser."""
+    if argv and argv[0] in ("-h", "--help"):
+        print(_bench_help())
+        return 0
+    if argv and not argv[0].startswith("-"):
+        suite, rest = argv[0], argv[1:]
+        if suite not in BENCH_SUITES:
+            raise CLIError(f"unknown suite {suite!r} (one of {', '.join(BENCH_SUITES)})")
+    else:
+        suite, rest = "quick", argv
+    mod_name = BENCH_SUITES[suite][0]
     try:
         mod = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
         if e.name == mod_name:
-            print(f"attnkit bench: {suite or 'quick'} suite is not part of this build", file=sys.stderr)
-            return 2
+            raise CLIError(f"the {suite} suite is not part of this build") from None
         raise
     return int(mod.main(rest) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attnkit", description="Fast and flexible attention for PyTorch.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="attnkit", description="Fast and flexible attention for PyTorch.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     info = sub.add_parser("info", help="environment, device and backends")
     info.add_argument("--json", action="store_true", help="machine-readable output")
 
     ex = sub.add_parser("explain", help="which backend serves a call, and why the others cannot")
     ex.add_argument(
         "--shape",
-        type=_ints,
+        type=_ints_of(4, "B,Hq,Sq,D"),
         default=[2, 8, 1024, 128],
         metavar="B,Hq,Sq,D",
         help="query shape (for thd: N,Hq,max_len,D unless --seqlens)",
@@ -203,10 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--layout", choices=["bhsd", "bshd", "thd"], default="bhsd")
     ex.add_argument("--seqlens", help="thd: comma-separated query lengths")
     ex.add_argument("--seqlens-k", help="thd: comma-separated key lengths (default: --seqlens)")
-    ex.add_argument("--dtype", choices=["fp16", "bf16", "fp32", "fp64"], default="bf16")
+    ex.add_argument(
+        "--dtype", choices=["fp16", "bf16", "fp32", "fp64"], help="default: bf16 on CUDA, fp32 on a CPU"
+    )
     ex.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     ex.add_argument("--causal", action="store_true")
-    ex.add_argument("--window", help="left,right (-1 = unbounded)")
+    ex.add_argument("--window", type=_ints_of(2, "left,right"), help="left,right (-1 = unbounded)")
     ex.add_argument("--softcap", type=float)
     ex.add_argument("--alibi", action="store_true")
     ex.add_argument("--bias", choices=["full", "head", "batch"])
@@ -219,22 +275,36 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--deterministic", action="store_true")
     ex.add_argument("--backend", default="auto")
 
-    b = sub.add_parser(
-        "bench",
-        help="benchmarks: quick suite, kernels, vit or packed (--help after the suite)",
-        add_help=False,
+    sub.add_parser(  # parsed by cmd_bench: each suite parses its own options
+        "bench", help=f"benchmarks: {' | '.join(BENCH_SUITES)} (attnkit bench --help)", add_help=False
     )
-    b.add_argument("suite", nargs="?", choices=["kernels", "vit", "packed"], default=None)
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    return "; ".join(line.strip(" -") for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input prints ``attnkit <command>: error: ...`` (one line) and returns 2.
+
+    For ``info`` and ``explain`` bad input is also any ``AttentionInputError``, ``UnsupportedError`` or
+    ``ValueError`` from the described call; a benchmark's own errors keep their traceback."""
+    from attnkit.errors import AttentionInputError, UnsupportedError
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":  # the suites parse their own options
-        return cmd_bench(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return {"info": cmd_info, "explain": cmd_explain}[args.cmd](args)
+    prog = f"attnkit {argv[0]}" if argv and argv[0] in ("info", "explain", "bench") else "attnkit"
+    try:
+        if argv and argv[0] == "bench":  # the suites parse their own options
+            return cmd_bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        try:
+            return {"info": cmd_info, "explain": cmd_explain}[args.cmd](args)
+        except (AttentionInputError, UnsupportedError, ValueError) as e:
+            raise CLIError(_one_line(e)) from e
+    except CLIError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

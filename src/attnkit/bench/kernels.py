@@ -140,15 +140,9 @@ def _timer(fn, on_gpu: bool, warmup_ms=25, rep_ms=100) -> float:
         from triton.testing import do_bench
 
         return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-    import time
+    from attnkit.bench._timing import median_ms  # the shared CPU timer: warm-up until the time settles
 
-    fn()
-    ts = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return sorted(ts)[1]
+    return median_ms(fn, False, budget_ms=rep_ms / 4)
 
 
 def round_order(n: int, r: int) -> list[int]:

@@ -3,39 +3,22 @@
 A few attention shapes, forward and forward+backward, causal and not, on every backend that can serve each
 call exactly, plus ``backend="auto"`` and plain ``torch.nn.functional.scaled_dot_product_attention`` as the
 peer measured in the same run. On a GPU: bf16, realistic sizes, ``triton.testing.do_bench`` medians. On a
-CPU: float32 and tiny sizes, so it finishes in seconds (CPU timings are for checking, not for comparing).
+CPU: float32, tiny sizes and one thread (``--threads``), so it finishes in seconds (CPU timings are for
+checking, not for comparing; with two threads on a CPU that other processes also use, calls swung 10-50x).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import attnkit
-from attnkit.bench import _report
+from attnkit.bench import _report, _timing
 
 GPU_SHAPES = [(4, 16, 2048, 128), (1, 16, 8192, 128), (8, 32, 1024, 64)]
 CPU_SHAPES = [(1, 4, 256, 64), (2, 4, 128, 32)]
-
-
-def _timer(fn, on_gpu: bool, budget_ms: float) -> float:
-    """Median milliseconds of ``fn()`` (CUDA: do_bench; CPU: perf_counter over a few repeats)."""
-    if on_gpu:
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=budget_ms / 4, rep=budget_ms, return_mode="median"))
-    fn()
-    times = []
-    t_end = time.perf_counter() + budget_ms / 1e3
-    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 50):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def _flops(B, H, S, D, causal, backward):
@@ -77,7 +60,23 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-ms", type=float, default=None, help="time per measurement (default 100 GPU, 60 CPU)"
     )
     p.add_argument("--include-reference", action="store_true", help="also time the reference oracle on a GPU")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU: torch threads while timing (default 1: tiny shapes, and steady on a shared machine)",
+    )
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(args.threads or 1)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> int:
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if not on_gpu:
         print(
             "attnkit bench: no GPU here; tiny float32 shapes on the CPU (checks the setup, not speed). "
-            "Run it on a GPU for real numbers."
+            f"Run it on a GPU for real numbers. {torch.get_num_threads()} threads."
         )
     jobs = [
         (shape, causal, backward)
@@ -113,11 +112,13 @@ def main(argv: list[str] | None = None) -> int:
                 backend=impl if impl != "auto" else f"auto ({chosen})",
                 ms=None,
                 tflops=None,
+                spread=None,
                 note=None,
             )
             try:
-                ms = _timer(_runner(q, k, v, causal, backward, impl), on_gpu, budget)
-                row.update(ms=ms, tflops=_flops(B, H, S, D, causal, backward) / (ms * 1e-3) / 1e12)
+                t = _timing.measure(_runner(q, k, v, causal, backward, impl), on_gpu, budget)
+                tflops = _flops(B, H, S, D, causal, backward) / (t.ms * 1e-3) / 1e12
+                row.update(ms=t.ms, tflops=tflops, spread=t.spread)
             except Exception as e:
                 row["note"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
             rows.append(row)
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("backend", "backend"),
                 ("ms", "ms"),
                 ("tflops", "TFLOP/s"),
+                ("spread", "spread"),
                 ("note", "note"),
             ],
         )
