@@ -4,8 +4,11 @@ Usage::
 
     import attnkit.integrations.hf as akhf
     akhf.register()                         # once per process; returns the name, "attnkit"
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attnkit")
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="attnkit")
     model.set_attn_implementation("attnkit")  # or switch an existing model
+
+``from_config`` writes ``attn_implementation`` into ``cfg`` and keeps that object as ``model.config``: a
+second model built from the same ``cfg`` (say eager, to compare) would switch this one too; hence the copy.
 
 :func:`register` installs two functions in transformers (4.53 and later):
 
