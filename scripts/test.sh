@@ -3,6 +3,7 @@
 # interpreter there). This is the command README.md gives and .ci/run calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q "torch==2.13.0" "triton==3.6.0" -e ".[dev,hf]"
+# The same pinned set as the README's main job (triton and numpy pins live in pyproject.toml), plus extras.
+python3 -m pip install -q "torch==2.13.0" -e ".[dev,hf]"
 python3 -m ruff check src tests
 python3 -m pytest -q "$@"

@@ -1,10 +1,10 @@
 """Test oracle, shared by every test file (``import oracle``).
 
-(a) :func:`attention64`: API.md's score pipeline written out directly as a dense float64 formula. It
+(a) :func:`attention64`: docs/api.md's score pipeline written out directly as a dense float64 formula. It
     deliberately does not call attnkit's reference or ``_semantics``: the reference is checked against it,
     so the oracle is not its own judge. It only uses attnkit to *bind* a ``Mask``/``ScoreMod`` to the
     sequence lengths (their own meaning is checked against hand-written dense masks in test_masks_mods.py).
-(b) :func:`assert_close` / :func:`check_against_oracle`: STYLE.md's oracle rule. A result's max error against
+(b) :func:`assert_close` / :func:`check_against_oracle`: the oracle rule. A result's max error against
     the float64 formula must be at most twice the error of the same computation done by plain PyTorch in the
     input dtype (``reference_forward(call, upcast=False)`` on the same low-precision inputs), plus a floor of
     a few units in the last place of the input dtype at the magnitude of the values. NaN never passes;
@@ -144,7 +144,7 @@ def attention64(
     keep=None,
     **_ignored,
 ):
-    """API.md §1 in float64, densely. Takes the arguments of ``attnkit.attention`` (extra ones such as
+    """docs/api.md §1 in float64, densely. Takes the arguments of ``attnkit.attention`` (extra ones such as
     ``backend``/``return_lse`` are ignored) and returns ``(out, lse)`` in float64, in the call's layout.
     Tensors are converted with ``.to(float64)``, so float64 leaves receive gradients. ``keep``: optional
     bool dropout keep-mask (B, Hq, Sq, Sk) for dense layouts (used with ``dropout_p``)."""
@@ -250,7 +250,7 @@ def assert_close(
     name="out",
     term_scale: float = 0.0,
 ):
-    """STYLE.md's oracle rule for one tensor (see the module docstring)."""
+    """The oracle rule for one tensor (see the module docstring)."""
     dtype = dtype or baseline.dtype
     assert tuple(actual.shape) == tuple(ref64.shape), (
         f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"

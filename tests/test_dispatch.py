@@ -21,7 +21,7 @@ def test_backends_records():
     names = [r.name for r in recs]
     assert len(names) == len(set(names))
     missing = REQUIRED - set(names)
-    assert not missing, f"API.md §2 backends missing from attnkit.backends(): {sorted(missing)}"
+    assert not missing, f"docs/api.md §2 backends missing from attnkit.backends(): {sorted(missing)}"
     for r in recs:
         assert isinstance(r.available, bool)
         if not r.available:

@@ -2,7 +2,7 @@
 
 Models are built offline from configs (no downloads) in float64. Transformers' eager attention computes its
 softmax in float32 even for float64 models, so it is not exact: a result passes when its error against eager
-float64 is at most twice eager's own float32 error (eager float32 against eager float64, STYLE.md's rule)
+float64 is at most twice eager's own float32 error (eager fp32 against eager fp64, tests/oracle.py's rule)
 plus a float64 floor. attnkit against attnkit (packed, padded, one by one) must agree to float64 rounding.
 """
 

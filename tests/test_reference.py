@@ -1,6 +1,6 @@
 """The reference oracle (backends/reference.py) against the direct float64 formula of tests/oracle.py.
 
-Every argument of API.md §1 is exercised here. Inputs are float32 (held to the oracle rule against the
+Every argument of docs/api.md §1 is exercised here. Inputs are float32 (held to the oracle rule against the
 float64 formula, forward, lse and gradients) or float64 (for torch.autograd.gradcheck).
 """
 

@@ -1,4 +1,4 @@
-"""The score pipeline of API.md, written once over broadcastable index tensors.
+"""The score pipeline of docs/api.md, written once over broadcastable index tensors.
 
 The reference evaluates it chunk by chunk; backends that need dense masks or biases (SDPA) evaluate it over
 the whole (B, H, Sq, Sk) grid; FlexAttention backends call it from their score_mod/mask_mod. Steps:

@@ -20,7 +20,7 @@ _LAYOUTS = ("bhsd", "bshd", "thd")
 
 
 def _lse_view(lse: torch.Tensor, layout: str) -> torch.Tensor:
-    """A view of ``lse`` (API.md §1 shape for ``layout``) broadcastable against ``out``."""
+    """A view of ``lse`` (docs/api.md §1 shape for ``layout``) broadcastable against ``out``."""
     if layout == "bhsd":  # out (B, H, S, Dv), lse (B, H, S)
         return lse.unsqueeze(-1)
     if layout == "bshd":  # out (B, S, H, Dv), lse (B, H, S)

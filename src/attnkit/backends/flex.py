@@ -25,7 +25,7 @@ from attnkit.backends.base import Backend, attention_flops, to_bhsd
 
 _BLOCK_CACHE: OrderedDict = OrderedDict()
 _BLOCK_CACHE_SIZE = 32
-# Measured TFLOP/s (forward, forward+backward) of compiled FlexAttention on an H200, bf16 (ANCHORS.md).
+# Measured TFLOP/s (forward, forward+backward) of compiled FlexAttention on an H200, bf16 (docs/anchors.md).
 _CUDA_RATES = (470e12, 410e12)
 _CPU_RATES = (5e9, 2.5e9)
 # Some mods (e.g. a learnable relative-bias table) make inductor's default flex tiles overflow shared
@@ -102,7 +102,7 @@ class FlexBackend(Backend):
         rates = _CUDA_RATES if call.device.type == "cuda" else _CPU_RATES
         rate = rates[1 if call.requires_grad else 0]
         if call.softcap is not None or call.score_mod is not None or call.bias is not None:
-            rate *= 0.45  # a softcap score_mod ran at 214 vs 476 TFLOP/s (ANCHORS.md)
+            rate *= 0.45  # a softcap score_mod ran at 214 vs 476 TFLOP/s (docs/anchors.md)
         if call.device.type == "cuda" and call.dtype == torch.float32:
             rate /= 8
         # Block sparsity: causal/window pairs are skipped. A user mask's sparsity is read off its BlockMask

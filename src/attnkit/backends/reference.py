@@ -1,4 +1,4 @@
-"""The one exact oracle: the whole score pipeline of API.md in plain PyTorch, any device, with autograd.
+"""The one exact oracle: the whole score pipeline of docs/api.md in plain PyTorch, any device, with autograd.
 
 Memory bound: scores are never materialised for more than one chunk at a time. A chunk covers a group of
 query heads and query rows of one batch element (one sequence for ``thd``) against all Sk keys of that

@@ -44,7 +44,7 @@ _KINDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "math": SDPBackend.MATH,
 }
-# Measured TFLOP/s (forward, forward+backward) on an H200, bf16, D=128, long sequences (shared/ANCHORS.md).
+# Measured TFLOP/s (forward, forward+backward) on an H200, bf16, D=128, long sequences (docs/anchors.md).
 _CUDA_RATES = {
     "cudnn": (560e12, 500e12),
     "flash": (330e12, 300e12),

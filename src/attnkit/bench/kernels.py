@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-# (B, H, S, D) of ../shared/ANCHORS.md, then the rest of a constant-token sweep for the plot
+# (B, H, S, D) of docs/anchors.md, then the rest of a constant-token sweep for the plot
 ANCHOR_SHAPES = [
     (32, 16, 512, 128),
     (4, 16, 4096, 128),

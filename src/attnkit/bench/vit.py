@@ -13,8 +13,8 @@ eager and ``torch.compile``d:
 
 Experiments: ``dense`` (plain attention), ``softcap`` (tanh soft-capping of the scores) and
 ``neighborhood`` (2-D neighborhood mask over the patch grid, class token global). Configurations
-(ANCHORS.md): ``short`` (224px, patch 16, seq 197, batch 128, 16 heads x 64, depth 24) and ``long`` (224px,
-patch 4, seq 3137, batch 8, 12 heads x 64, depth 6); on a CPU only ``tiny`` runs, which says so.
+(docs/anchors.md): ``short`` (224px, patch 16, seq 197, batch 128, 16 heads x 64, depth 24) and ``long``
+(224px, patch 4, seq 3137, batch 8, 12 heads x 64, depth 6); on a CPU only ``tiny`` runs, which says so.
 Unavailable implementations are skipped with a note; a failing one is recorded with its error.
 Results: a table, ``vit.csv``/``vit.json`` (GPU, versions, date) and ``vit.png`` (matplotlib) in ``--out``.
 """

@@ -4,7 +4,7 @@
   ``[lo, full_lo)`` (masked), ``[full_lo, full_hi)`` (every element visible: no mask work) and
   ``[full_hi, hi)`` (masked). Tiles outside ``[lo, hi)`` are fully masked and never visited. Block-sparse
   tile lists will replace this function.
-* :func:`scores` is the score pipeline of API.md (scale, softcap, bias, ALiBi, masking) on one tile, in
+* :func:`scores` is the score pipeline of docs/api.md (scale, softcap, bias, ALiBi, masking) on one tile, in
   log2 units (score * log2e), so the softmax is ``exp2(s - m)``. For a plain positive scale (DEFER) it
   returns the masked raw dot products and the caller folds ``scale * log2e`` into the FMA before exp2
   (:func:`pending_scale`): one FMA per score. User ``score_mod`` / ``mask_mod`` code will be compiled
