@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # The same pinned set as the README's main job (triton and numpy pins live in pyproject.toml), plus extras.
 python3 -m pip install -q "torch==2.13.0" -e ".[dev,hf]"
-python3 -m ruff check src tests
+python3 -m ruff check src tests scripts
 python3 -m pytest -q "$@"

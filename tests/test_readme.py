@@ -132,3 +132,16 @@ def test_attnkit_info_prints_no_warning():
     assert r.returncode == 0, r.stderr
     warned = [x for x in (r.stdout + r.stderr).splitlines() if "warn" in x.lower()]
     assert not warned, warned
+
+
+def test_gpu_scripts_say_when_to_run_and_patch_nothing():
+    """scripts/gpu/ holds how the project checks and times itself on a GPU: each says when to run it, and
+    none patches library internals (assigning to an attnkit module's attribute, setattr on one)."""
+    scripts = sorted((ROOT / "scripts" / "gpu").iterdir())
+    assert scripts
+    patch = re.compile(r"setattr\(|^\s*(ops|_tuning|_launch|_gluon\w*|gf|launch|attnkit\.\w+)\.\w+ = ", re.M)
+    for path in scripts:
+        text = path.read_text()
+        assert "when to run" in text.lower(), path.name
+        assert not patch.search(text), (path.name, patch.search(text).group(0))
+    assert {p.name for p in (ROOT / "scripts").iterdir()} == {"gpu", "test.sh"}
