@@ -30,7 +30,9 @@ def test_quick_suite_rows_have_a_sane_spread_on_cpu(tmp_path):
     assert quick.main(["--budget-ms", "15", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "quick.json").read_text())["results"]
     spreads = {(r["shape"], r["causal"], r["mode"], r["backend"]): r["spread"] for r in rows}
-    assert spreads and all(0 <= s < 2 for s in spreads.values()), spreads
+    assert spreads and all(s is not None and s >= 0 for s in spreads.values()), spreads
+    wide = {k: s for k, s in spreads.items() if s >= 2}  # fastest round's median >= 3x the fastest call
+    assert not wide, wide
 
 
 def test_the_timer_warms_up_until_the_time_settles():

@@ -37,10 +37,10 @@ class Timing:
         return (self.ms - self.min_ms) / self.min_ms if self.min_ms > 0 else 0.0
 
 
-def _cpu_once(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
+def _cpu_once(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
+    t = clock()
     fn()
-    return (time.perf_counter() - t) * 1e3
+    return (clock() - t) * 1e3
 
 
 def measure(
@@ -54,6 +54,7 @@ def measure(
     min_samples: int = 9,
     max_samples: int = 200,
     warmup_ms: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Timing:
     """Time ``fn()`` (no arguments; its result is ignored).
 
@@ -67,6 +68,9 @@ def measure(
         min_samples, max_samples: CPU: bounds on the timed calls (``min_samples`` even past the budget).
         warmup_ms: CPU: the settling windows stop after this long even if unsettled
             (default ``max(4 * budget_ms, 200)``).
+        clock: CPU: seconds of what is timed: wall time (``time.perf_counter``, the default), or
+            ``time.process_time`` for this process's CPU time, which other processes on a shared machine do
+            not inflate (with one torch thread it is the call's own compute time).
     """
     if on_gpu:
         from triton.testing import do_bench
@@ -80,7 +84,7 @@ def measure(
     deadline = time.perf_counter() + (warmup_ms if warmup_ms is not None else max(4 * budget_ms, 200)) / 1e3
     prev = None
     while True:
-        cur = statistics.median(_cpu_once(fn) for _ in range(window))
+        cur = statistics.median(_cpu_once(fn, clock) for _ in range(window))
         warm += window
         if prev is not None and abs(cur - prev) <= settle * min(cur, prev):
             break
@@ -92,7 +96,7 @@ def measure(
     while len(rounds) * window < min_samples or (
         time.perf_counter() < deadline and len(rounds) * window < max_samples
     ):
-        rounds.append([_cpu_once(fn) for _ in range(window)])
+        rounds.append([_cpu_once(fn, clock) for _ in range(window)])
     return Timing(
         ms=min(statistics.median(r) for r in rounds),
         min_ms=min(min(r) for r in rounds),

@@ -5,11 +5,13 @@ call exactly, plus ``backend="auto"`` and plain ``torch.nn.functional.scaled_dot
 peer measured in the same run. On a GPU: bf16, realistic sizes, ``triton.testing.do_bench`` medians. On a
 CPU: float32, tiny sizes and one thread (``--threads``), so it finishes in seconds (CPU timings are for
 checking, not for comparing; with two threads on a CPU that other processes also use, calls swung 10-50x).
+With one thread the CPU times are the process's CPU time, which other processes do not inflate.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +87,8 @@ def _run(args) -> int:
     if not on_gpu:
         print(
             "attnkit bench: no GPU here; tiny float32 shapes on the CPU (checks the setup, not speed). "
-            f"Run it on a GPU for real numbers. {torch.get_num_threads()} threads."
+            f"Run it on a GPU for real numbers. {torch.get_num_threads()} thread(s)"
+            + (", times in process CPU time." if torch.get_num_threads() == 1 else ", wall times.")
         )
     jobs = [
         (shape, causal, backward)
@@ -93,6 +96,8 @@ def _run(args) -> int:
         for causal in (False, True)
         for backward in (False, True)
     ]
+    # one thread on a CPU: its process CPU time is the calls' own cost, whatever else the machine runs
+    clock = time.process_time if not on_gpu and torch.get_num_threads() == 1 else time.perf_counter
     rows = []
     for (B, H, S, D), causal, backward in _report.progress(jobs, "attnkit bench"):
         q, k, v = (
@@ -116,7 +121,7 @@ def _run(args) -> int:
                 note=None,
             )
             try:
-                t = _timing.measure(_runner(q, k, v, causal, backward, impl), on_gpu, budget)
+                t = _timing.measure(_runner(q, k, v, causal, backward, impl), on_gpu, budget, clock=clock)
                 tflops = _flops(B, H, S, D, causal, backward) / (t.ms * 1e-3) / 1e12
                 row.update(ms=t.ms, tflops=tflops, spread=t.spread)
             except Exception as e:
