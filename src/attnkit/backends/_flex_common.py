@@ -78,6 +78,24 @@ def outputs(call: AttentionCall, out: torch.Tensor, lse):
     return out, (None if lse is None else lse.float())
 
 
+def mask_block_density(call: AttentionCall) -> float | None:
+    """Fraction of (query block, key block) pairs a user mask leaves visible, or None if not known."""
+    if (
+        call.mask is None
+        or call.layout == "thd"
+        or call.device.type != "cuda"
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    _, mask_mod = dense_mods(call)
+    bm = block_mask(call, mask_mod, call.batch, call.Sq, call.Sk)
+    visible = bm.kv_num_blocks.sum() + (
+        0 if bm.full_kv_num_blocks is None else bm.full_kv_num_blocks.sum()
+    )
+    total = bm.kv_num_blocks.numel() * -(-call.Sk // bm.BLOCK_SIZE[1])
+    return float(visible) / max(total, 1)
+
+
 def block_mask(call: AttentionCall, mask_mod, B: int, Q: int, K: int):
     """The BlockMask of ``mask_mod`` over (B, Hq, Q, K), cached (see inside); None without a mask."""
     if mask_mod is None:

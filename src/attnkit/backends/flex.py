@@ -89,21 +89,7 @@ class FlexBackend(Backend):
         return t
 
     def _mask_block_density(self, call: AttentionCall) -> float | None:
-        """Fraction of (query block, key block) pairs a user mask leaves visible, or None if not known."""
-        if (
-            call.mask is None
-            or call.layout == "thd"
-            or call.device.type != "cuda"
-            or torch.compiler.is_compiling()
-        ):
-            return None
-        _, mask_mod = self._dense_mods(call)
-        bm = self._block_mask(call, mask_mod, call.batch, call.Sq, call.Sk)
-        visible = bm.kv_num_blocks.sum() + (
-            0 if bm.full_kv_num_blocks is None else bm.full_kv_num_blocks.sum()
-        )
-        total = bm.kv_num_blocks.numel() * -(-call.Sk // bm.BLOCK_SIZE[1])
-        return float(visible) / max(total, 1)
+        return common.mask_block_density(call)
 
     def notes(self, call: AttentionCall) -> list[str]:
         n = []
