@@ -84,6 +84,17 @@ def fa4_arguments(call: AttentionCall) -> tuple[str, tuple, dict]:
     return "flash_attn_func", (q, k, v), kw
 
 
+def feature_reasons(call: AttentionCall) -> list[str]:
+    """What FA4 refuses in any call, whatever the device (the device, dtype and head dims: _cute)."""
+    r = []
+    for name in ("bias", "alibi_slopes", "score_mod"):
+        if getattr(call, name) is not None:
+            r.append(f"FA4 takes no {name} (its score_mod is CuTe DSL code, not a PyTorch callable)")
+    if call.mask is not None or call.block_mask is not None:
+        r.append("FA4 takes only causal and window masks here (a mask_mod would need CuTe DSL code)")
+    return r
+
+
 @torch.compiler.disable
 def _run_fa4(fn, args, kw):
     return fn(*args, **kw)
@@ -98,14 +109,7 @@ class FlashAttn4Backend(Backend):
 
     def why_not(self, call: AttentionCall) -> list[str]:
         r = _cute.common_reasons(call)
-        if call.device.type != "cuda":
-            return r
-        for name in ("bias", "alibi_slopes", "score_mod"):
-            if getattr(call, name) is not None:
-                r.append(f"FA4 takes no {name} (its score_mod is CuTe DSL code, not a PyTorch callable)")
-        if call.mask is not None or call.block_mask is not None:
-            r.append("FA4 takes only causal and window masks here (a mask_mod would need CuTe DSL code)")
-        return r
+        return r if call.device.type != "cuda" else r + feature_reasons(call)
 
     def cost(self, call: AttentionCall) -> float:
         short = "short" if call.Sk <= 1024 else "long"

@@ -49,6 +49,23 @@ def _grad_captures(call: AttentionCall) -> list[str]:
     return names
 
 
+def feature_reasons(call: AttentionCall) -> list[str]:
+    """What the FLASH template refuses in any call, whatever the device (device, dtype, head dims: _cute)."""
+    r = []
+    if call.requires_grad:
+        grads = _grad_captures(call)
+        if grads:
+            r.append(f"FLASH takes no gradients of captured tensors ({', '.join(grads)} requires grad)")
+        if call.return_lse:
+            r.append("FLASH's backward does not differentiate through the lse (return_lse with grad)")
+        if call.deterministic:
+            r.append("deterministic=True: FLASH's deterministic backward needs SM100 and extra metadata")
+    bm = call.block_mask
+    if bm is not None and bm.full_kv_num_blocks is None:
+        r.append("FLASH needs a BlockMask with full blocks (create_block_mask makes them)")
+    return r
+
+
 class FlexFlashBackend(Backend):
     name = "flex_flash"
     description = 'torch FlexAttention with kernel_options={"BACKEND": "FLASH"} (FA4 kernels)'
@@ -64,20 +81,7 @@ class FlexFlashBackend(Backend):
 
     def why_not(self, call: AttentionCall) -> list[str]:
         r = _cute.common_reasons(call)
-        if call.device.type != "cuda":
-            return r
-        if call.requires_grad:
-            grads = _grad_captures(call)
-            if grads:
-                r.append(f"FLASH takes no gradients of captured tensors ({', '.join(grads)} requires grad)")
-            if call.return_lse:
-                r.append("FLASH's backward does not differentiate through the lse (return_lse with grad)")
-            if call.deterministic:
-                r.append("deterministic=True: FLASH's deterministic backward needs SM100 and extra metadata")
-        bm = call.block_mask
-        if bm is not None and bm.full_kv_num_blocks is None:
-            r.append("FLASH needs a BlockMask with full blocks (create_block_mask makes them)")
-        return r
+        return r if call.device.type != "cuda" else r + feature_reasons(call)
 
     def cost(self, call: AttentionCall) -> float:
         grad = 1 if call.requires_grad else 0

@@ -115,6 +115,31 @@ def xformers_inputs(call: AttentionCall):
     return q, k, v, bias, grouped
 
 
+def feature_reasons(call: AttentionCall) -> list[str]:
+    """attnkit's own rules for xFormers (device and dtype aside); the dispatcher's reasons come after."""
+    r = []
+    for name in ("softcap", "alibi_slopes", "score_mod"):
+        if getattr(call, name) is not None:
+            r.append(f"xFormers takes no {name}")
+    if call.mask is not None or call.block_mask is not None:
+        r.append("xFormers takes only causal and window masks here")
+    if call.bias is not None and (call.causal or call.window is not None or call.layout == "thd"):
+        r.append("bias with causal, window or thd: xFormers has no bottom-right mask plus tensor bias")
+    if call.layout == "thd" and call.window is not None and not call.causal:
+        r.append("thd with a non-causal window: xFormers' block-diagonal local masks are causal")
+    if call.dropout_p > 0:
+        r.append("dropout: not claimed (xFormers' random mask cannot be checked against the oracle)")
+    if call.return_lse:
+        r.append("return_lse: xFormers' lse has no autograd and an operator-dependent padding")
+    if call.deterministic and call.requires_grad:
+        r.append("deterministic=True: xFormers' backward operators accumulate with atomics")
+    if not host_lengths_known(call):
+        r.append("thd under torch.compile / graph capture: the block-diagonal mask needs host lengths")
+    if not r and empty_rows(call):
+        r.append("some query rows see no key: xFormers leaves their output undefined")
+    return r
+
+
 @torch.compiler.disable
 def _run_xformers(q, k, v, bias, scale):
     return xformers_ops().memory_efficient_attention(q, k, v, attn_bias=bias, p=0.0, scale=scale)
@@ -138,26 +163,8 @@ class XFormersBackend(Backend):
             return [f"xFormers' kernels here are CUDA only (device {call.device.type})"]
         r = []
         if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            r.append(f"dtype {call.dtype}: xFormers supports float16, bfloat16 and float32")
-        for name in ("softcap", "alibi_slopes", "score_mod"):
-            if getattr(call, name) is not None:
-                r.append(f"xFormers takes no {name}")
-        if call.mask is not None or call.block_mask is not None:
-            r.append("xFormers takes only causal and window masks here")
-        if call.bias is not None and (call.causal or call.window is not None or call.layout == "thd"):
-            r.append("bias with causal, window or thd: xFormers has no bottom-right mask plus tensor bias")
-        if call.layout == "thd" and call.window is not None and not call.causal:
-            r.append("thd with a non-causal window: xFormers' block-diagonal local masks are causal")
-        if call.dropout_p > 0:
-            r.append("dropout: not claimed (xFormers' random mask cannot be checked against the oracle)")
-        if call.return_lse:
-            r.append("return_lse: xFormers' lse has no autograd and an operator-dependent padding")
-        if call.deterministic and call.requires_grad:
-            r.append("deterministic=True: xFormers' backward operators accumulate with atomics")
-        if not host_lengths_known(call):
-            r.append("thd under torch.compile / graph capture: the block-diagonal mask needs host lengths")
-        if not r and empty_rows(call):
-            r.append("some query rows see no key: xFormers leaves their output undefined")
+            r.append(f"dtype {call.dtype}: xFormers' CUDA kernels take float16, bfloat16 and float32")
+        r += feature_reasons(call)
         if not r and not torch.compiler.is_compiling():
             r += self._dispatcher_reasons(call)
         return r
