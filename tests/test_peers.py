@@ -633,3 +633,17 @@ def test_auto_picks_fa4_where_it_is_fastest():
     )
     report = attnkit.explain(q, k, v, **kw)
     assert report.chosen == "flash_attn4", str(report)
+
+
+def test_flex_flash_remembers_a_failed_compile(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("BACKEND='FLASH' but flash attention cannot be used: NYI")
+
+    monkeypatch.setattr(_flex_common, "compiled_flex", lambda: broken)
+    monkeypatch.setattr(flex_flash_backend, "_FAILED", {})
+    call, _ = _call(B=1, Hq=2, Sq=8, D=16, dtype=torch.float32, softcap=2.0)
+    with pytest.raises(RuntimeError):
+        flex_flash_backend.BACKEND.run(call)
+    assert "NYI" in flex_flash_backend._FAILED[flex_flash_backend._family(call)]
+    other, _ = _call(B=1, Hq=2, Sq=8, D=16, dtype=torch.float32)
+    assert flex_flash_backend._family(other) not in flex_flash_backend._FAILED

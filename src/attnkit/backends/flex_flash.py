@@ -33,6 +33,9 @@ _KERNEL_OPTIONS = {"BACKEND": "FLASH"}
 _RATES = (600e12, 450e12)
 _MOD_FACTOR = (0.6, 0.55)  # tanh softcap 30: 357 TFLOP/s fwd, 256 fwd+bwd
 _LAUNCH_S = 60e-6
+# Call families whose FLASH compile failed (inductor raises for mods its CuTe DSL template cannot take):
+# family key -> the error, refused from then on so that ``auto`` goes elsewhere.
+_FAILED: dict = {}
 
 
 def _grad_captures(call: AttentionCall) -> list[str]:
@@ -66,6 +69,13 @@ def feature_reasons(call: AttentionCall) -> list[str]:
     return r
 
 
+def _family(call: AttentionCall):
+    """What decides whether FLASH can compile a call: the mods and masks (by identity), shapes, grad mode."""
+    srcs = tuple(id(getattr(o, "source", o)) for o in (call.score_mod, call.mask) if o is not None)
+    flags = (call.softcap is not None, call.bias is not None, call.alibi_slopes is not None)
+    return (srcs, flags, call.layout, call.D, call.Dv, call.Hq, call.Hk, call.dtype, call.requires_grad)
+
+
 class FlexFlashBackend(Backend):
     name = "flex_flash"
     description = 'torch FlexAttention with kernel_options={"BACKEND": "FLASH"} (FA4 kernels)'
@@ -81,7 +91,11 @@ class FlexFlashBackend(Backend):
 
     def why_not(self, call: AttentionCall) -> list[str]:
         r = _cute.common_reasons(call)
-        return r if call.device.type != "cuda" else r + feature_reasons(call)
+        if call.device.type != "cuda":
+            return r
+        r += feature_reasons(call)
+        failed = _FAILED.get(_family(call))
+        return r + ([f"an earlier FLASH compile of this call family failed: {failed}"] if failed else [])
 
     def cost(self, call: AttentionCall) -> float:
         grad = 1 if call.requires_grad else 0
@@ -118,7 +132,16 @@ class FlexFlashBackend(Backend):
             enable_gqa=call.Hq != call.Hk,
             kernel_options=dict(_KERNEL_OPTIONS),
         )
-        out, lse = common.call_flex(fn, q, k, v, call.return_lse, kwargs, dynamic=False)
+        try:
+            out, lse = common.call_flex(fn, q, k, v, call.return_lse, kwargs, dynamic=False)
+        except Exception as e:
+            if not torch.compiler.is_compiling():
+                from attnkit import dispatch
+
+                first = str(e).splitlines()[0][:200] if str(e) else ""
+                _FAILED[_family(call)] = f"{type(e).__name__}: {first}"
+                dispatch._CHOICES.clear()  # cached choices of this family must be made again
+            raise
         return common.outputs(call, out, lse)
 
 

@@ -182,11 +182,12 @@ class XFormersBackend(Backend):
             inp = fmha.common.Inputs(query=q, key=k, value=v, attn_bias=bias, p=0.0, scale=call.scale)
             reasons = []
             try:
+                inp.validate_inputs()
                 fw = fmha.dispatch._dispatch_fw(inp, call.requires_grad)
                 if call.requires_grad:
                     packed = getattr(fw, "VARLEN_LSE_PACKED", None) if call.layout == "thd" else None
                     fmha.dispatch._dispatch_bw(inp, packed)
-            except NotImplementedError as e:
+            except (NotImplementedError, ValueError) as e:
                 lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
                 reasons = ["xformers: " + " | ".join(lines[-6:])]
             _CHECKS[sig] = reasons
