@@ -60,6 +60,8 @@ def common_reasons(call) -> list[str]:
         r.append(f"dtype {call.dtype}: FA4 supports float16 and bfloat16")
     major = torch.cuda.get_device_capability(call.device)[0]
     r += head_dim_reasons(call.D, call.Dv, major, call.softcap is not None, call.requires_grad)
+    if major == 9 and call.requires_grad and call.Hq != call.Hk and call.Dv != call.D:
+        r.append(f"FA4's SM90 GQA backward needs D == Dv (D={call.D}, Dv={call.Dv}; flash_bwd_sm90.py)")
     if call.dropout_p > 0:
         r.append("FA4 has no dropout")
     return r
