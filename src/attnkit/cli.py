@@ -51,6 +51,7 @@ def _device_info() -> dict:
 
 def cmd_info(args) -> int:
     import attnkit
+    from attnkit.backends import _optional
 
     rows = attnkit.backends()
     data = {
@@ -60,6 +61,7 @@ def cmd_info(args) -> int:
             {"name": r.name, "available": r.available, "reason": r.reason, "description": r.description}
             for r in rows
         ],
+        "peers_without_adapter": _optional.probe(),
     }
     if args.json:
         print(json.dumps(data, indent=2))
@@ -75,6 +77,9 @@ def cmd_info(args) -> int:
         state = "available" if r.available else f"unavailable: {r.reason}"
         print(f"  {r.name:<16} {state}")
         print(f"  {'':<16} ({r.description})")
+    print("other peers (import probe only, no attnkit backend)")
+    for r in data["peers_without_adapter"]:
+        print(f"  {r['name']:<16} unavailable: {r['reason']}")
     return 0
 
 

@@ -29,6 +29,9 @@ _BUILTIN_MODULES = (
     "attnkit.backends.sdpa",
     "attnkit.backends.flex",
     "attnkit.backends.triton",
+    "attnkit.backends.flash_attn4",
+    "attnkit.backends.flex_flash",
+    "attnkit.backends.xformers",
 )
 
 _REGISTRY: dict[str, Backend] = {}

@@ -12,19 +12,12 @@ backend runs FlexAttention eagerly (unfused: it materialises scores; correct, no
 
 from __future__ import annotations
 
-import functools
-import warnings
-from collections import OrderedDict
-
 import torch
 
 from attnkit._call import AttentionCall
-from attnkit._captures import captured_tensors
-from attnkit._semantics import modify_scores, visibility
-from attnkit.backends.base import Backend, attention_flops, to_bhsd
+from attnkit.backends import _flex_common as common
+from attnkit.backends.base import Backend, attention_flops
 
-_BLOCK_CACHE: OrderedDict = OrderedDict()
-_BLOCK_CACHE_SIZE = 32
 # Measured TFLOP/s (forward, forward+backward) of compiled FlexAttention on an H200, bf16 (docs/anchors.md).
 _CUDA_RATES = (470e12, 410e12)
 _CPU_RATES = (5e9, 2.5e9)
@@ -42,33 +35,12 @@ _SMALL_TILE_OPTIONS = {
 _SMALL_TILES: set = set()
 
 
-@functools.cache
-def _flex():
-    from torch.nn.attention import flex_attention as fa
-
-    return fa
-
-
-@functools.cache
-def _compiled_flex():
-    return torch.compile(_flex().flex_attention)
-
-
-def _recompile_headroom(dynamic: bool = True):
-    """Each distinct set of mods (and, for static compiles, each shape) is its own compiled kernel; past
-    dynamo's default limit of 8 variants torch would silently run flex_attention eagerly (unfused).
-    Allow more variants for our calls, and turn automatic dynamic shapes on or off."""
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    return cfg.patch(**{name: max(getattr(cfg, name), 256), "automatic_dynamic_shapes": dynamic})
-
-
 class FlexBackend(Backend):
     name = "flex"
     description = "torch FlexAttention (compiled on CUDA, eager on CPU), block-sparse masks"
 
     def _check_available(self):
-        fa = _flex()
+        fa = common.flex_module()
         if not hasattr(fa, "flex_attention"):
             return False, "torch.nn.attention.flex_attention is missing from this torch"
         return True, None
@@ -117,21 +89,7 @@ class FlexBackend(Backend):
         return t
 
     def _mask_block_density(self, call: AttentionCall) -> float | None:
-        """Fraction of (query block, key block) pairs a user mask leaves visible, or None if not known."""
-        if (
-            call.mask is None
-            or call.layout == "thd"
-            or call.device.type != "cuda"
-            or torch.compiler.is_compiling()
-        ):
-            return None
-        _, mask_mod = self._dense_mods(call)
-        bm = self._block_mask(call, mask_mod, call.batch, call.Sq, call.Sk)
-        visible = bm.kv_num_blocks.sum() + (
-            0 if bm.full_kv_num_blocks is None else bm.full_kv_num_blocks.sum()
-        )
-        total = bm.kv_num_blocks.numel() * -(-call.Sk // bm.BLOCK_SIZE[1])
-        return float(visible) / max(total, 1)
+        return common.mask_block_density(call)
 
     def notes(self, call: AttentionCall) -> list[str]:
         n = []
@@ -145,19 +103,12 @@ class FlexBackend(Backend):
 
     # -- run ---------------------------------------------------------------------------------------------
     def run(self, call: AttentionCall):
-        fa = _flex()
-        if call.layout == "thd":
-            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (call.q, call.k, call.v))  # (1, H, T, D)
-            score_mod, mask_mod = self._packed_mods(call)
-            B, Q, K = 1, q.shape[2], k.shape[2]
-        else:
-            q, k, v = (to_bhsd(t, call.layout) for t in (call.q, call.k, call.v))
-            score_mod, mask_mod = self._dense_mods(call)
-            B, Q, K = call.batch, call.Sq, call.Sk
+        fa = common.flex_module()
+        q, k, v, score_mod, mask_mod, B, Q, K = common.inputs(call)
         block_mask = self._block_mask(call, mask_mod, B, Q, K)
         compiled = call.device.type == "cuda"
         # Inside a torch.compile'd region the outer compilation fuses flex_attention itself.
-        fn = _compiled_flex() if compiled and not torch.compiler.is_compiling() else fa.flex_attention
+        fn = common.compiled_flex() if compiled and not torch.compiler.is_compiling() else fa.flex_attention
         kwargs = dict(
             score_mod=score_mod, block_mask=block_mask, scale=call.scale, enable_gqa=call.Hq != call.Hk
         )
@@ -179,154 +130,15 @@ class FlexBackend(Backend):
             elif not dynamic:
                 raise
             out, lse = self._call(fn, q, k, v, call.return_lse, kwargs, False)
-        if call.layout == "thd":
-            out = out[0].transpose(0, 1)
-            lse = None if lse is None else lse[0]
-        elif call.layout == "bshd":
-            out = out.transpose(1, 2)
-        return out, (None if lse is None else lse.float())
+        return common.outputs(call, out, lse)
 
-    @staticmethod
-    def _call(fn, q, k, v, return_lse, kwargs, dynamic=True):
-        fa = _flex()
-        with warnings.catch_warnings(), _recompile_headroom(dynamic):
-            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-            if not return_lse:
-                return fn(q, k, v, **kwargs), None
-            if hasattr(fa, "AuxRequest"):
-                out, aux = fn(q, k, v, return_aux=fa.AuxRequest(lse=True), **kwargs)
-                return out, aux.lse
-            return fn(q, k, v, return_lse=True, **kwargs)
+    # the lowering lives in _flex_common (shared with flex_flash); kept here under the old names
+    _call = staticmethod(common.call_flex)
+    _dense_mods = staticmethod(common.dense_mods)
+    _packed_mods = staticmethod(common.packed_mods)
 
     def _block_mask(self, call, mask_mod, B, Q, K):
-        if mask_mod is None:
-            return None
-        fa = _flex()
-        if call.block_mask is not None and not call.causal and call.window is None and call.layout != "thd":
-            bm = call.block_mask  # the caller's own BlockMask, when it fits this call, keeps its sparsity
-            if tuple(bm.seq_lengths) == (Q, K) and bm.shape[0] in (1, B) and bm.shape[1] in (1, call.Hq):
-                return bm
-        # Block structure is cached per shape for causal/window, and per mask object for user masks: the
-        # key holds the mask's identity and the in-place version of every tensor it captures, so editing
-        # doc ids in place, or passing a new mask, builds a new BlockMask. thd masks depend on cu_seqlens.
-        if call.layout == "thd" or torch.compiler.is_compiling():
-            key = None
-        elif call.mask is None:
-            key = (call.device, Q, K, call.causal, call.window)
-        else:
-            src = getattr(call.mask, "source", call.mask)
-            versions = tuple((id(t), t._version) for t in captured_tensors(src))
-            key = (call.device, B, call.Hq, Q, K, call.causal, call.window, id(src), versions)
-        if key is not None and key in _BLOCK_CACHE:
-            _BLOCK_CACHE.move_to_end(key)
-            return _BLOCK_CACHE[key][1]
-        compiled = call.device.type == "cuda"
-        depends_on_bh = call.mask is not None or call.layout == "thd"
-        Bm, Hm = (B, call.Hq) if depends_on_bh else (None, None)  # causal/window never depend on b or h
-        bm = fa.create_block_mask(mask_mod, Bm, Hm, Q, K, device=call.device, _compile=compiled)
-        if key is not None:
-            # the value keeps the mask object alive, so its id cannot be reused while the entry lives
-            _BLOCK_CACHE[key] = (call.mask and getattr(call.mask, "source", call.mask), bm)
-            if len(_BLOCK_CACHE) > _BLOCK_CACHE_SIZE:
-                _BLOCK_CACHE.popitem(last=False)
-        return bm
-
-    @staticmethod
-    def _dense_mods(call: AttentionCall):
-        off = call.Sk - call.Sq
-        user_score = call.bound_score_mod(call.Sq, call.Sk)
-        user_mask = call.bound_mask_mod(call.Sq, call.Sk)
-        bias = None
-        if call.bias is not None:
-            b4 = call.bias.reshape((1,) * (4 - call.bias.dim()) + tuple(call.bias.shape))
-            bias = b4.expand(call.batch, call.Hq, call.Sq, call.Sk)
-        slopes = call.alibi_slopes
-        softcap, causal, window = call.softcap, call.causal, call.window  # plain values: dynamo guards
-        has_score = softcap is not None or bias is not None or slopes is not None or user_score is not None
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return modify_scores(
-                score,
-                softcap=softcap,
-                bias=None if bias is None else bias[b, h, q_idx, kv_idx],
-                slopes=None if slopes is None else (slopes[h] if slopes.dim() == 1 else slopes[b, h]),
-                score_mod=user_score,
-                b=b,
-                h=h,
-                q=q_idx,
-                kv=kv_idx,
-                off=off,
-            )
-
-        has_mask = causal or window is not None or user_mask is not None
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return visibility(
-                causal=causal,
-                window=window,
-                mask_mod=user_mask,
-                b=b,
-                h=h,
-                q=q_idx,
-                kv=kv_idx,
-                off=off,
-            )
-
-        return (score_mod if has_score else None), (mask_mod if has_mask else None)
-
-    @staticmethod
-    def _packed_mods(call: AttentionCall):
-        """Mods over one packed sequence: map packed rows to (sequence, position inside it)."""
-        dev = call.device
-        cq, ck = call.cu_seqlens_q.long(), call.cu_seqlens_k.long()
-        lq_t, lk_t = cq[1:] - cq[:-1], ck[1:] - ck[:-1]
-        # Sequence of every packed row, found on the device (no host sync: traceable, graph-capturable).
-        q_doc = torch.searchsorted(cq[1:], torch.arange(call.q.shape[0], device=dev), right=True)
-        k_doc = torch.searchsorted(ck[1:], torch.arange(call.k.shape[0], device=dev), right=True)
-        q_pos = torch.arange(call.q.shape[0], device=dev) - cq[q_doc]
-        k_pos = torch.arange(call.k.shape[0], device=dev) - ck[k_doc]
-        offs = lk_t - lq_t
-        user_score = call.bound_score_mod(lq_t, lk_t)
-        user_mask = call.bound_mask_mod(lq_t, lk_t)
-        bias = None
-        if call.bias is not None:
-            b4 = call.bias.reshape((1,) * (4 - call.bias.dim()) + tuple(call.bias.shape))
-            bias = b4.expand(call.batch, call.Hq, call.Sq, call.Sk)
-        slopes = call.alibi_slopes
-        softcap, causal, window = call.softcap, call.causal, call.window  # plain values: dynamo guards
-        has_score = softcap is not None or bias is not None or slopes is not None or user_score is not None
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            n, qp, kp = q_doc[q_idx], q_pos[q_idx], k_pos[kv_idx]
-            return modify_scores(
-                score,
-                softcap=softcap,
-                bias=None if bias is None else bias[n, h, qp, kp],
-                slopes=None if slopes is None else (slopes[h] if slopes.dim() == 1 else slopes[n, h]),
-                score_mod=user_score,
-                b=n,
-                h=h,
-                q=qp,
-                kv=kp,
-                off=offs[n],
-            )
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            n = q_doc[q_idx]
-            same = n == k_doc[kv_idx]
-            vis = visibility(
-                causal=causal,
-                window=window,
-                mask_mod=user_mask,
-                b=n,
-                h=h,
-                q=q_pos[q_idx],
-                kv=k_pos[kv_idx],
-                off=offs[n],
-            )
-            return same if vis is None else same & vis
-
-        return (score_mod if has_score else None), mask_mod
+        return common.block_mask(call, mask_mod, B, Q, K)
 
 
 BACKEND = FlexBackend()

@@ -7,8 +7,9 @@ round: the lent GPUs' clocks and hosts drift by 5-10% within a minute, and alter
 over every backend alike (the ``spread`` column is each backend's (slowest - fastest) / median round).
 FLOPs count only visible (query, key) pairs (``attnkit.backends.base.attention_flops``: 4·B·H·Sq·Sk·D for
 dense forward, about half that causal, x3.5 for forward+backward). Peers run in the same process: every
-SDPA backend (``torch.nn.attention.sdpa_kernel``), compiled FlexAttention, attnkit's ``triton`` backend and
-attnkit ``auto``.
+SDPA backend (``torch.nn.attention.sdpa_kernel``), compiled FlexAttention, attnkit's ``triton`` backend,
+attnkit ``auto``, and every optional peer that is installed (``attnkit:flash_attn4``, ``attnkit:flex_flash``,
+``attnkit:xformers``, and FA4 / xFormers called directly).
 
 Output: a table on the terminal, ``kernels.csv`` / ``kernels.json`` rows (GPU, torch, triton, attnkit
 versions, date) and ``kernels.png`` (TFLOP/s vs sequence length, if matplotlib is installed) under ``--out``.
@@ -123,6 +124,7 @@ def _runners(causal: bool, on_gpu: bool) -> dict:
             q, k, v, causal=causal, backend="triton", deterministic=True
         )
         run["attnkit:auto"] = lambda q, k, v: attnkit.attention(q, k, v, causal=causal)
+        run.update(_peer_runners(causal))
     else:
         run["attnkit:reference"] = lambda q, k, v: attnkit.attention(
             q, k, v, causal=causal, backend="reference"
@@ -132,6 +134,43 @@ def _runners(causal: bool, on_gpu: bool) -> dict:
             run["attnkit:triton (interpreter)"] = lambda q, k, v: attnkit.attention(
                 q, k, v, causal=causal, backend="triton"
             )
+    return run
+
+
+PEER_BACKENDS = ("flash_attn4", "flex_flash", "xformers")
+
+
+def _peer_runners(causal: bool) -> dict:
+    """The optional peers that are installed here: through attnkit's adapters (``attnkit:flash_attn4`` ...)
+    and, for FA4 and xFormers, called directly in their own (B, S, H, D) layout, as their users call them."""
+    import importlib
+
+    import attnkit
+
+    ok = {r.name for r in attnkit.backends() if r.available}
+    run = {}
+    for name in PEER_BACKENDS:
+        if name in ok:
+            run[f"attnkit:{name}"] = lambda q, k, v, name=name: attnkit.attention(
+                q, k, v, causal=causal, backend=name
+            )
+    if "flash_attn4" in ok:
+        fa4 = importlib.import_module("flash_attn.cute")
+
+        def fn_fa4(q, k, v):
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, S, H, D) views, as the adapter passes
+            return fa4.flash_attn_func(q, k, v, causal=causal)[0].transpose(1, 2)
+
+        run["fa4 (flash_attn.cute)"] = fn_fa4
+    if "xformers" in ok:
+        xops = importlib.import_module("xformers.ops")
+        bias = xops.fmha.attn_bias.LowerTriangularFromBottomRightMask() if causal else None
+
+        def fn_xf(q, k, v):
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            return xops.memory_efficient_attention(q, k, v, attn_bias=bias).transpose(1, 2)
+
+        run["xformers (direct)"] = fn_xf
     return run
 
 

@@ -6,7 +6,10 @@ The same documents (lengths drawn once from a long-tailed distribution, fixed se
 - ``padded/attnkit``: the same padded batch with ``attn_implementation="attnkit"`` (attnkit removes the
   padding inside attention, but every other layer still computes on the pad tokens);
 - ``packed/attnkit``: one (1, T) row of all documents back to back, restarting ``position_ids``
-  (``attnkit.packing``), attention as a packed ``thd`` call: no pad token anywhere.
+  (``attnkit.packing``), attention as a packed ``thd`` call: no pad token anywhere;
+- ``packed/attnkit:NAME`` for each optional peer installed here (``flash_attn4``, ``flex_flash``,
+  ``xformers``): the same packed run with ``ATTNKIT_BACKEND=NAME`` (a peer that cannot serve the call is
+  recorded with its reasons).
 
 Each runs forward, loss, backward and an SGD step under bf16 autocast; the table gives the median step
 time and real (non-pad) tokens per second. On a CPU it runs a tiny model and says so.
@@ -15,6 +18,8 @@ time and real (non-pad) tokens per second. On a CPU it runs a tiny model and say
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import time
 
@@ -118,23 +123,22 @@ def main(argv: list[str] | None = None) -> int:
     real = sum(lengths)
     env = _report.environment()
     rows = []
-    for name, impl, batch in (
-        ("padded", "sdpa", padded),
-        ("padded", "attnkit", padded),
-        ("packed", "attnkit", packed),
-    ):
+    runs = [("padded", "sdpa", None, padded), ("padded", "attnkit", None, padded)]
+    runs += [("packed", "attnkit", None, packed)] + [("packed", "attnkit", p, packed) for p in _peers()]
+    for name, impl, peer, batch in runs:
         cfg = transformers.LlamaConfig(**model_cfg)
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).to(device)
         row = dict(
             batch=name,
-            attention=impl,
+            attention=impl if peer is None else f"{impl}:{peer}",
             docs=n_docs,
             real_tokens=real,
             computed_tokens=int(batch["input_ids"].numel()),
         )
         try:
-            ms = _step_time(model, batch, steps, args.warmup, device)
+            with _forced_backend(peer):
+                ms = _step_time(model, batch, steps, args.warmup, device)
             row.update(median_ms=ms, real_tokens_per_s=real / ms * 1e3)
         except Exception as e:  # record and go on
             row["note"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
@@ -172,6 +176,31 @@ def main(argv: list[str] | None = None) -> int:
     csv_path, json_path = _report.write(rows, env, args.out, "packed")
     print(f"\nwrote {csv_path} and {json_path}")
     return 0
+
+
+def _peers() -> list[str]:
+    """The optional peer backends available here."""
+    import attnkit
+
+    ok = {r.name for r in attnkit.backends() if r.available}
+    return [n for n in ("flash_attn4", "flex_flash", "xformers") if n in ok]
+
+
+@contextlib.contextmanager
+def _forced_backend(name: str | None):
+    """``ATTNKIT_BACKEND=name`` for the block (nothing when name is None)."""
+    if name is None:
+        yield
+        return
+    old = os.environ.get("ATTNKIT_BACKEND")
+    os.environ["ATTNKIT_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ATTNKIT_BACKEND", None)
+        else:
+            os.environ["ATTNKIT_BACKEND"] = old
 
 
 if __name__ == "__main__":

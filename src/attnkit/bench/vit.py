@@ -9,7 +9,10 @@ eager and ``torch.compile``d:
 - ``sdpa_flash``, ``sdpa_cudnn``, ``sdpa_efficient``, ``sdpa_math``: ``F.scaled_dot_product_attention``
   pinned to one SDPA backend;
 - ``flex``: FlexAttention (compiled kernel, also in eager mode);
-- ``attnkit``: :func:`attnkit.attention` with ``backend="auto"``; ``attnkit_triton``: ``backend="triton"``.
+- ``attnkit``: :func:`attnkit.attention` with ``backend="auto"``; ``attnkit_triton``: ``backend="triton"``;
+- the optional peers through attnkit's adapters, where installed: ``attnkit_flash_attn4`` (FlashAttention-4,
+  the seed blog's FlashAttention-3 row's successor), ``attnkit_flex_flash`` (FlexAttention FLASH),
+  ``attnkit_xformers``.
 
 Experiments: ``dense`` (plain attention), ``softcap`` (tanh soft-capping of the scores) and
 ``neighborhood`` (2-D neighborhood mask over the patch grid, class token global). Configurations
@@ -55,9 +58,26 @@ EXPERIMENTS = {
         "flex",
         "attnkit",
         "attnkit_triton",
+        "attnkit_flash_attn4",
+        "attnkit_flex_flash",
+        "attnkit_xformers",
     ],
-    "softcap": ["plain", "flex", "attnkit", "attnkit_triton"],
-    "neighborhood": ["plain", "sdpa_efficient", "sdpa_cudnn", "flex", "attnkit", "attnkit_triton"],
+    "softcap": ["plain", "flex", "attnkit", "attnkit_triton", "attnkit_flash_attn4", "attnkit_flex_flash"],
+    "neighborhood": [
+        "plain",
+        "sdpa_efficient",
+        "sdpa_cudnn",
+        "flex",
+        "attnkit",
+        "attnkit_triton",
+        "attnkit_flex_flash",
+    ],
+}
+# the optional peers, run through attnkit's adapters (skipped with a note where their package is missing)
+PEERS = {
+    "attnkit_flash_attn4": "flash_attn4",
+    "attnkit_flex_flash": "flex_flash",
+    "attnkit_xformers": "xformers",
 }
 
 
@@ -117,13 +137,13 @@ def _why_unavailable(impl: str, device: torch.device) -> str | None:
     if impl == "attnkit_triton" and device.type != "cuda":
         return "Triton runs only through its interpreter on a CPU (not a timing)"
     if impl.startswith("attnkit"):
-        name = "triton" if impl == "attnkit_triton" else None
+        name = "triton" if impl == "attnkit_triton" else PEERS.get(impl)
         if name is not None:
             rec = {b.name: b for b in attnkit.backends()}.get(name)
             if rec is None:
-                return "attnkit backend 'triton' is not part of this build"
+                return f"attnkit backend {name!r} is not part of this build"
             if not rec.available:
-                return f"attnkit triton: {rec.reason}"
+                return f"attnkit {name}: {rec.reason}"
     return None
 
 
@@ -185,7 +205,8 @@ def _variant(impl: str, experiment: str, model, args, device, seq: int):
     elif impl == "flex":
         fn = _make_flex(softcap, block)
     else:
-        fn = _make_attnkit("triton" if impl == "attnkit_triton" else "auto", softcap, mask)
+        backend = "triton" if impl == "attnkit_triton" else PEERS.get(impl, "auto")
+        fn = _make_attnkit(backend, softcap, mask)
     options = {"softcap": softcap, "dense_mask": dense} if not impl.startswith(("attnkit", "flex")) else {}
     return fn, {k: v for k, v in options.items() if v is not None}, ctx
 

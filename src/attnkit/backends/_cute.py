@@ -1,0 +1,67 @@
+"""Facts about FlashAttention-4 (``flash_attn.cute``) shared by the ``flash_attn4`` and ``flex_flash``
+backends (FlexAttention's ``BACKEND="FLASH"`` runs FA4's kernels), which never import each other.
+
+Read from flash-attn-4 4.0.0b36 (``flash_attn/cute/interface.py``: ``_validate_head_dims``,
+``_flash_attn_fwd``, ``_flash_attn_bwd``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+MODULE = "flash_attn.cute"
+ARCHS = (9, 10, 11)  # compute capability majors whose FA4 forward and backward kernels we claim
+DTYPES = (torch.float16, torch.bfloat16)  # FA4's fp8 is forward-only on SM100: not claimed
+
+
+def module():
+    """The imported ``flash_attn.cute`` (looked up in sys.modules first, so tests can inject a stand-in)."""
+    return importlib.import_module(MODULE)
+
+
+def availability() -> tuple[bool, str | None]:
+    """(True, None) where flash_attn.cute imports and a GPU of a served architecture is present."""
+    try:
+        module()
+    except ImportError as e:
+        return False, f"{MODULE} (pip package flash-attn-4) does not import: {type(e).__name__}: {e}"
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA device"
+    major, minor = torch.cuda.get_device_capability()
+    if major not in ARCHS:
+        return False, f"needs an SM90 or SM100/SM110 GPU; this one is sm_{major}{minor}"
+    return True, None
+
+
+def head_dim_reasons(D: int, Dv: int, major: int, softcap: bool = False, grad: bool = False) -> list[str]:
+    """Why FA4 cannot take head dims (D, Dv) on a GPU of compute capability ``major`` (empty: it can)."""
+    if D % 8 or Dv % 8:
+        return [f"head dims D={D}, Dv={Dv}: FA4 needs multiples of 8 (16-byte rows in 16-bit dtypes)"]
+    if major == 9:
+        if not (8 <= D <= 256 and 8 <= Dv <= 256):
+            return [f"head dims D={D}, Dv={Dv}: FA4 on SM90 supports 8..256"]
+        return []
+    ok = (8 <= D <= 128 and 8 <= Dv <= 128) or (D, Dv) in ((192, 128), (256, 256))
+    if not ok:
+        return [f"head dims D={D}, Dv={Dv}: FA4 on SM100 supports 8..128, (192, 128) or (256, 256)"]
+    if (D, Dv) == (256, 256) and softcap and grad:
+        return ["FA4's SM100 backward at head dim 256 has no softcap"]
+    return []
+
+
+def common_reasons(call) -> list[str]:
+    """Device, dtype and head-dim reasons that hold for every FA4 kernel."""
+    if call.device.type != "cuda":
+        return [f"FA4 kernels run on CUDA only (device {call.device.type})"]
+    r = []
+    if call.dtype not in DTYPES:
+        r.append(f"dtype {call.dtype}: FA4 supports float16 and bfloat16")
+    major = torch.cuda.get_device_capability(call.device)[0]
+    r += head_dim_reasons(call.D, call.Dv, major, call.softcap is not None, call.requires_grad)
+    if major == 9 and call.requires_grad and call.Hq != call.Hk and call.Dv != call.D:
+        r.append(f"FA4's SM90 GQA backward needs D == Dv (D={call.D}, Dv={call.Dv}; flash_bwd_sm90.py)")
+    if call.dropout_p > 0:
+        r.append("FA4 has no dropout")
+    return r

@@ -1,0 +1,137 @@
+"""FlashAttention-4 backend (``flash_attn4``): ``flash_attn.cute`` (CuTe DSL kernels, pip ``flash-attn-4``).
+
+Read from flash-attn-4 4.0.0b36's ``flash_attn/cute/interface.py`` (``flash_attn_func``,
+``flash_attn_varlen_func``); what this backend serves and how it maps attnkit's arguments:
+
+- CUDA, SM90 (Hopper) or SM100/SM110 (Blackwell) only (the only ones FA4 has forward and backward kernels
+  for that we claim; SM80/SM120 are refused). float16 / bfloat16 (FA4's fp8 is forward-only: not claimed).
+- Head dims: SM90 any D, Dv in [8, 256] that are multiples of 8; SM100 D, Dv <= 128 (multiples of 8), or
+  (192, 128), or (256, 256) (no softcap backward at 256). D != Dv is allowed in those ranges.
+- Layouts: bshd as is, bhsd as a transposed view (FA4 only needs the last dim contiguous), thd through
+  ``flash_attn_varlen_func`` with attnkit's int32 cu_seqlens and max_seqlen. Output comes back (B, Sq, Hq, Dv)
+  / (Tq, Hq, Dv); lse (B, Hq, Sq) / (Hq, Tq) float32, which is exactly attnkit's lse shape.
+- causal and window are bottom-right aligned in FA4 as in attnkit (``mask.py``: the column limit of row i
+  is ``i + Sk - Sq + right``, per sequence for varlen), so they pass through: a side of -1 becomes None
+  (FA4 reads a negative side literally unless both are negative), causal keeps ``causal=True`` (FA4 then
+  sets the right side to 0, which is attnkit's causal-and-window intersection).
+- softcap: FA4's ``softcap * tanh(scale * qk / softcap)``, the same as attnkit's step 2.
+- GQA / MQA natively (Hq a multiple of Hk). Rows with no visible key: out 0, lse -inf (FA4's finalize).
+- deterministic backward: FA4's ``deterministic=True`` (SM90 and SM100 kernels have it).
+- Refused: bias, ALiBi, score_mod, masks other than causal/window (FA4's own score_mod/mask_mod are CuTe
+  DSL functions, not PyTorch callables), dropout.
+Under torch.compile the call runs outside the graph (``torch.compiler.disable``: one graph break).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit._call import AttentionCall
+from attnkit.backends import _cute
+from attnkit.backends.base import Backend, attention_flops, to_bhsd
+
+# FA4 TFLOP/s on an H200, bf16, docs/anchors.md "The strongest peers, measured 2026-12-02" (one run, not
+# re-measured by this backend yet): (fwd, fwd+bwd) by (long or short sequence, D <= 64, causal).
+_RATES = {
+    ("long", False, False): (680e12, 590e12),
+    ("long", False, True): (600e12, 545e12),
+    ("long", True, False): (511e12, 484e12),
+    ("long", True, True): (460e12, 454e12),
+    ("short", False, False): (452e12, 300e12),  # 32,16,512,128 (fwd+bwd non-causal not measured)
+    ("short", False, True): (176e12, 193e12),
+    ("short", True, False): (380e12, 250e12),  # D=64 short rows not measured: below the D=128 ones
+    ("short", True, True): (150e12, 170e12),
+}
+_SOFTCAP_FACTOR = 0.5  # tanh softcap 30 ran at ~300 TFLOP/s fwd and fwd+bwd vs ~600 dense (docs/anchors.md)
+_LAUNCH_S = 25e-6
+
+
+def window_args(call: AttentionCall) -> tuple[bool, int | None, int | None]:
+    """(causal, window_left, window_right) for FA4 / FlashAttention-style kernels: -1 sides become None."""
+    if call.window is None:
+        return call.causal, None, None
+    left, right = call.window
+    left = None if left < 0 else left
+    right = None if right < 0 else right
+    if call.causal:
+        right = None  # FA sets it to 0 with causal=True: the intersection of causal and the window
+    return call.causal, left, right
+
+
+def fa4_arguments(call: AttentionCall) -> tuple[str, tuple, dict]:
+    """(function name, positional args, keyword args) of the FA4 call serving ``call``."""
+    causal, left, right = window_args(call)
+    kw = dict(
+        softmax_scale=call.scale,
+        causal=causal,
+        window_size=(left, right),
+        softcap=0.0 if call.softcap is None else float(call.softcap),
+        deterministic=call.deterministic,
+        return_lse=call.return_lse,
+    )
+    if call.layout == "thd":
+        kw.update(
+            cu_seqlens_q=call.cu_seqlens_q,
+            cu_seqlens_k=call.cu_seqlens_k,
+            max_seqlen_q=call.Sq,
+            max_seqlen_k=call.Sk,
+        )
+        return "flash_attn_varlen_func", (call.q, call.k, call.v), kw  # (T, H, D)
+    if call.layout == "bhsd":
+        q, k, v = (t.transpose(1, 2) for t in (call.q, call.k, call.v))  # (B, S, H, D) views
+    else:
+        q, k, v = call.q, call.k, call.v
+    return "flash_attn_func", (q, k, v), kw
+
+
+def feature_reasons(call: AttentionCall) -> list[str]:
+    """What FA4 refuses in any call, whatever the device (the device, dtype and head dims: _cute)."""
+    r = []
+    for name in ("bias", "alibi_slopes", "score_mod"):
+        if getattr(call, name) is not None:
+            r.append(f"FA4 takes no {name} (its score_mod is CuTe DSL code, not a PyTorch callable)")
+    if call.mask is not None or call.block_mask is not None:
+        r.append("FA4 takes only causal and window masks here (a mask_mod would need CuTe DSL code)")
+    return r
+
+
+@torch.compiler.disable
+def _run_fa4(fn, args, kw):
+    return fn(*args, **kw)
+
+
+class FlashAttn4Backend(Backend):
+    name = "flash_attn4"
+    description = "FlashAttention-4 (flash_attn.cute, CuTe DSL), SM90/SM100"
+
+    def _check_available(self):
+        return _cute.availability()
+
+    def why_not(self, call: AttentionCall) -> list[str]:
+        r = _cute.common_reasons(call)
+        return r if call.device.type != "cuda" else r + feature_reasons(call)
+
+    def cost(self, call: AttentionCall) -> float:
+        short = "short" if call.Sk <= 1024 else "long"
+        causal = call.causal or call.window is not None
+        rate = _RATES[(short, call.D <= 64, causal)][1 if call.requires_grad else 0]
+        if call.softcap is not None:
+            rate *= _SOFTCAP_FACTOR
+        return attention_flops(call, call.requires_grad) / rate + _LAUNCH_S
+
+    def notes(self, call: AttentionCall) -> list[str]:
+        n = ["rates from docs/anchors.md (2026-12-02, one H200 run), not yet re-measured by attnkit"]
+        n.append("first call of a shape family compiles CuTe DSL kernels (seconds)")
+        if torch.compiler.is_compiling():
+            n.append("under torch.compile: runs outside the graph (a graph break)")
+        return n
+
+    def run(self, call: AttentionCall):
+        fname, args, kw = fa4_arguments(call)
+        out, lse = _run_fa4(getattr(_cute.module(), fname), args, kw)
+        if call.layout == "bhsd":
+            out = to_bhsd(out, "bshd")  # (B, Sq, Hq, Dv) -> (B, Hq, Sq, Dv) view
+        return out, (lse if call.return_lse else None)
+
+
+BACKEND = FlashAttn4Backend()

@@ -1,0 +1,148 @@
+"""FlexAttention on FlashAttention-4's kernels (``flex_flash``): ``kernel_options={"BACKEND": "FLASH"}``.
+
+The same lowering as the ``flex`` backend (``backends/_flex_common.py``: softcap, bias, ALiBi and score_mod
+as one score_mod; causal, window and masks as one block-sparse mask_mod; thd as one packed sequence), run
+by inductor's CuTe DSL template (``torch/_inductor/kernel/flex/flex_flash_attention.py``), which calls
+``flash_attn.cute``. What that path takes, read from the installed torch and flash-attn-4 4.0.0b36:
+
+- ``flash_attn.cute`` importable and an SM90 / SM100 GPU; float16 / bfloat16; FA4's head dims.
+- No gradients of captured tensors ("Input buffers require gradients (not supported by flash attention)"):
+  a bias, ALiBi slopes or score_mod tensor that requires grad is refused.
+- No backward through the lse ("FLASH backend backward does not support differentiating through
+  logsumexp"): return_lse together with gradients is refused.
+- No dropout; no deterministic backward on SM90 with a block mask (torch raises): deterministic with
+  gradients is refused.
+- A caller's BlockMask must have full blocks ("block mask but without full blocks is not supported").
+Compiled per shape (``dynamic=False``: FLASH cannot inline symbolic scalars captured by the mods).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit._call import AttentionCall
+from attnkit._captures import captured_tensors
+from attnkit.backends import _cute
+from attnkit.backends import _flex_common as common
+from attnkit.backends.base import Backend, attention_flops
+
+_KERNEL_OPTIONS = {"BACKEND": "FLASH"}
+# docs/anchors.md, 2026-12-02 (one H200 run, not yet re-measured by attnkit): dense calls run at FA4's
+# speed less a little (same kernels, inductor's launch); with a score_mod or mask the FLASH template ran
+# 1.1-1.7x faster than flex's Triton kernels forward and about as fast forward+backward.
+_RATES = (600e12, 450e12)
+_MOD_FACTOR = (0.6, 0.55)  # tanh softcap 30: 357 TFLOP/s fwd, 256 fwd+bwd
+_LAUNCH_S = 60e-6
+# Call families whose FLASH compile failed (inductor raises for mods its CuTe DSL template cannot take):
+# family key -> the error, refused from then on so that ``auto`` goes elsewhere.
+_FAILED: dict = {}
+
+
+def _grad_captures(call: AttentionCall) -> list[str]:
+    """Names of the call's captured tensors (bias, ALiBi, score_mod, mask) that require grad."""
+    names = []
+    for name in ("bias", "alibi_slopes"):
+        t = getattr(call, name)
+        if t is not None and t.requires_grad:
+            names.append(name)
+    for name in ("score_mod", "mask"):
+        obj = getattr(call, name)
+        if obj is not None and any(t.requires_grad for t in captured_tensors(getattr(obj, "source", obj))):
+            names.append(name)
+    return names
+
+
+def feature_reasons(call: AttentionCall) -> list[str]:
+    """What the FLASH template refuses in any call, whatever the device (device, dtype, head dims: _cute)."""
+    r = []
+    if call.requires_grad:
+        grads = _grad_captures(call)
+        if grads:
+            r.append(f"FLASH takes no gradients of captured tensors ({', '.join(grads)} requires grad)")
+        if call.return_lse:
+            r.append("FLASH's backward does not differentiate through the lse (return_lse with grad)")
+        if call.deterministic:
+            r.append("deterministic=True: FLASH's deterministic backward needs SM100 and extra metadata")
+    bm = call.block_mask
+    if bm is not None and bm.full_kv_num_blocks is None:
+        r.append("FLASH needs a BlockMask with full blocks (create_block_mask makes them)")
+    return r
+
+
+def _family(call: AttentionCall):
+    """What decides whether FLASH can compile a call: the mods and masks (by identity), shapes, grad mode."""
+    srcs = tuple(id(getattr(o, "source", o)) for o in (call.score_mod, call.mask) if o is not None)
+    flags = (call.softcap is not None, call.bias is not None, call.alibi_slopes is not None)
+    return (srcs, flags, call.layout, call.D, call.Dv, call.Hq, call.Hk, call.dtype, call.requires_grad)
+
+
+class FlexFlashBackend(Backend):
+    name = "flex_flash"
+    description = 'torch FlexAttention with kernel_options={"BACKEND": "FLASH"} (FA4 kernels)'
+
+    def _check_available(self):
+        ok, why = _cute.availability()
+        if not ok:
+            return ok, why
+        fa = common.flex_module()
+        if "BACKEND" not in getattr(getattr(fa, "FlexKernelOptions", None), "__annotations__", {}):
+            return False, f"this torch ({torch.__version__}) has no FlexAttention BACKEND kernel option"
+        return True, None
+
+    def why_not(self, call: AttentionCall) -> list[str]:
+        r = _cute.common_reasons(call)
+        if call.device.type != "cuda":
+            return r
+        r += feature_reasons(call)
+        failed = _FAILED.get(_family(call))
+        return r + ([f"an earlier FLASH compile of this call family failed: {failed}"] if failed else [])
+
+    def cost(self, call: AttentionCall) -> float:
+        grad = 1 if call.requires_grad else 0
+        rate = _RATES[grad]
+        if call.softcap is not None or call.score_mod is not None or call.bias is not None:
+            rate *= _MOD_FACTOR[grad]
+        if call.alibi_slopes is not None:
+            rate *= _MOD_FACTOR[grad]
+        flops = attention_flops(call, call.requires_grad)
+        density = common.mask_block_density(call)
+        if density is not None:
+            flops = attention_flops(call, call.requires_grad, dense=True) * density
+        t = flops / rate + _LAUNCH_S
+        if call.mask is not None or call.layout == "thd":
+            t += 50e-6  # building a block mask
+        return t
+
+    def notes(self, call: AttentionCall) -> list[str]:
+        n = ["rates from docs/anchors.md (2026-12-02, one H200 run), not yet re-measured by attnkit"]
+        n.append("compiled once per shape (first call pays compilation)")
+        if call.layout == "thd":
+            n.append("thd: one packed sequence with a document mask")
+        return n
+
+    def run(self, call: AttentionCall):
+        fa = common.flex_module()
+        q, k, v, score_mod, mask_mod, B, Q, K = common.inputs(call)
+        block_mask = common.block_mask(call, mask_mod, B, Q, K)
+        fn = fa.flex_attention if torch.compiler.is_compiling() else common.compiled_flex()
+        kwargs = dict(
+            score_mod=score_mod,
+            block_mask=block_mask,
+            scale=call.scale,
+            enable_gqa=call.Hq != call.Hk,
+            kernel_options=dict(_KERNEL_OPTIONS),
+        )
+        try:
+            out, lse = common.call_flex(fn, q, k, v, call.return_lse, kwargs, dynamic=False)
+        except Exception as e:
+            if not torch.compiler.is_compiling():
+                from attnkit import dispatch
+
+                first = str(e).splitlines()[0][:200] if str(e) else ""
+                _FAILED[_family(call)] = f"{type(e).__name__}: {first}"
+                dispatch._CHOICES.clear()  # cached choices of this family must be made again
+            raise
+        return common.outputs(call, out, lse)
+
+
+BACKEND = FlexFlashBackend()
