@@ -6,9 +6,9 @@ Three kinds, each raising :class:`AttentionInputError` naming the argument:
   the signature, never by calling);
 - sizes: library masks and mods compare their tensors with the call's B, Hq, Sq, Sk (``Mask.check`` /
   ``ScoreMod.check``: shapes, and values only where they are on the host);
-- a probe: a user callable is evaluated once on a tiny grid of indices (the corners of the call: first and
-  last batch row, head, query and key) to catch an out-of-range index (raised as IndexError on the CPU)
-  and, for a ``score_mod``, a result that is a number, a 0-dim or non-float tensor or of the wrong shape.
+- a probe: a user callable is evaluated once on a tiny grid of indices (first and last batch row, head,
+  query and key, and a few between) to catch an out-of-range index (an IndexError on the CPU) and, for a
+  ``score_mod``, a result that is a number, a 0-dim or non-float tensor, or of the wrong shape.
 
 Arity verdicts are cached per callable; probe verdicts per (callable, call signature: layout, B, Hq, the
 longest Sq and Sk, dtype, device), in a weak dictionary, so a training loop probes once. Probes are skipped
@@ -71,11 +71,18 @@ def _probes_allowed(call) -> bool:
     return not (call.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
+def _corners(n: int, k: int) -> list[int]:
+    """Up to ``k`` distinct positions spread over ``range(n)``, first and last included."""
+    return sorted({(n - 1) * t // max(k - 1, 1) for t in range(k)})
+
+
 def _probe_grid(call, Sq: int, Sk: int):
     """Index tensors (b, h, q, kv) at the call's corners and the lengths to bind, or None if empty.
-    Dense layouts: a broadcast grid of 2 values per dim; thd: per-sequence (n, i, j) points along dim 0."""
+
+    Dense layouts: a broadcast grid of up to 2 batch rows, 2 heads, 3 queries and 4 keys (distinct sizes,
+    so a result that mixes up dims shows); thd: per-sequence (n, i, j) points along dim 0."""
     dev = call.device
-    heads = torch.tensor(sorted({0, call.Hq - 1}), device=dev).view(1, -1, 1, 1)
+    heads = torch.tensor(_corners(call.Hq, 2), device=dev).view(1, -1, 1, 1)
 
     def col(vals):
         return torch.tensor(vals, device=dev)
@@ -83,14 +90,14 @@ def _probe_grid(call, Sq: int, Sk: int):
     if call.layout != "thd":
         if not (call.batch and Sq and Sk):
             return None
-        b, i, j = (col(sorted({0, n - 1})) for n in (call.batch, Sq, Sk))
+        b, i, j = col(_corners(call.batch, 2)), col(_corners(Sq, 3)), col(_corners(Sk, 4))
         return b.view(-1, 1, 1, 1), heads, i.view(1, 1, -1, 1), j.view(1, 1, 1, -1), (Sq, Sk)
     lq, lk = call.seqlens_q, call.seqlens_k
     seqs = [n for n in range(len(lq)) if lq[n] and lk[n]]
     if not seqs:
         return None
     pick = sorted({seqs[0], seqs[-1], max(seqs, key=lq.__getitem__), max(seqs, key=lk.__getitem__)})
-    pts = [(n, i, j) for n in pick for i in sorted({0, lq[n] - 1}) for j in sorted({0, lk[n] - 1})]
+    pts = [(n, i, j) for n in pick for i in _corners(lq[n], 2) for j in _corners(lk[n], 2)]
     b, i, j = (col(list(c)).view(-1, 1, 1, 1) for c in zip(*pts))
     return b, heads, i, j, call.lengths()
 
@@ -139,8 +146,8 @@ def _check_score(out, shape) -> None:
         raise AttentionInputError(
             "score_mod", expected, f"a {out.dtype} tensor", "to hide keys pass mask=, not a bool score_mod"
         )
-    try:
-        ok = torch.broadcast_shapes(out.shape, shape) == shape
+    try:  # the index tensors are 4-D: so is any score computed from them
+        ok = out.dim() == len(shape) and torch.broadcast_shapes(out.shape, shape) == shape
     except RuntimeError:
         ok = False
     if not ok:
