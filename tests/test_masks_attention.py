@@ -53,7 +53,7 @@ def inputs(layout="bhsd", **kw):
     return oracle.make_inputs(layout, **shape)
 
 
-# -- dense layouts ---------------------------------------------------------------------------------------------
+# -- dense layouts -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("layout,Sq,Sk", [("bhsd", 5, 9), ("bshd", 8, 8), ("bhsd", 9, 4)])
 def test_dilated_sliding_window_in_attention(layout, Sq, Sk):
     q, k, v, kw = inputs(layout, Sq=Sq, Sk=Sk)

@@ -336,7 +336,7 @@ def test_mod_factory_validation(bad):
         bad()
 
 
-# -- the data and pattern masks of API.md §3 (each against its definition, written out here) --------------
+# -- the data and pattern masks of API.md §3 (each against its definition, written out here) -----------------
 @pytest.mark.parametrize("Sq,Sk", SIZES)
 @pytest.mark.parametrize("left,dilation,right", [(4, 2, 0), (5, 3, 2), (-1, 2, 0), (3, 1, 1), (2, 4, -1)])
 def test_dilated_sliding_window(Sq, Sk, left, dilation, right):
@@ -498,7 +498,7 @@ def test_draw_other_batch_row_and_sizes():
     assert len(masks.global_sliding(1, 1).draw(3, 6).splitlines()[1]) == 6
 
 
-# -- t5_bias ---------------------------------------------------------------------------------------------------
+# -- t5_bias -------------------------------------------------------------------------------------------------
 def test_t5_bucket_known_values():
     """T5 defaults (32 buckets, max distance 128), worked by hand from the paper's scheme."""
     rp = torch.tensor([0, 1, -1, -7, -8, -12, -128, -500, 3, 200])
