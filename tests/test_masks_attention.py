@@ -102,7 +102,7 @@ def test_t5_bias_in_attention_table_gradient(layout, Sq, Sk, bidirectional):
     assert table.grad.abs().sum() > 0
 
 
-# -- thd: per-sequence data, indexed by sequence n ------------------------------------------------------------
+# -- thd: per-sequence data, indexed by sequence n -----------------------------------------------------------
 THD_LENS = [6, 0, 7, 1, 5]
 
 
