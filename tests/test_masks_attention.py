@@ -167,3 +167,27 @@ def test_thd_t5_bias_per_sequence_alignment():
         parts.append(torch.nn.functional.pad(b, (0, max(lens_k) - lens_k[n], 0, max(THD_LENS) - THD_LENS[n])))
     bias64 = torch.stack(parts)
     run_and_compare(q, k, v, kw, score_mod=mods.t5_bias(table, 8, 10), bias64=bias64, leaves=[(table, t64)])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: masks.dilated_sliding_window(3, 2),
+        lambda: masks.global_sliding(1, 1),
+        lambda: masks.shared_prefix(torch.tensor([2, 1]), torch.tensor([[2, 2], [3, 1]])),
+        lambda: masks.flashmask(torch.randint(0, 9, (2, 4, 8, 4), dtype=torch.int32), False),
+        lambda: mods.t5_bias(torch.randn(4, 8, dtype=F64), 8, 10),
+    ],
+)
+@pytest.mark.parametrize("Hk", [1, 2])
+def test_gqa_irrelevance(make, Hk):
+    """Masks and mods see query heads only: GQA gives what MHA gives with k, v repeated per query head."""
+    m = make()
+    kw = {"mask": m} if isinstance(m, masks.Mask) else {"score_mod": m}
+    q, k, v, _ = inputs(Hk=Hk, Sq=8, Sk=8, requires_grad=False)
+    gqa = attnkit.attention(q, k, v, backend="reference", **kw)
+    rep = 4 // Hk
+    mha = attnkit.attention(
+        q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), backend="reference", **kw
+    )
+    torch.testing.assert_close(gqa, mha)
