@@ -191,3 +191,30 @@ def test_gqa_irrelevance(make, Hk):
         q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), backend="reference", **kw
     )
     torch.testing.assert_close(gqa, mha)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: masks.dilated_sliding_window(5, 2),
+        lambda d: masks.global_sliding(2, 3),
+        lambda d: masks.shared_prefix(3, [4, 5]),
+        lambda d: masks.shared_prefix(
+            torch.tensor([3, 1], device=d), torch.tensor([[4, 5], [2, 9]], device=d)
+        ),
+        lambda d: masks.flashmask(torch.randint(0, 17, (2, 1, 16, 2), dtype=torch.int32, device=d), True),
+        lambda d: mods.t5_bias(torch.randn(4, 8, device=d, requires_grad=True), 8, 10),
+    ],
+)
+@pytest.mark.parametrize("backend", ["auto", "flex"])
+def test_new_masks_on_cuda_backends(make, backend):
+    """Every new mask and t5_bias on the GPU backends (flex compiled, or what auto picks) vs the oracle."""
+    m = make("cuda")
+    kw = {"mask": m} if isinstance(m, masks.Mask) else {"score_mod": m}
+    q, k, v, base = oracle.make_inputs(
+        "bhsd", B=2, Hq=4, Hk=2, Sq=16, Sk=16, D=64, dtype=torch.bfloat16, device="cuda", requires_grad=True
+    )
+    oracle.check_against_oracle(
+        lambda *a, **k2: attnkit.attention(*a, backend=backend, **k2), q, k, v, **base, **kw
+    )

@@ -283,3 +283,32 @@ def test_scale_numpy_numbers_accepted(scale):
 def test_softcap_and_dropout_tensor_refused():
     expect_error("softcap", softcap=torch.tensor(5.0))
     expect_error("dropout_p", dropout_p=torch.tensor(0.1))
+
+
+@pytest.mark.cuda
+def test_mask_and_mod_checks_never_sync_the_device():
+    """Validation of masks and mods with CUDA tensors (probe included) runs without a device sync."""
+    from attnkit._call import normalize
+
+    dev = "cuda"
+    q, k, v, _ = oracle.make_inputs("bhsd", B=2, Hq=4, Hk=2, Sq=6, Sk=6, D=8, device=dev)
+    table = torch.randn(4, 6, device=dev)
+    cases = [
+        dict(mask=masks.document(torch.zeros(2, 6, dtype=torch.long, device=dev))),
+        dict(
+            mask=masks.shared_prefix(
+                torch.tensor([1, 2], device=dev), torch.tensor([[2, 2], [1, 1]], device=dev)
+            )
+        ),
+        dict(mask=masks.shared_prefix(2, [2, 1])),
+        dict(mask=masks.flashmask(torch.full((2, 1, 6, 2), 6, dtype=torch.int32, device=dev), False)),
+        dict(score_mod=mods.t5_bias(torch.randn(4, 8, device=dev), 8, 10)),
+        dict(score_mod=lambda s, b, h, i, j: s + table[h, j], mask=lambda b, h, i, j: i >= j),
+    ]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for kw in cases:
+            normalize(q, k, v, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -71,34 +71,32 @@ def _probes_allowed(call) -> bool:
     return not (call.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
-def _corners(n: int, k: int) -> list[int]:
-    """Up to ``k`` distinct positions spread over ``range(n)``, first and last included."""
-    return sorted({(n - 1) * t // max(k - 1, 1) for t in range(k)})
+def _spread(n: int, k: int, device) -> torch.Tensor:
+    """``k`` positions spread over ``range(n)``, first and last included (repeats when n < k), built on the
+    device without a host-to-device copy (``torch.tensor(list, device="cuda")`` would sync)."""
+    return torch.arange(k, device=device) * (n - 1) // max(k - 1, 1)
 
 
 def _probe_grid(call, Sq: int, Sk: int):
     """Index tensors (b, h, q, kv) at the call's corners and the lengths to bind, or None if empty.
 
-    Dense layouts: a broadcast grid of up to 2 batch rows, 2 heads, 3 queries and 4 keys (distinct sizes,
-    so a result that mixes up dims shows); thd: per-sequence (n, i, j) points along dim 0."""
+    Dense layouts: a broadcast grid of 2 batch rows, 2 heads, 3 queries and 4 keys (distinct sizes, so a
+    result that mixes up dims shows); thd: per-sequence (n, i, j) points along dim 0."""
     dev = call.device
-    heads = torch.tensor(_corners(call.Hq, 2), device=dev).view(1, -1, 1, 1)
-
-    def col(vals):
-        return torch.tensor(vals, device=dev)
-
+    heads = _spread(call.Hq, 2, dev).view(1, -1, 1, 1)
     if call.layout != "thd":
         if not (call.batch and Sq and Sk):
             return None
-        b, i, j = col(_corners(call.batch, 2)), col(_corners(Sq, 3)), col(_corners(Sk, 4))
+        b, i, j = _spread(call.batch, 2, dev), _spread(Sq, 3, dev), _spread(Sk, 4, dev)
         return b.view(-1, 1, 1, 1), heads, i.view(1, 1, -1, 1), j.view(1, 1, 1, -1), (Sq, Sk)
     lq, lk = call.seqlens_q, call.seqlens_k
     seqs = [n for n in range(len(lq)) if lq[n] and lk[n]]
     if not seqs:
         return None
     pick = sorted({seqs[0], seqs[-1], max(seqs, key=lq.__getitem__), max(seqs, key=lk.__getitem__)})
-    pts = [(n, i, j) for n in pick for i in _corners(lq[n], 2) for j in _corners(lk[n], 2)]
-    b, i, j = (col(list(c)).view(-1, 1, 1, 1) for c in zip(*pts))
+    pts = [(n, i, j) for n in pick for i in {0, lq[n] - 1} for j in {0, lk[n] - 1}]
+    # a pageable host-to-device copy without a stream sync (the driver stages it before returning)
+    b, i, j = torch.tensor(pts).t().to(dev, non_blocking=True).view(3, -1, 1, 1, 1).unbind(0)
     return b, heads, i, j, call.lengths()
 
 
