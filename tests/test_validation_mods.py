@@ -71,8 +71,11 @@ def test_arity_accepts_varargs_defaults_partials_and_callable_objects():
         assert torch.isfinite(out).all()
 
 
-def test_arity_of_a_callable_combined_into_a_mask():
-    expect_error("mask", match="TypeError", mask=masks.causal() & (lambda b, h, q: q >= 0))
+def test_arity_of_a_callable_combined_into_a_mask_or_mods():
+    with pytest.raises(AttentionInputError, match="fn"):
+        masks.causal() & (lambda b, h, q: q >= 0)
+    with pytest.raises(AttentionInputError, match="fn"):
+        mods.compose(mods.softcap(2.0), lambda s, b, h: s)
 
 
 # -- what a score_mod returns --------------------------------------------------------------------------------
