@@ -261,6 +261,24 @@ def test_probe_runs_once_per_signature(monkeypatch):
     assert len(calls) == 3  # library masks and mods are checked by shape, never probed
 
 
+def test_fresh_lambdas_from_one_line_are_probed_once(monkeypatch):
+    """A step that writes score_mod=lambda ... makes a new function per call: same code, same captures'
+    shapes -> probed once; a capture of another shape is probed again (and its mistake found)."""
+    calls = []
+    real = attnkit._probe._probe
+    monkeypatch.setattr(attnkit._probe, "_probe", lambda *a: (calls.append(a[0]), real(*a)))
+
+    def step(table):
+        return runs(score_mod=lambda s, b, h, q, kv: s + table[h, kv])
+
+    for _ in range(3):
+        step(torch.randn(4, 6))
+    assert calls == ["score_mod"]
+    with pytest.raises(AttentionInputError, match="score_mod"):
+        step(torch.randn(4, 5))
+    assert calls == ["score_mod", "score_mod"]
+
+
 def test_mask_and_mod_checks_skip_under_compile(monkeypatch):
     """Under torch.compile nothing is probed (no host work is traced into the graph)."""
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)

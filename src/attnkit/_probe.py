@@ -26,6 +26,8 @@ import torch
 from attnkit.errors import AttentionInputError
 
 _VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # callable -> set of passed keys
+_ARITY_OK: set = set()  # (code, number of defaults, n) of plain functions that passed
+_BY_CODE_MAX = 4096  # bound on the code-keyed caches (cleared when full)
 
 
 def _seen(obj, key) -> bool:
@@ -42,7 +44,13 @@ def _remember(obj, key) -> None:
 
 def check_arity(arg: str, fn, n: int, signature: str) -> None:
     """Raise unless ``fn`` accepts ``n`` positional arguments (callables without a signature pass)."""
-    if _seen(fn, "arity"):
+    code = getattr(fn, "__code__", None)
+    by_code = None
+    if code is not None and getattr(fn, "__self__", None) is None:  # a plain function: its code decides
+        by_code = (code, len(getattr(fn, "__defaults__", None) or ()), n)
+        if by_code in _ARITY_OK:
+            return
+    elif _seen(fn, "arity"):
         return
     try:
         sig = inspect.signature(fn)
@@ -58,11 +66,47 @@ def check_arity(arg: str, fn, n: int, signature: str) -> None:
             f"{name}{sig}",
             "score_mod(score, b, h, q_idx, kv_idx) and mask_mod(b, h, q_idx, kv_idx)",
         ) from None
-    _remember(fn, "arity")
+    if by_code is not None:
+        if len(_ARITY_OK) >= _BY_CODE_MAX:
+            _ARITY_OK.clear()
+        _ARITY_OK.add(by_code)
+    else:
+        _remember(fn, "arity")
 
 
-def _has_user_part(obj) -> bool:
-    return obj.kind in ("score_mod", "mask_mod") or any(_has_user_part(p) for p in obj.parts)
+def _user_parts(obj) -> list:
+    """The user callables inside a Mask / ScoreMod tree (wrapped with from_mask_mod / from_score_mod)."""
+    if obj.kind in ("score_mod", "mask_mod"):
+        return [obj.source]
+    return [u for p in obj.parts for u in _user_parts(p)]
+
+
+_SCALARS = (int, float, bool, str, type(None))
+_BY_CODE: dict = {}  # (code keys, name, call key) -> True for probes that passed
+
+
+def _code_key(fn):
+    """A key for a plain function that is the same for every lambda made from the same source with the
+    same captures (tensors by shape, dtype and device; numbers and strings by value): a training step that
+    writes ``score_mod=lambda ...`` makes a new function each call, and is probed once. None when some
+    capture is neither (then the callable object itself is the key)."""
+    code = getattr(fn, "__code__", None)
+    if code is None or getattr(fn, "__self__", None) is not None:
+        return None
+    caps = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            x = cell.cell_contents
+        except ValueError:
+            return None
+        if isinstance(x, torch.Tensor):
+            caps.append(("tensor", tuple(x.shape), x.dtype, x.device))
+        elif isinstance(x, _SCALARS):
+            caps.append((type(x), x))
+        else:
+            return None
+    kwdefaults = getattr(fn, "__kwdefaults__", None)
+    return code, tuple(caps), getattr(fn, "__defaults__", None), tuple(sorted((kwdefaults or {}).items()))
 
 
 def _probes_allowed(call) -> bool:
@@ -110,7 +154,7 @@ def _probe(arg: str, obj, call, Sq: int, Sk: int) -> None:
     )
     fn = obj.bind(q_len, kv_len)
     sdt = torch.float32 if call.dtype in (torch.float16, torch.bfloat16) else call.dtype
-    shape = torch.broadcast_shapes(b.shape, h.shape, i.shape, j.shape)
+    shape = tuple(max(dims) for dims in zip(b.shape, h.shape, i.shape, j.shape))  # the grid, (4 dims)
     with torch.no_grad():
         try:
             if arg == "score_mod":
@@ -144,11 +188,8 @@ def _check_score(out, shape) -> None:
         raise AttentionInputError(
             "score_mod", expected, f"a {out.dtype} tensor", "to hide keys pass mask=, not a bool score_mod"
         )
-    try:  # the index tensors are 4-D: so is any score computed from them
-        ok = out.dim() == len(shape) and torch.broadcast_shapes(out.shape, shape) == shape
-    except RuntimeError:
-        ok = False
-    if not ok:
+    # the index tensors are 4-D: so is any score computed from them; each dim is the grid's or 1
+    if out.dim() != len(shape) or any(o not in (1, g) for o, g in zip(out.shape, shape)):
         raise AttentionInputError(
             "score_mod", expected, f"shape {tuple(out.shape)} for scores of shape {tuple(shape)}"
         )
@@ -168,10 +209,25 @@ def check_programmable(call) -> None:
         if obj is None:
             continue
         obj.check(call.batch, call.Hq, Sq, Sk, call.layout, seqlens)
-        if not _has_user_part(obj) or not _probes_allowed(call):
+        users = _user_parts(obj)
+        if not users or not _probes_allowed(call):
             continue
-        key = (call.layout, call.batch, call.Hq, Sq, Sk, call.dtype, call.device)
-        user = obj.source
-        if not _seen(user, key):
+        key = (arg, call.layout, call.batch, call.Hq, Sq, Sk, call.dtype, call.device)
+        codes = [_code_key(u) for u in users]
+        if all(c is not None for c in codes):
+            try:
+                full = (tuple(codes), obj.name, key)
+                hash(full)
+            except TypeError:  # an unhashable default argument
+                full = None
+        else:
+            full = None
+        if full is not None:
+            if full not in _BY_CODE:
+                _probe(arg, obj, call, Sq, Sk)
+                if len(_BY_CODE) >= _BY_CODE_MAX:
+                    _BY_CODE.clear()
+                _BY_CODE[full] = True
+        elif not _seen(obj.source, key):
             _probe(arg, obj, call, Sq, Sk)
-            _remember(user, key)
+            _remember(obj.source, key)
