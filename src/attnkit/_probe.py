@@ -10,9 +10,11 @@ Three kinds, each raising :class:`AttentionInputError` naming the argument:
   query and key, and a few between) to catch an out-of-range index (an IndexError on the CPU) and, for a
   ``score_mod``, a result that is a number, a 0-dim or non-float tensor, or of the wrong shape.
 
-Arity verdicts are cached per callable; probe verdicts per (callable, call signature: layout, B, Hq, the
-longest Sq and Sk, dtype, device), in a weak dictionary, so a training loop probes once. Probes are skipped
-under torch.compile and CUDA-graph capture; they launch a few tiny kernels and never read device values.
+Verdicts are cached: arity per function code (or callable object); probes per (callable, call signature:
+layout, B, Hq, the longest Sq and Sk, dtype, device), where a plain function is known by its code and its
+captures (tensors by shape, dtype and device, numbers by value), so a loop that writes ``score_mod=lambda
+...`` afresh each step probes once. Probes are skipped under torch.compile and CUDA-graph capture; they
+launch a few tiny kernels and never copy or read device values on the host.
 """
 
 from __future__ import annotations
