@@ -14,7 +14,7 @@ Verdicts are cached: arity per function code (or callable object); probes per (c
 layout, B, Hq, the longest Sq and Sk, dtype, device), where a plain function is known by its code and its
 captures (tensors by shape, dtype and device, numbers by value), so a loop that writes ``score_mod=lambda
 ...`` afresh each step probes once. Probes are skipped under torch.compile and CUDA-graph capture; they
-launch a few tiny kernels and never copy or read device values on the host.
+launch a few tiny kernels and never read device values on the host.
 """
 
 from __future__ import annotations
