@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The optional peers on a lent GPU (H200): install FlashAttention-4 / xFormers (shared/tools/peer-wheels.sh),
+# When to run: after changing a peer backend (flash_attn4, flex_flash, xformers), on a lent GPU (H200).
+# It installs FlashAttention-4 / xFormers (../shared/tools/peer-wheels.sh prepares them),
 # run tests/test_peers.py, and time FA4 / flex_flash / xFormers / attnkit triton / cuDNN on the ANCHORS shapes.
 # Budget: under 4 minutes of GPU time (pytest capped at 140 s, the timing table at 90 s: its rows are printed as they come, so a cut run keeps them in the log).
 #
