@@ -1,5 +1,5 @@
-"""The masks and mods of API.md §3 through ``attnkit.attention(backend="reference")``, forward and backward,
-against oracle.attention64 fed a dense mask (or bias) built here from the written-out definitions in
+"""The masks and mods of docs/api.md §3 through ``attnkit.attention(backend="reference")``, forward and
+backward, against oracle.attention64 fed a dense mask (or bias) built here from the written-out definitions in
 test_masks_mods.py; dense layouts with Sq != Sk where allowed, GQA, and ``thd`` with per-sequence data."""
 
 from __future__ import annotations

@@ -336,7 +336,7 @@ def test_mod_factory_validation(bad):
         bad()
 
 
-# -- the data and pattern masks of API.md §3 (each against its definition, written out here) -----------------
+# -- the data and pattern masks of docs/api.md §3 (each against its definition, written out here) ----------
 @pytest.mark.parametrize("Sq,Sk", SIZES)
 @pytest.mark.parametrize("left,dilation,right", [(4, 2, 0), (5, 3, 2), (-1, 2, 0), (3, 1, 1), (2, 4, -1)])
 def test_dilated_sliding_window(Sq, Sk, left, dilation, right):
@@ -422,7 +422,7 @@ def test_shared_prefix_mixed_forms(mixed):
 
 
 def flashmask_pred(T, causal):
-    """pred(b, h, i, j) from FlashMask's column intervals (API.md §3), indices broadcast over dims of 1."""
+    """pred(b, h, i, j) from FlashMask's column intervals (docs/api.md §3), indices broadcast."""
     C = T.shape[-1]
 
     def pred(b, h, i, j, pos):
