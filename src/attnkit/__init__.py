@@ -9,6 +9,7 @@ from attnkit import masks, mods
 from attnkit.api import attention, explain
 from attnkit.dispatch import backends, register
 from attnkit.errors import AttentionInputError, UnsupportedError
+from attnkit.kvcache import attention_with_kvcache
 from attnkit.merge import merge_attention
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "AttentionInputError",
     "UnsupportedError",
     "attention",
+    "attention_with_kvcache",
     "backends",
     "explain",
     "masks",
