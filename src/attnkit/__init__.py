@@ -7,6 +7,7 @@ the call exactly. :func:`explain` says which backend runs and why the others do 
 
 from attnkit import masks, mods
 from attnkit.api import attention, explain
+from attnkit.cascade import cascade_attention
 from attnkit.dispatch import backends, register
 from attnkit.errors import AttentionInputError, UnsupportedError
 from attnkit.kvcache import attention_with_kvcache
@@ -25,6 +26,7 @@ __all__ = [
     "attention",
     "attention_with_kvcache",
     "backends",
+    "cascade_attention",
     "explain",
     "masks",
     "merge_attention",
