@@ -60,7 +60,14 @@ def _split_attention(q, k, v, kw, cuts, backend="reference"):
 def _inputs(layout, dtype, requires_grad=False):
     if layout == "thd":
         return oracle.make_inputs(
-            "thd", Hq=4, Hk=2, D=16, seqlens_q=[3, 1, 4], seqlens_k=[9, 2, 13], dtype=dtype, device=DEV,
+            "thd",
+            Hq=4,
+            Hk=2,
+            D=16,
+            seqlens_q=[3, 1, 4],
+            seqlens_k=[9, 2, 13],
+            dtype=dtype,
+            device=DEV,
             requires_grad=requires_grad,
         )
     return oracle.make_inputs(
