@@ -450,3 +450,22 @@ def test_auto_prefers_decode_kernel_for_short_queries():
     rep = attnkit.explain(q, k, k)
     assert rep.chosen in ("triton_decode", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"), str(rep)
     assert rep.chosen != "triton", str(rep)
+
+
+def test_bench_decode_cpu_smoke(tmp_path):
+    """``attnkit bench decode`` on a tiny CPU grid: rows for every backend, CSV/JSON with the environment."""
+    import json
+
+    from attnkit.bench import decode as bench
+
+    assert bench.main(["--batch", "1", "--lengths", "32", "--pages", "0,16", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "decode.json").read_text())
+    assert "torch" in data["environment"]
+    names = {(r["cache"], r["backend"]) for r in data["results"] if r.get("ms") is not None}
+    assert {
+        ("contiguous", "attnkit_kvcache"),
+        ("contiguous", "sdpa"),
+        ("paged16", "attnkit_kvcache"),
+    } <= names
+    assert {"cascade", "per_row_decode"} <= {r["backend"] for r in data["results"]}
+    assert (tmp_path / "decode.csv").exists()
