@@ -240,6 +240,8 @@ def _triton_reasons(call, device) -> list[str]:
         else:
             if not tuning.interpreting():
                 r.append(f"tensors on {device.type}: needs CUDA (or TRITON_INTERPRET=1 on the CPU)")
+            elif call.dtype == torch.bfloat16:
+                r.append("bfloat16 in the Triton interpreter (its bf16 tl.dot is wrong): CUDA only")
     return r
 
 

@@ -51,6 +51,8 @@ class TritonDecodeBackend(Backend):
                 r.append("needs a GPU of compute capability >= 8.0")
         elif not _tuning.interpreting():
             r.append(f"tensors on {call.device.type}: needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+        elif call.dtype == torch.bfloat16:
+            r.append("bfloat16 in the Triton interpreter (its bf16 tl.dot is wrong): CUDA only")
         for name in ("bias", "score_mod", "mask"):
             if getattr(call, name) is not None:
                 r.append(f"{name} is not supported by the decode kernel")
