@@ -119,6 +119,8 @@ def run_case(*, B, cap, Sq, Sq_new, Hq, Hk, page_size, dtype, D=16, Dv=16, backe
     want_v = c.appended(c.v, lens, v_new) if Sq_new else c.v.clone()
     if flags.get("alibi_slopes") == "bh":
         flags["alibi_slopes"] = torch.rand(B, Hq, device=DEV)
+    elif flags.get("alibi_slopes") == "h":
+        flags["alibi_slopes"] = oracle.alibi_slopes(Hq, DEV)
     out, lse = attnkit.attention_with_kvcache(
         q,
         c.k,
@@ -153,10 +155,16 @@ CASES = {
     ),
     "page64_decode": dict(page_size=64, B=1, cap=128, Sq=1, Sq_new=1, Hq=4, Hk=2, scale=0.3),
     "page64_sq5_window": dict(page_size=64, B=2, cap=128, Sq=5, Sq_new=5, Hq=2, Hk=2, window=(20, 2)),
+    "page16_dv24_alibi_h": dict(
+        page_size=16, B=2, cap=32, Sq=2, Sq_new=2, Hq=6, Hk=3, Dv=24, alibi_slopes="h", causal=True
+    ),
+    "contig_d40_window_left": dict(
+        page_size=None, B=2, cap=29, Sq=1, Sq_new=1, Hq=3, Hk=1, D=40, window=(5, -1)
+    ),
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES))
 def test_kvcache_against_oracle(case, dtype):
     run_case(dtype=dtype, **CASES[case])
