@@ -197,7 +197,7 @@ def gather_rows(c: _Cache, k_cache, v_cache, block_table, lens: list[int]):
     return torch.cat(ks), torch.cat(vs), sk
 
 
-def _gathered(c: _Cache, q, k_cache, v_cache, block_table, lens, flags, backend):
+def _gathered(c: _Cache, q, k_cache, v_cache, block_table, lens, flags, backend, return_lse):
     """Every row's keys gathered and packed, then ``attention(layout="thd")``, aligned per row."""
     from attnkit.api import attention
 
@@ -206,7 +206,7 @@ def _gathered(c: _Cache, q, k_cache, v_cache, block_table, lens, flags, backend)
     cu_q = torch.arange(c.B + 1, device=dev, dtype=torch.int32) * c.Sq
     cu_k = torch.zeros(c.B + 1, device=dev, dtype=torch.int32)
     cu_k[1:] = torch.tensor(sk, device=dev, dtype=torch.int64).cumsum(0).to(torch.int32)
-    out, lse = attention(
+    out = attention(
         q.reshape(c.B * c.Sq, c.Hq, c.D),
         k,
         v,
@@ -215,10 +215,13 @@ def _gathered(c: _Cache, q, k_cache, v_cache, block_table, lens, flags, backend)
         cu_seqlens_k=cu_k,
         max_seqlen_q=c.Sq,
         max_seqlen_k=max(sk, default=0),
-        return_lse=True,
+        return_lse=return_lse,
         backend=backend,
         **flags,
     )
+    if not return_lse:
+        return out.view(c.B, c.Sq, c.Hq, c.Dv), None
+    out, lse = out
     return out.view(c.B, c.Sq, c.Hq, c.Dv), lse.view(c.Hq, c.B, c.Sq).transpose(0, 1).contiguous()
 
 
@@ -288,9 +291,11 @@ def attention_with_kvcache(
             ``score_mod`` and ``mask`` run on the gathered keys of each row (``attention(layout="thd")``;
             the Triton decode kernel does not compile them yet): correct, not fast.
         return_lse: also return the float32 log-sum-exp (B, Hq, Sq).
-        backend: ``"auto"`` (the Triton kernel on CUDA, else the reference), ``"triton"`` or
-            ``"reference"`` (keys gathered per row, then the oracle). A named backend that cannot serve
-            the call raises ``UnsupportedError``.
+        backend: ``"auto"`` (the Triton kernel on CUDA, else the keys gathered per row and
+            ``attention(layout="thd")`` on its own choice), ``"triton"`` (the decode kernel),
+            ``"reference"`` (gathered keys, the oracle), or any other name of :func:`attnkit.backends`
+            (gathered keys, that backend). A named backend that cannot serve the call raises
+            ``UnsupportedError``.
         validate: True checks lengths and tables with one device sync and raises
             ``AttentionInputError`` for a negative length, a length past the cache, a row needing more
             pages than the table has, or a page index out of range in the pages a row uses. False (decode
@@ -303,8 +308,12 @@ def attention_with_kvcache(
         row with no visible key gets 0 and -inf.
     """
     c = _check_shapes(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table)
-    if not isinstance(backend, str) or backend not in _BACKENDS:
-        _fail("backend", f"one of {_BACKENDS}", repr(backend))
+    if not isinstance(backend, str):
+        _fail("backend", f"one of {_BACKENDS} or an attention backend name", repr(backend))
+    if backend not in _BACKENDS:
+        from attnkit import dispatch
+
+        dispatch.get(backend)  # an unknown name raises AttentionInputError listing the known ones
     if not isinstance(validate, bool):
         _fail("validate", "a bool", repr(validate))
     # the flags, validated by attention()'s own rules (a stand-in for the keys: their values are not read)
@@ -367,9 +376,7 @@ def attention_with_kvcache(
     else:
         if lens is None:
             lens = cache_seqlens.tolist()
-        out, lse = _gathered(
-            c, q, k_cache, v_cache, block_table, lens, flags, "auto" if backend == "auto" else "reference"
-        )
+        out, lse = _gathered(c, q, k_cache, v_cache, block_table, lens, flags, backend, return_lse)
     return (out, lse) if return_lse else out
 
 

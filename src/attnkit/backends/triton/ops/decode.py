@@ -111,8 +111,12 @@ def decode_fwd(
         k_cache = k_cache.contiguous()
     if v_cache.stride(-1) != 1:
         v_cache = v_cache.contiguous()
+    cache_seqlens = cache_seqlens.contiguous()  # the kernel reads these with unit inner strides
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.contiguous()
     paged = block_table is not None
     if paged:
+        block_table = block_table.contiguous()
         num_pages, ps = k_cache.shape[0], k_cache.shape[1]
         cap = block_table.shape[1] * ps
     else:
