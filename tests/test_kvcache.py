@@ -505,3 +505,23 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(
         combine.merge_stacked, (outs, lses, "bhsd"), test_utils=("test_schema", "test_faketensor")
     )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("page_size", [None, 16, 256])
+@pytest.mark.parametrize("Sq", [1, 4, 16])
+def test_gpu_realistic_shapes(page_size, Sq):
+    """bf16, 32/8 heads, D=128, a few thousand keys (several splits at B=2), against the oracle."""
+    run_case(
+        page_size=page_size,
+        B=2,
+        cap=4608,
+        Sq=Sq,
+        Sq_new=Sq,
+        Hq=32,
+        Hk=8,
+        D=128,
+        Dv=128,
+        dtype=torch.bfloat16,
+        causal=True,
+    )

@@ -12,6 +12,8 @@ out (B, Sq, Hq, Dv) in q's dtype, or (B, Hq, Sq, Dv) with ``bhsd_out``, and lse 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from attnkit.backends.triton.ops.combine import combine_into
@@ -55,21 +57,40 @@ def sm_count(device: torch.device) -> int:
     return _SMS[idx]
 
 
+_TUNE: list = []
+
+
+def _tune() -> dict:
+    """GPU tuning knobs, read once from ``ATTNKIT_DECODE_TUNE="block_n=64,warps=4,stages=2,waves=2"``
+    (any subset; the values here are defaults, not measured optima: `attnkit bench decode` decides)."""
+    if not _TUNE:
+        cfg = {"block_n": 0, "warps": 4, "stages": 2, "waves": 2}
+        for part in os.environ.get("ATTNKIT_DECODE_TUNE", "").split(","):
+            if "=" in part:
+                key, val = part.split("=", 1)
+                if key.strip() in cfg:
+                    cfg[key.strip()] = int(val)
+        _TUNE.append(cfg)
+    return _TUNE[0]
+
+
 def blocks(Sq: int, group: int, D: int, Dv: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): a tile of the Sq * group packed rows, and keys per loop step."""
     if _tuning.interpreting():
         return 16, 16
     block_m = min(64, _pow2(Sq * group))
-    block_n = 64 if max(D, Dv) <= 128 else 32
+    block_n = _tune()["block_n"] or (64 if max(D, Dv) <= 128 else 32)
     return block_m, block_n
 
 
-def num_splits(batch: int, hk: int, m_blocks: int, capacity: int, block_n: int, sms: int) -> int:
+def num_splits(
+    batch: int, hk: int, m_blocks: int, capacity: int, block_n: int, sms: int, waves: int = 2
+) -> int:
     """Splits of the key range so that the grid fills the GPU (FlashAttention's rule, simplified): none
-    when the (batch, KV head, row tile) programs already fill ~2 waves of the SMs; otherwise enough to
-    reach that, keeping at least 4 key blocks a split, at most MAX_SPLITS. Host values only."""
+    when the (batch, KV head, row tile) programs already fill ~``waves`` waves of the SMs; otherwise
+    enough to reach that, keeping at least 4 key blocks a split, at most MAX_SPLITS. Host values only."""
     work = batch * hk * m_blocks
-    target = 2 * sms
+    target = waves * sms
     if work * 10 >= target * 8:
         return 1
     n_blocks = _cdiv(capacity, block_n)
@@ -138,7 +159,8 @@ def decode_fwd(
     block_m, block_n = blocks(Sq, group, D, Dv)
     m_blocks = _cdiv(Sq * group, block_m)
     if splits <= 0:
-        splits = num_splits(B, Hk, m_blocks, cap, block_n, sm_count(dev))
+        waves = 2 if _tuning.interpreting() else _tune()["waves"]
+        splits = num_splits(B, Hk, m_blocks, cap, block_n, sm_count(dev), waves)
     chunk = _cdiv(_cdiv(cap, splits), block_n) * block_n
     splits = _cdiv(cap, chunk)
     if splits == 1:
@@ -198,8 +220,8 @@ def decode_fwd(
         SOFTCAP=bool(softcap),
         HAS_ALIBI=alibi_slopes is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
-        num_stages=2,
+        num_warps=4 if _tuning.interpreting() else _tune()["warps"],
+        num_stages=2 if _tuning.interpreting() else _tune()["stages"],
     )
     if splits > 1:
         # partials (P, B, Sq, Hq, Dv) -> rows (b, h, i)
