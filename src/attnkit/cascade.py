@@ -5,8 +5,9 @@ the prompt's keys once, and each row only its own continuation in a KV cache. Ro
 ``[shared prefix (S_p keys) | its own cache (cache_seqlens[b] + Sq_new keys)]``. Attention over them is
 computed in two parts and merged exactly (``attnkit.merge_attention``):
 
-1. the prefix, read once for all rows: every row's queries folded into the query dimension, one batched
-   attention ``(1, B * Sq, Hq, D)`` against ``(1, S_p, Hk, D)`` (a prefill-shaped call on any backend);
+1. the prefix, read once for all rows: every row's queries (and the query heads sharing a KV head) folded
+   into the query dimension, one attention ``(1, B * Sq * Hq / Hk, Hk, D)`` against ``(1, S_p, Hk, D)``
+   (a prefill-shaped call on any backend);
 2. the suffixes, per row: :func:`attnkit.attention_with_kvcache` on the rows' own (contiguous or paged)
    caches, with in-place append of ``k_new``/``v_new``.
 
@@ -106,9 +107,13 @@ def cascade_attention(
         return (suf_out, suf_lse) if return_lse else suf_out
     from attnkit.api import attention
 
-    # every row's queries against the prefix, as one batch row: (1, B * Sq, Hq, D) x (1, S_p, Hk, D)
+    # every row's queries (and the GQA heads of one KV head) against the prefix as one batch row:
+    # (1, B * Sq * g, Hk, D) x (1, S_p, Hk, D), so each KV head of the prefix is read once for all of them
+    Hk = shared_k.shape[1]
+    g = Hq // Hk
+    rows = q.view(B, Sq, Hk, g, D).permute(0, 1, 3, 2, 4).reshape(1, B * Sq * g, Hk, D)
     pre_out, pre_lse = attention(
-        q.reshape(1, B * Sq, Hq, D),
+        rows,
         shared_k.unsqueeze(0),
         shared_v.unsqueeze(0),
         layout="bshd",
@@ -118,8 +123,9 @@ def cascade_attention(
         return_lse=True,
         backend=backend,
     )
-    pre_out = pre_out.view(B, Sq, Hq, -1)
-    pre_lse = pre_lse.view(Hq, B, Sq).transpose(0, 1)  # (1, Hq, B * Sq) -> (B, Hq, Sq)
+    Dv = pre_out.shape[-1]
+    pre_out = pre_out.view(B, Sq, g, Hk, Dv).permute(0, 1, 3, 2, 4).reshape(B, Sq, Hq, Dv)
+    pre_lse = pre_lse.view(Hk, B, Sq, g).permute(1, 0, 3, 2).reshape(B, Hq, Sq)  # (1, Hk, rows) -> lse
     out, lse = merge_attention([pre_out, suf_out], [pre_lse, suf_lse], layout="bshd")
     return (out, lse) if return_lse else out
 
