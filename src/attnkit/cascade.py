@@ -111,7 +111,7 @@ def cascade_attention(
     # (1, B * Sq * g, Hk, D) x (1, S_p, Hk, D), so each KV head of the prefix is read once for all of them
     Hk = shared_k.shape[1]
     g = Hq // Hk
-    rows = q.view(B, Sq, Hk, g, D).permute(0, 1, 3, 2, 4).reshape(1, B * Sq * g, Hk, D)
+    rows = q.reshape(B, Sq, Hk, g, D).permute(0, 1, 3, 2, 4).reshape(1, B * Sq * g, Hk, D)
     pre_out, pre_lse = attention(
         rows,
         shared_k.unsqueeze(0),
@@ -124,8 +124,8 @@ def cascade_attention(
         backend=backend,
     )
     Dv = pre_out.shape[-1]
-    pre_out = pre_out.view(B, Sq, g, Hk, Dv).permute(0, 1, 3, 2, 4).reshape(B, Sq, Hq, Dv)
-    pre_lse = pre_lse.view(Hk, B, Sq, g).permute(1, 0, 3, 2).reshape(B, Hq, Sq)  # (1, Hk, rows) -> lse
+    pre_out = pre_out.reshape(B, Sq, g, Hk, Dv).permute(0, 1, 3, 2, 4).reshape(B, Sq, Hq, Dv)
+    pre_lse = pre_lse.reshape(Hk, B, Sq, g).permute(1, 0, 3, 2).reshape(B, Hq, Sq)  # (1, Hk, rows) -> lse
     out, lse = merge_attention([pre_out, suf_out], [pre_lse, suf_lse], layout="bshd")
     return (out, lse) if return_lse else out
 
