@@ -220,9 +220,9 @@ def _gathered(c: _Cache, q, k_cache, v_cache, block_table, lens, flags, backend,
         **flags,
     )
     if not return_lse:
-        return out.view(c.B, c.Sq, c.Hq, c.Dv), None
+        return out.reshape(c.B, c.Sq, c.Hq, c.Dv), None
     out, lse = out
-    return out.view(c.B, c.Sq, c.Hq, c.Dv), lse.view(c.Hq, c.B, c.Sq).transpose(0, 1).contiguous()
+    return out.reshape(c.B, c.Sq, c.Hq, c.Dv), lse.reshape(c.Hq, c.B, c.Sq).transpose(0, 1).contiguous()
 
 
 def _triton_reasons(call, device) -> list[str]:
