@@ -18,6 +18,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import attnkit  # noqa: E402
 import oracle  # noqa: E402
@@ -524,4 +526,37 @@ def test_gpu_realistic_shapes(page_size, Sq):
         Dv=128,
         dtype=torch.bfloat16,
         causal=True,
+    )
+
+
+@given(
+    data=st.data(),
+    page_size=st.sampled_from([None, 1, 3, 16]),
+    B=st.integers(1, 3),
+    Sq=st.integers(1, 6),
+    Hk=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 3]),
+    causal=st.booleans(),
+    window=st.sampled_from([None, (3, -1), (-1, 1), (5, 2)]),
+    softcap=st.sampled_from([None, 1.5]),
+    alibi=st.sampled_from([None, "h", "bh"]),
+)
+def test_random_configurations(data, page_size, B, Sq, Hk, group, causal, window, softcap, alibi):
+    """Random shapes and flags (Hypothesis): the decode kernel against the oracle on the gathered keys."""
+    Sq_new = data.draw(st.integers(0, Sq))
+    cap = (page_size or 1) * data.draw(
+        st.integers(max(1, -(-Sq_new // (page_size or 1))), 24 // (page_size or 1) + 2)
+    )
+    flags = dict(causal=causal, window=window, softcap=softcap, alibi_slopes=alibi)
+    flags = {k: v for k, v in flags.items() if v not in (None, False)}
+    run_case(
+        page_size=page_size,
+        B=B,
+        cap=cap,
+        Sq=Sq,
+        Sq_new=Sq_new,
+        Hq=Hk * group,
+        Hk=Hk,
+        dtype=torch.float32,
+        **flags,
     )
