@@ -390,3 +390,28 @@ def test_packed_offsets_from_position_ids():
     # Rows of a batch are sequences of their own; a 1-row position tensor is shared by every row.
     cu, _ = akhf.packed_offsets(torch.tensor([[0, 1, 0, 1]]), 2, 4)
     assert cu.tolist() == [0, 2, 4, 6, 8]
+
+
+# -- decode steps on the KV-cache path ---------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_static_cache_decode_steps_run_attention_with_kvcache(monkeypatch, dtype):
+    """Greedy generate with a StaticCache gives eager's tokens, and its decode steps (one query token, the
+    cache's future slots beyond L) run through attnkit.attention_with_kvcache on the cache in place."""
+    eager, model = _models("llama", "eager", "attnkit", dtype=dtype)
+    calls = []
+    real = attnkit.attention_with_kvcache
+
+    def counting(q, k_cache, v_cache, **kw):
+        calls.append((tuple(q.shape), tuple(k_cache.shape), kw["cache_seqlens"].tolist()))
+        return real(q, k_cache, v_cache, **kw)
+
+    monkeypatch.setattr(attnkit, "attention_with_kvcache", counting)
+    ids = torch.randint(3, VOCAB, (2, 5))
+    kw = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    assert out.tolist() == eager.generate(ids, attention_mask=torch.ones_like(ids), **kw).tolist()
+    steps = [lens[0] for shape, _, lens in calls if shape[1] == 1]  # (B, 1, Hq, D): one new token a step
+    # the cache holds 5 + 6 - 1 = 10 slots; the last step fills it (no future slots: a plain attention call)
+    assert sorted(set(steps)) == [6, 7, 8, 9], calls  # keys 0..L-1 of the cache
+    assert len(steps) == TINY["num_hidden_layers"] * 4, calls
+    assert all(k_shape[1] == 10 for _, k_shape, _ in calls)  # the whole static cache, read in place

@@ -7,8 +7,10 @@ the call exactly. :func:`explain` says which backend runs and why the others do 
 
 from attnkit import masks, mods
 from attnkit.api import attention, explain
+from attnkit.cascade import cascade_attention
 from attnkit.dispatch import backends, register
 from attnkit.errors import AttentionInputError, UnsupportedError
+from attnkit.kvcache import attention_with_kvcache
 from attnkit.merge import merge_attention
 
 __version__ = "0.1.0"
@@ -22,7 +24,9 @@ __all__ = [
     "AttentionInputError",
     "UnsupportedError",
     "attention",
+    "attention_with_kvcache",
     "backends",
+    "cascade_attention",
     "explain",
     "masks",
     "merge_attention",

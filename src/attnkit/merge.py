@@ -100,11 +100,36 @@ def merge_attention(outs, lses, *, layout: str = "bhsd"):
         ``(out, lse)``: ``lse = logsumexp_i lse_i``, ``out = sum_i exp(lse_i - lse) * out_i`` (dtype of
         ``outs[0]``; lse float32). Parts with ``lse = -inf`` contribute nothing; rows where every part is
         ``-inf`` give 0 and ``-inf``. Differentiable in every ``outs[i]`` and ``lses[i]``.
+
+    Without a gradient to keep, on CUDA (and in the Triton interpreter), one fused kernel
+    (``backends/triton/kernels/combine.py``) reads every part once; otherwise plain PyTorch
+    (:func:`merge_reference`) computes it.
     """
     _check(outs, lses, layout)
     if len(outs) == 1:
         return outs[0], lses[0].float()
+    if _fused(outs, lses):
+        from attnkit.backends.triton.ops.combine import merge_stacked
+
+        return merge_stacked(torch.stack(outs), torch.stack([s.float() for s in lses]), layout)
     return merge_reference(outs, lses, layout)
+
+
+def _fused(outs, lses) -> bool:
+    """Whether the fused combine kernel serves this merge: no gradient needed, CUDA (or the Triton
+    interpreter on the CPU), a kernel dtype and head dim. Otherwise :func:`merge_reference` runs."""
+    o = outs[0]
+    if o.dtype not in (torch.float16, torch.bfloat16, torch.float32) or o.shape[-1] > 512:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*outs, *lses)):
+        return False
+    if o.device.type != "cuda" and o.device.type != "cpu":
+        return False
+    try:
+        from attnkit.backends.triton.runtime import tuning
+    except ImportError:  # no triton
+        return False
+    return o.device.type == "cuda" or tuning.interpreting()
 
 
 __all__ = ["merge_attention", "merge_reference"]

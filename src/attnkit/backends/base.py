@@ -116,6 +116,12 @@ def visible_pairs(Sq: int, Sk: int, causal: bool, window) -> int:
     return total
 
 
+def kv_bytes(call: AttentionCall) -> float:
+    """Bytes of K and V, each read once: the floor of any kernel's time where queries are few (decode)."""
+    rows = call.k.shape[0] if call.layout == "thd" else call.batch * call.Sk
+    return float(rows * call.Hk * (call.D + call.Dv) * call.k.element_size())
+
+
 def attention_flops(call: AttentionCall, backward: bool = False, dense: bool = False) -> float:
     """Matmul FLOPs of the call: 2*D + 2*Dv per visible pair and query head (x3.5 with backward)."""
     pairs = dense_pairs(call) if dense else visible_pairs_bound(call)

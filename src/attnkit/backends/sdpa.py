@@ -34,6 +34,7 @@ from attnkit.backends.base import (
     attention_flops,
     dense_pairs,
     host_lengths_known,
+    kv_bytes,
     seqlens,
     to_bhsd,
 )
@@ -296,6 +297,8 @@ class SDPABackend(Backend):
         if call.device.type == "cuda" and call.dtype in (torch.float32, torch.float64):
             rate /= 8  # no half-precision tensor cores
         t = flops / rate + 20e-6
+        if call.device.type == "cuda" and call.Sq <= 16:  # decode read K+V at 3.97 TB/s (H200, issue 15)
+            t = max(t, kv_bytes(call) / 3.97e12 + 20e-6)
         if dense:  # building and reading a dense (B, H, Sq, Sk) mask
             per_elem = 1 / 1.2e12 if call.device.type == "cuda" else 1 / 4e9
             t += 2 * dense_pairs(call) * call.Hq * per_elem

@@ -30,6 +30,7 @@ no mask, one sequence per row               ``layout="bhsd"`` with ``causal``/``
 ``cu_seq_lens_q/k`` kwargs (packed batch)   ``layout="thd"`` with those offsets (no cross-document)
 packed ``position_ids`` (restarting)        ``layout="thd"``, offsets from the position ids
 2-D padding mask                            padding removed, ``layout="thd"``; output zero at pads
+static cache decode step (Sq <= 16, no pad)  ``attention_with_kvcache`` on the cache in place
 4-D boolean mask                            ``mask=`` that mask (dense)
 4-D float mask / ``position_bias``          ``bias=`` (additive)
 ==========================================  ========================================================
@@ -456,6 +457,8 @@ def _padded(query, key, value, pm, causal, window, common):
             f"attnkit: a 2-D attention mask of shape {tuple(pm.shape)} does not fit queries "
             f"{tuple(query.shape)} and keys {tuple(key.shape)}"
         )
+    if _decode_step(query, pm, common):
+        return _decode(query, key, value, L, causal, window, common)
     pm_k = pm if Sk == L else torch.nn.functional.pad(pm, (0, Sk - L))
     pm_q = pm[:, L - Sq : L]
     if window is not None:
@@ -491,6 +494,41 @@ def _padded(query, key, value, pm, causal, window, common):
     )
     full = out.new_zeros(B * Sq, Hq, Dv).index_copy(0, idx_q, out)
     return full.view(B, Sq, Hq, Dv)
+
+
+DECODE_MAX_SQ = 16
+_KVCACHE_BACKENDS = ("auto", "triton", "reference")
+
+
+def _decode_step(query, pm, common) -> bool:
+    """A static cache's decode step: few queries, no padding, keys [0, L) valid and the rest future slots."""
+    return (
+        query.shape[2] <= DECODE_MAX_SQ
+        and common["dropout_p"] == 0
+        and common["backend"] in _KVCACHE_BACKENDS
+        and not (torch.is_grad_enabled() and query.requires_grad)
+        and not _tracing(pm)
+        and bool(pm.all())
+    )
+
+
+def _decode(query, key, value, L, causal, window, common):
+    """The decode step on ``attention_with_kvcache``: the static cache (B, Hk, S_max, D) read in place as a
+    contiguous cache (B, S_max, Hk, D) view, every row holding L keys (transformers wrote the new ones)."""
+    B = query.shape[0]
+    seqlens = torch.full((B,), L, dtype=torch.int32, device=query.device)
+    return attnkit.attention_with_kvcache(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        cache_seqlens=seqlens,
+        causal=causal,
+        window=window,
+        softcap=common["softcap"],
+        scale=common["scale"],
+        backend=common["backend"],
+        validate=False,
+    )
 
 
 def _padded_dense(query, key, value, pm_k, L, causal, window, common):

@@ -18,7 +18,7 @@ from importlib import resources
 import torch
 
 from attnkit._call import AttentionCall
-from attnkit.backends.base import Backend, attention_flops, dense_pairs
+from attnkit.backends.base import Backend, attention_flops, dense_pairs, kv_bytes
 from attnkit.backends.triton.runtime import tuning as _tuning
 
 _MAX_HEAD_DIM = 256
@@ -145,6 +145,8 @@ class TritonBackend(Backend):
             pairs = dense_pairs(call)
             flops = attention_flops(call, call.requires_grad)
         t = flops / rate
+        if call.Sq <= 16:  # decode: K+V read at 1.24 TB/s (H200, issue 15), whatever the FLOPs say
+            t = max(t, kv_bytes(call) / 1.24e12)
         if call.bias is not None:  # the bias tile is read once per visible pair (twice more in backward)
             nbytes = pairs * call.Hq * call.bias.element_size()
             t += nbytes * (3 if call.requires_grad else 1) / 3.0e12

@@ -1,0 +1,104 @@
+"""The ``triton_decode`` backend: short-query ``attention()`` calls on the split-KV decode kernel.
+
+A call with few query rows (Sq <= 16: decode steps, speculative verification) reads K and V once and
+does little arithmetic, so its time is the bytes of K and V over the memory bandwidth; the forward
+kernel's query tiles would sit mostly empty and its grid would not fill the GPU. This backend views the
+keys as a contiguous cache that every row fills (``cache_seqlens = Sk``) and runs
+``ops/decode.py``: GQA heads packed into one tile, the key range split over programs, one combine.
+Forward only (no gradient), dense layouts, the flags the kernel has (causal, window, softcap, ALiBi).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit._call import AttentionCall
+from attnkit.backends.base import Backend, kv_bytes
+from attnkit.backends.triton.runtime import tuning as _tuning
+
+MAX_SQ = 16
+_MAX_HEAD_DIM = 256
+_INT32 = 2**31 - 1
+# NOT MEASURED: the issue's target (>= 3.9 TB/s, 90% of the H200's copy bandwidth), beside SDPA's measured
+# 3.97 TB/s (sdpa.py's floor); replace it with the rate `attnkit bench decode` measures
+_BANDWIDTH = 4.0e12
+_LAUNCH = 8e-6
+
+
+class TritonDecodeBackend(Backend):
+    name = "triton_decode"
+    description = "attnkit's split-KV decode kernel for short queries (Sq <= 16, forward only)"
+
+    def _check_available(self):
+        import triton  # noqa: F401
+
+        if torch.cuda.is_available() or _tuning.interpreting():
+            return True, None
+        return False, "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on the CPU)"
+
+    def why_not(self, call: AttentionCall) -> list[str]:
+        r = []
+        if call.layout not in ("bhsd", "bshd"):
+            r.append(f"layout {call.layout!r} (bhsd or bshd)")
+        if call.Sq > MAX_SQ:
+            r.append(f"Sq = {call.Sq} > {MAX_SQ} query rows (the forward kernel serves long queries)")
+        if call.requires_grad:
+            r.append("no backward (decode kernel): inputs require grad")
+        if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            r.append(f"dtype {call.dtype} not supported (float16, bfloat16, float32)")
+        if call.device.type == "cuda":
+            if _tuning.capability(call.device) < (8, 0):
+                r.append("needs a GPU of compute capability >= 8.0")
+        elif not _tuning.interpreting():
+            r.append(f"tensors on {call.device.type}: needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+        elif call.dtype == torch.bfloat16:
+            r.append("bfloat16 in the Triton interpreter (its bf16 tl.dot is wrong): CUDA only")
+        for name in ("bias", "score_mod", "mask"):
+            if getattr(call, name) is not None:
+                r.append(f"{name} is not supported by the decode kernel")
+        if call.dropout_p > 0:
+            r.append("dropout is not supported by the decode kernel")
+        if call.alibi_slopes is not None and call.alibi_slopes.requires_grad:
+            r.append("no gradient for alibi_slopes")
+        if max(call.D, call.Dv) > _MAX_HEAD_DIM:
+            r.append(f"head dim {max(call.D, call.Dv)} > {_MAX_HEAD_DIM}")
+        if call.Sk == 0:
+            r.append("no keys")
+        return r
+
+    def run(self, call: AttentionCall):
+        from attnkit.backends.triton.ops.decode import decode
+
+        q, k, v = call.q, call.k, call.v
+        if call.layout == "bhsd":  # views as (B, S, H, D): the kernel reads through strides
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        seqlens = torch.full((call.batch,), call.Sk, dtype=torch.int32, device=call.device)
+        wl, wr = call.window if call.window is not None else (-1, -1)
+        out, lse = decode(
+            q,
+            k,
+            v,
+            seqlens,
+            None,
+            call.alibi_slopes,
+            0,
+            call.scale,
+            call.causal,
+            wl,
+            wr,
+            call.softcap or 0.0,
+            0,
+            call.layout == "bhsd",
+        )
+        return out, (lse if call.return_lse else None)
+
+    def cost(self, call: AttentionCall) -> float:
+        if call.device.type != "cuda":
+            return 1e6 + call.batch * call.Hq * call.Sq * call.Sk * (call.D + call.Dv) / 1e6
+        return kv_bytes(call) / _BANDWIDTH + 2 * _LAUNCH
+
+    def notes(self, call: AttentionCall) -> list[str]:
+        return [f"GQA heads packed: {call.Sq * call.group} rows a tile; key range split to fill the GPU"]
+
+
+DECODE_BACKEND = TritonDecodeBackend()
