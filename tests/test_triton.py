@@ -48,7 +48,9 @@ if not HAS_CUDA and not _interpreted():
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     """Outputs start as NaN, so any element a kernel forgets to write fails the oracle."""
-    monkeypatch.setattr(ops, "POISON", True)
+    from attnkit.backends.triton.ops import common
+
+    monkeypatch.setattr(common, "POISON", True)
     yield
 
 
@@ -117,15 +119,13 @@ def _make_case(case: dict, dtype, requires_grad=True):
     return q, k, v, bias, kw
 
 
-@pytest.mark.parametrize("bwd", ["fused", "split", "split-one-loop"])
+@pytest.mark.parametrize("bwd", ["three-loops", "one-loop"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("name", list(CASES))
 def test_dense_flags(name, dtype, bwd, monkeypatch):
-    """Every backward variant on every flag case: the fused kernel (opt-in), the separate dQ pass (the
-    default) with the dK/dV loop split by the tile schedule, and with dK/dV in one masked loop (the default
-    for causal calls only: _tuning.one_loop_dkdv)."""
-    monkeypatch.setenv("ATTNKIT_TRITON_BWD", bwd.split("-")[0])
-    monkeypatch.setenv("ATTNKIT_TRITON_BWD_LOOP", "one" if bwd.endswith("one-loop") else "three")
+    """Both backward variants on every flag case: the dK/dV loop split by the tile schedule, and dK/dV in
+    one masked loop (the default for causal calls only: _tuning.one_loop_dkdv); dQ in its own pass."""
+    monkeypatch.setenv("ATTNKIT_TRITON_BWD_LOOP", "one" if bwd == "one-loop" else "three")
     q, k, v, bias, kw = _make_case(CASES[name], dtype)
     oracle.check_against_oracle(tri, q, k, v, bias=bias, **kw)
 
@@ -133,19 +133,17 @@ def test_dense_flags(name, dtype, bwd, monkeypatch):
 def test_backward_kernel_choice(monkeypatch):
     from attnkit.backends.triton.runtime import tuning as _tuning
 
-    for var in ("ATTNKIT_TRITON_BWD", "ATTNKIT_TRITON_BWD_LOOP", "ATTNKIT_TRITON_BWD_STREAMS"):
+    for var in ("ATTNKIT_TRITON_BWD_LOOP", "ATTNKIT_TRITON_BWD_STREAMS"):
         monkeypatch.delenv(var, raising=False)
-    assert not _tuning.fused_backward()  # at every head dim
     assert _tuning.one_loop_dkdv(False, True)  # causal
     assert not _tuning.one_loop_dkdv(False, False) and not _tuning.one_loop_dkdv(True, True)
     assert _tuning.concurrent_backward(4 * 32 * 4096 * 4096)  # long sequences: dQ beside dK/dV
     assert not _tuning.concurrent_backward(32 * 32 * 512 * 512)  # host-bound: no stream waits
     monkeypatch.setenv("ATTNKIT_TRITON_BWD_STREAMS", "1")
     assert _tuning.concurrent_backward(1)
-    monkeypatch.setenv("ATTNKIT_TRITON_BWD", "fused")
     monkeypatch.setenv("ATTNKIT_TRITON_BWD_LOOP", "one")
     monkeypatch.setenv("ATTNKIT_TRITON_BWD_STREAMS", "0")
-    assert _tuning.fused_backward() and _tuning.one_loop_dkdv(False, False)
+    assert _tuning.one_loop_dkdv(False, False)
     assert not _tuning.concurrent_backward()
 
 
@@ -703,7 +701,7 @@ def test_gluon_backward_off_switches_and_fallbacks(gluon_bwd_calls, monkeypatch)
     assert len(gluon_bwd_calls) == 1
 
 
-@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq", "bwd"])
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_fitting_default_fits_shared_memory(kind, D, monkeypatch):
     """Without the autotuner (ATTNKIT_TRITON_AUTOTUNE=0, capture, compile) the tiles must still fit: the

@@ -138,7 +138,7 @@ def test_fast_path_is_taken_and_honours_the_stream(fake_cuda):
 
 @pytest.fixture(scope="module")
 def gluon_fwd():
-    return pytest.importorskip("attnkit.backends.triton.kernels.hopper.fwd")
+    return pytest.importorskip("attnkit.backends.triton.ops.gluon_fwd")
 
 
 @settings(max_examples=60)
@@ -230,9 +230,9 @@ def test_interpreted_functions_take_tritons_path():
 def test_fast_path_on_the_gpu_gives_tritons_bits(D, S, monkeypatch):
     """The real kernels through both paths: same bits, and every kernel that ran hits the memo."""
     import attnkit
-    from attnkit.backends.triton.kernels.hopper import bwd as _gluon_bwd
-    from attnkit.backends.triton.kernels.hopper import fwd as _gluon_fwd
     from attnkit.backends.triton.ops import attention as ops
+    from attnkit.backends.triton.ops import gluon_bwd as _gluon_bwd
+    from attnkit.backends.triton.ops import gluon_fwd as _gluon_fwd
 
     monkeypatch.setattr(ops, "REPLAY", False)  # every call through the Launch objects
     kernels = {
