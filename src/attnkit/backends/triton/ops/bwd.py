@@ -97,69 +97,38 @@ def body(p: BwdParams, keep=None):
         VARLEN=varlen,
         HAS_DLSE=dlse is not None,
     )
-    bias_arg = b4 if b4 is not None else dummy
     slopes_arg = slopes if slopes is not None else dummy
-    cu_q = p.cu_seqlens_q if varlen else dummy
-    cu_k = p.cu_seqlens_k if varlen else dummy
-    sdb = tuple(dbias.stride()) if bias_grad else (0, 0, 0, 0)
-    features = {n: f for n, f in flags.items() if n != "BIAS_GRAD"}  # (BIAS_GRAD: the dK/dV kernel's alone)
-    common = dict(
-        GROUP=Hq // Hk,
-        D=D,
-        DV=Dv,
-        BLOCK_D=c.block_d(D),
-        BLOCK_DV=c.block_d(Dv),
-        **features,
-        DEFER=c.defer(p),
-        PRECISION=c.precision(q.dtype),
+    cu = (p.cu_seqlens_q if varlen else dummy, p.cu_seqlens_k if varlen else dummy, p.rng)
+    inputs = (q, k, v, dout)
+    input_strides = (*st_q, *st_k, *st_v, *st_do)
+    stat_strides = (*st_lse, *st_delta, *sb)
+    sizes = (Hq, Sq, Sk, *c.scalars(p))
+    bias_arg = b4 if b4 is not None else dummy
+    # the two kernels' runtime arguments, in their order (``kernels/bwd.py``)
+    dkdv_args = (
+        *(*inputs, dk, dv, dummy, hi, lo, delta, bias_arg, dbias if bias_grad else dummy, slopes_arg, *cu),
+        *(*input_strides, *c.strides(dk, layout), *c.strides(dv, layout), 0, 0, 0, *stat_strides),
+        *(*(dbias.stride() if bias_grad else (0, 0, 0, 0)), *c.slope_strides(slopes), Hq, Hk, *sizes[1:]),
+    )  # (DQ and its strides: the removed fused backward's accumulator, unused)
+    dq_args = (
+        *(*inputs, dq, hi, lo, delta, bias_arg, slopes_arg, *cu),
+        *(*input_strides, *c.strides(dq, layout), *stat_strides, *c.slope_strides(slopes), *sizes),
     )
-    scalars = c.scalars(p)
+    features = {n: f for n, f in flags.items() if n != "BIAS_GRAD"}  # (BIAS_GRAD: the dK/dV kernel's alone)
+    common = c.constexprs(p, q, v, Hq, Hk, features)
     tune_key = tuple(flags.values())
 
     def launch_dkdv(cfg):
         BM, BN, warps, stages = cfg
         grid = (c.cdiv(max(Sk, 1), BN), B * Hk)
+        one_loop = _tuning.one_loop_dkdv(flags["HAS_LEFT"], flags["HAS_RIGHT"])
         attn_bwd_dkdv[grid](
-            q,
-            k,
-            v,
-            dout,
-            dk,
-            dv,
-            dummy,  # (DQ: the fused backward's accumulator, removed)
-            hi,
-            lo,
-            delta,
-            bias_arg,
-            dbias if bias_grad else dummy,
-            slopes_arg,
-            cu_q,
-            cu_k,
-            p.rng,
-            *st_q,
-            *st_k,
-            *st_v,
-            *st_do,
-            *c.strides(dk, layout),
-            *c.strides(dv, layout),
-            0,
-            0,
-            0,
-            *st_lse,
-            *st_delta,
-            *sb,
-            *sdb,
-            *c.slope_strides(slopes),
-            Hq,
-            Hk,
-            Sq,
-            Sk,
-            *scalars,
+            *dkdv_args,
             BLOCK_M=BM,
             BLOCK_N=BN,
             BIAS_GRAD=bias_grad,
             FUSED_DQ=False,
-            ONE_LOOP=_tuning.one_loop_dkdv(flags["HAS_LEFT"], flags["HAS_RIGHT"]),
+            ONE_LOOP=one_loop,
             num_warps=warps,
             num_stages=stages,
             **common,
@@ -168,41 +137,11 @@ def body(p: BwdParams, keep=None):
     def launch_dq(cfg, stream=None):
         BM, BN, warps, stages = cfg
         grid = (c.cdiv(max(Sq, 1), BM), B * Hq)
+        reverse = flags["HAS_RIGHT"] and not flags["HAS_LEFT"]
         attn_bwd_dq[grid](
-            q,
-            k,
-            v,
-            dout,
-            dq,
-            hi,
-            lo,
-            delta,
-            bias_arg,
-            slopes_arg,
-            cu_q,
-            cu_k,
-            p.rng,
-            *st_q,
-            *st_k,
-            *st_v,
-            *st_do,
-            *c.strides(dq, layout),
-            *st_lse,
-            *st_delta,
-            *sb,
-            *c.slope_strides(slopes),
-            Hq,
-            Sq,
-            Sk,
-            *scalars,
-            BLOCK_M=BM,
-            BLOCK_N=BN,
-            REVERSE=flags["HAS_RIGHT"] and not flags["HAS_LEFT"],
-            num_warps=warps,
-            num_stages=stages,
-            stream=stream,
-            **common,
-        )
+            *dq_args, BLOCK_M=BM, BLOCK_N=BN, REVERSE=reverse, num_warps=warps, num_stages=stages,
+            stream=stream, **common,
+        )  # fmt: skip
 
     gluon_bwd = views = None
     if (

@@ -81,6 +81,14 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def constexprs(p, q: Tensor, v: Tensor, Hq: int, Hk: int, features: dict) -> dict:
+    """The constexprs every attention kernel takes: shapes, the feature flags ``features``, and how the
+    scale and the dots are done."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    shape = dict(GROUP=Hq // Hk, D=D, DV=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv))
+    return {**shape, **features, "DEFER": defer(p), "PRECISION": precision(q.dtype)}
+
+
 def scalars(p) -> tuple:
     """The scalar runtime arguments every attention kernel takes after its sizes, in the kernels' order."""
     _, _, wl, wr = p.window()

@@ -108,17 +108,8 @@ def body(p: FwdParams, keep=None):
         Sk,
         *c.scalars(p),
     )
-    constexprs = dict(
-        GROUP=Hq // Hk,
-        D=D,
-        DV=Dv,
-        BLOCK_D=c.block_d(D),
-        BLOCK_DV=c.block_d(Dv),
-        **flags,
-        REVERSE=flags["HAS_RIGHT"] and not flags["HAS_LEFT"],
-        DEFER=c.defer(p),
-        PRECISION=c.precision(q.dtype),
-    )
+    constexprs = c.constexprs(p, q, v, Hq, Hk, flags)
+    constexprs["REVERSE"] = flags["HAS_RIGHT"] and not flags["HAS_LEFT"]
 
     def launch(cfg):
         BM, BN, warps, stages = cfg
