@@ -94,7 +94,8 @@ def test_new_lengths_compile_nothing(backend):
     are runtime arguments; flex: thd lengths are dynamic)."""
 
     def run(lens):
-        q, k, v, kw = oracle.make_inputs("thd", Hq=2, D=64, dtype=torch.bfloat16, device="cuda", seqlens_q=lens)
+        dt = torch.bfloat16
+        q, k, v, kw = oracle.make_inputs("thd", Hq=2, D=64, dtype=dt, device="cuda", seqlens_q=lens)
         attnkit.attention(q, k, v, causal=True, backend=backend, **kw)
 
     run([100, 37, 250])

@@ -179,7 +179,10 @@ def test_choice_cache_key_is_the_mask_and_mod_structure():
 
     assert _sig(q, k, v, mask=causal_mod) != _sig(q, k, v, mask=window_mod)
     assert _sig(q, k, v, mask=lambda b, h, i, j: i >= j) != _sig(q, k, v, mask=lambda b, h, i, j: i <= j)
-    make = [(lambda n: (lambda b, h, i, j: i - j <= n))(n) for n in (1, 2)]  # one code, captured numbers
+    def within(n):
+        return lambda b, h, i, j: i - j <= n
+
+    make = [within(1), within(2)]  # one code, captured numbers
     assert _sig(q, k, v, mask=make[0]) == _sig(q, k, v, mask=make[1])
 
     def bias_mod(score, b, h, i, j):
