@@ -727,3 +727,47 @@ def test_float32_head_dim_128_without_autotune(monkeypatch):
         "bhsd", Hq=2, Sq=200, D=128, dtype=torch.float32, device="cuda", requires_grad=True
     )
     oracle.check_against_oracle(tri, q, k, v, causal=True, **kw)
+
+
+def test_autotune_cache_persists_across_processes_and_buckets(tmp_path, monkeypatch):
+    """The autotuner's results: keyed by power-of-two length buckets (new lengths in a tuned bucket tune
+    nothing), written to $ATTNKIT_CACHE_DIR/triton_autotune.json merged with what other processes wrote,
+    and read back by a new process (here: the in-memory state cleared)."""
+    import json
+
+    import triton.testing
+
+    from attnkit.backends.triton.runtime import tuning as _tuning
+
+    monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ATTNKIT_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(_tuning, "_memory", {})
+    monkeypatch.setattr(_tuning, "_disk_loaded", False)
+    monkeypatch.setattr(_tuning, "fitting_default", lambda *a: (128, 64, 4, 3))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    benched = []
+
+    def bench(fn, **kw):  # the candidate (64, 64, 4, 3) is the fastest
+        fn()
+        return 1.0 if benched[-1] == (64, 64, 4, 3) else 2.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", bench)
+    other = {"Other GPU|fwd|D64|Dv64|float16|()|128x128": [32, 32, 4, 2]}  # another process's result
+    (tmp_path / "triton_autotune.json").write_text(json.dumps(other))
+    dev = torch.device("cuda", 0)
+    flags = (False,) * 7
+
+    def pick(Sq, Sk):
+        return _tuning._pick("fwd", 64, 64, torch.float16, flags, Sq, Sk, dev, benched.append)
+
+    assert pick(300, 300) == (64, 64, 4, 3) and benched
+    n = len(benched)
+    assert pick(257, 512) == (64, 64, 4, 3) and len(benched) == n  # same buckets: no tuning
+    assert pick(600, 300) == (64, 64, 4, 3) and len(benched) > n  # another bucket tunes
+    on_disk = json.loads((tmp_path / "triton_autotune.json").read_text())
+    assert set(other) < set(on_disk) and len(on_disk) == 3
+    monkeypatch.setattr(_tuning, "_memory", {})  # a new process
+    monkeypatch.setattr(_tuning, "_disk_loaded", False)
+    n = len(benched)
+    assert pick(400, 500) == (64, 64, 4, 3) and len(benched) == n
