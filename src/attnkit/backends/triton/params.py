@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attnkit.backends.triton.runtime.capability import plain_features
+
 Tensor = torch.Tensor
 
 
@@ -71,8 +73,6 @@ class FwdParams:
         """A plain call: no bias, ALiBi, softcap, window or dropout (causal is fine), and nonempty q, k.
         The one definition the launchers and the Gluon paths use (``backend.py`` asks the same of an
         ``AttentionCall`` through :func:`attnkit.backends.triton.runtime.capability.plain_call`)."""
-        from attnkit.backends.triton.runtime.capability import plain_features
-
         return plain_features(
             self.bias, self.alibi_slopes, self.softcap, self.window_left, self.window_right, self.dropout_p
         ) and (self.q.numel() > 0 and self.k.numel() > 0)
