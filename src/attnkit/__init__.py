@@ -6,6 +6,7 @@ the call exactly. :func:`explain` says which backend runs and why the others do 
 """
 
 from attnkit import masks, mods
+from attnkit._compile import compile_count
 from attnkit.api import attention, explain
 from attnkit.cascade import cascade_attention
 from attnkit.dispatch import backends, register
@@ -27,6 +28,7 @@ __all__ = [
     "attention_with_kvcache",
     "backends",
     "cascade_attention",
+    "compile_count",
     "explain",
     "masks",
     "merge_attention",
