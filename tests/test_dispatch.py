@@ -161,7 +161,7 @@ def test_choice_cache_key_is_the_mask_and_mod_structure():
     """Masks and score mods key the choice by structure, not data and not by being present: some of them
     compile into a backend's kernels and others do not, so two of other kinds must never share a choice,
     and new data (doc ids, lengths) for the same kind must reuse it."""
-    q, k, v = _qkv()
+    q, k, v = _qkv(Sk=6)  # Sq == Sk: one doc-id tensor serves queries and keys
     S = q.shape[2]
     ids = [torch.randint(0, 3, (S,)).sort().values for _ in range(2)]
     doc = [_sig(q, k, v, mask=attnkit.masks.document(i)) for i in ids]

@@ -272,10 +272,14 @@ def _structure(obj, depth: int = 0):
     if isinstance(obj, dict):
         return tuple([(k, _structure(v, depth + 1)) for k, v in obj.items()])
     d = depth + 1
-    if hasattr(obj, "kind") and hasattr(obj, "parts"):  # an attnkit Mask
-        fn = _structure(getattr(obj, "_fn", None), d) if obj.kind == "mask_mod" else None
-        return ("mask", obj.kind, _structure(getattr(obj, "params", None), d), _structure(obj.parts, d), fn)
-    if hasattr(obj, "name") and hasattr(obj, "_fn"):  # an attnkit ScoreMod
+    if hasattr(obj, "kind") and hasattr(obj, "parts"):  # an attnkit Mask or ScoreMod
+        fn = None
+        if obj.kind in ("mask_mod", "score_mod"):  # a wrapped user callable: the callable's structure
+            src = getattr(obj, "source", None)
+            fn = _structure(src if src is not None and src is not obj else getattr(obj, "_fn", None), d)
+        kind = ("mod" if hasattr(obj, "bind") and not hasattr(obj, "mask_mod") else "mask", obj.kind)
+        return (kind, _structure(getattr(obj, "params", None), d), _structure(obj.parts, d), fn)
+    if hasattr(obj, "name") and hasattr(obj, "_fn"):  # an older ScoreMod-like object
         return ("mod", obj.name, _structure(obj._fn, d))
     func = getattr(obj, "__func__", obj)  # (a bound method: its function and its object)
     code = getattr(func, "__code__", None)
