@@ -6,9 +6,11 @@ precedence:
 
 1. ``FORCE`` (tests set it to get several tiles per dimension at tiny sizes);
 2. the Triton interpreter: 16 x 16 tiles;
-3. the autotuner's result for this key (memory, then ``$ATTNKIT_CACHE_DIR/triton_autotune.json``), when
-   ``ATTNKIT_TRITON_AUTOTUNE`` is not ``0`` and no CUDA graph is being captured (a repeated question is
-   answered from one dict lookup, also inside a capture);
+3. the autotuner's result for this key (memory, then ``$ATTNKIT_CACHE_DIR/triton_autotune.json``), only
+   when ``ATTNKIT_TRITON_AUTOTUNE=1`` and no CUDA graph is being captured (a repeated question is answered
+   from one dict lookup, also inside a capture). It is opt-in: on the H200 a first call that autotunes
+   compiled ~14 candidate tiles (9-11 s for a bf16 fwd+bwd at D=128, S=1024, and again for every new
+   length bucket), where the shipped defaults cost three compiles;
 4. the shipped defaults (``attnkit/data/triton_configs.json``, autotuned on an H200), else the built-in table.
 """
 
@@ -272,7 +274,8 @@ def fitting_default(kind: str, D: int, Dv: int, dtype: torch.dtype, device) -> C
     """The shipped default if its tiles fit this GPU's shared memory at this dtype, else the first that does
     of the autotuner's candidates and a few small tiles. The defaults are tuned for 16-bit inputs on an H200:
     float32 inputs (twice the bytes) or GPUs with less shared memory would otherwise fail to launch
-    wherever the autotuner does not run (``ATTNKIT_TRITON_AUTOTUNE=0``, CUDA-graph capture, compile)."""
+    wherever the autotuner does not run (the default; ``ATTNKIT_TRITON_AUTOTUNE=1`` turns it on; never
+    inside CUDA-graph capture or compile)."""
     default = default_config(kind, D, Dv)
     elem = torch.empty((), dtype=dtype).element_size()
     limit = _smem_limit(device)
@@ -285,7 +288,7 @@ def fitting_default(kind: str, D: int, Dv: int, dtype: torch.dtype, device) -> C
 
 def _pick(kind, D, Dv, dtype, flags, Sq, Sk, device, launch) -> Config:
     default = fitting_default(kind, D, Dv, dtype, device)
-    if os.environ.get("ATTNKIT_TRITON_AUTOTUNE", "1") in ("", "0"):
+    if os.environ.get("ATTNKIT_TRITON_AUTOTUNE", "0") != "1":
         return default
     if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
         return default
