@@ -265,3 +265,14 @@ def test_needs_initialized_group():
     with pytest.raises(attnkit.AttentionInputError, match="group"):
         akd.shard(x, 1)
     assert torch.equal(akd.shard(x, 1, sharding="contiguous", rank=1, world_size=2), x[:, 4:])
+
+
+def test_bench_cp_smoke(tmp_path):
+    """``attnkit bench cp --smoke``: the pipeline (spawn, gloo, timing, rows, CSV) at tiny sizes."""
+    from attnkit.bench import cp
+
+    args = ["--smoke", "--seqlens", "24", "--masks", "document", "--gpus", "1,2"]
+    assert cp.main([*args, "--steps", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "cp.csv").read_text().splitlines()
+    assert len(text) == 3 and text[0].startswith("mask,seqlen")  # header + W in (1, 2)
+    assert all("error:" not in line and "out of memory" not in line for line in text), text

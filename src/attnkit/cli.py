@@ -165,6 +165,7 @@ _BENCH_SUITES = {
     "kernels": "attnkit.bench.kernels",
     "vit": "attnkit.bench.vit",
     "packed": "attnkit.bench.packed",
+    "cp": "attnkit.bench.cp",
 }
 
 
@@ -221,10 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench",
-        help="benchmarks: quick suite, kernels, vit or packed (--help after the suite)",
+        help="benchmarks: quick suite, kernels, vit, packed or cp (--help after the suite)",
         add_help=False,
     )
-    b.add_argument("suite", nargs="?", choices=["kernels", "vit", "packed"], default=None)
+    b.add_argument("suite", nargs="?", choices=["kernels", "vit", "packed", "cp"], default=None)
     return p
 
 
