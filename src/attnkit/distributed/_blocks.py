@@ -23,6 +23,7 @@ import torch
 
 import attnkit
 from attnkit.masks import Mask, document, from_mask_mod
+from attnkit.merge import merge_attention
 
 
 @dataclass(frozen=True)
@@ -143,3 +144,48 @@ def attend_block(q, k, v, plan: Plan, rest, *, qo, ko, Sq, Sk, seq_dim, layout, 
     return attnkit.attention(
         q, k, v, layout=layout, causal=plan.causal, window=plan.window, mask=mask, return_lse=True, **opts
     )
+
+
+# -- the per-chunk loop pieces shared by both methods -------------------------------------------------
+def chunks(x, sd, starts, c):
+    return [(x.narrow(sd, i * c, c), s) for i, s in enumerate(starts)]
+
+
+def block(qc, qo, kc, vc, ko, g):
+    m, n = qc.shape[g["sd"]], kc.shape[g["sd"]]
+    plan = plan_block(qo + g["Sk"] - g["Sq"], m, ko, n, g["L"], g["R"])
+    if plan is None:
+        return None
+    return attend_block(
+        qc,
+        kc,
+        vc,
+        plan,
+        g["rest"],
+        qo=qo,
+        ko=ko,
+        Sq=g["Sq"],
+        Sk=g["Sk"],
+        seq_dim=g["sd"],
+        layout=g["layout"],
+        opts=g["opts"],
+    )
+
+
+def finish(q_chunks, parts, dv: int, layout: str, sd: int):
+    """Merge each query chunk's block results and concatenate the chunks: ``(out, lse)`` of this rank."""
+    outs, lses = [], []
+    for (qc, _), p in zip(q_chunks, parts):
+        if p:
+            o, s = merge_attention([x[0] for x in p], [x[1] for x in p], layout=layout)
+        else:  # no key visible to any query of this chunk
+            shape = list(qc.shape)
+            shape[-1] = dv
+            o = qc.new_zeros(shape)
+            B, H, m = (qc.shape[0], qc.shape[2], qc.shape[1]) if layout == "bshd" else qc.shape[:3]
+            s = torch.full((B, H, m), float("-inf"), device=qc.device)
+        outs.append(o)
+        lses.append(s.float())
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=sd)
+    lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=-1)
+    return out, lse

@@ -1,11 +1,7 @@
 """Communication for context parallelism, on torch.distributed (gloo on CPUs, NCCL on GPUs).
 
-Three autograd-aware pieces, each with its backward written out:
-
-- :class:`RingShift`: send a K/V block to the next rank while receiving the previous rank's block. Forward
-  posts the ``batch_isend_irecv`` and returns the receive buffers at once (the caller computes on the current
-  block, then calls ``pending.wait()``); backward passes the gradients the other way round the ring, so
-  dK/dV travel back to the rank that owns the block.
+- :func:`exchange`: one ``batch_isend_irecv`` of a few tensors to one peer and from another (the ring's step,
+  see ``_ring.py``).
 - :class:`AllGatherSeq`: all-gather along a dimension; backward reduce-scatters the gradient (sums every
   rank's gradient of the gathered tensor and keeps this rank's part).
 - :class:`GatherReplicated`: all-gather for :func:`unshard`; every rank then holds the same (replicated)
@@ -30,62 +26,11 @@ def _global(group, local_rank: int) -> int:
     return local_rank if group is None else dist.get_global_rank(group, local_rank)
 
 
-class Pending:
-    """The requests of one posted ring step; ``wait()`` before reading the received buffers."""
-
-    def __init__(self):
-        self.reqs = []
-
-    def wait(self):
-        for r in self.reqs:
-            r.wait()
-        self.reqs = []
-
-
-def _exchange(group, send: list[torch.Tensor], to: int, recv: list[torch.Tensor], frm: int):
+def exchange(group, send: list[torch.Tensor], to: int, recv: list[torch.Tensor], frm: int, tag: int = 0):
     """Post sends of ``send`` to group rank ``to``, receives into ``recv`` from ``frm``; the requests."""
-    ops = [dist.P2POp(dist.isend, t, _global(group, to), group) for t in send]
-    ops += [dist.P2POp(dist.irecv, t, _global(group, frm), group) for t in recv]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), _global(group, to), group, tag) for t in send]
+    ops += [dist.P2POp(dist.irecv, t, _global(group, frm), group, tag) for t in recv]
     return dist.batch_isend_irecv(ops)
-
-
-class RingShift(torch.autograd.Function):
-    """``(k, v) -> (k_prev, v_prev)``: this rank's block goes to rank r+1, rank r-1's block comes in."""
-
-    @staticmethod
-    def forward(ctx, pending: Pending, group, k, v):
-        ctx.group = group
-        W, r = group_size(group), group_rank(group)
-        k, v = k.contiguous(), v.contiguous()
-        kb, vb = torch.empty_like(k), torch.empty_like(v)
-        pending.reqs = _exchange(group, [k, v], (r + 1) % W, [kb, vb], (r - 1) % W)
-        pending.keep = (k, v)  # the send buffers live until the requests complete
-        return kb, vb
-
-    @staticmethod
-    def backward(ctx, gk, gv):
-        group = ctx.group
-        W, r = group_size(group), group_rank(group)
-        gk, gv = gk.contiguous(), gv.contiguous()
-        dk, dv = torch.empty_like(gk), torch.empty_like(gv)
-        for req in _exchange(group, [gk, gv], (r - 1) % W, [dk, dv], (r + 1) % W):
-            req.wait()
-        return None, None, dk, dv
-
-
-class Tie(torch.autograd.Function):
-    """``out`` unchanged, made to depend on ``extra`` tensors (zero gradient): a received block that this
-    rank skipped must stay in the graph, or its RingShift backward would not run here while the
-    neighbours wait for it."""
-
-    @staticmethod
-    def forward(ctx, out, *extra):
-        ctx.shapes = [(t.shape, t.dtype, t.device) for t in extra]
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, g):
-        return (g, *[torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.shapes])
 
 
 def _gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
