@@ -27,11 +27,11 @@ def _doc_ids(lengths, B=None):
     return ids if B is None else torch.stack([ids, ids.roll(5)])
 
 
-def _cases():
+def _cases(device="cpu"):
     from attnkit import masks
 
-    doc = masks.document(_doc_ids(DOCS))
-    doc_b = masks.document(_doc_ids(DOCS, B=2))
+    doc = masks.document(_doc_ids(DOCS).to(device))
+    doc_b = masks.document(_doc_ids(DOCS, B=2).to(device))
     late = masks.from_mask_mod(lambda b, h, q, kv: q >= 3, "rows_from_3")  # rows 0..2 see nothing
     # name: (layout, sharding, method, dict(B, Hq, Hk, D, Dv), attention kwargs)
     return {
@@ -90,24 +90,28 @@ def _cases():
     }
 
 
-def _inputs(shape, layout, seed):
+CPU = {"device": "cpu", "dtype": "float32", "backend": "reference", "dist": "gloo"}
+GPU = {"device": "cuda", "dtype": "bfloat16", "backend": "auto", "dist": "nccl"}
+
+
+def _inputs(shape, layout, seed, cfg=CPU):
     B, Hq, Hk, D, Dv = shape
     g = torch.Generator().manual_seed(seed)
 
     def mk(H, d):
         dims = (B, S, H, d) if layout == "bshd" else (B, H, S, d)
-        return torch.randn(dims, generator=g)
+        return torch.randn(dims, generator=g).to(cfg["device"], getattr(torch, cfg["dtype"]))
 
     return mk(Hq, D), mk(Hk, D), mk(Hk, Dv), mk(Hq, Dv)
 
 
-def _run_case(name, spec, seed):
+def _run_case(name, spec, seed, cfg=CPU):
     from attnkit import distributed as akd
     from attnkit.backends.reference import reference_forward
 
     layout, sharding, method, shape, kw = spec
     sd = 1 if layout == "bshd" else 2
-    q, k, v, dout = _inputs(shape, layout, seed)
+    q, k, v, dout = _inputs(shape, layout, seed, cfg)
     # whole-sequence float64 oracle and plain-float32 baseline, with gradients
     ref = [t.double().requires_grad_() for t in (q, k, v)]
     out64, lse64 = oracle.attention64(*ref, layout=layout, **kw)
@@ -123,13 +127,13 @@ def _run_case(name, spec, seed):
 
     mine = [sh(t).requires_grad_() for t in (q, k, v)]
     out, lse = akd.context_parallel_attention(
-        *mine, layout=layout, sharding=sharding, method=method, return_lse=True, backend="reference", **kw
+        *mine, layout=layout, sharding=sharding, method=method, return_lse=True, backend=cfg["backend"], **kw
     )
     out.backward(sh(dout))
     assert out.dtype == q.dtype and lse.dtype == torch.float32
     oracle.assert_close(out, sh(out64), sh(outb), name="out")
     oracle.assert_close(lse, sh(lse64, -1), sh(lseb, -1), name="lse")
-    terms = float(dout.norm(dim=-1).max() * v.norm(dim=-1).max())
+    terms = float(dout.float().norm(dim=-1).max() * v.float().norm(dim=-1).max())
     for n, a, r, b in zip("qkv", mine, ref, base):
         oracle.assert_close(a.grad, sh(r.grad), sh(b.grad), name=f"grad {n}", term_scale=terms)
     # every rank gets the whole output back
@@ -189,25 +193,31 @@ def _run_roundtrip(rank, W):
     return res
 
 
-def _worker(rank, W, store, out_dir):
+def _worker(rank, W, store, out_dir, cfg=CPU):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    if cfg["device"] == "cuda":
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=W, timeout=datetime.timedelta(seconds=20)
+        cfg["dist"],
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=W,
+        timeout=datetime.timedelta(seconds=20),
     )
     results, failed = {}, False
-    for i, (name, spec) in enumerate(_cases().items()):
+    for i, (name, spec) in enumerate(_cases(cfg["device"]).items()):
         if failed:  # the ranks may be out of step now: stop rather than wait on timeouts case after case
             results[name] = "not run: an earlier case failed on this rank"
             continue
         try:
-            _run_case(name, spec, seed=1000 + i)
+            _run_case(name, spec, seed=1000 + i, cfg=cfg)
             results[name] = "ok"
         except Exception:  # noqa: BLE001
             results[name] = traceback.format_exc(limit=4)
             failed = True
-    if not failed:
+    if not failed and cfg["device"] == "cpu":
         results.update(_run_errors(rank, W))
         results.update(_run_roundtrip(rank, W))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -276,3 +286,98 @@ def test_bench_cp_smoke(tmp_path):
     text = (tmp_path / "cp.csv").read_text().splitlines()
     assert len(text) == 3 and text[0].startswith("mask,seqlen")  # header + W in (1, 2)
     assert all("error:" not in line and "out of memory" not in line for line in text), text
+
+
+@pytest.mark.cuda
+def test_context_parallel_nccl(tmp_path):
+    """The same cases with NCCL on every GPU of the machine (2 or more), bf16, backend="auto"."""
+    import torch.multiprocessing as mp
+
+    W = min(torch.cuda.device_count(), 4)
+    if W < 2:
+        pytest.skip("needs 2 or more GPUs")
+    mp.spawn(_worker, args=(W, str(tmp_path / "store"), str(tmp_path), GPU), nprocs=W, join=True)
+    per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(W)]
+    bad = {(r, c): m for r, res in enumerate(per_rank) for c, m in res.items() if m != "ok"}
+    assert not bad, "\n".join(f"rank {r} {c}: {m}" for (r, c), m in bad.items())
+
+
+def _simulated(q, k, v, W, layout, sharding, backend, **kw):
+    """Context parallelism with W ranks simulated in one process: every rank's blocks (exactly the blocks
+    the ring computes) and merge, differentiable through the whole tensors. Returns each rank's (out, lse)."""
+    from attnkit import distributed as akd
+    from attnkit.distributed import _blocks, _cp
+    from attnkit.distributed._sharding import chunk_starts
+
+    sd = 1 if layout == "bshd" else 2
+    local = [[akd.shard(t, sd, sharding=sharding, rank=r, world_size=W) for t in (q, k, v)] for r in range(W)]
+    res = []
+    for r in range(W):
+        g = _cp.plan_call(local[r][0], local[r][1], W, layout, sharding, **kw, backend=backend)
+        q_chunks = _blocks.chunks(local[r][0], sd, chunk_starts(r, W, sharding, g["cq"]), g["cq"])
+        parts = [[] for _ in q_chunks]
+        for src in range(W):
+            starts = chunk_starts(src, W, sharding, g["ck"])
+            kv = zip(
+                _blocks.chunks(local[src][1], sd, starts, g["ck"]),
+                _blocks.chunks(local[src][2], sd, starts, g["ck"]),
+            )
+            for (kc, ko), (vc, _) in kv:
+                for qi, (qc, qo) in enumerate(q_chunks):
+                    part = _blocks.block(qc, qo, kc, vc, ko, g)
+                    if part is not None:
+                        parts[qi].append(part)
+        res.append(_blocks.finish(q_chunks, parts, v.shape[-1], layout, sd))
+    return res
+
+
+_SIM_CPU = ["causal_zigzag_ring", "doc_window_zigzag_ring", "prefix_lm_contig_ring"]
+_SIM_GPU = _SIM_CPU + [
+    "window_zigzag_ring",
+    "doc_causal_zigzag_ring",
+    "full_contig_ring_gqa",
+    "masked_rows_zigzag_ring",
+]
+
+
+@pytest.mark.parametrize(
+    "device, case",
+    [("cpu", c) for c in _SIM_CPU] + [pytest.param("cuda", c, marks=pytest.mark.cuda) for c in _SIM_GPU],
+)
+def test_blocks_simulated_w4(device, case):
+    """The block decomposition for W = 4 in one process, against the float64 oracle: on the CPU with the
+    reference backend, on a GPU with backend="auto" in bf16 (the kernels attnkit would run per block)."""
+    from attnkit import distributed as akd
+    from attnkit.backends.reference import reference_forward
+
+    cfg = CPU if device == "cpu" else GPU
+    layout, sharding, _, shape, kw = _cases(device)[case]
+    q, k, v, dout = _inputs(shape, layout, seed=7, cfg=cfg)
+    sd = 1 if layout == "bshd" else 2
+    names = ("causal", "window", "softcap", "scale", "mask")
+    full = {n: kw.get(n) for n in names}
+    full["causal"] = bool(full["causal"])
+    mine = [t.clone().requires_grad_() for t in (q, k, v)]
+    W = 4 if S % 8 == 0 else 2
+    outs = _simulated(*mine, W, layout, sharding, cfg["backend"], **full)
+    out = torch.cat(
+        [akd.shard(torch.arange(S), 0, sharding=sharding, rank=r, world_size=W) for r in range(W)]
+    )
+    inv = torch.empty_like(out)
+    inv[out] = torch.arange(S)
+    out_full = torch.cat([o for o, _ in outs], dim=sd).index_select(sd, inv.to(q.device))
+    lse_full = torch.cat([s for _, s in outs], dim=-1).index_select(-1, inv.to(q.device))
+    out_full.backward(dout)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    out64, lse64 = oracle.attention64(*ref, layout=layout, **kw)
+    out64.backward(dout.double())
+    base = [t.clone().requires_grad_() for t in (q, k, v)]
+    outb, lseb = reference_forward(
+        oracle.make_call(*base, layout=layout, return_lse=True, **kw), upcast=False
+    )
+    outb.backward(dout)
+    oracle.assert_close(out_full, out64, outb, name="out")
+    oracle.assert_close(lse_full, lse64, lseb, dtype=q.dtype, name="lse")
+    terms = float(dout.float().norm(dim=-1).max() * v.float().norm(dim=-1).max())
+    for n, a, r, b in zip("qkv", mine, ref, base):
+        oracle.assert_close(a.grad, r.grad, b.grad, name=f"grad {n}", term_scale=terms)

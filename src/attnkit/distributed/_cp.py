@@ -73,6 +73,25 @@ def _allgather(q, k, v, g, group):
     return q_chunks, parts
 
 
+def plan_call(q_local, k_local, W, layout, sharding, causal, window, softcap, scale, mask, backend) -> dict:
+    """What every block of one call needs: lengths, chunk sizes, the global window and the mask parts."""
+    sd, per = _SEQ_DIM[layout], chunks_per_rank(sharding)
+    L, R, rest = _blocks.split_mask(mask, causal, window)
+    return {
+        "sd": sd,
+        "layout": layout,
+        "sharding": sharding,
+        "L": L,
+        "R": R,
+        "rest": rest,
+        "cq": q_local.shape[sd] // per,
+        "ck": k_local.shape[sd] // per,
+        "Sq": q_local.shape[sd] * W,
+        "Sk": k_local.shape[sd] * W,
+        "opts": {"softcap": softcap, "scale": scale, "backend": backend},
+    }
+
+
 def context_parallel_attention(
     q_local,
     k_local,
@@ -115,23 +134,9 @@ def context_parallel_attention(
     """
     sd = _validate(q_local, k_local, v_local, layout, sharding, method, group)
     W = _comm.group_size(group)
-    per = chunks_per_rank(sharding)
-    L, R, rest = _blocks.split_mask(mask, causal, window)
+    g = plan_call(q_local, k_local, W, layout, sharding, causal, window, softcap, scale, mask, backend)
     if method == "auto":
-        method = "ring" if all(_blocks.is_data(mk) for mk in rest) else "allgather"
-    g = {
-        "sd": sd,
-        "layout": layout,
-        "sharding": sharding,
-        "L": L,
-        "R": R,
-        "rest": rest,
-        "cq": q_local.shape[sd] // per,
-        "ck": k_local.shape[sd] // per,
-        "Sq": q_local.shape[sd] * W,
-        "Sk": k_local.shape[sd] * W,
-        "opts": {"softcap": softcap, "scale": scale, "backend": backend},
-    }
+        method = "ring" if all(_blocks.is_data(mk) for mk in g["rest"]) else "allgather"
     if method == "ring":
         out, lse = RingAttention.apply(q_local, k_local, v_local, g, group)
     else:
