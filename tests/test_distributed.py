@@ -86,6 +86,21 @@ def _cases(device="cpu"):
             (1, 2, 1, 8, 8),
             {"causal": True, "mask": late},
         ),
+        # Sq = 2 Sk, causal (bottom-right): the first Sk queries see nothing, so some ranks see no key at all
+        "cross_long_q_causal_allgather": (
+            "bshd",
+            "contiguous",
+            "allgather",
+            (1, 2, 1, 8, 8, 2 * S),
+            {"causal": True},
+        ),
+        "cross_long_q_window_zigzag_ring": (
+            "bshd",
+            "zigzag",
+            "ring",
+            (1, 2, 1, 8, 8, 2 * S),
+            {"window": (5, 3)},
+        ),
         "softcap_scale_zigzag": ("bshd", "zigzag", "ring", (1, 2, 2, 16, 8), {"softcap": 5.0, "scale": 0.3}),
     }
 
@@ -95,14 +110,15 @@ GPU = {"device": "cuda", "dtype": "bfloat16", "backend": "auto", "dist": "nccl"}
 
 
 def _inputs(shape, layout, seed, cfg=CPU):
-    B, Hq, Hk, D, Dv = shape
+    B, Hq, Hk, D, Dv, *sq = shape  # an optional 6th entry: Sq != Sk = S
+    Sq = sq[0] if sq else S
     g = torch.Generator().manual_seed(seed)
 
-    def mk(H, d):
-        dims = (B, S, H, d) if layout == "bshd" else (B, H, S, d)
+    def mk(H, d, n=S):
+        dims = (B, n, H, d) if layout == "bshd" else (B, H, n, d)
         return torch.randn(dims, generator=g).to(cfg["device"], getattr(torch, cfg["dtype"]))
 
-    return mk(Hq, D), mk(Hk, D), mk(Hk, Dv), mk(Hq, Dv)
+    return mk(Hq, D, Sq), mk(Hk, D), mk(Hk, Dv), mk(Hq, Dv, Sq)
 
 
 def _run_case(name, spec, seed, cfg=CPU):

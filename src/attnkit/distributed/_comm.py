@@ -33,6 +33,21 @@ def exchange(group, send: list[torch.Tensor], to: int, recv: list[torch.Tensor],
     return dist.batch_isend_irecv(ops)
 
 
+class Tie(torch.autograd.Function):
+    """``out`` unchanged, made to depend on ``extra`` tensors with a zero gradient: a rank whose queries see
+    no key at all must still run the collective backward of the K/V it gathered (its peers wait for it),
+    and give its q a zero gradient rather than none."""
+
+    @staticmethod
+    def forward(ctx, out, *extra):
+        ctx.shapes = [(t.shape, t.dtype, t.device) for t in extra]
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g, *[torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.shapes])
+
+
 def _gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(group_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)

@@ -70,7 +70,7 @@ def _allgather(q, k, v, g, group):
                 if res is not None:
                     mine.append(res)
         parts.append(mine)
-    return q_chunks, parts
+    return q_chunks, parts, kf, vf
 
 
 def plan_call(q_local, k_local, W, layout, sharding, causal, window, softcap, scale, mask, backend) -> dict:
@@ -140,6 +140,8 @@ def context_parallel_attention(
     if method == "ring":
         out, lse = RingAttention.apply(q_local, k_local, v_local, g, group)
     else:
-        q_chunks, parts = _allgather(q_local, k_local, v_local, g, group)
+        q_chunks, parts, kf, vf = _allgather(q_local, k_local, v_local, g, group)
         out, lse = _blocks.finish(q_chunks, parts, v_local.shape[-1], layout, sd)
+        if not any(parts) and torch.is_grad_enabled():
+            out = _comm.Tie.apply(out, q_local, kf, vf)
     return (out, lse) if return_lse else out
