@@ -187,6 +187,8 @@ def _run_errors(rank, W):
     expect("err_method", lambda: akd.context_parallel_attention(odd, odd, odd, method="a2a"), "method")
     expect("err_shard_len", lambda: akd.shard(torch.randn(1, 2 * W + 1, 2, 8), 1), "x")
     expect("err_3d", lambda: akd.context_parallel_attention(odd[0], odd, odd), "q_local")
+    expect("err_window", lambda: akd.context_parallel_attention(odd, odd, odd, window=(-2, 0)), "window")
+    expect("err_mask", lambda: akd.context_parallel_attention(odd, odd, odd, mask="causal"), "mask")
     return results
 
 
@@ -264,6 +266,8 @@ _NAMES = list(_cases()) + [
     "err_method",
     "err_shard_len",
     "err_3d",
+    "err_window",
+    "err_mask",
     "roundtrip_contiguous",
     "roundtrip_zigzag",
 ]

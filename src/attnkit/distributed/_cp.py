@@ -25,7 +25,27 @@ METHODS = ("auto", "ring", "allgather")
 _SEQ_DIM = {"bhsd": 2, "bshd": 1}
 
 
-def _validate(q, k, v, layout, sharding, method, group):
+def _check_constraints(causal, window, mask):
+    """The arguments this module reads itself (the rest are checked by each block's ``attention`` call)."""
+    if not isinstance(causal, bool):
+        raise AttentionInputError("causal", "a bool", repr(causal))
+    if window is not None and (
+        not isinstance(window, (tuple, list))
+        or len(window) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)
+    ):
+        raise AttentionInputError(
+            "window", "None or (left, right) with ints >= -1 (-1 = unbounded)", repr(window)
+        )
+    if mask is not None and not callable(mask) and not hasattr(mask, "mask_mod"):
+        raise AttentionInputError(
+            "mask",
+            "None, an attnkit.masks.Mask, a mask_mod callable or a torch BlockMask",
+            type(mask).__name__,
+        )
+
+
+def _validate(q, k, v, layout, sharding, method, group, causal, window, mask):
     if layout not in _SEQ_DIM:
         raise AttentionInputError("layout", f"one of {tuple(_SEQ_DIM)} (thd: not yet)", repr(layout))
     check_sharding(sharding)
@@ -35,6 +55,7 @@ def _validate(q, k, v, layout, sharding, method, group):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = f"{t.dim()}-D tensor" if isinstance(t, torch.Tensor) else type(t).__name__
             raise AttentionInputError(name, f"a 4-D tensor in layout {layout!r}", got)
+    _check_constraints(causal, window, mask)
     _comm.require_initialized()
     sd = _SEQ_DIM[layout]
     if k.shape[sd] != v.shape[sd]:
@@ -132,7 +153,7 @@ def context_parallel_attention(
         ``out_local`` of shape (B, Sq/W, Hq, Dv) / (B, Hq, Sq/W, Dv) in this rank's order of positions, and
         ``lse_local`` with ``return_lse``.
     """
-    sd = _validate(q_local, k_local, v_local, layout, sharding, method, group)
+    sd = _validate(q_local, k_local, v_local, layout, sharding, method, group, causal, window, mask)
     W = _comm.group_size(group)
     g = plan_call(q_local, k_local, W, layout, sharding, causal, window, softcap, scale, mask, backend)
     if method == "auto":
