@@ -242,6 +242,7 @@ def _worker(rank, W, store, out_dir, cfg=CPU):
         json.dump(results, f)
     if failed:
         os._exit(0)  # peers may still be blocked in a collective: do not wait for a clean shutdown
+    dist.barrier()  # no rank closes its connections while a peer still reads from them
     dist.destroy_process_group()
 
 

@@ -136,6 +136,7 @@ def _worker(rank: int, W: int, cfg: dict, S: int, mask_name: str, store: str, ou
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(row, f)
+    dist.barrier()  # no rank closes its connections while a peer still reads from them
     dist.destroy_process_group()
 
 
