@@ -157,6 +157,64 @@ def _run_case(name, spec, seed, cfg=CPU):
     oracle.assert_close(full, out64, outb, name="unshard(out)")
 
 
+THD_DOCS = [12, 0, 24, 12]  # every length a multiple of 2W for W = 2 and 3; an empty document too
+
+
+def _run_thd(rank, W):
+    """layout="thd": every document split evenly over the ranks (TransformerEngine's THD layout)."""
+    from attnkit import distributed as akd
+    from attnkit.backends.reference import reference_forward
+
+    res = {}
+    cu = oracle.cu_seqlens(THD_DOCS)
+    T = int(cu[-1])
+    cases = [
+        ("thd_causal_zigzag_ring", "zigzag", "ring", {"causal": True}),
+        ("thd_window_contig_ring", "contiguous", "ring", {"window": (5, 2)}),
+        ("thd_full_zigzag_allgather", "zigzag", "allgather", {}),
+    ]
+    for i, (name, sharding, method, kw) in enumerate(cases):
+        try:
+            g = torch.Generator().manual_seed(50 + i)
+            q, k, v, dout = (torch.randn(T, h, 8, generator=g) for h in (4, 2, 2, 4))
+            ref = [t.double().requires_grad_() for t in (q, k, v)]
+            seq = {"cu_seqlens_q": cu, "cu_seqlens_k": cu}
+            out64, lse64 = oracle.attention64(*ref, layout="thd", **seq, **kw)
+            out64.backward(dout.double())
+            base = [t.clone().requires_grad_() for t in (q, k, v)]
+            call = oracle.make_call(*base, layout="thd", return_lse=True, **seq, **kw)
+            outb, lseb = reference_forward(call, upcast=False)
+            outb.backward(dout)
+
+            def sh(t, dim=0, sharding=sharding):
+                return akd.shard(t.detach(), dim, sharding=sharding, cu_seqlens=cu)
+
+            mine = [sh(t).requires_grad_() for t in (q, k, v)]
+            out, lse = akd.context_parallel_attention(
+                *mine,
+                layout="thd",
+                cu_seqlens=cu,
+                sharding=sharding,
+                method=method,
+                return_lse=True,
+                backend="reference",
+                **kw,
+            )
+            out.backward(sh(dout))
+            oracle.assert_close(out, sh(out64), sh(outb), name="out")
+            oracle.assert_close(lse, sh(lse64, -1), sh(lseb, -1), name="lse")
+            terms = float(dout.norm(dim=-1).max() * v.norm(dim=-1).max())
+            for n, a, r, b in zip("qkv", mine, ref, base):
+                oracle.assert_close(a.grad, sh(r.grad), sh(b.grad), name=f"grad {n}", term_scale=terms)
+            full = akd.unshard(out.detach(), 0, sharding=sharding, cu_seqlens=cu)
+            oracle.assert_close(full, out64, outb, name="unshard(out)")
+            res[name] = "ok"
+        except Exception:  # noqa: BLE001
+            res[name] = traceback.format_exc(limit=4)
+            break
+    return res
+
+
 def _run_errors(rank, W):
     """Bad input: every rank must raise the same AttentionInputError (none may hang)."""
     import attnkit
@@ -183,7 +241,7 @@ def _run_errors(rank, W):
         "err_odd_zigzag", lambda: akd.context_parallel_attention(odd, odd, odd, sharding="zigzag"), "q_local"
     )
     expect("err_sharding", lambda: akd.shard(torch.randn(1, 12, 2, 8), 1, sharding="ring"), "sharding")
-    expect("err_layout", lambda: akd.context_parallel_attention(odd, odd, odd, layout="thd"), "layout")
+    expect("err_layout", lambda: akd.context_parallel_attention(odd, odd, odd, layout="sbhd"), "layout")
     expect("err_method", lambda: akd.context_parallel_attention(odd, odd, odd, method="a2a"), "method")
     expect("err_shard_len", lambda: akd.shard(torch.randn(1, 2 * W + 1, 2, 8), 1), "x")
     expect("err_3d", lambda: akd.context_parallel_attention(odd[0], odd, odd), "q_local")
@@ -236,6 +294,7 @@ def _worker(rank, W, store, out_dir, cfg=CPU):
             results[name] = traceback.format_exc(limit=4)
             failed = True
     if not failed and cfg["device"] == "cpu":
+        results.update(_run_thd(rank, W))
         results.update(_run_errors(rank, W))
         results.update(_run_roundtrip(rank, W))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -266,6 +325,9 @@ _NAMES = list(_cases()) + [
     "err_layout",
     "err_method",
     "err_shard_len",
+    "thd_causal_zigzag_ring",
+    "thd_window_contig_ring",
+    "thd_full_zigzag_allgather",
     "err_3d",
     "err_window",
     "err_mask",
@@ -328,23 +390,19 @@ def _simulated(q, k, v, W, layout, sharding, backend, **kw):
     the ring computes) and merge, differentiable through the whole tensors. Returns each rank's (out, lse)."""
     from attnkit import distributed as akd
     from attnkit.distributed import _blocks, _cp
-    from attnkit.distributed._sharding import chunk_starts
 
     sd = 1 if layout == "bshd" else 2
     local = [[akd.shard(t, sd, sharding=sharding, rank=r, world_size=W) for t in (q, k, v)] for r in range(W)]
     res = []
     for r in range(W):
         g = _cp.plan_call(local[r][0], local[r][1], W, layout, sharding, **kw, backend=backend)
-        q_chunks = _blocks.chunks(local[r][0], sd, chunk_starts(r, W, sharding, g["cq"]), g["cq"])
+        q_chunks = _blocks.chunks(local[r][0], sd, g["qd"](r))
         parts = [[] for _ in q_chunks]
         for src in range(W):
-            starts = chunk_starts(src, W, sharding, g["ck"])
-            kv = zip(
-                _blocks.chunks(local[src][1], sd, starts, g["ck"]),
-                _blocks.chunks(local[src][2], sd, starts, g["ck"]),
-            )
-            for (kc, ko), (vc, _) in kv:
-                for qi, (qc, qo) in enumerate(q_chunks):
+            pieces = g["kd"](src)
+            kv = zip(_blocks.chunks(local[src][1], sd, pieces), _blocks.chunks(local[src][2], sd, pieces))
+            for (kc, ko, *_), (vc, *_) in kv:
+                for qi, (qc, qo, *_) in enumerate(q_chunks):
                     part = _blocks.block(qc, qo, kc, vc, ko, g)
                     if part is not None:
                         parts[qi].append(part)

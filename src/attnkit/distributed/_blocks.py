@@ -147,11 +147,18 @@ def attend_block(q, k, v, plan: Plan, rest, *, qo, ko, Sq, Sk, seq_dim, layout, 
 
 
 # -- the per-chunk loop pieces shared by both methods -------------------------------------------------
-def chunks(x, sd, starts, c):
-    return [(x.narrow(sd, i * c, c), s) for i, s in enumerate(starts)]
+def chunks(x, sd, pieces):
+    """``x`` (a rank's shard) cut into its pieces: ``[(tensor, global start, doc, local start)]``."""
+    out, at = [], 0
+    for start, c, doc in pieces:
+        out.append((x.narrow(sd, at, c), start, doc, at))
+        at += c
+    return out
 
 
-def block(qc, qo, kc, vc, ko, g):
+def block(qc, qo, kc, vc, ko, g, qdoc=None, kdoc=None):
+    if qdoc != kdoc:  # packed (thd) documents never see each other
+        return None
     m, n = qc.shape[g["sd"]], kc.shape[g["sd"]]
     plan = plan_block(qo + g["Sk"] - g["Sq"], m, ko, n, g["L"], g["R"])
     if plan is None:
@@ -175,7 +182,7 @@ def block(qc, qo, kc, vc, ko, g):
 def finish(q_chunks, parts, dv: int, layout: str, sd: int):
     """Merge each query chunk's block results and concatenate the chunks: ``(out, lse)`` of this rank."""
     outs, lses = [], []
-    for (qc, _), p in zip(q_chunks, parts):
+    for (qc, *_), p in zip(q_chunks, parts):
         if p:
             o, s = merge_attention([x[0] for x in p], [x[1] for x in p], layout=layout)
         else:  # no key visible to any query of this chunk

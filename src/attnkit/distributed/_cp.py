@@ -18,7 +18,13 @@ import torch
 
 from attnkit.distributed import _blocks, _comm
 from attnkit.distributed._ring import RingAttention
-from attnkit.distributed._sharding import check_sharding, chunk_starts, chunks_per_rank, reorder_to_global
+from attnkit.distributed._sharding import (
+    check_cu_seqlens,
+    check_sharding,
+    chunks_per_rank,
+    layout_chunks,
+    reorder_to_global,
+)
 from attnkit.errors import AttentionInputError
 
 METHODS = ("auto", "ring", "allgather")
@@ -45,19 +51,28 @@ def _check_constraints(causal, window, mask):
         )
 
 
-def _validate(q, k, v, layout, sharding, method, group, causal, window, mask):
-    if layout not in _SEQ_DIM:
-        raise AttentionInputError("layout", f"one of {tuple(_SEQ_DIM)} (thd: not yet)", repr(layout))
+def _validate(q, k, v, layout, sharding, method, group, causal, window, mask, cu_seqlens):
+    if layout not in (*_SEQ_DIM, "thd"):
+        raise AttentionInputError("layout", f"one of {(*_SEQ_DIM, 'thd')}", repr(layout))
     check_sharding(sharding)
     if method not in METHODS:
         raise AttentionInputError("method", f"one of {METHODS}", repr(method))
+    dims = 3 if layout == "thd" else 4
     for name, t in (("q_local", q), ("k_local", k), ("v_local", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        if not isinstance(t, torch.Tensor) or t.dim() != dims:
             got = f"{t.dim()}-D tensor" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise AttentionInputError(name, f"a 4-D tensor in layout {layout!r}", got)
+            raise AttentionInputError(name, f"a {dims}-D tensor in layout {layout!r}", got)
     _check_constraints(causal, window, mask)
+    if layout == "thd" and mask is not None:
+        raise AttentionInputError("mask", "None for layout='thd' (causal and window work per document)", mask)
+    if (layout == "thd") != (cu_seqlens is not None):
+        raise AttentionInputError(
+            "cu_seqlens",
+            "the int (N+1,) offsets of the whole packed batch for layout='thd', else None",
+            "None" if cu_seqlens is None else "a tensor",
+        )
     _comm.require_initialized()
-    sd = _SEQ_DIM[layout]
+    sd = 0 if layout == "thd" else _SEQ_DIM[layout]
     if k.shape[sd] != v.shape[sd]:
         raise AttentionInputError("v_local", f"{k.shape[sd]} positions (as k_local)", v.shape[sd])
     per = chunks_per_rank(sharding)
@@ -71,33 +86,42 @@ def _validate(q, k, v, layout, sharding, method, group, causal, window, mask):
             f"(q, k) lengths by rank {lens}",
             hint="pad the global sequence to a multiple of W (contiguous) or 2W (zigzag); akd.shard cuts it",
         )
-    return sd
+    if cu_seqlens is not None:
+        if q.shape[0] != k.shape[0]:
+            raise AttentionInputError("k_local", f"{q.shape[0]} tokens (as q_local) for thd", k.shape[0])
+        check_cu_seqlens(cu_seqlens, _comm.group_size(group), sharding, q.shape[0] * _comm.group_size(group))
 
 
 def _allgather(q, k, v, g, group):
     W, r = _comm.group_size(group), _comm.group_rank(group)
-    sd = g["sd"]
-    kf = reorder_to_global(_comm.AllGatherSeq.apply(k, group, sd), sd, W, g["sharding"])
-    vf = reorder_to_global(_comm.AllGatherSeq.apply(v, group, sd), sd, W, g["sharding"])
+    sd, cu = g["sd"], g["cu"]
+    kf = reorder_to_global(_comm.AllGatherSeq.apply(k, group, sd), sd, W, g["sharding"], cu)
+    vf = reorder_to_global(_comm.AllGatherSeq.apply(v, group, sd), sd, W, g["sharding"], cu)
     Sk = kf.shape[sd]
-    q_chunks = _blocks.chunks(q, sd, chunk_starts(r, W, g["sharding"], g["cq"]), g["cq"])
+    q_chunks = _blocks.chunks(q, sd, g["qd"](r))
     parts = []
-    for qc, qo in q_chunks:
-        end = min(max(qo + g["cq"] + g["Sk"] - g["Sq"], 0), Sk)  # the keys up to this chunk's last query
+    for qc, qo, doc, _ in q_chunks:
+        lo, hi = (0, Sk) if doc is None else (int(cu[doc]), int(cu[doc + 1]))
+        end = min(max(qo + qc.shape[sd] + g["Sk"] - g["Sq"], lo), hi)  # the keys up to the chunk's last query
         mine = []
-        for ko, n in ((0, end), (end, Sk - end)):
+        for ko, n in ((lo, end - lo), (end, hi - end)):
             if n > 0:
-                res = _blocks.block(qc, qo, kf.narrow(sd, ko, n), vf.narrow(sd, ko, n), ko, g)
+                res = _blocks.block(qc, qo, kf.narrow(sd, ko, n), vf.narrow(sd, ko, n), ko, g, doc, doc)
                 if res is not None:
                     mine.append(res)
         parts.append(mine)
     return q_chunks, parts, kf, vf
 
 
-def plan_call(q_local, k_local, W, layout, sharding, causal, window, softcap, scale, mask, backend) -> dict:
-    """What every block of one call needs: lengths, chunk sizes, the global window and the mask parts."""
-    sd, per = _SEQ_DIM[layout], chunks_per_rank(sharding)
+def plan_call(
+    q_local, k_local, W, layout, sharding, causal, window, softcap, scale, mask, backend, cu_seqlens=None
+) -> dict:
+    """What every block of one call needs: lengths, each rank's pieces, the global window, the mask parts.
+    ``layout`` is ``bshd`` or ``bhsd`` here (thd arrives as bshd with B = 1 and ``cu_seqlens``)."""
+    sd = _SEQ_DIM[layout]
     L, R, rest = _blocks.split_mask(mask, causal, window)
+    Sq, Sk = q_local.shape[sd] * W, k_local.shape[sd] * W
+    cu = None if cu_seqlens is None else cu_seqlens.cpu()
     return {
         "sd": sd,
         "layout": layout,
@@ -105,10 +129,11 @@ def plan_call(q_local, k_local, W, layout, sharding, causal, window, softcap, sc
         "L": L,
         "R": R,
         "rest": rest,
-        "cq": q_local.shape[sd] // per,
-        "ck": k_local.shape[sd] // per,
-        "Sq": q_local.shape[sd] * W,
-        "Sk": k_local.shape[sd] * W,
+        "cu": cu,
+        "qd": lambda r: layout_chunks(r, W, sharding, Sq, cu),
+        "kd": lambda r: layout_chunks(r, W, sharding, Sk, cu),
+        "Sq": Sq,
+        "Sk": Sk,
         "opts": {"softcap": softcap, "scale": scale, "backend": backend},
     }
 
@@ -129,6 +154,7 @@ def context_parallel_attention(
     return_lse=False,
     backend="auto",
     method="auto",
+    cu_seqlens=None,
 ):
     """Attention over a sequence whose positions are sharded across ``group`` (API.md §5).
 
@@ -148,14 +174,25 @@ def context_parallel_attention(
             ((S,) or (B, S), identical on every rank) and is sliced per block, never densified.
         return_lse: also return this rank's lse, (B, Hq, Sq/W) float32.
         method: ``"auto"``, ``"ring"`` or ``"allgather"`` (see the module docstring).
+        cu_seqlens: for ``layout="thd"`` (an extension of API.md §5): int (N+1,), the offsets of the WHOLE
+            packed batch, each document's length a multiple of W (2W for zigzag); q/k/v_local are (T/W, H, D)
+            as ``shard(x, 0, cu_seqlens=cu_seqlens)`` cuts them (every document split evenly over the ranks).
+            Documents never attend across each other; causal and windows act per document; lse (H, T/W).
 
     Returns:
         ``out_local`` of shape (B, Sq/W, Hq, Dv) / (B, Hq, Sq/W, Dv) in this rank's order of positions, and
         ``lse_local`` with ``return_lse``.
     """
-    sd = _validate(q_local, k_local, v_local, layout, sharding, method, group, causal, window, mask)
+    _validate(q_local, k_local, v_local, layout, sharding, method, group, causal, window, mask, cu_seqlens)
+    thd = layout == "thd"
+    if thd:  # (T/W, H, D) -> (1, T/W, H, D): one packed row, documents from cu_seqlens
+        q_local, k_local, v_local = (t.unsqueeze(0) for t in (q_local, k_local, v_local))
+        layout = "bshd"
+    sd = _SEQ_DIM[layout]
     W = _comm.group_size(group)
-    g = plan_call(q_local, k_local, W, layout, sharding, causal, window, softcap, scale, mask, backend)
+    g = plan_call(
+        q_local, k_local, W, layout, sharding, causal, window, softcap, scale, mask, backend, cu_seqlens
+    )
     if method == "auto":
         method = "ring" if all(_blocks.is_data(mk) for mk in g["rest"]) else "allgather"
     if method == "ring":
@@ -165,4 +202,6 @@ def context_parallel_attention(
         out, lse = _blocks.finish(q_chunks, parts, v_local.shape[-1], layout, sd)
         if not any(parts) and torch.is_grad_enabled():
             out = _comm.Tie.apply(out, q_local, kf, vf)
+    if thd:
+        out, lse = out.squeeze(0), lse.squeeze(0)  # (T/W, H, Dv), (H, T/W)
     return (out, lse) if return_lse else out

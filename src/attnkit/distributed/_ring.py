@@ -20,17 +20,14 @@ from __future__ import annotations
 import torch
 
 from attnkit.distributed import _blocks, _comm
-from attnkit.distributed._sharding import chunk_starts
 from attnkit.merge import _lse_view
 
 _KV, _ACC = 0, 1  # p2p tags: K/V blocks and dK/dV accumulators
 
 
-def _kv_chunks(kk, vv, src, W, g):
-    starts = chunk_starts(src, W, g["sharding"], g["ck"])
-    return list(
-        zip(_blocks.chunks(kk, g["sd"], starts, g["ck"]), _blocks.chunks(vv, g["sd"], starts, g["ck"]))
-    )
+def _kv_chunks(kk, vv, src, g):
+    pieces = g["kd"](src)
+    return list(zip(_blocks.chunks(kk, g["sd"], pieces), _blocks.chunks(vv, g["sd"], pieces)))
 
 
 def _post(group, send, recv, tag):
@@ -46,7 +43,7 @@ def _wait(reqs):
 
 def _forward(q, k, v, g, group):
     W, r = _comm.group_size(group), _comm.group_rank(group)
-    q_chunks = _blocks.chunks(q, g["sd"], chunk_starts(r, W, g["sharding"], g["cq"]), g["cq"])
+    q_chunks = _blocks.chunks(q, g["sd"], g["qd"](r))
     parts = [[] for _ in q_chunks]
     kk, vv, src = k, v, r
     for t in range(W):
@@ -54,9 +51,9 @@ def _forward(q, k, v, g, group):
         if t < W - 1:
             nk, nv = torch.empty_like(kk), torch.empty_like(vv)
             reqs = _post(group, [kk, vv], [nk, nv], _KV)
-        for qi, (qc, qo) in enumerate(q_chunks):
-            for (kc, ko), (vc, _) in _kv_chunks(kk, vv, src, W, g):
-                res = _blocks.block(qc, qo, kc, vc, ko, g)
+        for qi, (qc, qo, qdoc, _) in enumerate(q_chunks):
+            for (kc, ko, kdoc, _), (vc, *_) in _kv_chunks(kk, vv, src, g):
+                res = _blocks.block(qc, qo, kc, vc, ko, g, qdoc, kdoc)
                 if res is not None:
                     parts[qi].append(res)
         if reqs is not None:
@@ -65,12 +62,12 @@ def _forward(q, k, v, g, group):
     return _blocks.finish(q_chunks, parts, v.shape[-1], g["layout"], g["sd"])
 
 
-def _block_grads(qc, kc, vc, qo, ko, out_c, lse_c, dout_c, dlse_c, g):
+def _block_grads(qc, kc, vc, qo, ko, docs, out_c, lse_c, dout_c, dlse_c, g):
     """(dq, dk, dv) of one block's share of the merged result, or None for an empty block."""
     layout = g["layout"]
     with torch.enable_grad():
         qc, kc, vc = (t.detach().requires_grad_() for t in (qc, kc, vc))
-        res = _blocks.block(qc, qo, kc, vc, ko, g)
+        res = _blocks.block(qc, qo, kc, vc, ko, g, *docs)
         if res is None:
             return None
         o_b, lse_b = res
@@ -85,16 +82,11 @@ def _block_grads(qc, kc, vc, qo, ko, out_c, lse_c, dout_c, dlse_c, g):
 
 def _backward(q, k, v, out, lse, dout, dlse, g, group):
     W, r = _comm.group_size(group), _comm.group_rank(group)
-    sd, cq, ck = g["sd"], g["cq"], g["ck"]
-    q_chunks = _blocks.chunks(q, sd, chunk_starts(r, W, g["sharding"], cq), cq)
+    sd = g["sd"]
+    q_chunks = _blocks.chunks(q, sd, g["qd"](r))
     per_chunk = [
-        (
-            out.narrow(sd, i * cq, cq),
-            lse.narrow(-1, i * cq, cq),
-            dout.narrow(sd, i * cq, cq),
-            dlse.narrow(-1, i * cq, cq),
-        )
-        for i in range(len(q_chunks))
+        tuple(t.narrow(d, at, qc.shape[sd]) for t, d in ((out, sd), (lse, -1), (dout, sd), (dlse, -1)))
+        for qc, _, _, at in q_chunks
     ]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kk, vv, src = k, v, r
@@ -106,18 +98,14 @@ def _backward(q, k, v, out, lse, dout, dlse, g, group):
             kv_reqs = _post(group, [kk, vv], [nk, nv], _KV)
         dk = torch.zeros(kk.shape, dtype=torch.float32, device=kk.device)
         dv = torch.zeros(vv.shape, dtype=torch.float32, device=vv.device)
-        for qi, (qc, qo) in enumerate(q_chunks):
-            for j, ((kc, ko), (vc, _)) in enumerate(_kv_chunks(kk, vv, src, W, g)):
-                grads = _block_grads(qc, kc, vc, qo, ko, *per_chunk[qi], g)
+        for qi, (qc, qo, qdoc, qat) in enumerate(q_chunks):
+            for (kc, ko, kdoc, kat), (vc, *_) in _kv_chunks(kk, vv, src, g):
+                grads = _block_grads(qc, kc, vc, qo, ko, (qdoc, kdoc), *per_chunk[qi], g)
                 if grads is None:
                     continue
-                for acc, gr, start in (
-                    (dq, grads[0], qi * cq),
-                    (dk, grads[1], j * ck),
-                    (dv, grads[2], j * ck),
-                ):
+                for acc, gr, at in ((dq, grads[0], qat), (dk, grads[1], kat), (dv, grads[2], kat)):
                     if gr is not None:
-                        acc.narrow(sd, start, gr.shape[sd]).add_(gr.float())
+                        acc.narrow(sd, at, gr.shape[sd]).add_(gr.float())
         if acc_reqs is not None:  # the block's dK/dV from the ranks it visited before
             _wait(acc_reqs)
             dk.add_(acc_in[0])

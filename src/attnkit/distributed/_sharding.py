@@ -38,6 +38,46 @@ def chunk_starts(rank: int, world: int, sharding: str, chunk: int) -> list[int]:
     return [c * chunk for c in rank_chunks(rank, world, sharding)]
 
 
+def layout_chunks(rank: int, world: int, sharding: str, length: int, cu_seqlens=None) -> list[tuple]:
+    """The pieces of the global sequence that ``rank`` holds, in local order: ``(start, length, doc)``.
+
+    Without ``cu_seqlens`` the sequence of ``length`` positions is cut as a whole (``doc`` None). With
+    ``cu_seqlens`` (int (N+1,), packed documents, each length a multiple of W or 2W) every document is cut the
+    same way on its own, so every rank gets an equal share of each document (TransformerEngine's THD
+    layout); the pieces are then ordered document by document."""
+    per = chunks_per_rank(sharding)
+    if cu_seqlens is None:
+        c = length // (world * per)
+        return [(s, c, None) for s in chunk_starts(rank, world, sharding, c)]
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    out = []
+    for n in range(len(cu) - 1):
+        c = (cu[n + 1] - cu[n]) // (world * per)
+        out += [(cu[n] + i * c, c, n) for i in rank_chunks(rank, world, sharding)] if c else []
+    return out
+
+
+def check_cu_seqlens(cu_seqlens, world: int, sharding: str, total: int | None = None):
+    """``cu_seqlens`` for a sharded packed batch: int (N+1,), from 0, every length a multiple of W (2W)."""
+    n = world * chunks_per_rank(sharding)
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+        raise AttentionInputError(
+            "cu_seqlens", "an int tensor (N+1,) of the whole packed batch", repr(cu_seqlens)
+        )
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    if int(cu_seqlens[0]) != 0 or any(x < 0 or x % n for x in lens):
+        raise AttentionInputError(
+            "cu_seqlens",
+            f"0 first and every sequence length a multiple of {n} ({sharding}, W={world})",
+            lens,
+            hint="pad each document to a multiple of the chunk count (TE's cu_seqlens_padded)",
+        )
+    if total is not None and int(cu_seqlens[-1]) != total:
+        raise AttentionInputError(
+            "cu_seqlens", f"a last entry equal to the total length {total}", int(cu_seqlens[-1])
+        )
+
+
 def _check_dim(x, dim: int, arg: str = "x") -> int:
     if not isinstance(x, torch.Tensor):
         raise AttentionInputError(arg, "a tensor", type(x).__name__)
@@ -55,7 +95,16 @@ def _world(group, rank, world_size) -> tuple[int, int]:
     return group_rank(group), group_size(group)
 
 
-def shard(x: torch.Tensor, dim: int, group=None, sharding: str = "zigzag", *, rank=None, world_size=None):
+def shard(
+    x: torch.Tensor,
+    dim: int,
+    group=None,
+    sharding: str = "zigzag",
+    *,
+    cu_seqlens=None,
+    rank=None,
+    world_size=None,
+):
     """This rank's part of ``x`` along ``dim`` (no communication; differentiable).
 
     Args:
@@ -65,6 +114,8 @@ def shard(x: torch.Tensor, dim: int, group=None, sharding: str = "zigzag", *, ra
         dim: the sequence dimension of ``x``.
         group: the process group (default: the world); W is its size.
         sharding: ``"contiguous"`` or ``"zigzag"`` (see the module docstring).
+        cu_seqlens: optional int (N+1,): ``x`` packs N documents along ``dim`` (layout ``thd``); each is cut
+            on its own (every length a multiple of W or 2W), so every rank gets an equal share of each.
         rank, world_size: give both to shard without a process group (e.g. to prepare data).
 
     Returns:
@@ -75,39 +126,40 @@ def shard(x: torch.Tensor, dim: int, group=None, sharding: str = "zigzag", *, ra
     r, W = _world(group, rank, world_size)
     n = W * chunks_per_rank(sharding)
     S = x.shape[dim]
-    if S == 0 or S % n:
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, W, sharding, S)
+    elif S == 0 or S % n:
         raise AttentionInputError(
             "x",
             f"a length along dim {dim} that is a positive multiple of {n} ({sharding}, W={W})",
             S,
             hint="pad the sequence (and mask the padding) to a multiple of the number of chunks",
         )
-    c = S // n
-    parts = [x.narrow(dim, s, c) for s in chunk_starts(r, W, sharding, c)]
+    parts = [x.narrow(dim, s, c) for s, c, _ in layout_chunks(r, W, sharding, S, cu_seqlens)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def reorder_to_global(x: torch.Tensor, dim: int, world: int, sharding: str) -> torch.Tensor:
+def reorder_to_global(x: torch.Tensor, dim: int, world: int, sharding: str, cu_seqlens=None) -> torch.Tensor:
     """Rank-ordered concatenation of every rank's shard (what an all-gather gives) -> global order."""
-    if sharding == "contiguous":
+    if sharding == "contiguous" and cu_seqlens is None:
         return x
-    n = 2 * world
-    c = x.shape[dim] // n
-    pos = {}  # global chunk -> position in the gathered tensor
+    S = x.shape[dim]
+    pieces, at = [], 0
     for r in range(world):
-        for i, g in enumerate(rank_chunks(r, world, sharding)):
-            pos[g] = 2 * r + i
-    return torch.cat([x.narrow(dim, pos[g] * c, c) for g in range(n)], dim=dim)
+        for start, c, _ in layout_chunks(r, world, sharding, S, cu_seqlens):
+            pieces.append((start, at, c))
+            at += c
+    return torch.cat([x.narrow(dim, at, c) for _, at, c in sorted(pieces)], dim=dim)
 
 
-def unshard(x_local: torch.Tensor, dim: int, group=None, sharding: str = "zigzag") -> torch.Tensor:
+def unshard(x_local: torch.Tensor, dim: int, group=None, sharding: str = "zigzag", *, cu_seqlens=None):
     """The whole tensor on every rank, from each rank's shard (an all-gather; differentiable).
 
     Args:
         x_local: this rank's shard, as :func:`shard` or ``context_parallel_attention`` return it, e.g. out
             (B, S/W, H, Dv) with ``dim=1``, or lse (B, H, S/W) with ``dim=-1``; the same shape on every rank.
         dim: the sequence dimension.
-        group, sharding: as given to :func:`shard`.
+        group, sharding, cu_seqlens: as given to :func:`shard`.
 
     Returns:
         The tensor with S positions along ``dim``, in global order. Every rank holds the same (replicated)
@@ -120,10 +172,12 @@ def unshard(x_local: torch.Tensor, dim: int, group=None, sharding: str = "zigzag
     check_sharding(sharding)
     require_initialized()
     W = group_size(group)
-    if x_local.shape[dim] % chunks_per_rank(sharding):
+    if cu_seqlens is None and x_local.shape[dim] % chunks_per_rank(sharding):
         raise AttentionInputError("x_local", f"an even length along dim {dim} for zigzag", x_local.shape[dim])
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, W, sharding, x_local.shape[dim] * W)
     full = GatherReplicated.apply(x_local, group, dim)
-    return reorder_to_global(full, dim, W, sharding)
+    return reorder_to_global(full, dim, W, sharding, cu_seqlens)
 
 
 def position_ids(
