@@ -265,6 +265,12 @@ def _run_roundtrip(rank, W):
         w = torch.randn(x.shape, generator=torch.Generator().manual_seed(8))
         (akd.unshard(leaf, 1, sharding=sharding) * w).sum().backward()
         ok = ok and torch.equal(leaf.grad, akd.shard(w, 1, sharding=sharding))
+        # packed documents: positions restart per document, each document split over every rank
+        cu = oracle.cu_seqlens(THD_DOCS)
+        pos = akd.position_ids(int(cu[-1]), sharding=sharding, cu_seqlens=cu)
+        want = torch.cat([torch.arange(n) for n in THD_DOCS])
+        ok = ok and torch.equal(akd.unshard(pos, 0, sharding=sharding, cu_seqlens=cu), want)
+        ok = ok and len(pos) == int(cu[-1]) // W
         res[f"roundtrip_{sharding}"] = "ok" if ok else "mismatch"
     return res
 

@@ -181,8 +181,21 @@ def unshard(x_local: torch.Tensor, dim: int, group=None, sharding: str = "zigzag
 
 
 def position_ids(
-    seq_len: int, group=None, sharding: str = "zigzag", *, device=None, rank=None, world_size=None
+    seq_len: int,
+    group=None,
+    sharding: str = "zigzag",
+    *,
+    cu_seqlens=None,
+    device=None,
+    rank=None,
+    world_size=None,
 ):
-    """The global positions (int64, (S/W,)) of this rank's shard of a sequence of ``seq_len`` positions:
-    what RoPE needs on each rank. Same as ``shard(torch.arange(seq_len), 0, group, sharding)``."""
-    return shard(torch.arange(seq_len, device=device), 0, group, sharding, rank=rank, world_size=world_size)
+    """The positions (int64, (S/W,)) of this rank's shard of a sequence of ``seq_len`` positions: what RoPE
+    needs on each rank. Same as ``shard(torch.arange(seq_len), 0, group, sharding)``; with ``cu_seqlens``
+    (packed documents, as for :func:`shard`) the positions restart at 0 in every document."""
+    pos = torch.arange(seq_len, device=device)
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=pos.device, dtype=torch.int64)
+        doc = torch.searchsorted(cu, pos, right=True) - 1
+        pos = pos - cu[doc]
+    return shard(pos, 0, group, sharding, cu_seqlens=cu_seqlens, rank=rank, world_size=world_size)
