@@ -75,10 +75,10 @@ def _time(fn, steps: int, warmup: int, device, barrier=None) -> float:
 
 
 def _inputs(cfg: dict, S: int, device, dtype):
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)  # the same tensors on every rank, made on the device
 
     def mk(H, D):
-        return torch.randn(cfg["batch"], S, H, D, generator=g).to(device, dtype)
+        return torch.randn(cfg["batch"], S, H, D, generator=g, device=device, dtype=dtype)
 
     return mk(cfg["heads"], cfg["dim"]), mk(cfg["kv_heads"], cfg["dim"]), mk(cfg["kv_heads"], cfg["dim"])
 
