@@ -207,6 +207,7 @@ BENCH_SUITES = {
     "vit": ("attnkit.bench.vit", "a ViT training step for every attention, eager and compiled"),
     "packed": ("attnkit.bench.packed", "a Llama training step on mixed-length documents, padded vs packed"),
     "decode": ("attnkit.bench.decode", "decoding on contiguous and paged KV caches, with the peers"),
+    "cp": ("attnkit.bench.cp", "context-parallel attention over W GPUs: tokens/s and scaling"),
 }
 
 
