@@ -70,8 +70,10 @@ def _desc(t) -> str:
 
 
 def merge_reference(outs, lses, layout: str = "bhsd"):
-    """The merge in plain PyTorch (float32 arithmetic, differentiable): the definition the kernels match."""
-    lse_stack = torch.stack([s.float() for s in lses])  # (P, *lse_shape)
+    """The merge in plain PyTorch (differentiable): the definition the kernels match. Arithmetic in float32,
+    or in float64 where the parts are float64 (lse then comes back in float64 too)."""
+    work = torch.promote_types(torch.float32, torch.promote_types(outs[0].dtype, lses[0].dtype))
+    lse_stack = torch.stack([s.to(work) for s in lses])  # (P, *lse_shape)
     m = lse_stack.amax(dim=0)
     finite = torch.isfinite(m)  # False where every part is -inf (or the row saw no key at all)
     m = torch.where(finite, m, torch.zeros_like(m)).detach()
@@ -81,9 +83,9 @@ def merge_reference(outs, lses, layout: str = "bhsd"):
     lse = torch.where(finite, m + torch.log(total), torch.full_like(m, float("-inf")))
     out = None
     for o, wi in zip(outs, w):
-        term = o.float() * _lse_view(wi / total, layout)
+        term = o.to(work) * _lse_view(wi / total, layout)
         out = term if out is None else out + term
-    return out.to(outs[0].dtype), lse
+    return out.to(outs[0].dtype), lse.to(torch.promote_types(torch.float32, lses[0].dtype))
 
 
 def merge_attention(outs, lses, *, layout: str = "bhsd"):
@@ -107,7 +109,7 @@ def merge_attention(outs, lses, *, layout: str = "bhsd"):
     """
     _check(outs, lses, layout)
     if len(outs) == 1:
-        return outs[0], lses[0].float()
+        return outs[0], lses[0].to(torch.promote_types(torch.float32, lses[0].dtype))
     if _fused(outs, lses):
         from attnkit.backends.triton.ops.combine import merge_stacked
 
