@@ -1,4 +1,4 @@
-"""attnkit.compile_count() (API.md section 2): Triton compiles of attnkit's kernels, through Triton's
+"""attnkit.compile_count() (docs/api.md section 2): Triton compiles of attnkit's kernels, through Triton's
 ``jit_post_compile_hook`` (tested with a stand-in ``knobs`` here: the interpreter compiles nothing), and
 FlexAttention / torch.compile graphs the flex backend causes (tested with a real ``torch.compile`` on the
 CPU, backend "eager"). On the GPU: new sequence lengths compile nothing new after warm-up."""

@@ -1,4 +1,4 @@
-"""``attention_with_kvcache`` (API.md §4), ``cascade_attention`` and the ``triton_decode`` backend.
+"""``attention_with_kvcache`` (docs/api.md §4), ``cascade_attention`` and the ``triton_decode`` backend.
 
 Every result is held to the float64 oracle (tests/oracle.py) on the keys each row should see, gathered by
 this file's own page walk (not attnkit's): contiguous and paged caches (pages of 1, 16 and 64 in random

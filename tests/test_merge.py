@@ -1,4 +1,4 @@
-"""``attnkit.merge_attention`` (API.md §4): parts over disjoint key sets merged equal attention over all keys.
+"""``attnkit.merge_attention`` (docs/api.md §4): parts over disjoint key sets merge to attention over all.
 
 Parts come from the reference on key subsets; the merge is held to the float64 oracle on the whole key set
 (tests/oracle.py). Both paths run: the differentiable PyTorch merge (with gradients) and the fused combine

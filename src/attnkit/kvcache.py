@@ -1,4 +1,4 @@
-"""Decoding against a KV cache: ``attention_with_kvcache`` (API.md §4), contiguous or paged.
+"""Decoding against a KV cache: ``attention_with_kvcache`` (docs/api.md §4), contiguous or paged.
 
 A serving engine keeps keys and values of every sequence in a cache and calls this once per layer and
 decode step: the new tokens' keys/values (``k_new``/``v_new``) are written into the cache in place at each

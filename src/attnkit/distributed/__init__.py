@@ -1,6 +1,6 @@
 """Context parallelism: attention over sequences sharded across the ranks of a torch.distributed group.
 
-``from attnkit import distributed as akd`` (API.md §5)::
+``from attnkit import distributed as akd`` (docs/api.md §5)::
 
     q_local = akd.shard(q, dim=1, group=g, sharding="zigzag")
     out_local = akd.context_parallel_attention(q_local, k_local, v_local, group=g, causal=True)

@@ -1,7 +1,7 @@
 """One block of context-parallel attention: local queries against one segment of keys, with every
 constraint (causal, window, mask) moved from global positions to the block's local indices.
 
-Notation (all global positions; keys aligned as in API.md §1 with the global lengths Sq, Sk, so a query at
+Notation (global positions; keys aligned as in docs/api.md §1 with the global lengths Sq, Sk, so a query at
 global row ``qg`` stands at key position ``qg + (Sk - Sq)``): the block holds ``m`` queries whose first one
 stands at key position ``qa`` and ``n`` keys starting at ``ko``. Inside the block, ``attention`` aligns
 bottom-right with its own lengths, so local row ``i`` stands at local key position ``i + n - m``, and::

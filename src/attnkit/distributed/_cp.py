@@ -156,7 +156,7 @@ def context_parallel_attention(
     method="auto",
     cu_seqlens=None,
 ):
-    """Attention over a sequence whose positions are sharded across ``group`` (API.md §5).
+    """Attention over a sequence whose positions are sharded across ``group`` (docs/api.md §5).
 
     Every rank calls this with its own shards; the result equals ``attnkit.attention`` on the whole tensors,
     forward and backward, sharded the same way (``out_local = shard(attention(q, k, v, ...))``).
@@ -174,7 +174,7 @@ def context_parallel_attention(
             ((S,) or (B, S), identical on every rank) and is sliced per block, never densified.
         return_lse: also return this rank's lse, (B, Hq, Sq/W) float32.
         method: ``"auto"``, ``"ring"`` or ``"allgather"`` (see the module docstring).
-        cu_seqlens: for ``layout="thd"`` (an extension of API.md §5): int (N+1,), the offsets of the WHOLE
+        cu_seqlens: for ``layout="thd"`` (extends docs/api.md §5): int (N+1,), the offsets of the WHOLE
             packed batch, each document's length a multiple of W (2W for zigzag); q/k/v_local are (T/W, H, D)
             as ``shard(x, 0, cu_seqlens=cu_seqlens)`` cuts them (every document split evenly over the ranks).
             Documents never attend across each other; causal and windows act per document; lse (H, T/W).

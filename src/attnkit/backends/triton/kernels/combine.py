@@ -1,6 +1,6 @@
 """Combine kernel, pure ``@triton.jit``: merge P partial attention results over disjoint key sets.
 
-``lse = logsumexp_p lse_p``, ``out = sum_p exp(lse_p - lse) * out_p`` (API.md §4). Rows are addressed by
+``lse = logsumexp_p lse_p``, ``out = sum_p exp(lse_p - lse) * out_p`` (docs/api.md §4). Rows are addressed by
 three index dimensions (d0, d1, d2) with arbitrary strides for each tensor, so one kernel serves the
 split-KV partials (b, h, i) and ``merge_attention`` in every layout. A part with ``lse = -inf`` contributes
 nothing (not even a NaN in its output); a row where every part is ``-inf`` gets 0 and ``-inf``.

@@ -8,7 +8,7 @@ every key block is read once for all of them. Split ``s`` covers logical keys ``
 normalized partial output and its lse; the combine kernel (``combine.py``) merges the splits.
 
 Row b attends its first ``Sk_b = cache_seqlens[b] + SQ_NEW`` logical keys; ``off = Sk_b - Sq`` aligns
-causal, windows and ALiBi to the bottom right (API.md §1, §4). Logical key ``j`` lives at
+causal, windows and ALiBi to the bottom right (docs/api.md §1, §4). Logical key ``j`` lives at
 ``K[b, j]`` (contiguous) or ``K[table[b, j // PS], j % PS]`` (paged, one page-table load per key, so pages
 of any size work). Every index that comes from device data (the length, the table entries) is clamped into
 the cache tensors before it forms an address: a poisoned table or length computes garbage, never faults.
