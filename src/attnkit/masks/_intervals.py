@@ -157,7 +157,8 @@ def why_not(mask: Mask, call) -> str | None:
         if m.kind == "prefix_lm" and isinstance(m.params["prefix_len"], torch.Tensor):
             p = m.params["prefix_len"]
             if p.dim() != 1 or p.shape[0] != call.batch or p.is_floating_point() or p.device != call.device:
-                return f"prefix_lm: prefix_len of shape {tuple(p.shape)}, need ({call.batch},) ints on q's device"
+                shape = tuple(p.shape)
+                return f"prefix_lm: prefix_len of shape {shape}, need ({call.batch},) ints on q's device"
         slots += 1 if m.kind == "prefix_lm" else 2
         if slots > 2:
             return f"mask {mask.name}: more than two masked row intervals per key column"

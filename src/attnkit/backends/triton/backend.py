@@ -20,6 +20,7 @@ import torch
 from attnkit._call import AttentionCall
 from attnkit.backends.base import Backend, attention_flops, dense_pairs
 from attnkit.backends.triton.runtime import tuning as _tuning
+from attnkit.masks import _intervals
 
 _MAX_HEAD_DIM = 256
 _INT32 = 2**31 - 1
@@ -79,10 +80,9 @@ class TritonBackend(Backend):
                 "(use backend='flex' or 'reference')"
             )
         if call.mask is not None:
-            r.append(
-                f"user mask ({call.mask.name}) is not compiled into the Triton kernels yet "
-                "(use backend='flex' or 'reference')"
-            )
+            why = _intervals.why_not(call.mask, call)
+            if why is not None:  # masks that lower to column intervals run as data; others not yet
+                r.append(f"mask {call.mask.name}: {why} (use backend='flex' or 'reference')")
         if max(call.D, call.Dv) > _MAX_HEAD_DIM:
             r.append(f"head dim {max(call.D, call.Dv)} > {_MAX_HEAD_DIM}")
         if call.alibi_slopes is not None and call.alibi_slopes.requires_grad:
@@ -100,8 +100,9 @@ class TritonBackend(Backend):
     def run(self, call: AttentionCall):
         from attnkit.backends.triton.ops import attention as ops
 
-        if call.window is not None:
-            wl, wr = call.window
+        causal, window, iv = self._mask_flags(call)
+        if window is not None:
+            wl, wr = window
         else:
             wl = wr = -1
         out, lse, _, _ = ops.attention(
@@ -116,14 +117,28 @@ class TritonBackend(Backend):
             int(call.Sq),
             int(call.Sk),
             float(call.scale),
-            bool(call.causal),
+            bool(causal),
             int(wl),
             int(wr),
             float(call.softcap or 0.0),
             float(call.dropout_p),
             bool(call.deterministic),
+            iv.startend if iv is not None else None,
+            iv.summary if iv is not None else None,
         )
         return out, (lse if call.return_lse else None)
+
+    @staticmethod
+    def _mask_flags(call: AttentionCall):
+        """(causal, window, Intervals or None): the call's flags with a lowered mask's merged in."""
+        if call.mask is None:
+            return call.causal, call.window, None
+        iv = _intervals.lower(call.mask, call)
+        window = call.window
+        if iv.window is not None:
+            window = iv.window if window is None else _intervals._merge_windows(window, iv.window)
+            window = None if window == (-1, -1) else window
+        return call.causal or iv.causal, window, iv
 
     def cost(self, call: AttentionCall) -> float:
         if call.device.type != "cuda":

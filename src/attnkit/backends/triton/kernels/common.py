@@ -195,3 +195,45 @@ def dropout_keep(rng_ptr, bh, rows, cols, dropout_p):
     r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
     u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)  # 24 random bits -> [0, 1)
     return u >= dropout_p
+
+
+# -- masks as data (``attnkit.masks._intervals``): masked query rows [a, b) U [c, d) per key column ----------
+@triton.jit
+def iv_classify(sum_ptr, p0, p1, r0, r1, BLOCK: tl.constexpr):
+    """(empty, full) of query rows ``r0..r1`` against the packed key columns ``p0..p1`` (inclusive), from
+    the 16-key summary at ``sum_ptr`` ((nblk, 8): min/max of a, b, c, d). Conservative: ``empty`` means
+    every column masks every row (skip the tile), ``full`` that no column masks any row (no mask work)."""
+    idx = p0 // 16 + tl.arange(0, 2 * BLOCK // 16)  # (enough entries for BLOCK keys at any alignment)
+    ok = idx <= p1 // 16
+    p = sum_ptr + idx * 8
+    big = 1 << 30
+    lo_a = tl.min(tl.load(p + 0, mask=ok, other=big), 0)
+    hi_a = tl.max(tl.load(p + 1, mask=ok, other=-big), 0)
+    lo_b = tl.min(tl.load(p + 2, mask=ok, other=big), 0)
+    hi_b = tl.max(tl.load(p + 3, mask=ok, other=-big), 0)
+    lo_c = tl.min(tl.load(p + 4, mask=ok, other=big), 0)
+    hi_c = tl.max(tl.load(p + 5, mask=ok, other=-big), 0)
+    lo_d = tl.min(tl.load(p + 6, mask=ok, other=big), 0)
+    hi_d = tl.max(tl.load(p + 7, mask=ok, other=-big), 0)
+    empty = ((hi_a <= r0) & (r1 < lo_b)) | ((hi_c <= r0) & (r1 < lo_d))
+    full = ((hi_b <= r0) | (lo_a > r1)) & ((hi_d <= r0) | (lo_c > r1))
+    return empty, full
+
+
+@triton.jit
+def iv_load(iv_ptr, cols, seqlen_k):
+    """The four bounds of key columns ``cols`` (any shape) from ``iv_ptr`` ((K, 4) int32 at this sequence's
+    first key); columns past the sequence mask nothing (the bounds check masks them)."""
+    ok = cols < seqlen_k
+    a = tl.load(iv_ptr + cols * 4 + 0, mask=ok, other=0)
+    b = tl.load(iv_ptr + cols * 4 + 1, mask=ok, other=0)
+    c = tl.load(iv_ptr + cols * 4 + 2, mask=ok, other=0)
+    d = tl.load(iv_ptr + cols * 4 + 3, mask=ok, other=0)
+    return a, b, c, d
+
+
+@triton.jit
+def iv_apply(s, rows, a, b, c, d):
+    """``s`` with -inf where row ``rows`` lies in its column's [a, b) or [c, d) (all broadcastable)."""
+    hit = ((rows >= a) & (rows < b)) | ((rows >= c) & (rows < d))
+    return tl.where(hit, float("-inf"), s)

@@ -10,6 +10,9 @@ import triton.language as tl
 from attnkit.backends.triton.kernels.common import (
     LN2,
     dropout_keep,
+    iv_apply,
+    iv_classify,
+    iv_load,
     kv_tiles,
     pending_scale,
     scores,
@@ -70,6 +73,11 @@ def _fwd_inner(
     rng_ptr,
     bh,
     dropout_p,
+    iv_ptr,
+    sum_ptr,
+    k_start,
+    r0,
+    r1,
     D: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -84,9 +92,43 @@ def _fwd_inner(
     DROPOUT: tl.constexpr,
     DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_IV: tl.constexpr,
 ):
     c = pending_scale(sm_scale, DEFER)  # scores * c = scores in log2 units
     for start_n in range(lo, hi, BLOCK_N):
+        if HAS_IV:  # masks as data: an empty tile costs its summary and nothing else
+            last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+            empty, full = iv_classify(sum_ptr, k_start + start_n, k_start + last, r0, r1, BLOCK_N)
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n,
+                seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
+                stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, empty, full, D, DV, BLOCK_D, BLOCK_DV,
+                BLOCK_N, MASK, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER, PRECISION,
+                True,
+            )  # fmt: skip
+        else:
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n,
+                seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
+                stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, False, True, D, DV, BLOCK_D, BLOCK_DV,
+                BLOCK_N, MASK, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER, PRECISION,
+                False,
+            )  # fmt: skip
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n, seqlen_q,
+    seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, rng_ptr,
+    bh, dropout_p, c, iv_ptr, empty, full,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DEFER: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_IV: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the forward loop (``empty`` / ``full``: the interval classification, HAS_IV only)."""
+    if not empty:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         # K^T tile (BLOCK_D, BLOCK_N), V tile (BLOCK_N, BLOCK_DV)
         kt = load_tile(
@@ -122,6 +164,10 @@ def _fwd_inner(
             HAS_RIGHT,
             DEFER,
         )
+        if HAS_IV:  # noqa: SIM102 (constexpr, then a runtime branch)
+            if not full:  # a partial tile: the masked rows of each column
+                ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[None, :], seqlen_k)
+                s = iv_apply(s, offs_m[:, None], ia, ib, ic, id_)
         m_new = tl.maximum(m_i, tl.max(s, 1) * c)  # log2 units (c > 0)
         # rows that have seen no visible key yet keep m = -inf; subtract 0 there so exp2 gives 0, not NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -188,6 +234,12 @@ def attn_fwd(
     win_left,
     win_right,
     dropout_p,
+    Iv,
+    IvSum,
+    stride_ib,
+    stride_ih,
+    stride_sb,
+    stride_sh,  # mask intervals (B', H', K, 4) and summary (B', H', K/16, 8), int32; 0 = broadcast dim
     GROUP: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -205,6 +257,7 @@ def attn_fwd(
     REVERSE: tl.constexpr,
     DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_IV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if REVERSE:  # causal load balance: the longest rows (last tiles) start first
@@ -236,6 +289,8 @@ def attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     m1 = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
+    iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
+    sum_ptr = IvSum + b * stride_sb + h * stride_sh
     lo, full_lo, full_hi, hi = kv_tiles(
         m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
     )
@@ -275,6 +330,11 @@ def attn_fwd(
             Rng,
             bh,
             dropout_p,
+            iv_ptr,
+            sum_ptr,
+            k_start,
+            m0,
+            m1,
             D,
             DV,
             BLOCK_D,
@@ -289,6 +349,7 @@ def attn_fwd(
             DROPOUT,
             DEFER,
             PRECISION,
+            HAS_IV,
         )
 
     has_key = l_i > 0.0

@@ -94,6 +94,18 @@ def _window(causal: bool, window_left: int, window_right: int) -> tuple[bool, bo
     return has_left, window_right >= 0, max(window_left, 0), max(window_right, 0)
 
 
+def _iv_args(startend: Tensor | None, summary: Tensor | None, dummy: Tensor) -> tuple:
+    """Kernel arguments of a mask carried as data: (intervals, summary, their batch and head strides, 0 on
+    broadcast dims); dummies without one."""
+    if startend is None:
+        return (dummy, dummy, 0, 0, 0, 0)
+
+    def bh(t):
+        return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
+
+    return (startend, summary, *bh(startend), *bh(summary))
+
+
 def _block_d(d: int) -> int:
     """Padded head dim: the next power of two, at least 16 (plain Python: triton's helpers cost ~2 us a
     call, and every launch asks several times)."""
@@ -147,23 +159,26 @@ def _triton_fwd(
     softcap: float,
     dropout_p: float,
     deterministic: bool = False,
+    startend: Tensor | None = None,
+    iv_summary: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Forward: (out in q's layout, lse float32, dropout rng state int64 (2,), row stats float32 (2, *lse)).
 
     The row stats (lse in log2 units, max score plus log2 of the exp-sum, as an unevaluated sum hi + lo)
     let the backward recompute probabilities exactly. ``deterministic`` is not used here: autograd hands it
-    to the backward.
+    to the backward. ``startend`` / ``iv_summary``: a mask carried as data (``attnkit.masks._intervals``).
 
     A call that repeats an earlier one in everything but its tensors' addresses replays that call's
     launches (:func:`_replayed`)."""
     args = (q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, layout, max_seqlen_q, max_seqlen_k)
-    args += (scale, causal, window_left, window_right, softcap, dropout_p)
-    key = _replay_key("fwd", args[:7], args[7:]) if bias is None and q.is_cuda else None
+    args += (scale, causal, window_left, window_right, softcap, dropout_p, startend, iv_summary)
+    key = _replay_key("fwd", args[:7] + args[16:], args[7:16]) if bias is None and q.is_cuda else None
     if key is None:
         return _fwd_body(*args)
     replay = _REPLAYS.get(key)
     if replay:
         tensors = _fwd_buffers(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, layout, dropout_p)
+        tensors += [startend, iv_summary]
         replay(tensors)
         out, lse, stats, _, _, rng = tensors[3:9]
         return out, lse, rng, stats
@@ -186,12 +201,12 @@ def _fwd_buffers(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, layout, drop
 
 def _fwd_body(
     q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, layout, max_seqlen_q, max_seqlen_k, scale,
-    causal, window_left, window_right, softcap, dropout_p, keep=None,
+    causal, window_left, window_right, softcap, dropout_p, startend=None, iv_summary=None, keep=None,
 ):  # fmt: skip
     """:func:`_triton_fwd`'s work; ``keep`` (a list) gets the tensors its launches may take."""
     tensors = _fwd_buffers(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, layout, dropout_p)
     if keep is not None:
-        keep += tensors
+        keep += tensors + [startend, iv_summary]
     q, k, v, out, lse, stats, hi, lo, rng = tensors[:9]
     B, Hq, Hk = _sizes(q, k, layout, cu_seqlens_q)
     D, Dv = q.shape[-1], v.shape[-1]
@@ -199,7 +214,7 @@ def _fwd_body(
     # plain calls (causal or not, no other feature) on Hopper: the warp-specialized Gluon kernel
     plain = bias is None and alibi_slopes is None and softcap <= 0 and dropout_p <= 0
     plain = plain and window_left < 0 and window_right < 0
-    plain = plain and q.numel() > 0 and k.numel() > 0
+    plain = plain and q.numel() > 0 and k.numel() > 0 and startend is None
     if q.is_cuda and _tuning.gluon_forward_eligible(
         _tuning.capability(q.device), layout, D, Dv, q.dtype, Sk, causal, plain, scale
     ):
@@ -224,6 +239,10 @@ def _fwd_body(
         has_right,
         dropout_p > 0,
     )
+    has_iv = startend is not None
+    if has_iv:
+        flags += (True,)
+    iv_args = _iv_args(startend, iv_summary, dummy)
 
     def launch(cfg):
         BM, BN, warps, stages = cfg
@@ -256,6 +275,7 @@ def _fwd_body(
             wl,
             wr,
             dropout_p,
+            *iv_args,
             GROUP=Hq // Hk,
             D=D,
             DV=Dv,
@@ -273,6 +293,7 @@ def _fwd_body(
             REVERSE=has_right and not has_left,
             DEFER=_defer(scale, softcap, bias, alibi_slopes),
             PRECISION=_precision(q.dtype),
+            HAS_IV=has_iv,
             num_warps=warps,
             num_stages=stages,
         )
@@ -322,6 +343,8 @@ def _(
     softcap,
     dropout_p,
     deterministic=False,
+    startend=None,
+    iv_summary=None,
 ):
     B, Hq, _ = _sizes(q, k, layout, cu_seqlens_q)
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
@@ -357,6 +380,8 @@ def _triton_bwd(
     dropout_p: float,
     bias_grad: bool,
     deterministic: bool = False,
+    startend: Tensor | None = None,
+    iv_summary: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward: (dq, dk, dv, dbias) with dbias shaped like ``bias`` (an empty tensor when not asked).
 
@@ -370,16 +395,17 @@ def _triton_bwd(
     Python costs about twice what it costs on the caller's thread (``scripts/gpu_host_threads.py``)."""
     args = (dout, q, k, v, out, stats, dlse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng, layout)
     args += (max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p)
-    args += (bias_grad, deterministic)
+    args += (bias_grad, deterministic, startend, iv_summary)
     fused = not deterministic and _tuning.fused_backward()
     key = None
     if bias is None and not fused and q.is_cuda:  # (bias and fused: work besides launches, not replayed)
-        key = _replay_key("bwd", args[:12], args[12:])
+        key = _replay_key("bwd", args[:12] + args[23:], args[12:23])
     if key is None:
         return _bwd_body(*args)
     replay = _REPLAYS.get(key)
     if replay:
         tensors = _bwd_buffers(dout, q, k, v, out, stats, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng)
+        tensors += [startend, iv_summary]
         replay(tensors)
         return (*tensors[8:11], torch.empty((0,), device=q.device, dtype=torch.float32))
     return _replayed(key, replay, _bwd_body, args)
@@ -414,12 +440,12 @@ def _bwd_buffers(dout, q, k, v, out, stats, dlse, alibi_slopes, cu_seqlens_q, cu
 def _bwd_body(
     dout, q, k, v, out, stats, dlse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng, layout,
     max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p, bias_grad,
-    deterministic, keep=None,
+    deterministic, startend=None, iv_summary=None, keep=None,
 ):  # fmt: skip
     """:func:`_triton_bwd`'s work; ``keep`` (a list) gets the tensors its launches may take."""
     tensors = _bwd_buffers(dout, q, k, v, out, stats, dlse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng)
     if keep is not None:
-        keep += tensors
+        keep += tensors + [startend, iv_summary]
     q, k, v, out, dout, hi, lo, delta, dq, dk, dv = tensors[:11]
     B, Hq, Hk = _sizes(q, k, layout, cu_seqlens_q)
     D, Dv = q.shape[-1], v.shape[-1]
@@ -444,8 +470,10 @@ def _bwd_body(
     has_left, has_right, wl, wr = _window(causal, window_left, window_right)
     varlen = layout == "thd"
     plain = bias is None and alibi_slopes is None and softcap <= 0 and dropout_p <= 0
-    plain = plain and window_left < 0 and window_right < 0
+    plain = plain and window_left < 0 and window_right < 0 and startend is None
     dummy = q
+    has_iv = startend is not None
+    iv_args = _iv_args(startend, iv_summary, dummy)
     # every stride once (host time: each ``stride(i)`` is a call into torch)
     st_q, st_k, st_v = _strides(q, layout), _strides(k, layout), _strides(v, layout)
     st_do, st_delta, st_lse = _strides(dout, layout), _lse_strides(delta, layout), _lse_strides(hi, layout)
@@ -488,8 +516,9 @@ def _bwd_body(
         DROPOUT=dropout_p > 0,
         DEFER=_defer(scale, softcap, bias, alibi_slopes),
         PRECISION=_precision(q.dtype),
+        HAS_IV=has_iv,
     )
-    scalars = (scale, softcap if softcap > 0 else 1.0, wl, wr, dropout_p)
+    scalars = (scale, softcap if softcap > 0 else 1.0, wl, wr, dropout_p, *iv_args)
     flags = (
         varlen,
         softcap > 0,
@@ -499,7 +528,7 @@ def _bwd_body(
         has_left,
         has_right,
         dropout_p > 0,
-    )
+    ) + ((True,) if has_iv else ())
 
     def launch_dkdv(cfg):
         BM, BN, warps, stages = cfg
@@ -727,6 +756,8 @@ def _(
     dropout_p,
     bias_grad,
     deterministic=False,
+    startend=None,
+    iv_summary=None,
 ):
     dbias = (
         bias.new_empty(bias.shape)
@@ -757,6 +788,8 @@ _FWD_ARGS = (
     "softcap",
     "dropout_p",
     "deterministic",
+    "startend",
+    "iv_summary",
 )
 
 
@@ -774,14 +807,16 @@ def _setup_context(ctx, inputs, output):
         args["alibi_slopes"],
         args["cu_seqlens_q"],
         args["cu_seqlens_k"],
+        args.get("startend"),
+        args.get("iv_summary"),
     )
-    ctx.params = {n: args[n] for n in _FWD_ARGS[7:]}
+    ctx.params = {n: args[n] for n in _FWD_ARGS[7:17]}
     ctx.bias_grad = args["bias"] is not None and args["bias"].requires_grad
 
 
 def _backward(ctx, dout, dlse, _drng, _dstats, bwd=None):
     """The autograd formula: the backward op (what compiled graphs trace), or ``bwd`` in its place."""
-    q, k, v, out, stats, rng, bias, slopes, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, out, stats, rng, bias, slopes, cu_q, cu_k, startend, iv_summary = ctx.saved_tensors
     p = ctx.params
     if dout is None:
         dout = torch.zeros_like(out)
@@ -809,6 +844,8 @@ def _backward(ctx, dout, dlse, _drng, _dstats, bwd=None):
         p["dropout_p"],
         ctx.bias_grad,
         p["deterministic"],
+        startend,
+        iv_summary,
     )
     return (dq, dk, dv, dbias if ctx.bias_grad else None) + (None,) * (len(_FWD_ARGS) - 4)
 
