@@ -7,12 +7,14 @@ came. Backends receive only normalized calls and never re-validate.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import numbers
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from attnkit._captures import captured_tensors
+from attnkit._probe import check_arity, check_programmable
 from attnkit.errors import AttentionInputError
 from attnkit.masks import Mask, from_mask_mod
 from attnkit.masks._mask import _merge_windows
@@ -55,7 +57,6 @@ class AttentionCall:
     return_lse: bool = False
     deterministic: bool = False
     requires_grad: bool = False
-    extras: dict = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -142,7 +143,8 @@ def _is_int(x) -> bool:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A real Python or NumPy number (not a bool, not a tensor: reading a tensor's value may sync)."""
+    return type(x) in (float, int) or (isinstance(x, numbers.Real) and not isinstance(x, bool))
 
 
 def _host_values_allowed(t: torch.Tensor) -> bool:
@@ -201,32 +203,13 @@ def _captures_grad(obj) -> bool:
     return any(t.requires_grad for t in captured_tensors(obj))
 
 
-def normalize(
-    q,
-    k,
-    v,
-    *,
-    layout="bhsd",
-    causal=False,
-    window=None,
-    softcap=None,
-    alibi_slopes=None,
-    bias=None,
-    score_mod=None,
-    mask=None,
-    scale=None,
-    dropout_p=0.0,
-    cu_seqlens_q=None,
-    cu_seqlens_k=None,
-    max_seqlen_q=None,
-    max_seqlen_k=None,
-    return_lse=False,
-    deterministic=False,
-) -> AttentionCall:
-    """Validate every argument of ``attnkit.attention`` (same names and defaults) and return the call."""
-    # -- tensors --------------------------------------------------------------------------------------
-    # (each section tests the well-formed case in one expression and only then looks for the culprit:
-    # attention() pays this on every call, and short sequences wait on the host)
+# Each validator below tests the well-formed case in one expression and only then looks for the culprit:
+# attention() pays this on every call, and short sequences wait on the host.
+
+
+def _validate_tensors(q, k, v, layout: str) -> tuple:
+    """q, k, v against the layout and each other. Returns (B, Hq, Hk, Sq, Sk, D, Dv), where for ``thd``
+    B is None and Sq, Sk are the packed row counts Tq, Tk."""
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
@@ -252,9 +235,8 @@ def normalize(
     elif layout == "bshd":
         (B, Sq, Hq, D), (Bk, Sk, Hk, Dk), (Bv, Sv, Hv, Dv) = q.shape, k.shape, v.shape
     else:
-        (Tq, Hq, D), (Tk, Hk, Dk), (Tv, Hv, Dv) = q.shape, k.shape, v.shape
+        (Sq, Hq, D), (Sk, Hk, Dk), (Sv, Hv, Dv) = q.shape, k.shape, v.shape
         B = Bk = Bv = None
-        Sk, Sv = Tk, Tv
     if layout != "thd":
         if Bk != B:
             _fail("k", f"batch size {B} (the batch of q)", _describe(k))
@@ -275,55 +257,65 @@ def normalize(
             _describe(k),
             "query head h reads key/value head h // (Hq // Hk)",
         )
+    return B, Hq, Hk, Sq, Sk, D, Dv
 
-    # -- packed sequences -------------------------------------------------------------------------------
-    seqlens_q = seqlens_k = None
-    if layout == "thd":
-        if cu_seqlens_q is None:
-            _fail("cu_seqlens_q", "an int32 tensor (N+1,) for layout='thd'", "None")
-        if cu_seqlens_k is None:
-            _fail(
-                "cu_seqlens_k",
-                "an int32 tensor (N+1,) for layout='thd'",
-                "None",
-                "for self-attention pass the same tensor as cu_seqlens_q",
-            )
-        seqlens_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, Tq, device)
-        seqlens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, Tk, device)
-        if cu_seqlens_k.shape != cu_seqlens_q.shape:
-            _fail(
-                "cu_seqlens_k",
-                f"the same number of sequences as cu_seqlens_q ({cu_seqlens_q.shape[0] - 1})",
-                _describe(cu_seqlens_k),
-            )
-        B = cu_seqlens_q.shape[0] - 1
-        for arg, given, lens in (
-            ("max_seqlen_q", max_seqlen_q, seqlens_q),
-            ("max_seqlen_k", max_seqlen_k, seqlens_k),
+
+def _validate_packed(layout, B, Tq, Tk, device, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """The packed-sequence arguments. Returns (B, Sq, Sk, seqlens_q, seqlens_k): for ``thd`` B is the
+    number of sequences N and Sq, Sk the longest lengths; elsewhere B, Tq, Tk pass through."""
+    if layout != "thd":
+        if not (
+            cu_seqlens_q is None and cu_seqlens_k is None and max_seqlen_q is None and max_seqlen_k is None
         ):
-            if given is not None and (not _is_int(given) or given < 0):
-                _fail(arg, "None or an int >= 0", repr(given))
-            if given is not None and lens is not None and given < max(lens):
-                _fail(arg, f"at least the longest sequence ({max(lens)})", repr(given))
-        if seqlens_q is not None:
-            Sq = max(seqlens_q) if max_seqlen_q is None else max_seqlen_q
-            Sk = max(seqlens_k) if max_seqlen_k is None else max_seqlen_k
-        else:  # under compile / graph capture: trust the caller's bounds, else the whole packed length
-            Sq = max_seqlen_q if max_seqlen_q is not None else Tq
-            Sk = max_seqlen_k if max_seqlen_k is not None else Tk
-    elif not (
-        cu_seqlens_q is None and cu_seqlens_k is None and max_seqlen_q is None and max_seqlen_k is None
+            for arg, val in (
+                ("cu_seqlens_q", cu_seqlens_q),
+                ("cu_seqlens_k", cu_seqlens_k),
+                ("max_seqlen_q", max_seqlen_q),
+                ("max_seqlen_k", max_seqlen_k),
+            ):
+                if val is not None:
+                    _fail(arg, "None unless layout='thd'", _describe(val))
+        return B, Tq, Tk, None, None
+    if cu_seqlens_q is None:
+        _fail("cu_seqlens_q", "an int32 tensor (N+1,) for layout='thd'", "None")
+    if cu_seqlens_k is None:
+        _fail(
+            "cu_seqlens_k",
+            "an int32 tensor (N+1,) for layout='thd'",
+            "None",
+            "for self-attention pass the same tensor as cu_seqlens_q",
+        )
+    seqlens_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, Tq, device)
+    seqlens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, Tk, device)
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        _fail(
+            "cu_seqlens_k",
+            f"the same number of sequences as cu_seqlens_q ({cu_seqlens_q.shape[0] - 1})",
+            _describe(cu_seqlens_k),
+        )
+    for arg, given, lens in (
+        ("max_seqlen_q", max_seqlen_q, seqlens_q),
+        ("max_seqlen_k", max_seqlen_k, seqlens_k),
     ):
-        for arg, val in (
-            ("cu_seqlens_q", cu_seqlens_q),
-            ("cu_seqlens_k", cu_seqlens_k),
-            ("max_seqlen_q", max_seqlen_q),
-            ("max_seqlen_k", max_seqlen_k),
-        ):
-            if val is not None:
-                _fail(arg, "None unless layout='thd'", _describe(val))
+        if given is not None and (not _is_int(given) or given < 0):
+            _fail(arg, "None or an int >= 0", repr(given))
+        if given is not None and lens is not None and given < max(lens):
+            _fail(arg, f"at least the longest sequence ({max(lens)})", repr(given))
+    if seqlens_q is not None:
+        Sq = max(seqlens_q) if max_seqlen_q is None else max_seqlen_q
+        Sk = max(seqlens_k) if max_seqlen_k is None else max_seqlen_k
+    else:  # under compile / graph capture: trust the caller's bounds, else the whole packed length
+        Sq = max_seqlen_q if max_seqlen_q is not None else Tq
+        Sk = max_seqlen_k if max_seqlen_k is not None else Tk
+    return cu_seqlens_q.shape[0] - 1, Sq, Sk, seqlens_q, seqlens_k
 
-    # -- flags ---------------------------------------------------------------------------------------
+
+def _validate_flags(causal, return_lse, deterministic, window, softcap, scale, dropout_p, D) -> tuple:
+    """The flags and numbers. Returns (window, softcap, scale, dropout_p) normalized: window a tuple or
+    None, numbers as Python floats (``scale`` defaulting to 1/sqrt(D)).
+
+    Numbers may be Python or NumPy reals; tensors are refused (their value would be read on the host, a
+    device sync on every call): pass ``float(t)``."""
     if not (isinstance(causal, bool) and isinstance(return_lse, bool) and isinstance(deterministic, bool)):
         for arg, val in (("causal", causal), ("return_lse", return_lse), ("deterministic", deterministic)):
             if not isinstance(val, bool):
@@ -339,15 +331,21 @@ def normalize(
         if window == (-1, -1):
             window = None
     if softcap is not None and (not _is_number(softcap) or not math.isfinite(softcap) or softcap <= 0):
-        _fail("softcap", "None or a finite float > 0", repr(softcap))
+        _fail("softcap", "None or a finite float > 0", _describe(softcap), _NUMBER_HINT)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     elif not _is_number(scale) or not math.isfinite(scale):
-        _fail("scale", "None or a finite float", repr(scale))
+        _fail("scale", "None or a finite float (a Python or NumPy number)", _describe(scale), _NUMBER_HINT)
     if not _is_number(dropout_p) or not 0.0 <= dropout_p < 1.0:
-        _fail("dropout_p", "a float in [0, 1)", repr(dropout_p))
+        _fail("dropout_p", "a float in [0, 1)", _describe(dropout_p), _NUMBER_HINT)
+    return window, None if softcap is None else float(softcap), float(scale), float(dropout_p)
 
-    # -- additive terms ------------------------------------------------------------------------------------
+
+_NUMBER_HINT = "a tensor is not accepted (reading its value would sync the device): pass float(x)"
+
+
+def _validate_additive(alibi_slopes, bias, layout, B, Hq, Sq, Sk, device):
+    """ALiBi slopes ((Hq,) or (B, Hq) float32) and the additive bias (broadcastable to (B, Hq, Sq, Sk))."""
     batch_name = "N" if layout == "thd" else "B"
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
@@ -365,13 +363,19 @@ def normalize(
             _fail("bias", f"a tensor on the device of q ({device})", _describe(bias))
         _check_broadcastable("bias", bias, (B, Hq, Sq, Sk), f"({batch_name}, Hq, Sq, Sk)")
 
-    # -- programmable parts ------------------------------------------------------------------------------
+
+def _validate_programmable(score_mod, mask, causal, window, device) -> tuple:
+    """score_mod and mask: types and arity (FlexAttention's 5 and 4 arguments), wrapped as ScoreMod and
+    Mask; masks expressible by the flags become flags. Returns (score_mod, mask, block_mask, causal,
+    window). Checks against the call's sizes follow in :func:`attnkit._probe.check_programmable`."""
     block_mask = None
     if score_mod is not None:
         if not callable(score_mod):
             _fail(
                 "score_mod", "None or a callable(score, b, h, q_idx, kv_idx) -> score", _describe(score_mod)
             )
+        if not isinstance(score_mod, ScoreMod):
+            check_arity("score_mod", score_mod, 5, "(score, b, h, q_idx, kv_idx) -> score")
         score_mod = from_score_mod(score_mod)
     if mask is not None:
         if type(mask).__name__ == "BlockMask" and hasattr(mask, "mask_mod"):
@@ -383,7 +387,9 @@ def normalize(
                 "None, an attnkit.masks.Mask, a mask_mod callable or a torch BlockMask",
                 _describe(mask),
             )
-        mask = from_mask_mod(mask) if not isinstance(mask, Mask) else mask
+        if not isinstance(mask, Mask):
+            check_arity("mask", mask, 4, "(b, h, q_idx, kv_idx) -> bool")
+            mask = from_mask_mod(mask)
         if mask.native is not None:  # expressible through the flags: let every backend see it that way
             causal = causal or mask.native.get("causal", False)
             w = mask.native.get("window")
@@ -403,7 +409,11 @@ def normalize(
                     f"one capturing a tensor of shape {tuple(t.shape)} on {t.device}",
                     f"create it on {device} (e.g. doc_ids.to(q.device))",
                 )
+    return score_mod, mask, block_mask, causal, window
 
+
+def _requires_grad(q, k, v, bias, score_mod, mask, alibi_slopes) -> bool:
+    """Whether the call needs a backward: an input, the bias, or a tensor a mod or mask captures."""
     grad_enabled = torch.is_grad_enabled()
     requires_grad = grad_enabled and (
         q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad)
@@ -411,8 +421,44 @@ def normalize(
     if not requires_grad and grad_enabled:
         # A learnable tensor captured by score_mod (or by a mask) needs a backend with a backward too.
         requires_grad = _captures_grad(score_mod) or _captures_grad(mask) or _captures_grad(alibi_slopes)
+    return requires_grad
 
-    return AttentionCall(
+
+def normalize(
+    q,
+    k,
+    v,
+    *,
+    layout="bhsd",
+    causal=False,
+    window=None,
+    softcap=None,
+    alibi_slopes=None,
+    bias=None,
+    score_mod=None,
+    mask=None,
+    scale=None,
+    dropout_p=0.0,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    return_lse=False,
+    deterministic=False,
+) -> AttentionCall:
+    """Validate every argument of ``attnkit.attention`` (same names and defaults) and return the call."""
+    B, Hq, Hk, Tq, Tk, D, Dv = _validate_tensors(q, k, v, layout)
+    B, Sq, Sk, seqlens_q, seqlens_k = _validate_packed(
+        layout, B, Tq, Tk, q.device, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+    )
+    window, softcap, scale, dropout_p = _validate_flags(
+        causal, return_lse, deterministic, window, softcap, scale, dropout_p, D
+    )
+    _validate_additive(alibi_slopes, bias, layout, B, Hq, Sq, Sk, q.device)
+    score_mod, mask, block_mask, causal, window = _validate_programmable(
+        score_mod, mask, causal, window, q.device
+    )
+    call = AttentionCall(
         q=q,
         k=k,
         v=v,
@@ -424,21 +470,24 @@ def normalize(
         Sk=Sk,
         D=D,
         Dv=Dv,
-        scale=float(scale),
+        scale=scale,
         causal=causal,
         window=window,
-        softcap=None if softcap is None else float(softcap),
+        softcap=softcap,
         alibi_slopes=alibi_slopes,
         bias=bias,
         score_mod=score_mod,
         mask=mask,
         block_mask=block_mask,
-        dropout_p=float(dropout_p),
+        dropout_p=dropout_p,
         cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k,
         seqlens_q=seqlens_q,
         seqlens_k=seqlens_k,
         return_lse=return_lse,
         deterministic=deterministic,
-        requires_grad=requires_grad,
+        requires_grad=_requires_grad(q, k, v, bias, score_mod, mask, alibi_slopes),
     )
+    if mask is not None or score_mod is not None:
+        check_programmable(call)
+    return call

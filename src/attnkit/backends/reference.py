@@ -219,7 +219,7 @@ class ReferenceBackend(Backend):
         return []
 
     def run(self, call):
-        return reference_forward(call, dropout_keep=call.extras.get("dropout_keep"))
+        return reference_forward(call)
 
     def cost(self, call):
         # Plain PyTorch at a few percent of the chip, plus per-chunk Python overhead.

@@ -9,13 +9,16 @@ query row ``i`` stands at key position ``i + (Sk - Sq)``. Calling ``mask.mask_mo
 Sq == Sk; ``attention`` binds the real lengths (per sequence for packed ``thd`` batches).
 """
 
+from attnkit.masks._data import flashmask, shared_prefix
 from attnkit.masks._mask import (
     Mask,
     causal,
     chunked,
+    dilated_sliding_window,
     document,
     from_mask_mod,
     full,
+    global_sliding,
     neighborhood_2d,
     prefix_lm,
     sliding_window,
@@ -25,10 +28,14 @@ __all__ = [
     "Mask",
     "causal",
     "chunked",
+    "dilated_sliding_window",
     "document",
+    "flashmask",
     "from_mask_mod",
     "full",
+    "global_sliding",
     "neighborhood_2d",
     "prefix_lm",
+    "shared_prefix",
     "sliding_window",
 ]
