@@ -4,11 +4,11 @@ on the CPU (fp16/fp32, tiny shapes, 16x16 tiles) and natively on a GPU."""
 
 from __future__ import annotations
 
-import oracle
 import pytest
 import torch
 
 import attnkit
+import oracle
 from attnkit import masks as M
 from attnkit._call import normalize
 from attnkit.masks import _intervals as I
@@ -38,19 +38,51 @@ def _sorted_ids(B, S, n_docs, gen=None):
 
 def _masks(B, Sq, Sk, gen=None):
     """Every lowerable library mask, by name, for a dense call of B x Sq x Sk."""
-    ids = _sorted_ids(B, max(Sq, Sk), 4, gen).to(DEV)
-    kv = _sorted_ids(B, Sk, 3, gen).to(DEV)
+    ids = _sorted_ids(B, Sq, 4, gen).to(DEV)
+    kv = _sorted_ids(B, Sk, 3, gen).to(DEV) if Sq != Sk else None  # (Sq != Sk: ids for the keys too)
+    kv1 = None if kv is None else kv[0]
+
+    def doc(q_ids, kv_ids):
+        return M.document(q_ids, kv_ids)
+
     return {
-        "document": M.document(ids),
-        "document_causal": M.document(ids) & M.causal(),
-        "document_1d_causal": M.document(ids[0]) & M.causal(),
-        "document_kv_ids": M.document(ids[:, :Sq], kv),
+        "document": doc(ids, kv),
+        "document_causal": doc(ids, kv) & M.causal(),
+        "document_1d_causal": doc(ids[0], kv1) & M.causal(),
+        "document_kv_ids": M.document(ids, _sorted_ids(B, Sk, 3, gen).to(DEV)),
         "prefix_lm": M.prefix_lm(5),
         "prefix_lm_tensor": M.prefix_lm(torch.tensor([0, Sk + 3], device=DEV)[:B]),
         "chunked": M.chunked(16),
         "chunked_causal": M.chunked(12) & M.causal(),
         "prefix_lm_window": M.prefix_lm(9) & M.sliding_window(20),
-        "document_window": M.document(ids) & M.sliding_window(10, 4),
+        "document_window": doc(ids, kv) & M.sliding_window(10, 4),
+        "global_sliding": M.global_sliding(3, 6, 2),
+        "global_sliding_left": M.global_sliding(2, 5),
+        "global_sliding_unbounded_right": M.global_sliding(4, 3, -1),
+        **(_square_masks(B, Sq, gen) if Sq == Sk else {}),
+    }
+
+
+def _flashmask_table(B, H, S, C, causal, gen=None):
+    """Random FlashMask indices (B, H, S, C) in FlashMask's conventions (start <= end per pair)."""
+    x = torch.sort(torch.randint(0, S + 2, (B, H, S, C), generator=gen), dim=-1).values
+    if not causal and C == 2:
+        x = x.flip(-1)  # (a, b): rows >= a or < b masked, a >= b keeps both ends
+    return x.to(torch.int32)
+
+
+def _square_masks(B, S, gen=None):
+    """The masks defined for Sq == Sk only."""
+    lens = torch.randint(0, S // 5 + 1, (B, 3), generator=gen).to(DEV)
+    plen = torch.randint(0, S // 3, (B,), generator=gen).to(DEV)
+    return {
+        "shared_prefix": M.shared_prefix(S // 4, [S // 4, S // 3, 2]),
+        "shared_prefix_tensor": M.shared_prefix(plen, lens),
+        "shared_prefix_no_response": M.shared_prefix(5, []),
+        "flashmask_c1_causal": M.flashmask(_flashmask_table(B, 1, S, 1, True, gen).to(DEV), True),
+        "flashmask_c2_causal": M.flashmask(_flashmask_table(1, 2, S, 2, True, gen).to(DEV), True),
+        "flashmask_c2": M.flashmask(_flashmask_table(B, 2, S, 2, False, gen).to(DEV), False),
+        "flashmask_c4": M.flashmask(_flashmask_table(B, 1, S, 4, False, gen).to(DEV), False),
     }
 
 
@@ -70,7 +102,7 @@ def _flags_dense(iv, Sq, Sk):
     return ok
 
 
-# -- the lowering, exactly ------------------------------------------------------------------------------------
+# -- the lowering, exactly ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("Sq,Sk", [(24, 24), (13, 24), (24, 13), (1, 9)])
 def test_lowering_equals_dense(Sq, Sk):
     gen = torch.Generator().manual_seed(Sq * 100 + Sk)
@@ -87,26 +119,45 @@ def test_lowering_equals_dense(Sq, Sk):
             assert torch.equal(got, want), (name, trial)
 
 
-def test_lowering_thd_per_sequence():
+def _thd_masks(N, S, square):
+    ids = _sorted_ids(N, S, 3).to(DEV)
+    out = [M.document(ids) & M.causal(), M.prefix_lm(4), M.chunked(4), M.document(ids[1])]
+    out.append(M.global_sliding(2, 3))
+    if square:  # (lengths [5, 0, 17, 1, 9])
+        out += [
+            M.shared_prefix(
+                torch.tensor([2, 0, 4, 0, 3], device=DEV),
+                torch.tensor([[2, 1], [0, 0], [5, 6], [1, 0], [3, 3]], device=DEV),
+            ),
+            M.flashmask(_flashmask_table(N, 2, S, 4, False).to(DEV), False),
+            M.flashmask(_flashmask_table(1, 1, S, 2, True).to(DEV), True),
+        ]
+    return out
+
+
+@pytest.mark.parametrize("square", [False, True])
+def test_lowering_thd_per_sequence(square):
     """thd: one column row per packed key, rows counted inside each sequence."""
-    lq, lk = [5, 0, 17, 1, 9], [7, 3, 17, 4, 9]
+    lq, lk = [5, 0, 17, 1, 9], ([5, 0, 17, 1, 9] if square else [7, 3, 17, 4, 9])
     q, k, v, kw = oracle.make_inputs("thd", Hq=2, Hk=1, D=16, seqlens_q=lq, seqlens_k=lk, device=DEV)
     N, S = len(lq), max(lq + lk)
-    ids = _sorted_ids(N, S, 3).to(DEV)
-    for mask in (M.document(ids) & M.causal(), M.prefix_lm(4), M.chunked(4), M.document(ids[1])):
+    for mask in _thd_masks(N, S, square):
         call = normalize(q, k, v, mask=mask, **kw)
         iv = I.lower(call.mask, call)
-        se = iv.startend[0, 0].cpu().long()
         cu_k = kw["cu_seqlens_k"].tolist()
-        for n in range(N):
-            rows = torch.arange(lq[n]).view(-1, 1)
-            part = se[cu_k[n] : cu_k[n + 1]]
-            a, b, c, d = (part[:, t].view(1, -1) for t in range(4))
-            got = ~(((rows >= a) & (rows < b)) | ((rows >= c) & (rows < d))) & _flags_dense(iv, lq[n], lk[n])
-            want = call.mask.bind(lq[n], lk[n])(
-                torch.tensor(n), torch.tensor(0), torch.arange(lq[n]).view(-1, 1), torch.arange(lk[n]).view(1, -1)
-            )
-            assert torch.equal(got, want.cpu().expand_as(got)), (mask.name, n)
+        for h in range(2):
+            se = iv.startend[0, min(h, iv.startend.shape[1] - 1)].cpu().long()
+            for n in range(N):
+                rows = torch.arange(lq[n]).view(-1, 1)
+                part = se[cu_k[n] : cu_k[n + 1]]
+                a, b, c, d = (part[:, t].view(1, -1) for t in range(4))
+                got = ~(((rows >= a) & (rows < b)) | ((rows >= c) & (rows < d)))
+                got &= _flags_dense(iv, lq[n], lk[n])
+                i = torch.arange(lq[n], device=DEV).view(-1, 1)
+                j = torch.arange(lk[n], device=DEV).view(1, -1)
+                bn, hh = torch.tensor(n, device=DEV), torch.tensor(h, device=DEV)
+                want = call.mask.bind(lq[n], lk[n])(bn, hh, i, j)
+                assert torch.equal(got, want.cpu().expand_as(got)), (mask.name, n, h)
 
 
 def test_summary_bounds():
@@ -127,7 +178,7 @@ def test_unlowerable_masks_are_refused_with_a_reason():
         "mask_mod": M.document(ids) & (lambda b, h, i, j: i >= j),
         "or": M.document(ids) | M.prefix_lm(3),
         "not": ~M.document(ids),
-        "two intervals": M.document(ids) & M.chunked(4),
+        "two masked row intervals": M.document(ids) & M.chunked(4),
         "not non-decreasing": M.document(torch.tensor([0, 1] * 8, device=DEV)),
     }
     for what, mask in cases.items():
@@ -137,7 +188,7 @@ def test_unlowerable_masks_are_refused_with_a_reason():
     assert "triton" in str(attnkit.explain(q, k, v, mask=cases["or"]))
 
 
-# -- the kernels against the oracle ---------------------------------------------------------------------------
+# -- the kernels against the oracle -------------------------------------------------------------------------
 def _check(q, k, v, mask, **kw):
     oracle.check_against_oracle(tri, q, k, v, mask=mask, **kw)
 
@@ -168,7 +219,16 @@ def test_masks_thd():
         "thd", Hq=2, Hk=1, D=16, seqlens_q=lq, device=DEV, requires_grad=True, dtype=torch.float16
     )
     ids = _sorted_ids(len(lq), max(lq), 3).to(DEV)
-    for mask in (M.document(ids) & M.causal(), M.prefix_lm(torch.tensor([2, 0, 7, 1, 30], device=DEV))):
+    masks = (
+        M.document(ids) & M.causal(),
+        M.prefix_lm(torch.tensor([2, 0, 7, 1, 30], device=DEV)),
+        M.shared_prefix(
+            torch.tensor([2, 0, 9, 1, 4], device=DEV),
+            torch.tensor([[2, 1], [0, 0], [10, 8], [0, 0], [6, 3]], device=DEV),
+        ),
+        M.flashmask(_flashmask_table(len(lq), 1, max(lq), 4, False).to(DEV), False),
+    )
+    for mask in masks:
         _check(q, k, v, mask, **kw)
 
 

@@ -107,7 +107,63 @@ def _chunked(params, c: _Coords, call):
     return [(torch.zeros_like(cs), cs - c.off), (cs + size - c.off, torch.full_like(cs, INF))]
 
 
-_LOWER = {"document": _document, "prefix_lm": _prefix_lm, "chunked": _chunked}
+def _global_sliding(params, c: _Coords, call):
+    g, left, right = params["num_global"], params["left"], params["right"]
+    # visible: j < G, or p < G, or p - left <= j <= p + right (p = i + off); masked rows of j >= G:
+    # i >= G - off and (i < j - right - off or i > j + left - off)
+    start = g - c.off
+    glob = c.kj < g
+    lo_end = torch.where(glob | (right < 0), 0, c.kj - right - c.off)
+    hi_start = torch.where(glob | (left < 0), INF, torch.maximum(start, c.kj + left - c.off + 1))
+    return [(start.expand_as(c.kj), lo_end), (hi_start, torch.full_like(c.kj, INF))]
+
+
+def _shared_prefix(params, c: _Coords, call):
+    """Causal (flag) and, per key, rows from the end of its segment on masked: a prompt key is seen up to the
+    end of the last response, a response key up to the end of its response, keys past the end by nobody."""
+    P = _per_seq(params["prefix_len"], c.kn)
+    lens = params["response_lens"]
+    if not isinstance(lens, torch.Tensor):
+        lens = torch.tensor(list(lens), dtype=torch.long, device=c.kj.device).view(1, -1)
+    lens = lens.to(c.kj.device).long()
+    R = lens.shape[-1]
+    rows = lens[c.kn] if lens.shape[0] > 1 else lens.expand(c.kj.shape[0], R)  # (K, R)
+    ends = rows.cumsum(-1) + (P.unsqueeze(-1) if isinstance(P, torch.Tensor) else P)  # (K, R)
+    if R == 0:
+        e = torch.where(c.kj < P, P, 0)
+    else:
+        seg = (ends <= c.kj.unsqueeze(-1)).sum(-1)  # response of key j (R: past the last)
+        own = ends.gather(-1, seg.clamp(max=R - 1).unsqueeze(-1)).squeeze(-1)
+        e = torch.where(c.kj < P, ends[:, -1], torch.where(seg < R, own, 0))
+    return [(e, torch.full_like(e, INF))]
+
+
+def _flashmask(params, c: _Coords, call):
+    T, causal = params["startend_row_indices"], params["causal"]
+    col = T[c.kn if T.shape[0] > 1 else torch.zeros_like(c.kn), :, c.kj].long()  # (K, H', C)
+    col = col.transpose(0, 1)  # (H', K, C)
+    inf = torch.full_like(col[..., 0], INF)
+    C = T.shape[-1]
+    if causal and C == 1:
+        return [(col[..., 0], inf)]
+    if causal:
+        return [(col[..., 0], col[..., 1])]
+    if C == 2:
+        return [(torch.zeros_like(inf), col[..., 1]), (col[..., 0], inf)]
+    return [(col[..., 0], col[..., 1]), (col[..., 2], col[..., 3])]
+
+
+_LOWER = {
+    "document": _document,
+    "prefix_lm": _prefix_lm,
+    "chunked": _chunked,
+    "global_sliding": _global_sliding,
+    "shared_prefix": _shared_prefix,
+    "flashmask": _flashmask,
+}
+# masked-row intervals each kind takes (one per key column, or two), and whether it adds the causal flag
+_SLOTS = {"prefix_lm": 1, "shared_prefix": 1}
+_CAUSAL = {"shared_prefix"}
 
 
 def _check_document(params, call) -> str | None:
@@ -159,9 +215,20 @@ def why_not(mask: Mask, call) -> str | None:
             if p.dim() != 1 or p.shape[0] != call.batch or p.is_floating_point() or p.device != call.device:
                 shape = tuple(p.shape)
                 return f"prefix_lm: prefix_len of shape {shape}, need ({call.batch},) ints on q's device"
-        slots += 1 if m.kind == "prefix_lm" else 2
+        if m.kind == "flashmask":
+            T = m.params["startend_row_indices"]
+            if T.device != call.device:
+                return "flashmask: startend_row_indices on another device than q"
+            if T.shape[1] not in (1, call.Hq):
+                return f"flashmask: {T.shape[1]} heads in startend_row_indices for Hq = {call.Hq}"
+        if m.kind in ("shared_prefix", "flashmask") and call.layout != "thd" and call.Sq != call.Sk:
+            return f"{m.kind}: needs Sq == Sk"
+        if m.kind == "flashmask" and m.params["causal"]:
+            slots += 1
+        else:
+            slots += _SLOTS.get(m.kind, 2)
         if slots > 2:
-            return f"mask {mask.name}: more than two masked row intervals per key column"
+            return "more than two masked row intervals per key column"
     return None
 
 
@@ -189,14 +256,21 @@ def lower(mask: Mask, call) -> Intervals | None:
             continue
         c = _coords(call) if c is None else c
         pairs += _LOWER[m.kind](m.params, c, call)
+        causal = causal or m.kind in _CAUSAL or (m.kind == "flashmask" and m.params["causal"])
     if c is None:
         c = _coords(call)
     zero = torch.zeros_like(c.kj)
     pairs = [_norm(a, b) for a, b in pairs] + [(zero, zero)] * (2 - len(pairs))
-    se = torch.stack([x for ab in pairs for x in ab], dim=-1).to(torch.int32)  # (K, 4)
-    se = se.view(call.batch, 1, c.dense_sk, 4) if c.dense_sk is not None else se.view(1, 1, -1, 4)
+    cols = torch.broadcast_tensors(*[x for ab in pairs for x in ab])
+    se = torch.stack(cols, dim=-1).to(torch.int32)  # (K, 4) or (H', K, 4)
+    se = se.view((1,) * (3 - se.dim()) + tuple(se.shape))  # (1 | H', K, 4)
+    if c.dense_sk is not None:  # (H', B * Sk, 4) -> (B, H', Sk, 4)
+        se = se.view(se.shape[0], call.batch, c.dense_sk, 4).transpose(0, 1)
+    else:
+        se = se.unsqueeze(0)
     window = None if window == (-1, -1) else window
-    return Intervals(se.contiguous(), summarize(se), causal, window)
+    se = se.contiguous()
+    return Intervals(se, summarize(se), causal, window)
 
 
 def summarize(startend: torch.Tensor) -> torch.Tensor:
