@@ -302,3 +302,33 @@ def test_cuda_auto_picks_triton_for_lowered_masks():
     ids = _sorted_ids(2, 8192, 8).cuda()
     report = attnkit.explain(q, k, v, mask=M.document(ids) & M.causal())
     assert report.chosen == "triton", str(report)
+
+
+@pytest.mark.parametrize("Sq,Sk", [(40, 40), (23, 50), (50, 23)])
+def test_visible_pairs_count(Sq, Sk):
+    """The cost model's pair count (O(Sk) on the device) equals the dense count, flags included."""
+    q = torch.randn(2, 2, Sq, 16, device=DEV)
+    k = torch.randn(2, 1, Sk, 16, device=DEV)
+    for name, mask in _masks(2, Sq, Sk).items():
+        for kw in ({}, {"causal": True}, {"window": (7, 3)}):
+            call = normalize(q, k, k, mask=mask, **kw)
+            causal, window, iv = _flags(call)
+            got = float(I.visible_pairs(iv, call, causal, window))
+            H = iv.startend.shape[1]  # (per-head masks: the count is per head on average)
+            dense = call.mask.to_dense(2, H, Sq, Sk).cpu()
+            if call.causal or call.window:
+                dense = dense & _call_flags_dense(call)
+            assert got * H == float(dense.sum()), (name, kw)
+
+
+def _flags(call):
+    from attnkit.backends.triton.backend import TritonBackend
+
+    return TritonBackend._mask_flags(call)
+
+
+def _call_flags_dense(call):
+    class F:
+        causal, window = call.causal, call.window
+
+    return _flags_dense(F, call.Sq, call.Sk)

@@ -294,3 +294,30 @@ def dense_from_intervals(iv: Intervals, B: int, H: int, Sq: int, Sk: int) -> tor
     i = torch.arange(Sq, device=se.device).view(1, 1, Sq, 1)
     a, b, c, d = (se[..., k].unsqueeze(2) for k in range(4))
     return ~(((i >= a) & (i < b)) | ((i >= c) & (i < d)))
+
+
+def visible_pairs(iv: Intervals, call, causal: bool, window) -> torch.Tensor | None:
+    """Visible (query, key) pairs per head under the intervals and the flags (a 0-dim float64 tensor on the
+    device, O(K) work; reading it is the caller's choice), or None for thd (rows per sequence)."""
+    if call.layout == "thd":
+        return None
+    se = iv.startend.long()  # (B', H', Sk, 4)
+    Sq, Sk = call.Sq, call.Sk
+    p = torch.arange(Sk, device=se.device) - (Sk - Sq)  # the query row at j's own position
+    lo = torch.zeros_like(p)
+    hi = torch.full_like(p, Sq)
+    left, right = window if window is not None else (-1, -1)
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if right >= 0:  # j <= i + off + right  <=>  i >= j - off - right
+        lo = (p - right).clamp(min=0)
+    if left >= 0:  # j >= i + off - left  <=>  i <= j - off + left
+        hi = (p + left + 1).clamp(0, Sq)
+
+    def span(x, y):
+        return (torch.minimum(y, hi) - torch.maximum(x, lo)).clamp(min=0)
+
+    a, b, c, d = se.unbind(-1)
+    vis = span(lo, hi) - span(a, b) - span(c, d) + span(torch.maximum(a, c), torch.minimum(b, d))
+    scale = call.batch / se.shape[0] / se.shape[1]
+    return vis.sum().double() * scale

@@ -130,10 +130,16 @@ class TritonBackend(Backend):
 
     @staticmethod
     def _mask_flags(call: AttentionCall):
-        """(causal, window, Intervals or None): the call's flags with a lowered mask's merged in."""
+        """(causal, window, Intervals or None): the call's flags with a lowered mask's merged in (the
+        lowering is kept on the call: cost() and run() of one call share it)."""
         if call.mask is None:
             return call.causal, call.window, None
-        iv = _intervals.lower(call.mask, call)
+        iv = call.__dict__.get("_intervals")
+        if iv is None or iv[0] is not call.mask:
+            iv = (call.mask, _intervals.lower(call.mask, call))
+            if not torch.compiler.is_compiling():
+                call.__dict__["_intervals"] = iv
+        iv = iv[1]
         window = call.window
         if iv.window is not None:
             window = iv.window if window is None else _intervals._merge_windows(window, iv.window)
@@ -145,7 +151,7 @@ class TritonBackend(Backend):
             # the interpreter: correct but very slow; auto must never prefer it
             return 1e6 + call.batch * call.Hq * call.Sq * call.Sk * (call.D + call.Dv) / 1e6
         mode = "fwd_bwd" if call.requires_grad else "fwd"
-        causal = call.causal or call.window is not None
+        causal = call.causal or call.window is not None or call.mask is not None  # (masked: the causal rates)
         if mode == "fwd" and self._gluon(call):  # the Hopper kernel; short sequences run below its peak
             mode = "fwd_gluon_short" if call.Sk <= 1024 else "fwd_gluon"
         elif mode == "fwd_bwd" and self._gluon_bwd(call):  # the Hopper dK/dV kernel
@@ -153,7 +159,11 @@ class TritonBackend(Backend):
         rate = _rate(mode, max(call.D, call.Dv), causal) * 1e12
         if call.dtype == torch.float32:
             rate /= 12.0  # exact fp32 dots (no tf32) run on the CUDA cores
-        if call.layout == "thd" and call.seqlens_q is None:  # lengths unknown on the host (compile, capture)
+        masked = self._masked_pairs(call)
+        if masked is not None:  # a mask carried as data: the pairs it leaves visible (empty tiles skipped)
+            pairs = masked
+            flops = pairs * call.Hq * 2.0 * (call.D + call.Dv) * (3.5 if call.requires_grad else 1.0)
+        elif call.layout == "thd" and call.seqlens_q is None:  # lengths unknown (compile, capture)
             pairs = float(call.batch * call.Sq * call.Sk)
             flops = pairs * call.Hq * 2.0 * (call.D + call.Dv) * (3.5 if call.requires_grad else 1.0)
         else:
@@ -169,6 +179,16 @@ class TritonBackend(Backend):
             t *= 1.3
         launches = (5 if self._fused(call) else 4) if call.requires_grad else 1
         return t + 8e-6 * launches
+
+    def _masked_pairs(self, call: AttentionCall) -> float | None:
+        """Visible pairs of a call with a lowered mask (one read of a device scalar, where host reads are
+        allowed: not under torch.compile or CUDA-graph capture); None without a mask or where unknown (the
+        flag-based bound then applies, an upper bound)."""
+        if call.mask is None or not _intervals._host_values_allowed(call.q):
+            return None
+        causal, window, iv = self._mask_flags(call)
+        n = _intervals.visible_pairs(iv, call, causal, window)
+        return None if n is None else float(n)
 
     @classmethod
     def _gluon(cls, call: AttentionCall) -> bool:
@@ -187,6 +207,7 @@ class TritonBackend(Backend):
     @staticmethod
     def _plain(call: AttentionCall) -> bool:
         plain = call.bias is None and call.alibi_slopes is None and not call.softcap and call.window is None
+        plain = plain and call.mask is None  # (masked calls take the plain Triton kernels)
         return plain and call.dropout_p == 0 and call.device.type == "cuda"
 
     @classmethod
