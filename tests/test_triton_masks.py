@@ -332,3 +332,20 @@ def _call_flags_dense(call):
         causal, window = call.causal, call.window
 
     return _flags_dense(F, call.Sq, call.Sk)
+
+
+def test_compile_fullgraph_with_a_data_mask():
+    """torch.compile traces the lowering (plain torch ops) and the ops carrying the intervals."""
+    S = 24
+    q, k, v, _ = oracle.make_inputs("bhsd", B=2, Hq=2, Hk=1, Sq=S, D=16, device=DEV, requires_grad=True)
+    ids = _sorted_ids(2, S, 3).to(DEV)
+
+    def f(q, k, v, ids):
+        out = attnkit.attention(q, k, v, mask=M.document(ids) & M.causal(), backend="triton")
+        return out.float().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
+    g_eager = torch.autograd.grad(f(q, k, v, ids), (q, k, v))
+    g_comp = torch.autograd.grad(compiled(q, k, v, ids), (q, k, v))
+    for a, b_ in zip(g_eager, g_comp):
+        torch.testing.assert_close(a, b_)
