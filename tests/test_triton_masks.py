@@ -349,3 +349,25 @@ def test_compile_fullgraph_with_a_data_mask():
     g_comp = torch.autograd.grad(compiled(q, k, v, ids), (q, k, v))
     for a, b_ in zip(g_eager, g_comp):
         torch.testing.assert_close(a, b_)
+
+
+@pytest.mark.parametrize("skip", ["0", "1"])
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16)])
+def test_tile_sizes_and_skip_branch(tiles, skip, monkeypatch):
+    """Other tile shapes (a key tile over several 16-key summary entries, unaligned in thd) and the
+    ATTNKIT_TRITON_IV_SKIP branch give the same, correct results."""
+    from attnkit.backends.triton.runtime import tuning
+
+    BM, BN = tiles
+    for kind in ("fwd", "dkdv", "dq", "bwd"):
+        monkeypatch.setitem(tuning.FORCE, kind, (BM, BN, 4, 1))
+    monkeypatch.setenv("ATTNKIT_TRITON_IV_SKIP", skip)
+    lq = [37, 3, 50]
+    q, k, v, kw = oracle.make_inputs(
+        "thd", Hq=2, Hk=1, D=16, seqlens_q=lq, device=DEV, requires_grad=True, dtype=torch.float16
+    )
+    ids = _sorted_ids(len(lq), max(lq), 4).to(DEV)
+    _check(q, k, v, M.document(ids) & M.causal(), **kw)
+    S = 70
+    q, k, v, kw = oracle.make_inputs("bhsd", B=1, Hq=2, Sq=S, D=16, device=DEV, requires_grad=True)
+    _check(q, k, v, M.shared_prefix(9, [20, 7, 25]), **kw)

@@ -232,6 +232,11 @@ class TritonBackend(Backend):
             n = ["backward: one fused kernel, dQ added up with fp32 atomics (deterministic=True avoids them)"]
         else:
             n = ["backward: dK/dV kernel and a separate dQ pass beside it (no atomics: deterministic)"]
+        if call.mask is not None:
+            n.append(
+                f"mask {call.mask.name} carried as data: two masked row intervals per key column "
+                "(empty tiles skipped, full tiles unmasked; no recompiles for new values or lengths)"
+            )
         if call.device.type != "cuda":
             n.append("running in the Triton interpreter: for tests, very slow")
         else:

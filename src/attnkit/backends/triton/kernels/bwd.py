@@ -28,6 +28,9 @@ from attnkit.backends.triton.kernels.common import (
     iv_apply,
     iv_classify,
     iv_load,
+    iv_narrow_kv,
+    iv_narrow_q,
+    iv_segments,
     kv_tiles,
     pending_scale,
     q_tiles,
@@ -170,6 +173,7 @@ def _dkdv_inner(
     DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_IV: tl.constexpr,
+    IV_SKIP: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     c = pending_scale(sm_scale, DEFER)
@@ -196,6 +200,8 @@ def _dkdv_inner(
         if HAS_IV:  # masks as data: the key tile's summary against these query rows
             r1 = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
             empty, full = iv_classify(sum_ptr, p0, p1, start_m, r1, BLOCK_N)
+            if not IV_SKIP:  # (no branch around the tile: the range was narrowed instead)
+                empty = False
         if not empty:
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = load_tile(
@@ -385,6 +391,7 @@ def attn_bwd_dkdv(
     DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_IV: tl.constexpr,
+    IV_SKIP: tl.constexpr,
     ONE_LOOP: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
@@ -439,21 +446,24 @@ def attn_bwd_dkdv(
             slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
         sum_ptr = IvSum + b * stride_sb + h * stride_sh
         ia, ib, ic, id_ = 0, 0, 0, 0
-        if HAS_IV:  # this key tile's column intervals, (BN, 1) each
+        g_lo, g_full_lo, g_full_hi, g_hi = lo, full_lo, full_hi, hi
+        if HAS_IV:  # this key tile's column intervals, (BN, 1) each, and the query tiles that see any
             iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
             ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[:, None], seqlen_k)
+            lo2, hi2 = iv_narrow_q(sum_ptr, k_start + n0, k_start + n1, lo, hi, seqlen_q, BLOCK_M, BLOCK_N)
+            g_lo, g_full_lo, g_full_hi, g_hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
         # the tile schedule's three segments: masked head, unmasked body, masked tail; ONE_LOOP: every
         # visited tile in one masked loop, so the software pipeline runs through the diagonal without
         # draining and refilling (_tuning.one_loop_dkdv)
         for seg in tl.static_range(1 if ONE_LOOP else 3):
             if ONE_LOOP:
-                seg_lo, seg_hi = lo, hi
+                seg_lo, seg_hi = g_lo, g_hi
             elif seg == 0:
-                seg_lo, seg_hi = lo, full_lo
+                seg_lo, seg_hi = g_lo, g_full_lo
             elif seg == 1:
-                seg_lo, seg_hi = full_lo, full_hi
+                seg_lo, seg_hi = g_full_lo, g_full_hi
             else:
-                seg_lo, seg_hi = full_hi, hi
+                seg_lo, seg_hi = g_full_hi, g_hi
             dk, dv = _dkdv_inner(
                 dk,
                 dv,
@@ -517,6 +527,7 @@ def attn_bwd_dkdv(
                 DEFER,
                 PRECISION,
                 HAS_IV,
+                IV_SKIP,
                 BLOCK_N,
             )
     row_mask = offs_n[:, None] < seqlen_k
@@ -581,6 +592,7 @@ def _dq_inner(
     DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_IV: tl.constexpr,
+    IV_SKIP: tl.constexpr,
 ):
     c = pending_scale(sm_scale, DEFER)
     for start_n in range(lo, hi, BLOCK_N):
@@ -589,6 +601,8 @@ def _dq_inner(
         if HAS_IV:  # masks as data: skip empty key tiles, no mask work on full ones
             last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
             empty, full = iv_classify(sum_ptr, k_start + start_n, k_start + last, r0, r1, BLOCK_N)
+            if not IV_SKIP:
+                empty = False
         if not empty:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             kt = load_tile(
@@ -633,9 +647,9 @@ def _dq_inner(
                 HAS_RIGHT,
                 DEFER,
             )
-            if HAS_IV:  # noqa: SIM102 (constexpr, then a runtime branch)
+            if HAS_IV:
+                ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[None, :], seqlen_k)
                 if not full:
-                    ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[None, :], seqlen_k)
                     s = iv_apply(s, offs_m[:, None], ia, ib, ic, id_)
             lg = s * c - lse_hi[:, None]
             if q.dtype == tl.float32:
@@ -736,6 +750,7 @@ def attn_bwd_dq(
     DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_IV: tl.constexpr,
+    IV_SKIP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if REVERSE:
@@ -794,6 +809,9 @@ def attn_bwd_dq(
     lo, full_lo, full_hi, hi = kv_tiles(
         m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
     )
+    if HAS_IV:  # from the first to the last key tile the mask leaves non-empty for these rows
+        lo2, hi2 = iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, m0, m1, BLOCK_N)
+        lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
     # the tile schedule's three segments: masked head, unmasked body, masked tail
     for seg in tl.static_range(3):
         if seg == 0:
@@ -852,6 +870,7 @@ def attn_bwd_dq(
             DEFER,
             PRECISION,
             HAS_IV,
+            IV_SKIP,
         )
     dq_ptrs = (
         DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqs + offs_d[None, :]

@@ -199,11 +199,10 @@ def dropout_keep(rng_ptr, bh, rows, cols, dropout_p):
 
 # -- masks as data (``attnkit.masks._intervals``): masked query rows [a, b) U [c, d) per key column ----------
 @triton.jit
-def iv_classify(sum_ptr, p0, p1, r0, r1, BLOCK: tl.constexpr):
-    """(empty, full) of query rows ``r0..r1`` against the packed key columns ``p0..p1`` (inclusive), from
-    the 16-key summary at ``sum_ptr`` ((nblk, 8): min/max of a, b, c, d). Conservative: ``empty`` means
-    every column masks every row (skip the tile), ``full`` that no column masks any row (no mask work)."""
-    idx = p0 // 16 + tl.arange(0, 2 * BLOCK // 16)  # (enough entries for BLOCK keys at any alignment)
+def iv_summary(sum_ptr, p0, p1, BLOCK: tl.constexpr):
+    """min/max of a, b, c, d over the packed key columns ``p0..p1`` (inclusive), from the 16-key summary at
+    ``sum_ptr`` ((nblk, 8)); a tile of BLOCK keys spans at most 2 * BLOCK / 16 entries at any alignment."""
+    idx = p0 // 16 + tl.arange(0, 2 * BLOCK // 16)
     ok = idx <= p1 // 16
     p = sum_ptr + idx * 8
     big = 1 << 30
@@ -215,9 +214,60 @@ def iv_classify(sum_ptr, p0, p1, r0, r1, BLOCK: tl.constexpr):
     hi_c = tl.max(tl.load(p + 5, mask=ok, other=-big), 0)
     lo_d = tl.min(tl.load(p + 6, mask=ok, other=big), 0)
     hi_d = tl.max(tl.load(p + 7, mask=ok, other=-big), 0)
+    return lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d
+
+
+@triton.jit
+def iv_state(lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d, r0, r1):
+    """(empty, full) of query rows ``r0..r1`` against columns with these bounds. Conservative: ``empty``
+    means every column masks every row (skip), ``full`` that no column masks any row (no mask work)."""
     empty = ((hi_a <= r0) & (r1 < lo_b)) | ((hi_c <= r0) & (r1 < lo_d))
     full = ((hi_b <= r0) | (lo_a > r1)) & ((hi_d <= r0) | (lo_c > r1))
     return empty, full
+
+
+@triton.jit
+def iv_classify(sum_ptr, p0, p1, r0, r1, BLOCK: tl.constexpr):
+    """(empty, full) of query rows ``r0..r1`` against the packed key columns ``p0..p1`` (see iv_state)."""
+    lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d = iv_summary(sum_ptr, p0, p1, BLOCK)
+    return iv_state(lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d, r0, r1)
+
+
+@triton.jit
+def iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, r0, r1, BLOCK_N: tl.constexpr):
+    """The key range ``[lo, hi)`` (tile starts on lo's grid) cut to its first and last non-empty tile for
+    query rows ``r0..r1``: a scan of the summaries (no K/V loads), so the main loop needs no branch."""
+    first = hi
+    last = lo
+    for start_n in range(lo, hi, BLOCK_N):
+        end = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+        empty, _ = iv_classify(sum_ptr, k_start + start_n, k_start + end, r0, r1, BLOCK_N)
+        first = tl.where(empty, first, tl.minimum(first, start_n))
+        last = tl.where(empty, last, start_n + BLOCK_N)
+    return first, tl.maximum(tl.minimum(last, hi), first)
+
+
+@triton.jit
+def iv_narrow_q(sum_ptr, p0, p1, lo, hi, seqlen_q, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The query range ``[lo, hi)`` of a key tile (packed columns ``p0..p1``) cut to its first and last
+    non-empty query tile (dK/dV): the key tile's bounds are read once, then scalar tests per query tile."""
+    lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d = iv_summary(sum_ptr, p0, p1, BLOCK_N)
+    first = hi
+    last = lo
+    for start_m in range(lo, hi, BLOCK_M):
+        r1 = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+        empty, _ = iv_state(lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d, start_m, r1)
+        first = tl.where(empty, first, tl.minimum(first, start_m))
+        last = tl.where(empty, last, start_m + BLOCK_M)
+    return first, tl.maximum(tl.minimum(last, hi), first)
+
+
+@triton.jit
+def iv_segments(lo, full_lo, full_hi, hi, lo2, hi2):
+    """The schedule ``(lo, full_lo, full_hi, hi)`` of :func:`tile_range` restricted to ``[lo2, hi2)``."""
+    full_lo = tl.minimum(tl.maximum(full_lo, lo2), hi2)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi2)
+    return lo2, full_lo, full_hi, hi2
 
 
 @triton.jit

@@ -13,6 +13,8 @@ from attnkit.backends.triton.kernels.common import (
     iv_apply,
     iv_classify,
     iv_load,
+    iv_narrow_kv,
+    iv_segments,
     kv_tiles,
     pending_scale,
     scores,
@@ -93,12 +95,15 @@ def _fwd_inner(
     DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_IV: tl.constexpr,
+    IV_SKIP: tl.constexpr,
 ):
     c = pending_scale(sm_scale, DEFER)  # scores * c = scores in log2 units
     for start_n in range(lo, hi, BLOCK_N):
-        if HAS_IV:  # masks as data: an empty tile costs its summary and nothing else
+        if HAS_IV:  # masks as data: full tiles skip the mask; IV_SKIP: empty tiles skip everything (a branch)
             last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
             empty, full = iv_classify(sum_ptr, k_start + start_n, k_start + last, r0, r1, BLOCK_N)
+            if not IV_SKIP:
+                empty = False
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n,
                 seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
@@ -164,9 +169,9 @@ def _fwd_tile(
             HAS_RIGHT,
             DEFER,
         )
-        if HAS_IV:  # noqa: SIM102 (constexpr, then a runtime branch)
+        if HAS_IV:
+            ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[None, :], seqlen_k)  # (loads outside the branch)
             if not full:  # a partial tile: the masked rows of each column
-                ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[None, :], seqlen_k)
                 s = iv_apply(s, offs_m[:, None], ia, ib, ic, id_)
         m_new = tl.maximum(m_i, tl.max(s, 1) * c)  # log2 units (c > 0)
         # rows that have seen no visible key yet keep m = -inf; subtract 0 there so exp2 gives 0, not NaN
@@ -258,6 +263,7 @@ def attn_fwd(
     DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_IV: tl.constexpr,
+    IV_SKIP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if REVERSE:  # causal load balance: the longest rows (last tiles) start first
@@ -294,6 +300,9 @@ def attn_fwd(
     lo, full_lo, full_hi, hi = kv_tiles(
         m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
     )
+    if HAS_IV:  # from the first to the last key tile the mask leaves non-empty for these rows
+        lo2, hi2 = iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, m0, m1, BLOCK_N)
+        lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
     # masked head, unmasked body, masked tail: the schedule decides, the pipeline applies
     for seg in tl.static_range(3):
         if seg == 0:
@@ -350,6 +359,7 @@ def attn_fwd(
             DEFER,
             PRECISION,
             HAS_IV,
+            IV_SKIP,
         )
 
     has_key = l_i > 0.0

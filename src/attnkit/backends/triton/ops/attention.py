@@ -94,6 +94,13 @@ def _window(causal: bool, window_left: int, window_right: int) -> tuple[bool, bo
     return has_left, window_right >= 0, max(window_left, 0), max(window_right, 0)
 
 
+def _tuning_iv_skip() -> bool:
+    """Masks as data: ATTNKIT_TRITON_IV_SKIP=1 puts a branch around every key tile that skips the empty ones
+    inside the narrowed range (default 0: no branch, so the software pipeline stays; empty tiles at the ends
+    of a row's range are cut off either way). For A/B runs on the GPU."""
+    return os.environ.get("ATTNKIT_TRITON_IV_SKIP", "0") not in ("", "0")
+
+
 def _iv_args(startend: Tensor | None, summary: Tensor | None, dummy: Tensor) -> tuple:
     """Kernel arguments of a mask carried as data: (intervals, summary, their batch and head strides, 0 on
     broadcast dims); dummies without one."""
@@ -294,6 +301,7 @@ def _fwd_body(
             DEFER=_defer(scale, softcap, bias, alibi_slopes),
             PRECISION=_precision(q.dtype),
             HAS_IV=has_iv,
+            IV_SKIP=has_iv and _tuning_iv_skip(),
             num_warps=warps,
             num_stages=stages,
         )
@@ -517,6 +525,7 @@ def _bwd_body(
         DEFER=_defer(scale, softcap, bias, alibi_slopes),
         PRECISION=_precision(q.dtype),
         HAS_IV=has_iv,
+        IV_SKIP=has_iv and _tuning_iv_skip(),
     )
     scalars = (scale, softcap if softcap > 0 else 1.0, wl, wr, dropout_p, *iv_args)
     flags = (
@@ -671,6 +680,7 @@ _SWITCHES = (
     "ATTNKIT_TRITON_BWD_LOOP",
     "ATTNKIT_TRITON_BWD_STREAMS",
     "ATTNKIT_TRITON_AUTOTUNE",
+    "ATTNKIT_TRITON_IV_SKIP",
 )
 
 
