@@ -371,3 +371,25 @@ def test_tile_sizes_and_skip_branch(tiles, skip, monkeypatch):
     S = 70
     q, k, v, kw = oracle.make_inputs("bhsd", B=1, Hq=2, Sq=S, D=16, device=DEV, requires_grad=True)
     _check(q, k, v, M.shared_prefix(9, [20, 7, 25]), **kw)
+
+
+def test_masks_with_other_features():
+    """Intervals compose with softcap, ALiBi, a learnable bias, D != Dv and a window flag."""
+    S = 40
+    q, k, v, kw = oracle.make_inputs(
+        "bhsd", B=2, Hq=2, Hk=1, Sq=S, D=16, Dv=32, device=DEV, requires_grad=True
+    )
+    bias = torch.randn(2, 2, S, S, device=DEV, requires_grad=True)
+    ids = _sorted_ids(2, S, 3).to(DEV)
+    oracle.check_against_oracle(
+        tri,
+        q,
+        k,
+        v,
+        bias=bias,
+        mask=M.document(ids) & M.causal(),
+        softcap=3.0,
+        alibi_slopes=oracle.alibi_slopes(2, DEV),
+        window=(12, -1),
+        **kw,
+    )

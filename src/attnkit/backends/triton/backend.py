@@ -2,7 +2,10 @@
 
 One kernel family (``_fwd.py``, ``_bwd.py``; shared score pipeline and tile schedule in ``_pipeline.py``)
 serves causal (bottom-right), windows, softcap, ALiBi, additive bias with its gradient, GQA/MQA, D != Dv,
-head dims up to 256, fp16/bf16/fp32, bhsd/bshd/thd, return_lse, dropout and deterministic backward. Host
+head dims up to 256, fp16/bf16/fp32, bhsd/bshd/thd, return_lse, dropout and deterministic backward, and
+library masks that lower to two masked row intervals per key column (``attnkit.masks._intervals``:
+document, prefix_lm, chunked, global_sliding, shared_prefix, flashmask and their ``&`` with causal /
+sliding windows), carried to the kernels as int32 tensors (no recompiles for new values or lengths). Host
 launchers and the ``torch.library`` ops live in ``ops.py``; block sizes in ``_tuning.py``.
 
 On a machine without CUDA the backend is available only under the Triton interpreter

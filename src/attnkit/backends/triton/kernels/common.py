@@ -10,6 +10,10 @@
   (:func:`pending_scale`): one FMA per score. User ``score_mod`` / ``mask_mod`` code will be compiled
   into this function.
 
+* ``iv_*``: masks carried as data (``attnkit.masks._intervals``): per key column the masked query rows
+  ``[a, b) U [c, d)``; 16-key summaries classify a tile pair as empty / full / partial, narrow each loop's
+  range to its non-empty tiles, and partial tiles apply the intervals elementwise (constexpr HAS_IV).
+
 Indices are positions inside the sequence (``i`` query row, ``j`` key row); ``off = Sk - Sq`` aligns
 causal and windows to the bottom right. Row and column index arrays come in already shaped for
 broadcasting, so the same code serves ``(rows, cols)`` tiles (forward, dQ) and transposed
