@@ -205,7 +205,8 @@ def why_not(mask: Mask, call) -> str | None:
             continue
         if m.kind not in _LOWER:
             what = "a mask_mod callable" if m.kind == "mask_mod" else f"{m.kind!r}"
-            return f"mask part {m.name} ({what}) has no interval lowering"
+            where = "" if m is mask else f" (the part {m.name})"
+            return f"{what}{where} has no interval lowering"
         if m.kind == "document":
             reason = _check_document(m.params, call)
             if reason:
