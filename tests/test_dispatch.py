@@ -153,6 +153,56 @@ def test_choice_cache_key_sees_every_input_the_choice_reads():
         seen[sig] = label
 
 
+def _sig(q, k, v, **kw):
+    return dispatch._signature(oracle.make_call(q, k, v, **kw), "auto")
+
+
+def test_choice_cache_key_is_the_mask_and_mod_structure():
+    """Masks and score mods key the choice by structure, not data and not by being present: some of them
+    compile into a backend's kernels and others do not, so two of other kinds must never share a choice,
+    and new data (doc ids, lengths) for the same kind must reuse it."""
+    q, k, v = _qkv()
+    S = q.shape[2]
+    ids = [torch.randint(0, 3, (S,)).sort().values for _ in range(2)]
+    doc = [_sig(q, k, v, mask=attnkit.masks.document(i)) for i in ids]
+    assert doc[0] == doc[1]  # new doc ids: the same choice
+    assert _sig(q, k, v, mask=attnkit.masks.prefix_lm(2)) == _sig(q, k, v, mask=attnkit.masks.prefix_lm(3))
+    assert _sig(q, k, v, mask=attnkit.masks.prefix_lm(2)) != doc[0]
+    assert _sig(q, k, v, mask=attnkit.masks.document(ids[0].int())) != doc[0]  # another dtype
+    assert _sig(q, k, v, mask=attnkit.masks.document(ids[0]) & attnkit.masks.causal()) != doc[0]
+
+    def causal_mod(b, h, i, j):
+        return i >= j
+
+    def window_mod(b, h, i, j):
+        return (i - j).abs() <= 2
+
+    assert _sig(q, k, v, mask=causal_mod) != _sig(q, k, v, mask=window_mod)
+    assert _sig(q, k, v, mask=lambda b, h, i, j: i >= j) != _sig(q, k, v, mask=lambda b, h, i, j: i <= j)
+    def within(n):
+        return lambda b, h, i, j: i - j <= n
+
+    make = [within(1), within(2)]  # one code, captured numbers
+    assert _sig(q, k, v, mask=make[0]) == _sig(q, k, v, mask=make[1])
+
+    def bias_mod(score, b, h, i, j):
+        return score + (i - j)
+
+    def scale_mod(score, b, h, i, j):
+        return score * 2
+
+    table = torch.randn(4, 2 * S - 1)
+    mods = [
+        _sig(q, k, v, score_mod=bias_mod),
+        _sig(q, k, v, score_mod=scale_mod),
+        _sig(q, k, v, score_mod=attnkit.mods.softcap(2.0)),
+        _sig(q, k, v, score_mod=attnkit.mods.relative_bias(table)),
+        _sig(q, k, v, score_mod=attnkit.mods.relative_bias(table.clone().requires_grad_())),
+    ]
+    assert len(set(mods)) == len(mods), "score mods of other kinds share a cached choice"
+    assert _sig(q, k, v, score_mod=attnkit.mods.relative_bias(torch.randn(4, 2 * S - 1))) == mods[3]
+
+
 @pytest.mark.parametrize("backend", ["auto", "triton", "sdpa_math", "flex"])
 def test_cached_choices_match_fresh_ones(backend):
     """Interleaved calls of different kinds, twice over: each cached answer (a backend, or the

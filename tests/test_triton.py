@@ -48,7 +48,9 @@ if not HAS_CUDA and not _interpreted():
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     """Outputs start as NaN, so any element a kernel forgets to write fails the oracle."""
-    monkeypatch.setattr(ops, "POISON", True)
+    from attnkit.backends.triton.ops import common
+
+    monkeypatch.setattr(common, "POISON", True)
     yield
 
 
@@ -117,15 +119,13 @@ def _make_case(case: dict, dtype, requires_grad=True):
     return q, k, v, bias, kw
 
 
-@pytest.mark.parametrize("bwd", ["fused", "split", "split-one-loop"])
+@pytest.mark.parametrize("bwd", ["three-loops", "one-loop"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("name", list(CASES))
 def test_dense_flags(name, dtype, bwd, monkeypatch):
-    """Every backward variant on every flag case: the fused kernel (opt-in), the separate dQ pass (the
-    default) with the dK/dV loop split by the tile schedule, and with dK/dV in one masked loop (the default
-    for causal calls only: _tuning.one_loop_dkdv)."""
-    monkeypatch.setenv("ATTNKIT_TRITON_BWD", bwd.split("-")[0])
-    monkeypatch.setenv("ATTNKIT_TRITON_BWD_LOOP", "one" if bwd.endswith("one-loop") else "three")
+    """Both backward variants on every flag case: the dK/dV loop split by the tile schedule, and dK/dV in
+    one masked loop (the default for causal calls only: _tuning.one_loop_dkdv); dQ in its own pass."""
+    monkeypatch.setenv("ATTNKIT_TRITON_BWD_LOOP", "one" if bwd == "one-loop" else "three")
     q, k, v, bias, kw = _make_case(CASES[name], dtype)
     oracle.check_against_oracle(tri, q, k, v, bias=bias, **kw)
 
@@ -133,19 +133,17 @@ def test_dense_flags(name, dtype, bwd, monkeypatch):
 def test_backward_kernel_choice(monkeypatch):
     from attnkit.backends.triton.runtime import tuning as _tuning
 
-    for var in ("ATTNKIT_TRITON_BWD", "ATTNKIT_TRITON_BWD_LOOP", "ATTNKIT_TRITON_BWD_STREAMS"):
+    for var in ("ATTNKIT_TRITON_BWD_LOOP", "ATTNKIT_TRITON_BWD_STREAMS"):
         monkeypatch.delenv(var, raising=False)
-    assert not _tuning.fused_backward()  # at every head dim
     assert _tuning.one_loop_dkdv(False, True)  # causal
     assert not _tuning.one_loop_dkdv(False, False) and not _tuning.one_loop_dkdv(True, True)
     assert _tuning.concurrent_backward(4 * 32 * 4096 * 4096)  # long sequences: dQ beside dK/dV
     assert not _tuning.concurrent_backward(32 * 32 * 512 * 512)  # host-bound: no stream waits
     monkeypatch.setenv("ATTNKIT_TRITON_BWD_STREAMS", "1")
     assert _tuning.concurrent_backward(1)
-    monkeypatch.setenv("ATTNKIT_TRITON_BWD", "fused")
     monkeypatch.setenv("ATTNKIT_TRITON_BWD_LOOP", "one")
     monkeypatch.setenv("ATTNKIT_TRITON_BWD_STREAMS", "0")
-    assert _tuning.fused_backward() and _tuning.one_loop_dkdv(False, False)
+    assert _tuning.one_loop_dkdv(False, False)
     assert not _tuning.concurrent_backward()
 
 
@@ -703,7 +701,7 @@ def test_gluon_backward_off_switches_and_fallbacks(gluon_bwd_calls, monkeypatch)
     assert len(gluon_bwd_calls) == 1
 
 
-@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq", "bwd"])
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_fitting_default_fits_shared_memory(kind, D, monkeypatch):
     """Without the autotuner (ATTNKIT_TRITON_AUTOTUNE=0, capture, compile) the tiles must still fit: the
@@ -729,3 +727,47 @@ def test_float32_head_dim_128_without_autotune(monkeypatch):
         "bhsd", Hq=2, Sq=200, D=128, dtype=torch.float32, device="cuda", requires_grad=True
     )
     oracle.check_against_oracle(tri, q, k, v, causal=True, **kw)
+
+
+def test_autotune_cache_persists_across_processes_and_buckets(tmp_path, monkeypatch):
+    """The autotuner's results: keyed by power-of-two length buckets (new lengths in a tuned bucket tune
+    nothing), written to $ATTNKIT_CACHE_DIR/triton_autotune.json merged with what other processes wrote,
+    and read back by a new process (here: the in-memory state cleared)."""
+    import json
+
+    import triton.testing
+
+    from attnkit.backends.triton.runtime import tuning as _tuning
+
+    monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ATTNKIT_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(_tuning, "_memory", {})
+    monkeypatch.setattr(_tuning, "_disk_loaded", False)
+    monkeypatch.setattr(_tuning, "fitting_default", lambda *a: (128, 64, 4, 3))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    benched = []
+
+    def bench(fn, **kw):  # the candidate (64, 64, 4, 3) is the fastest
+        fn()
+        return 1.0 if benched[-1] == (64, 64, 4, 3) else 2.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", bench)
+    other = {"Other GPU|fwd|D64|Dv64|float16|()|128x128": [32, 32, 4, 2]}  # another process's result
+    (tmp_path / "triton_autotune.json").write_text(json.dumps(other))
+    dev = torch.device("cuda", 0)
+    flags = (False,) * 7
+
+    def pick(Sq, Sk):
+        return _tuning._pick("fwd", 64, 64, torch.float16, flags, Sq, Sk, dev, benched.append)
+
+    assert pick(300, 300) == (64, 64, 4, 3) and benched
+    n = len(benched)
+    assert pick(257, 512) == (64, 64, 4, 3) and len(benched) == n  # same buckets: no tuning
+    assert pick(600, 300) == (64, 64, 4, 3) and len(benched) > n  # another bucket tunes
+    on_disk = json.loads((tmp_path / "triton_autotune.json").read_text())
+    assert set(other) < set(on_disk) and len(on_disk) == 3
+    monkeypatch.setattr(_tuning, "_memory", {})  # a new process
+    monkeypatch.setattr(_tuning, "_disk_loaded", False)
+    n = len(benched)
+    assert pick(400, 500) == (64, 64, 4, 3) and len(benched) == n

@@ -122,6 +122,84 @@ def test_fast_path_launches_the_kernel_triton_would(fake_cuda, seq):
     assert fn.slow == len(fast._memo) <= len(seq)
 
 
+def _kernels():
+    """The plain-Triton kernels (compiled or interpreted: both keep the decorator's arguments)."""
+    from attnkit.backends.triton.kernels import bwd, fwd
+
+    fns = (fwd.attn_fwd, fwd.dropout_mask_kernel, bwd.bwd_preprocess, bwd.attn_bwd_dkdv, bwd.attn_bwd_dq)
+    return {getattr(f, "__name__", None) or f.fn.__name__: f for f in fns}
+
+
+def _real_params(jit) -> list:
+    """A real kernel's parameters as ``Param``s: names, constexpr-ness and ``do_not_specialize``."""
+    if hasattr(jit, "params"):
+        return [Param(p.name, p.is_constexpr, p.do_not_specialize) for p in jit.params]
+    import inspect
+
+    dns = set(jit.kwargs.get("do_not_specialize") or ())  # (the interpreter keeps the decorator's kwargs)
+    sig = inspect.signature(jit.fn)
+    return [Param(n, "constexpr" in str(p.annotation), n in dns) for n, p in sig.parameters.items()]
+
+
+# Lengths, and the strides that are multiples of a length (lse and delta rows: (B, Hq, Sq) float32), change
+# with every new sequence length: Triton must not specialize on them (a recompile per divisibility class).
+# Pointers, row strides and the batch/head strides of q/k/v/out/dO stay specialized: Triton's alignment
+# analysis needs them for vectorized tile loads (with D a multiple of 16 they never change class with S).
+_LENGTHS = {"SQ", "SK", "rows", "cols", "stride_lb", "stride_lh", "stride_db", "stride_dh"}
+_RUNTIME_ONLY = _LENGTHS | {"win_left", "win_right", "bh", "r0"}
+
+
+@pytest.mark.parametrize("name", list(_kernels()))
+def test_real_kernels_do_not_specialize_on_lengths(name):
+    params = _real_params(_kernels()[name])
+    names = {p.name for p in params}
+    dns = {p.name for p in params if p.do_not_specialize}
+    assert _LENGTHS & names <= dns, f"{name}: specialized on {sorted((_LENGTHS & names) - dns)}"
+    assert dns <= _RUNTIME_ONLY, f"{name}: alignment matters for {sorted(dns - _RUNTIME_ONLY)}"
+
+
+_INT_NAMES = {"SQ", "SK", "Hq", "Hk"}
+_FLOAT_NAMES = {"sm_scale", "softcap", "dropout_p"}
+
+
+@st.composite
+def real_calls(draw, params):
+    base = torch.zeros(64, dtype=torch.float32)
+    args = []
+    for p in params:
+        if p.is_constexpr:
+            break
+        if p.name in _FLOAT_NAMES:
+            args.append(draw(SCALARS))
+        elif p.name[0].isupper() and p.name not in _INT_NAMES:
+            args.append(base[draw(st.sampled_from([0, 1, 4])) :])
+        else:
+            args.append(draw(INTS))
+    kwargs = {p.name: draw(st.sampled_from([16, 32])) for p in params if p.is_constexpr}
+    return (draw(st.integers(1, 4)), 1), tuple(args), kwargs
+
+
+@pytest.mark.parametrize("name", list(_kernels()))
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_fast_path_keys_the_real_kernels_as_triton_does(fake_cuda, name, data):
+    """The real kernels' parameter lists (their ``do_not_specialize`` included) through :class:`Launch`:
+    the kernel launched is the one Triton's specialization names, and new lengths launch no new kernel."""
+    fn = FakeJit(_real_params(_kernels()[name]))
+    fast = _launch.Launch(fn)
+    seq = data.draw(st.lists(real_calls(fn.params), min_size=1, max_size=12))
+    for grid, args, kwargs in seq:
+        assert fast[grid](*args, **kwargs).key == fn.spec(args, kwargs)
+    assert fn.slow == len(fast._memo)
+    grid, args, kwargs = seq[0]
+    kernels = None
+    for value in (100, 7, 1, 16, 4096, 2**31 - 1):  # every length-like argument at new 32-bit values
+        new = tuple(value if p.name in _LENGTHS else a for p, a in zip(fn.params, args))
+        assert fast[grid](*new, **kwargs).key == fn.spec(new, kwargs)
+        kernels = kernels or len(fn.kernels)
+    assert len(fn.kernels) == kernels, "a new sequence length made Triton specialize a new kernel"
+
+
 def test_fast_path_is_taken_and_honours_the_stream(fake_cuda):
     fn = FakeJit()
     fast = _launch.Launch(fn)
@@ -138,7 +216,7 @@ def test_fast_path_is_taken_and_honours_the_stream(fake_cuda):
 
 @pytest.fixture(scope="module")
 def gluon_fwd():
-    return pytest.importorskip("attnkit.backends.triton.kernels.hopper.fwd")
+    return pytest.importorskip("attnkit.backends.triton.ops.gluon_fwd")
 
 
 @settings(max_examples=60)
@@ -230,9 +308,9 @@ def test_interpreted_functions_take_tritons_path():
 def test_fast_path_on_the_gpu_gives_tritons_bits(D, S, monkeypatch):
     """The real kernels through both paths: same bits, and every kernel that ran hits the memo."""
     import attnkit
-    from attnkit.backends.triton.kernels.hopper import bwd as _gluon_bwd
-    from attnkit.backends.triton.kernels.hopper import fwd as _gluon_fwd
     from attnkit.backends.triton.ops import attention as ops
+    from attnkit.backends.triton.ops import gluon_bwd as _gluon_bwd
+    from attnkit.backends.triton.ops import gluon_fwd as _gluon_fwd
 
     monkeypatch.setattr(ops, "REPLAY", False)  # every call through the Launch objects
     kernels = {

@@ -17,12 +17,13 @@ HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 DTYPES = (torch.float16, torch.float32)
 
-ops = pytest.importorskip("attnkit.backends.triton.ops.attention")
+common = pytest.importorskip("attnkit.backends.triton.ops.common")
 
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(ops, "POISON", True)
+    """Outputs start as NaN, so any element a kernel forgets to write fails the oracle."""
+    monkeypatch.setattr(common, "POISON", True)
 
 
 def tri(q, k, v, **kw):

@@ -6,6 +6,7 @@ the call exactly. :func:`explain` says which backend runs and why the others do 
 """
 
 from attnkit import masks, mods
+from attnkit._compile import compile_count
 from attnkit.api import attention, explain
 from attnkit.dispatch import backends, register
 from attnkit.errors import AttentionInputError, UnsupportedError
@@ -23,6 +24,7 @@ __all__ = [
     "UnsupportedError",
     "attention",
     "backends",
+    "compile_count",
     "explain",
     "masks",
     "merge_attention",

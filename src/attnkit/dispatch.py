@@ -249,6 +249,45 @@ def choose(call: AttentionCall, backend: str = "auto") -> Backend:
     return chosen
 
 
+def _structure(obj, depth: int = 0):
+    """The structure of a mask or score mod, as a choice may depend on it: a ``Mask``'s kind, its parts and,
+    for a wrapped callable, the callable's; a ``ScoreMod``'s name and function; a function's code object
+    and the structure of what its closure captures. Data never counts: tensors by dtype, rank and device
+    only, numbers by type (doc ids, prefix and response lengths, chunk sizes are data, which the kernels
+    read at run time), so new values of a mask reuse the choice, and two masks of other kinds never share
+    one. Objects of other kinds count by identity."""
+    if depth > 8:
+        return "..."
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, (int, float)):
+        return type(obj)
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", obj.dtype, obj.dim(), obj.device.type, obj.requires_grad)
+    if isinstance(obj, (tuple, list)):
+        return tuple([_structure(x, depth + 1) for x in obj])
+    if isinstance(obj, dict):
+        return tuple([(k, _structure(v, depth + 1)) for k, v in obj.items()])
+    d = depth + 1
+    if hasattr(obj, "kind") and hasattr(obj, "parts"):  # an attnkit Mask
+        fn = _structure(getattr(obj, "_fn", None), d) if obj.kind == "mask_mod" else None
+        return ("mask", obj.kind, _structure(getattr(obj, "params", None), d), _structure(obj.parts, d), fn)
+    if hasattr(obj, "name") and hasattr(obj, "_fn"):  # an attnkit ScoreMod
+        return ("mod", obj.name, _structure(obj._fn, d))
+    func = getattr(obj, "__func__", obj)  # (a bound method: its function and its object)
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return ("object", type(obj), id(obj))
+    cells = []
+    for cell in func.__closure__ or ():
+        try:
+            cells.append(_structure(cell.cell_contents, d))
+        except ValueError:  # an empty cell
+            cells.append("<empty>")
+    owner = getattr(obj, "__self__", None)
+    return ("fn", code, tuple(cells), _structure(func.__defaults__, d), None if owner is None else id(owner))
+
+
 def _tensor_sig(t):
     if t is None:
         return None
@@ -259,7 +298,9 @@ def _signature(call: AttentionCall, name: str):
     """Everything a backend's why_not/cost may look at, so that a choice can be reused for the next call
     of the same kind (the per-call cost of choosing then drops to a dict lookup). Tensor values never
     matter to a choice, except thd lengths, which are part of the key (with max_seqlen, which may exceed
-    the longest sequence). q, k and v share one dtype and device: normalize checked it."""
+    the longest sequence). Masks and score mods count by their structure (:func:`_structure`), never by
+    their data: a backend's choice must not depend on a mask's tensor values or numbers. q, k and v share
+    one dtype and device: normalize checked it."""
     if call.layout == "thd" and call.seqlens_q is None:
         return None
     q, k, v = call.q, call.k, call.v
@@ -283,8 +324,8 @@ def _signature(call: AttentionCall, name: str):
         call.softcap is not None,
         _tensor_sig(call.alibi_slopes),
         _tensor_sig(call.bias),
-        call.score_mod is not None,
-        None if call.mask is None else id(call.mask.source),  # a mask's sparsity steers the choice
+        _structure(call.score_mod),  # which mods and masks: some compile into a kernel, others not
+        _structure(call.mask),
         call.block_mask is not None,
         call.dropout_p > 0,
         call.return_lse,

@@ -18,6 +18,7 @@ from collections import OrderedDict
 
 import torch
 
+from attnkit import _compile
 from attnkit._call import AttentionCall
 from attnkit._captures import captured_tensors
 from attnkit._semantics import modify_scores, visibility
@@ -189,7 +190,8 @@ class FlexBackend(Backend):
     @staticmethod
     def _call(fn, q, k, v, return_lse, kwargs, dynamic=True):
         fa = _flex()
-        with warnings.catch_warnings(), _recompile_headroom(dynamic):
+        # (compile_count(): the torch.compile graphs these calls compile are attnkit's)
+        with warnings.catch_warnings(), _recompile_headroom(dynamic), _compile.counting_dynamo():
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             if not return_lse:
                 return fn(q, k, v, **kwargs), None
@@ -223,7 +225,8 @@ class FlexBackend(Backend):
         compiled = call.device.type == "cuda"
         depends_on_bh = call.mask is not None or call.layout == "thd"
         Bm, Hm = (B, call.Hq) if depends_on_bh else (None, None)  # causal/window never depend on b or h
-        bm = fa.create_block_mask(mask_mod, Bm, Hm, Q, K, device=call.device, _compile=compiled)
+        with _compile.counting_dynamo():
+            bm = fa.create_block_mask(mask_mod, Bm, Hm, Q, K, device=call.device, _compile=compiled)
         if key is not None:
             # the value keeps the mask object alive, so its id cannot be reused while the entry lives
             _BLOCK_CACHE[key] = (call.mask and getattr(call.mask, "source", call.mask), bm)

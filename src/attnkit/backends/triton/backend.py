@@ -1,12 +1,14 @@
 """The ``triton`` backend: attnkit's own FlashAttention-style kernels, forward and backward.
 
-One kernel family (``_fwd.py``, ``_bwd.py``; shared score pipeline and tile schedule in ``_pipeline.py``)
-serves causal (bottom-right), windows, softcap, ALiBi, additive bias with its gradient, GQA/MQA, D != Dv,
-head dims up to 256, fp16/bf16/fp32, bhsd/bshd/thd, return_lse, dropout and deterministic backward, and
-library masks that lower to two masked row intervals per key column (``attnkit.masks._intervals``:
-document, prefix_lm, chunked, global_sliding, shared_prefix, flashmask and their ``&`` with causal /
-sliding windows), carried to the kernels as int32 tensors (no recompiles for new values or lengths). Host
-launchers and the ``torch.library`` ops live in ``ops.py``; block sizes in ``_tuning.py``.
+One kernel family (``kernels/fwd.py``, ``kernels/bwd.py``; shared score pipeline and tile schedule in
+``kernels/common.py``) serves causal (bottom-right), windows, softcap, ALiBi, additive bias with its
+gradient, GQA/MQA, D != Dv, head dims up to 256, fp16/bf16/fp32, bhsd/bshd/thd, return_lse, dropout and
+deterministic backward, and library masks that lower to two masked row intervals per key column
+(``attnkit.masks._intervals``: document, prefix_lm, chunked, global_sliding, shared_prefix, flashmask and
+their ``&`` with causal / sliding windows), carried to the kernels as int32 tensors (no recompiles for new
+values or lengths). Host launchers and the ``torch.library`` ops live in ``ops/``; block sizes in
+``runtime/tuning.py``; what the kernels can do in ``runtime/capability.py`` (read here and by the
+launchers alike).
 
 On a machine without CUDA the backend is available only under the Triton interpreter
 (``TRITON_INTERPRET=1``, set before Triton is imported), and its cost keeps ``auto`` away from it.
@@ -15,22 +17,17 @@ On a machine without CUDA the backend is available only under the Triton interpr
 from __future__ import annotations
 
 import json
-import os
 from importlib import resources
 
 import torch
 
 from attnkit._call import AttentionCall
 from attnkit.backends.base import Backend, attention_flops, dense_pairs
-from attnkit.backends.triton.runtime import tuning as _tuning
+from attnkit.backends.triton.params import FwdParams
+from attnkit.backends.triton.runtime import capability as _cap
 from attnkit.masks import _intervals
 
-_MAX_HEAD_DIM = 256
 _INT32 = 2**31 - 1
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _rates() -> dict:
@@ -64,18 +61,19 @@ class TritonBackend(Backend):
     def _check_available(self):
         import triton  # noqa: F401  (raises ImportError where Triton is missing: the base class reports it)
 
-        if torch.cuda.is_available() or _interpreting():
+        if torch.cuda.is_available() or _cap.interpreting():
             return True, None
         return False, "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on the CPU)"
 
     def why_not(self, call: AttentionCall) -> list[str]:
         r = []
-        if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        table = _cap.TRITON
+        if call.dtype not in table.dtypes:
             r.append(f"dtype {call.dtype} not supported (float16, bfloat16, float32)")
         if call.device.type == "cuda":
-            if _tuning.capability(call.device) < (8, 0):
-                r.append("needs a GPU of compute capability >= 8.0")
-        elif not _interpreting():
+            if _cap.capability(call.device) < table.min_capability:
+                r.append("needs a GPU of compute capability >= {}.{}".format(*table.min_capability))
+        elif not _cap.interpreting():
             r.append(f"tensors on {call.device.type}: needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
         if call.score_mod is not None:
             r.append(
@@ -86,8 +84,8 @@ class TritonBackend(Backend):
             why = _intervals.why_not(call.mask, call)
             if why is not None:  # masks that lower to column intervals run as data; others not yet
                 r.append(f"mask {call.mask.name}: {why} (use backend='flex' or 'reference')")
-        if max(call.D, call.Dv) > _MAX_HEAD_DIM:
-            r.append(f"head dim {max(call.D, call.Dv)} > {_MAX_HEAD_DIM}")
+        if max(call.D, call.Dv) > table.max_head_dim:
+            r.append(f"head dim {max(call.D, call.Dv)} > {table.max_head_dim}")
         if call.alibi_slopes is not None and call.alibi_slopes.requires_grad:
             r.append("no gradient for alibi_slopes (pass a tensor that does not require grad)")
         if any(t.numel() > _INT32 for t in (call.q, call.k, call.v)):
@@ -104,11 +102,8 @@ class TritonBackend(Backend):
         from attnkit.backends.triton.ops import attention as ops
 
         causal, window, iv = self._mask_flags(call)
-        if window is not None:
-            wl, wr = window
-        else:
-            wl = wr = -1
-        out, lse, _, _ = ops.attention(
+        wl, wr = window if window is not None else (-1, -1)
+        p = FwdParams(
             call.q,
             call.k,
             call.v,
@@ -129,6 +124,7 @@ class TritonBackend(Backend):
             iv.startend if iv is not None else None,
             iv.summary if iv is not None else None,
         )
+        out, lse, _, _ = ops.attention(p)
         return out, (lse if call.return_lse else None)
 
     @staticmethod
@@ -148,6 +144,16 @@ class TritonBackend(Backend):
             window = iv.window if window is None else _intervals._merge_windows(window, iv.window)
             window = None if window == (-1, -1) else window
         return call.causal or iv.causal, window, iv
+
+    def _masked_pairs(self, call: AttentionCall) -> float | None:
+        """Visible pairs of a call with a lowered mask (one read of a device scalar, where host reads are
+        allowed: not under torch.compile or CUDA-graph capture); None without a mask or where unknown (the
+        flag-based bound then applies, an upper bound)."""
+        if call.mask is None or not _intervals._host_values_allowed(call.q):
+            return None
+        causal, window, iv = self._mask_flags(call)
+        n = _intervals.visible_pairs(iv, call, causal, window)
+        return None if n is None else float(n)
 
     def cost(self, call: AttentionCall) -> float:
         if call.device.type != "cuda":
@@ -180,61 +186,19 @@ class TritonBackend(Backend):
                 t += pairs * call.Hq * 4 * 2 / 3.0e12  # dense fp32 dbias written and reduced
         if call.dropout_p > 0:
             t *= 1.3
-        launches = (5 if self._fused(call) else 4) if call.requires_grad else 1
+        launches = 4 if call.requires_grad else 1
         return t + 8e-6 * launches
 
-    def _masked_pairs(self, call: AttentionCall) -> float | None:
-        """Visible pairs of a call with a lowered mask (one read of a device scalar, where host reads are
-        allowed: not under torch.compile or CUDA-graph capture); None without a mask or where unknown (the
-        flag-based bound then applies, an upper bound)."""
-        if call.mask is None or not _intervals._host_values_allowed(call.q):
-            return None
-        causal, window, iv = self._mask_flags(call)
-        n = _intervals.visible_pairs(iv, call, causal, window)
-        return None if n is None else float(n)
-
-    @classmethod
-    def _gluon(cls, call: AttentionCall) -> bool:
-        return cls._plain(call) and _tuning.gluon_forward_eligible(
-            _tuning.capability(call.device),
-            call.layout,
-            call.D,
-            call.Dv,
-            call.dtype,
-            call.Sk,
-            call.causal,
-            True,
-            call.scale,
-        )
+    @staticmethod
+    def _gluon(call: AttentionCall) -> bool:
+        return _cap.gluon_forward_for_call(call)
 
     @staticmethod
-    def _plain(call: AttentionCall) -> bool:
-        plain = call.bias is None and call.alibi_slopes is None and not call.softcap and call.window is None
-        plain = plain and call.mask is None  # (masked calls take the plain Triton kernels)
-        return plain and call.dropout_p == 0 and call.device.type == "cuda"
-
-    @classmethod
-    def _gluon_bwd(cls, call: AttentionCall) -> bool:
-        return cls._plain(call) and _tuning.gluon_backward_eligible(
-            _tuning.capability(call.device),
-            call.layout,
-            call.D,
-            call.Dv,
-            call.dtype,
-            True,
-            call.scale,
-            cls._fused(call),
-        )
-
-    @staticmethod
-    def _fused(call: AttentionCall) -> bool:
-        return not call.deterministic and _tuning.fused_backward()
+    def _gluon_bwd(call: AttentionCall) -> bool:
+        return _cap.gluon_backward_for_call(call)
 
     def notes(self, call: AttentionCall) -> list[str]:
-        if self._fused(call):
-            n = ["backward: one fused kernel, dQ added up with fp32 atomics (deterministic=True avoids them)"]
-        else:
-            n = ["backward: dK/dV kernel and a separate dQ pass beside it (no atomics: deterministic)"]
+        n = ["backward: dK/dV kernel and a separate dQ pass beside it (no atomics: deterministic)"]
         if call.mask is not None:
             n.append(
                 f"mask {call.mask.name} carried as data: two masked row intervals per key column "

@@ -3,9 +3,9 @@
 * :func:`bwd_preprocess`: ``delta = rowsum(dO * O) - dLSE`` per query row, in the layout of lse.
 * :func:`attn_bwd_dkdv`: one program = one tile of BLOCK_N key rows of one (batch, KV head); it loops over
   the GROUP query heads that read this KV head and over the query tiles that see the key tile, and writes
-  dK, dV (and dBias, once per element) without atomics. With FUSED_DQ (opt-in:
-  ``_tuning.fused_backward``) it also adds each tile's dQ contribution ``dS K`` into an fp32 buffer with
-  atomic adds (FlashAttention-2): five matmuls per visited tile pair instead of seven, and no second pass.
+  dK, dV (and dBias, once per element) without atomics. (FUSED_DQ, dQ by atomic adds in the same kernel,
+  is what remains of the fused backward, measured slower than the separate pass since version 4 and
+  removed from the host: the launcher always passes False.)
 * :func:`attn_bwd_dq`: the separate dQ pass (the default, deterministic or not; no atomics): one program =
   one tile of BLOCK_M query rows of one (batch, query head), the same schedule as the forward. The host
   runs it on a side stream next to dK/dV (``_tuning.concurrent_backward``).

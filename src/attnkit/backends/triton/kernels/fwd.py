@@ -383,7 +383,7 @@ def attn_fwd(
     tl.store(LseLo + row, tl.where(has_key, lse_lo, 0.0), mask=offs_m < seqlen_q)
 
 
-@triton.jit(do_not_specialize=["bh", "r0"])
+@triton.jit(do_not_specialize=["bh", "r0", "rows", "cols"])  # (new lengths: no new kernel)
 def dropout_mask_kernel(Rng, Out, bh, r0, rows, cols, dropout_p, BLOCK: tl.constexpr):
     """Materialise the keep mask of (b, h) for rows r0..r0+rows-1, all ``cols`` keys (tests, debugging)."""
     pid_r = tl.program_id(0)

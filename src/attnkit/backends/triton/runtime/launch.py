@@ -33,6 +33,10 @@ from operator import itemgetter
 import torch
 from triton import knobs
 
+from attnkit import _compile
+
+_compile.install_triton_hook(knobs)  # attnkit.compile_count(): every compile of our kernels counts
+
 _I32 = (-(2**31), 2**31 - 1)
 # what Triton's own launch path asks (``driver.active.get_current_device`` / ``get_current_stream``): C
 # calls, where ``torch.cuda.current_stream()`` builds a Stream object through ~10 Python calls (~20 us a

@@ -1,8 +1,8 @@
 """Block sizes, warps and stages: defaults per head dim, an optional autotuner, and its persistent cache.
 
-A configuration is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``. ``kind`` is ``"fwd"``, the default
-backward's ``"dkdv"`` (BLOCK_M is the inner query tile, BLOCK_N the program's key tile) and ``"dq"``, or
-``"bwd"`` (the opt-in fused backward with atomic dQ, tiles as ``"dkdv"``). Order of precedence:
+A configuration is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``. ``kind`` is ``"fwd"``, the backward's
+``"dkdv"`` (BLOCK_M is the inner query tile, BLOCK_N the program's key tile) and ``"dq"``. Order of
+precedence:
 
 1. ``FORCE`` (tests set it to get several tiles per dimension at tiny sizes);
 2. the Triton interpreter: 16 x 16 tiles;
@@ -21,6 +21,8 @@ from importlib import resources
 
 import torch
 
+from attnkit.backends.triton.runtime.capability import interpreting
+
 Config = tuple[int, int, int, int]
 
 FORCE: dict[str, Config] = {}
@@ -33,13 +35,6 @@ _BUILTIN: dict[str, dict[int, Config]] = {
         64: (128, 64, 4, 3),
         128: (128, 128, 8, 3),
         256: (64, 64, 4, 2),
-    },
-    "bwd": {
-        16: (32, 128, 8, 2),
-        32: (32, 128, 8, 2),
-        64: (32, 64, 4, 3),
-        128: (64, 128, 8, 2),
-        256: (16, 64, 8, 2),
     },
     "dkdv": {
         16: (64, 128, 8, 3),
@@ -64,13 +59,6 @@ _CANDIDATES: dict[str, dict[int, list[Config]]] = {
         128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3)],
         256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
     },
-    # bwd: offline sm_90 compiles (ptxas -v) spill registers only for (64, 128, 8, 2) and (64, 64, 8, 3) at
-    # D=128, and at D=256
-    "bwd": {
-        64: [(32, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2), (32, 128, 8, 2)],
-        128: [(32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2), (64, 64, 8, 3)],
-        256: [(16, 64, 8, 2), (16, 32, 4, 2), (32, 64, 8, 2)],
-    },
     "dkdv": {
         64: [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2)],
         128: [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)],
@@ -89,18 +77,6 @@ _CANDIDATES: dict[str, dict[int, list[Config]]] = {
 _lock = threading.Lock()
 _memory: dict[str, Config] = {}
 _disk_loaded = False
-
-
-_INTERPRETING: list[bool] = []
-
-
-def interpreting() -> bool:
-    """Whether the Triton kernels run in the interpreter. Triton decides that once, when the kernels are
-    decorated (imported), from ``TRITON_INTERPRET``; so is it read here once, on the first ask (every
-    launch asks: an environment read is ~1 us of host time)."""
-    if not _INTERPRETING:
-        _INTERPRETING.append(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
-    return _INTERPRETING[0]
 
 
 def dim_class(d: int) -> int:
@@ -124,15 +100,6 @@ _SHIPPED = None
 def _usable(kind: str, cfg: Config) -> bool:
     """Tiles known to fault are never used, also when an older autotune cache on disk names them."""
     return not (kind == "dq" and cfg[0] > 2 * cfg[1])
-
-
-def fused_backward() -> bool:
-    """Whether a non-deterministic backward uses the fused kernel (atomic dQ) instead of the separate dQ
-    pass. Never by default: since the backward keeps lse as hi + lo and loads only hi for 16-bit inputs (no
-    more register spills in dK/dV), the separate pass was faster at every measured shape, head dims 64 and
-    128 (H200, bf16, backward alone: docs/triton_notes.md version 4). ``ATTNKIT_TRITON_BWD=fused`` selects
-    the fused kernel (A/B runs)."""
-    return os.environ.get("ATTNKIT_TRITON_BWD", "split") == "fused"
 
 
 def one_loop_dkdv(has_left: bool, has_right: bool) -> bool:
@@ -163,77 +130,6 @@ def concurrent_backward(work: int = CONCURRENT_MIN_WORK) -> bool:
     return work >= CONCURRENT_MIN_WORK
 
 
-_CAPS: dict[int, tuple[int, int]] = {}
-
-
-def capability(device: torch.device) -> tuple[int, int]:
-    """Compute capability of a CUDA device, asked of the driver once per device."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _CAPS:
-        _CAPS[idx] = torch.cuda.get_device_capability(idx)
-    return _CAPS[idx]
-
-
-def gluon_forward_eligible(
-    capability: tuple[int, int],
-    layout: str,
-    D: int,
-    Dv: int,
-    dtype: torch.dtype,
-    Sk: int,
-    causal: bool,
-    plain: bool,
-    scale,
-) -> bool:
-    """Whether a forward goes to the Hopper Gluon kernel (``_gluon_fwd.py``: warp-specialized, TMA, FA3's
-    overlap), judged from the call alone; ``_gluon_fwd.try_forward`` then checks strides and alignment.
-    ``plain``: no bias, ALiBi, softcap, window or dropout (causal is fine). Where it is faster on the H200
-    (docs/triton_notes.md versions 5 and 8, same process as the plain-Triton kernel): head dim 128 at
-    every measured length (S = 4k: 690 against 463 TFLOP/s; S = 512: 509 against 299, causal 238 against
-    174), head dim 64 without a causal mask (S = 512, persistent: 381 against 311; causal: 147 against
-    209). ``ATTNKIT_TRITON_GLUON=0`` turns it off."""
-    return (
-        plain
-        and capability == (9, 0)
-        and layout != "thd"
-        and (D == 128 or (D == 64 and not causal))
-        and Dv == D
-        and dtype in (torch.float16, torch.bfloat16)
-        and Sk % 64 == 0
-        and scale > 0
-        and os.environ.get("ATTNKIT_TRITON_GLUON", "1") != "0"
-    )
-
-
-def gluon_backward_eligible(
-    capability: tuple[int, int],
-    layout: str,
-    D: int,
-    Dv: int,
-    dtype: torch.dtype,
-    plain: bool,
-    scale,
-    fused: bool,
-) -> bool:
-    """Whether a backward's dK/dV goes to the Hopper Gluon kernel (``_gluon_bwd.py``: TMA producer warp,
-    two consumer warpgroups), judged from the call alone; ``_gluon_bwd.try_backward_dkdv`` then checks
-    strides and alignment. ``plain`` as for :func:`gluon_forward_eligible`; not with the fused (atomic dQ)
-    backward, which computes dQ in the same kernel. ``ATTNKIT_TRITON_GLUON=0`` turns off both Gluon
-    kernels, ``ATTNKIT_TRITON_GLUON_BWD=0`` this one alone."""
-    return (
-        plain
-        and not fused
-        and capability == (9, 0)
-        and layout != "thd"
-        and D in (64, 128)
-        and Dv == D
-        and dtype in (torch.float16, torch.bfloat16)
-        and scale > 0
-        and os.environ.get("ATTNKIT_TRITON_GLUON", "1") != "0"
-        and os.environ.get("ATTNKIT_TRITON_GLUON_BWD", "1") != "0"
-    )
-
-
 def default_config(kind: str, D: int, Dv: int) -> Config:
     global _SHIPPED
     if _SHIPPED is None:
@@ -251,25 +147,32 @@ def _cache_path() -> str:
     return os.path.join(base, "triton_autotune.json")
 
 
+def _read_disk() -> dict[str, Config]:
+    try:
+        with open(_cache_path()) as f:
+            return {k: tuple(v) for k, v in json.load(f).items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
 def _load_disk():
     global _disk_loaded
     if _disk_loaded:
         return
     _disk_loaded = True
-    try:
-        with open(_cache_path()) as f:
-            _memory.update({k: tuple(v) for k, v in json.load(f).items()})
-    except (OSError, ValueError):
-        pass
+    _memory.update(_read_disk())
 
 
 def _save_disk():
+    """Write the tuned configurations, merged with what other processes wrote since this one loaded (every
+    process adds its own keys: none of theirs is lost), atomically (a rename)."""
     path = _cache_path()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        merged = {**_read_disk(), **_memory}
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump(_memory, f, indent=1, sort_keys=True)
+            json.dump(merged, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
     except OSError:
         pass
@@ -294,11 +197,6 @@ def _is_device_fault(e: Exception) -> bool:
     return any(f in str(e) for f in _FAULTS)
 
 
-def tuned_results() -> dict[str, Config]:
-    """Every configuration the autotuner has settled on in this process (and loaded from disk)."""
-    return dict(_memory)
-
-
 def pick(
     kind: str,
     D: int,
@@ -309,11 +207,11 @@ def pick(
     Sk: int,
     device,
     launch,
-    reset=None,
 ) -> Config:
     """The configuration for one launch; ``launch(cfg)`` runs the kernel with ``cfg`` (used to autotune).
-
-    ``reset()``, if given, runs after autotuning (kernels that accumulate into their output)."""
+    ``flags``: the op's feature constexprs (``FwdParams.flags()`` values); Sq and Sk count per power-of-two
+    bucket (:func:`_bucket`), so new lengths in a tuned bucket reuse its result, in this process and, from
+    the disk cache, in the next."""
     if kind in FORCE:
         return FORCE[kind]
     if interpreting() or device.type != "cuda":
@@ -334,7 +232,7 @@ def pick(
     got = _fast.get(fast)
     if got is not None and not torch.compiler.is_compiling():
         return got
-    cfg = _pick(kind, D, Dv, dtype, flags, Sq, Sk, device, launch, reset)
+    cfg = _pick(kind, D, Dv, dtype, flags, Sq, Sk, device, launch)
     if not (torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()):
         _fast[fast] = cfg
     return cfg
@@ -353,7 +251,7 @@ def _smem_estimate(kind: str, cfg: Config, D: int, Dv: int, elem: int) -> int:
         return (BM * d + stages * BN * (d + dv)) * elem
     if kind == "dq":  # Q and dO once; K and V per stage
         return (BM * (d + dv) + stages * BN * (d + dv)) * elem
-    return (BN * (d + dv) + stages * BM * (d + dv)) * elem  # dkdv, bwd: K and V once; Q and dO per stage
+    return (BN * (d + dv) + stages * BM * (d + dv)) * elem  # dkdv: K and V once; Q and dO per stage
 
 
 _SMEM: dict = {}
@@ -385,7 +283,7 @@ def fitting_default(kind: str, D: int, Dv: int, dtype: torch.dtype, device) -> C
     return cands[-1]
 
 
-def _pick(kind, D, Dv, dtype, flags, Sq, Sk, device, launch, reset) -> Config:
+def _pick(kind, D, Dv, dtype, flags, Sq, Sk, device, launch) -> Config:
     default = fitting_default(kind, D, Dv, dtype, device)
     if os.environ.get("ATTNKIT_TRITON_AUTOTUNE", "1") in ("", "0"):
         return default
@@ -411,8 +309,6 @@ def _pick(kind, D, Dv, dtype, flags, Sq, Sk, device, launch, reset) -> Config:
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
-    if reset is not None:
-        reset()
     with _lock:
         _memory[key] = best
         _save_disk()

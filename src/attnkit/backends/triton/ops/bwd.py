@@ -1,0 +1,198 @@
+"""The backward's launcher: the dK/dV kernel (the Hopper Gluon one where it serves), then a separate dQ pass
+(no atomics: bitwise reproducible, so ``deterministic=True`` changes nothing), beside it on a side stream at
+large sizes.
+
+``body(p)`` -> (dq, dk, dv, dbias) with dbias shaped like ``bias`` (an empty tensor when not asked).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.backends.triton.kernels import bwd as _bwd
+from attnkit.backends.triton.ops import common as c
+from attnkit.backends.triton.params import BwdParams
+from attnkit.backends.triton.runtime import capability as _cap
+from attnkit.backends.triton.runtime import tuning as _tuning
+from attnkit.backends.triton.runtime.launch import Launch
+
+attn_bwd_dkdv = Launch(_bwd.attn_bwd_dkdv)
+attn_bwd_dq = Launch(_bwd.attn_bwd_dq)
+bwd_preprocess = Launch(_bwd.bwd_preprocess)
+
+Tensor = torch.Tensor
+
+
+def buffers(p: BwdParams) -> list:
+    """Every tensor a backward launch may take, in the order replays pass them: [q, k, v, out (unit last
+    stride), dout (contiguous), hi, lo (the forward's log2 row statistic, stats = (hi, lo)), delta, dq, dk,
+    dv (allocated)], then every other tensor argument of ``p`` in field order."""
+    q, k, v, out = c.unit_last(p.q), c.unit_last(p.k), c.unit_last(p.v), c.unit_last(p.out)
+    hi, lo = p.stats.unbind(0)
+    delta = torch.empty(hi.shape, device=q.device, dtype=torch.float32)  # rowsum(dO * O) - dLSE
+    grads = [c.new(q.shape, q), c.new(k.shape, k), c.new(v.shape, v)]
+    rest = [getattr(p, n) for n in _REST]
+    return [q, k, v, out, p.dout.contiguous(), hi, lo, delta, *grads, *rest]
+
+
+_REST = tuple(n for n in BwdParams.tensor_names() if n not in ("q", "k", "v", "out", "dout"))
+
+
+def outputs(tensors: list) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, an empty dbias) from :func:`buffers`' list (replays: calls without bias)."""
+    return (*tensors[8:11], torch.empty((0,), device=tensors[0].device, dtype=torch.float32))
+
+
+def fake(p: BwdParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The op's fake (meta) implementation."""
+    q, bias = p.q, p.bias
+    grad = p.bias_grad and bias is not None
+    dbias = bias.new_empty(bias.shape) if grad else q.new_empty((0,), dtype=torch.float32)
+    return q.new_empty(q.shape), p.k.new_empty(p.k.shape), p.v.new_empty(p.v.shape), dbias
+
+
+def body(p: BwdParams, keep=None):
+    """The backward's work; ``keep`` (a list) gets the tensors its launches may take."""
+    tensors = buffers(p)
+    if keep is not None:
+        keep += tensors
+    q, k, v, out, dout, hi, lo, delta, dq, dk, dv = tensors[:11]
+    layout, bias, slopes, dlse = p.layout, p.bias, p.alibi_slopes, p.dlse
+    B, Hq, Hk = c.sizes(q, k, layout, p.cu_seqlens_q)
+    D, Dv = q.shape[-1], v.shape[-1]
+    Sq, Sk = p.max_seqlen_q, p.max_seqlen_k
+    b4, sb = c.bias4(bias, B, Hq, Sq, Sk)
+    flags = p.flags()
+    bias_grad = flags["BIAS_GRAD"]
+    dbias = (
+        torch.zeros((B, Hq, Sq, Sk), device=q.device, dtype=torch.float32)
+        if bias_grad
+        else torch.empty((0,), device=q.device, dtype=torch.float32)
+    )
+    if q.numel() == 0 or k.numel() == 0:
+        for t in (dq, dk, dv):
+            t.zero_()
+        return dq, dk, dv, _reduce_dbias(dbias, bias) if bias_grad else dbias
+    varlen = flags["VARLEN"]
+    dummy = q
+    # every stride once (host time: each ``stride(i)`` is a call into torch)
+    st_q, st_k, st_v = c.strides(q, layout), c.strides(k, layout), c.strides(v, layout)
+    st_do, st_delta, st_lse = c.strides(dout, layout), c.lse_strides(delta, layout), c.lse_strides(hi, layout)
+    BMP = 16 if _cap.interpreting() else 64
+    bwd_preprocess[(c.cdiv(max(Sq, 1), BMP), B * Hq)](
+        out,
+        dout,
+        dlse if dlse is not None else delta,
+        delta,
+        p.cu_seqlens_q if varlen else dummy,
+        *c.strides(out, layout),
+        *st_do,
+        *(c.lse_strides(dlse, layout) if dlse is not None else st_delta),
+        *st_delta,
+        Hq,
+        Sq,
+        DV=Dv,
+        BLOCK_DV=c.block_d(Dv),
+        BLOCK_M=BMP,
+        VARLEN=varlen,
+        HAS_DLSE=dlse is not None,
+    )
+    slopes_arg = slopes if slopes is not None else dummy
+    cu = (p.cu_seqlens_q if varlen else dummy, p.cu_seqlens_k if varlen else dummy, p.rng)
+    inputs = (q, k, v, dout)
+    input_strides = (*st_q, *st_k, *st_v, *st_do)
+    stat_strides = (*st_lse, *st_delta, *sb)
+    sizes = (Hq, Sq, Sk, *c.scalars(p, dummy))
+    bias_arg = b4 if b4 is not None else dummy
+    # the two kernels' runtime arguments, in their order (``kernels/bwd.py``)
+    dkdv_args = (
+        *(*inputs, dk, dv, dummy, hi, lo, delta, bias_arg, dbias if bias_grad else dummy, slopes_arg, *cu),
+        *(*input_strides, *c.strides(dk, layout), *c.strides(dv, layout), 0, 0, 0, *stat_strides),
+        *(*(dbias.stride() if bias_grad else (0, 0, 0, 0)), *c.slope_strides(slopes), Hq, Hk, *sizes[1:]),
+    )  # (DQ and its strides: the removed fused backward's accumulator, unused)
+    dq_args = (
+        *(*inputs, dq, hi, lo, delta, bias_arg, slopes_arg, *cu),
+        *(*input_strides, *c.strides(dq, layout), *stat_strides, *c.slope_strides(slopes), *sizes),
+    )
+    features = {n: f for n, f in flags.items() if n != "BIAS_GRAD"}  # (BIAS_GRAD: the dK/dV kernel's alone)
+    common = c.constexprs(p, q, v, Hq, Hk, features)
+    tune_key = BwdParams.tune_key(flags)
+
+    def launch_dkdv(cfg):
+        BM, BN, warps, stages = cfg
+        grid = (c.cdiv(max(Sk, 1), BN), B * Hk)
+        one_loop = _tuning.one_loop_dkdv(flags["HAS_LEFT"], flags["HAS_RIGHT"])
+        attn_bwd_dkdv[grid](
+            *dkdv_args,
+            BLOCK_M=BM,
+            BLOCK_N=BN,
+            BIAS_GRAD=bias_grad,
+            FUSED_DQ=False,
+            ONE_LOOP=one_loop,
+            num_warps=warps,
+            num_stages=stages,
+            **common,
+        )
+
+    def launch_dq(cfg, stream=None):
+        BM, BN, warps, stages = cfg
+        grid = (c.cdiv(max(Sq, 1), BM), B * Hq)
+        reverse = flags["HAS_RIGHT"] and not flags["HAS_LEFT"]
+        attn_bwd_dq[grid](
+            *dq_args, BLOCK_M=BM, BLOCK_N=BN, REVERSE=reverse, num_warps=warps, num_stages=stages,
+            stream=stream, **common,
+        )  # fmt: skip
+
+    gluon_bwd = views = None
+    if (
+        q.is_cuda
+        and p.plain()
+        and _cap.gluon_backward_eligible(_cap.capability(q.device), layout, D, Dv, q.dtype, p.scale)
+    ):
+        gluon_bwd = c.gluon("bwd")
+        views = gluon_bwd.tma_views(q, k, v, dout, dk, dv, layout) if gluon_bwd is not None else None
+    if views is not None:  # the Hopper Gluon dK/dV kernel (None: strides a TMA descriptor cannot take)
+
+        def run_dkdv():
+            gluon_bwd.launch_dkdv(q, k, v, dout, hi, delta, dk, dv, layout, p.scale, p.causal, views)
+
+    else:
+        cfg_dkdv = _tuning.pick("dkdv", D, Dv, q.dtype, tune_key, Sq, Sk, q.device, launch_dkdv)
+
+        def run_dkdv():
+            launch_dkdv(cfg_dkdv)
+
+    cfg_dq = _tuning.pick("dq", D, Dv, q.dtype, tune_key, Sq, Sk, q.device, launch_dq)
+    if q.is_cuda and _tuning.concurrent_backward(B * Hq * Sq * Sk):
+        # dQ does not depend on dK/dV: on a side stream its programs fill the SMs that dK/dV's last
+        # wave leaves idle (FlexAttention gets the same from one grid of both kinds of program)
+        # (the launch takes the side stream's handle: no stream switch on the host)
+        main = torch.cuda.current_stream(q.device)
+        side = _side_stream(q.device)
+        side.wait_stream(main)
+        run_dkdv()
+        launch_dq(cfg_dq, side.cuda_stream)
+        main.wait_stream(side)
+    else:
+        run_dkdv()
+        launch_dq(cfg_dq)
+    return dq, dk, dv, _reduce_dbias(dbias, bias) if bias_grad else dbias
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device) -> torch.cuda.Stream:
+    """One side stream per device, reused across calls (creating streams per call leaks them)."""
+    key = torch.device(device).index
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[key]
+
+
+def _reduce_dbias(dbias: Tensor, bias: Tensor) -> Tensor:
+    """Sum the dense (B, Hq, Sq, Sk) gradient over the dims ``bias`` broadcast along."""
+    shape4 = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+    dims = [i for i in range(4) if shape4[i] == 1 and dbias.shape[i] != 1]
+    g = dbias.sum(dim=dims, keepdim=True) if dims else dbias
+    return g.reshape(bias.shape).to(bias.dtype)

@@ -1,0 +1,221 @@
+"""One parameter object per op of the Triton backend: the forward's and the backward's arguments, spelled out
+once here.
+
+Everything that used to repeat the argument lists is derived from these dataclasses: the ``torch.library``
+custom ops' signatures (:func:`op`), their fake implementations, what autograd saves between the two
+(:func:`saved` / :func:`restore`), the replay keys (:meth:`FwdParams.replay_key`), the kernels' feature
+constexprs and the tuning key (:meth:`FwdParams.flags`). Adding an argument to the forward is one field of
+:class:`FwdParams` (the backward inherits it, autograd saves it, the ops' schemas grow it), plus, if it
+switches a kernel feature, one entry of :meth:`FwdParams.flags`.
+
+Shapes (layouts as in ``attnkit.attention``; ``thd`` has no batch dim, lengths from ``cu_seqlens``):
+    q (B, Hq, Sq, D) | (B, Sq, Hq, D) | (Tq, Hq, D); k (.., Hk, .., D); v (.., Hk, .., Dv), each with a unit
+    stride on the last dim or made so; bias broadcastable to (B, Hq, Sq, Sk); alibi_slopes float32 (Hq,) or
+    (B, Hq); cu_seqlens_q / cu_seqlens_k int32 (B + 1,) for ``thd``, else None.
+    Backward only: dout like the forward's out (q's shape with Dv); out the forward's output; stats float32
+    (2, *lse.shape) (the log2 row statistic as hi + lo); dlse like lse (B, Hq, Sq) | (Hq, Tq), or None;
+    rng int64 (2,) the dropout state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from dataclasses import dataclass
+
+import torch
+
+from attnkit.backends.triton.runtime.capability import plain_features
+
+Tensor = torch.Tensor
+
+
+@dataclass(slots=True)
+class FwdParams:
+    """The forward op's arguments (``attnkit::triton_fwd``). Windows are ``window_left`` / ``window_right``
+    (-1 = unbounded), causal separately; ``softcap`` 0 means none; ``max_seqlen_*`` are Sq, Sk (for
+    ``thd``: the longest sequence, or more). ``deterministic`` is not read by the forward: autograd hands it
+    to the backward."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    bias: Tensor | None
+    alibi_slopes: Tensor | None
+    cu_seqlens_q: Tensor | None
+    cu_seqlens_k: Tensor | None
+    layout: str
+    max_seqlen_q: int
+    max_seqlen_k: int
+    scale: float
+    causal: bool
+    window_left: int
+    window_right: int
+    softcap: float
+    dropout_p: float
+    deterministic: bool
+    # a mask carried as data (``attnkit.masks._intervals``): int32 (B', H', K, 4) masked row intervals per
+    # key column and their (B', H', ceil(K / 16), 8) summary, or None
+    startend: Tensor | None
+    iv_summary: Tensor | None
+
+    def args(self) -> tuple:
+        """The op's positional arguments, in field order."""
+        return tuple([getattr(self, n) for n in self._names()])
+
+    @classmethod
+    def _names(cls) -> tuple[str, ...]:
+        return _NAMES[cls]
+
+    @classmethod
+    def tensor_names(cls) -> tuple[str, ...]:
+        """The fields that hold tensors (or None), in order."""
+        return _TENSORS[cls]
+
+    def plain(self) -> bool:
+        """A plain call: no bias, ALiBi, softcap, window or dropout (causal is fine), and nonempty q, k.
+        The one definition the launchers and the Gluon paths use (``backend.py`` asks the same of an
+        ``AttentionCall`` through :func:`attnkit.backends.triton.runtime.capability.plain_call`)."""
+        return plain_features(
+            self.bias, self.alibi_slopes, self.softcap, self.window_left, self.window_right, self.dropout_p
+        ) and (self.q.numel() > 0 and self.k.numel() > 0 and self.startend is None)
+
+    def window(self) -> tuple[bool, bool, int, int]:
+        """(HAS_LEFT, HAS_RIGHT, left, right) with causal folded into the right bound."""
+        wl, wr = self.window_left, self.window_right
+        has_left = wl >= 0
+        if self.causal:
+            return has_left, True, max(wl, 0), (min(wr, 0) if wr >= 0 else 0)
+        return has_left, wr >= 0, max(wl, 0), max(wr, 0)
+
+    def flags(self) -> dict[str, bool]:
+        """The feature constexprs every kernel of the op takes; their values (in this order) are also the
+        tuning key's feature part."""
+        has_left, has_right, _, _ = self.window()
+        return {
+            "VARLEN": self.layout == "thd",
+            "SOFTCAP": self.softcap > 0,
+            "HAS_BIAS": self.bias is not None,
+            "HAS_ALIBI": self.alibi_slopes is not None,
+            "HAS_LEFT": has_left,
+            "HAS_RIGHT": has_right,
+            "DROPOUT": self.dropout_p > 0,
+            "HAS_IV": self.startend is not None,
+            "IV_SKIP": self.startend is not None and _iv_skip(),
+        }
+
+    @staticmethod
+    def tune_key(flags: dict) -> tuple:
+        """The tuning key's feature part: the flags' values, the interval flags only where a mask is carried
+        (so that tuned caches of other calls stay valid)."""
+        key = tuple([v for n, v in flags.items() if n not in ("HAS_IV", "IV_SKIP")])
+        return key + (True,) if flags.get("HAS_IV") else key
+
+    def replay_key(self, kind: str) -> tuple:
+        """What a call's launches depend on besides its tensors' addresses, as far as the arguments go:
+        each tensor's shape, strides, dtype and address mod 16 (Triton specializes on 16-byte alignment),
+        which tensors are one object, and every other argument."""
+        names = self.tensor_names()
+        tensors = [getattr(self, n) for n in names]
+        sig = tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15) for t in
+                     tensors])  # fmt: skip
+        first: dict = {}  # which tensors are one object (cu_seqlens_q is cu_seqlens_k, q is k): first index
+        same = tuple([first.setdefault(id(t), i) for i, t in enumerate(tensors) if t is not None])
+        scalars = tuple([getattr(self, n) for n in _SCALARS[type(self)]])
+        return (kind, sig, same, scalars)
+
+
+@dataclass(slots=True)
+class BwdParams(FwdParams):
+    """The backward op's arguments (``attnkit::triton_bwd``): the forward's, then what the forward gave
+    (``out``, ``stats``, ``rng``), the incoming gradients (``dout``, ``dlse``) and whether the bias wants
+    its gradient."""
+
+    dout: Tensor
+    out: Tensor
+    stats: Tensor
+    dlse: Tensor | None
+    rng: Tensor
+    bias_grad: bool
+
+    def flags(self) -> dict[str, bool]:
+        """The forward's feature constexprs and ``BIAS_GRAD`` (the dK/dV kernel's alone)."""
+        f = FwdParams.flags(self)
+        grad = self.bias_grad and self.bias is not None
+        # (BIAS_GRAD after HAS_BIAS: the tuning key's order since version 4, so tuned caches stay valid)
+        out = {}
+        for name, value in f.items():
+            out[name] = value
+            if name == "HAS_BIAS":
+                out["BIAS_GRAD"] = grad
+        return out
+
+    def forward(self) -> FwdParams:
+        return FwdParams(*[getattr(self, n) for n in _NAMES[FwdParams]])
+
+
+def _iv_skip() -> bool:
+    """Masks as data: ``ATTNKIT_TRITON_IV_SKIP=1`` puts a branch around every key tile that skips the empty
+    ones inside the narrowed range (default 0: no branch, so the software pipeline stays; empty tiles at the
+    ends of a row's range are cut off either way). For A/B runs on the GPU."""
+    import os
+
+    return os.environ.get("ATTNKIT_TRITON_IV_SKIP", "0") not in ("", "0")
+
+
+_FWD_ONLY_OUTPUTS = ("out", "stats", "rng")  # what the forward gives that its backward takes
+
+
+def _is_tensor(annotation) -> bool:
+    return annotation in (Tensor, Tensor | None)
+
+
+_NAMES: dict = {}
+_TENSORS: dict = {}
+_SCALARS: dict = {}
+for _cls in (FwdParams, BwdParams):
+    _hints = typing.get_type_hints(_cls, {"Tensor": Tensor})
+    _NAMES[_cls] = tuple(f.name for f in dataclasses.fields(_cls))
+    _TENSORS[_cls] = tuple(n for n in _NAMES[_cls] if _is_tensor(_hints[n]))
+    _SCALARS[_cls] = tuple(n for n in _NAMES[_cls] if not _is_tensor(_hints[n]))
+
+
+def op(name: str, cls, impl, fake):
+    """The ``torch.library`` custom op ``name`` whose arguments are ``cls``'s fields (schema inferred from
+    their annotations), running ``impl(cls(*args))``, with ``fake(cls(*args))`` as its fake implementation.
+    Returns the op."""
+    hints = typing.get_type_hints(cls, {"Tensor": Tensor})
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[n]) for n in
+              _NAMES[cls]]  # fmt: skip
+
+    def run(*args, **kwargs):
+        return impl(cls(*args, **kwargs))
+
+    def run_fake(*args, **kwargs):
+        return fake(cls(*args, **kwargs))
+
+    returns = tuple[Tensor, Tensor, Tensor, Tensor]
+    for fn in (run, run_fake):
+        fn.__signature__ = inspect.Signature(params, return_annotation=returns)
+        fn.__annotations__ = {**{n: hints[n] for n in _NAMES[cls]}, "return": returns}
+    custom = torch.library.custom_op(name, mutates_args=())(run)
+    custom.register_fake(run_fake)
+    return custom
+
+
+def saved(p: FwdParams, out: Tensor, stats: Tensor, rng: Tensor) -> tuple[tuple, dict]:
+    """What autograd keeps of a forward: (tensors for ``save_for_backward``, the other arguments)."""
+    tensors = tuple([getattr(p, n) for n in _TENSORS[FwdParams]]) + (out, stats, rng)
+    return tensors, {n: getattr(p, n) for n in _SCALARS[FwdParams]}
+
+
+def restore(tensors: tuple, scalars: dict, dout, dlse, bias_grad: bool) -> BwdParams:
+    """The backward's parameters from :func:`saved`'s two parts and the incoming gradients."""
+    fields = dict(zip(_TENSORS[FwdParams] + _FWD_ONLY_OUTPUTS, tensors))
+    return BwdParams(**fields, **scalars, dout=dout, dlse=dlse, bias_grad=bias_grad)
+
+
+def num_inputs() -> int:
+    """How many inputs the forward op has (autograd returns one gradient, or None, for each)."""
+    return len(_NAMES[FwdParams])
