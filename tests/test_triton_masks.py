@@ -394,3 +394,12 @@ def test_masks_with_other_features():
         window=(12, -1),
         **kw,
     )
+
+
+def test_interleaved_doc_ids_after_a_cached_choice_raise():
+    """The dispatcher caches its choice by the mask's structure; ids of the same structure that do not lower
+    (interleaved documents) must raise, never give wrong rows."""
+    q, k, v, _ = oracle.make_inputs("bhsd", B=1, Hq=2, Sq=16, D=16, device=DEV)
+    tri(q, k, v, mask=M.document(torch.tensor([0] * 8 + [1] * 8, device=DEV)))
+    with pytest.raises(attnkit.UnsupportedError, match="non-decreasing"):
+        tri(q, k, v, mask=M.document(torch.tensor([0, 1] * 8, device=DEV)))

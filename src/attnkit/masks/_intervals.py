@@ -178,11 +178,30 @@ def _check_document(params, call) -> str | None:
             return f"document {name}: shape {tuple(t.shape)} has no row per batch element ({call.batch})"
         if t.shape[-1] < max(need, call.Sk if kv_ids is None else 0):
             return f"document {name}: {t.shape[-1]} positions for sequences of up to {need}"
-    if _host_values_allowed(ids):
-        d = ids[..., : call.Sq] if call.layout != "thd" else ids
-        if d.shape[-1] > 1 and not bool((d[..., 1:] >= d[..., :-1]).all()):
-            return "document: query doc ids are not non-decreasing (interleaved documents are no intervals)"
+    rows = call.Sq if call.layout != "thd" else ids.shape[-1]
+    if not _sorted(ids, rows):
+        return "document: query doc ids are not non-decreasing (interleaved documents are no intervals)"
     return None
+
+
+_SORTED: dict = {}  # (id, version, address, rows) of a doc-id tensor -> its first `rows` ids are sorted
+
+
+def _sorted(ids: torch.Tensor, rows: int) -> bool:
+    """Whether ``ids[..., :rows]`` is non-decreasing along the last dim: one host read per tensor (and
+    in-place version), cached, so a training loop pays it once per new packing, not once per layer. Trusted
+    (True) where host reads are not allowed (torch.compile, CUDA-graph capture)."""
+    if not _host_values_allowed(ids):
+        return True
+    key = (id(ids), ids._version, ids.data_ptr(), rows)
+    ok = _SORTED.get(key)
+    if ok is None:
+        d = ids[..., :rows]
+        ok = d.shape[-1] <= 1 or bool((d[..., 1:] >= d[..., :-1]).all())
+        if len(_SORTED) >= 256:
+            _SORTED.clear()
+        _SORTED[key] = ok
+    return ok
 
 
 def _host_values_allowed(t: torch.Tensor) -> bool:
@@ -242,7 +261,7 @@ def _norm(a: torch.Tensor, b: torch.Tensor):
 
 def lower(mask: Mask, call) -> Intervals | None:
     """Column intervals for ``mask`` on ``call`` (an AttentionCall), or None if it does not lower."""
-    if why_not(mask, call) is not None:
+    if why_not(mask, call) is not None:  # (also for every new doc-id tensor: dispatch caches by structure)
         return None
     causal, window, pairs = False, None, []
     c = None

@@ -25,6 +25,7 @@ from attnkit._call import AttentionCall
 from attnkit.backends.base import Backend, attention_flops, dense_pairs
 from attnkit.backends.triton.params import FwdParams
 from attnkit.backends.triton.runtime import capability as _cap
+from attnkit.errors import UnsupportedError
 from attnkit.masks import _intervals
 
 _INT32 = 2**31 - 1
@@ -139,6 +140,9 @@ class TritonBackend(Backend):
             if not torch.compiler.is_compiling():
                 call.__dict__["_intervals"] = iv
         iv = iv[1]
+        if iv is None:  # a choice reused for a mask of the same structure whose data does not lower
+            why = _intervals.why_not(call.mask, call)
+            raise UnsupportedError("triton", [f"mask {call.mask.name}: {why}"])
         window = call.window
         if iv.window is not None:
             window = iv.window if window is None else _intervals._merge_windows(window, iv.window)
