@@ -87,14 +87,16 @@ def shared_prefix(prefix_len, response_lens) -> Mask:
         P = prefix_len[b] if isinstance(prefix_len, torch.Tensor) else prefix_len
         if ends_list is None:
             ends = response_lens[b].cumsum(-1)  # b.shape + (R,)
-        else:
-            ends = torch.tensor(ends_list, dtype=torch.long, device=q.device)  # (R,)
-        ends = ends + (P.unsqueeze(-1) if isinstance(P, torch.Tensor) else P)
+            ends = ends + (P.unsqueeze(-1) if isinstance(P, torch.Tensor) else P)
 
-        def segment(x):  # index of the response holding position x (R past the last; 0 in the prompt)
-            return (ends <= torch.as_tensor(x).unsqueeze(-1)).sum(-1)
+            def segment(x):  # index of the response holding position x (R past the last; 0 in the prompt)
+                return (ends <= x.unsqueeze(-1)).sum(-1)
+        else:  # Python ints: plain comparisons, no tensor built (nor copied to the device)
 
-        qs, ks = segment(q), segment(kv)
+            def segment(x):
+                return sum(((x >= P + e).long() for e in ends_list), torch.zeros_like(x))
+
+        qs, ks = segment(torch.as_tensor(q)), segment(torch.as_tensor(kv))
         return (kv <= q) & ((q < P) | ((qs < R) & ((kv < P) | (ks == qs))))
 
     def totals():  # P + sum(response_lens) per row (one number for all rows), or None if not on the host

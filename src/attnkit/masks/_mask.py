@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from attnkit._offsets import lengths_offset, offset_for
+from attnkit._probe import check_arity
 from attnkit.errors import AttentionInputError
 from attnkit.masks._args import batch_check, int_arg, int_tensor_arg, mask_error, window_ok
 
@@ -436,6 +437,7 @@ def from_mask_mod(fn: Callable, name: str | None = None) -> Mask:
         return fn
     if not callable(fn):
         raise AttentionInputError("fn", "from_mask_mod: a callable mask_mod(b, h, q_idx, kv_idx)", repr(fn))
+    check_arity("fn", fn, 4, "mask_mod(b, h, q_idx, kv_idx) -> bool")
     return Mask(
         lambda b, h, q, kv, off: fn(b, h, q, kv), name or getattr(fn, "__name__", "mask_mod"), source=fn
     )

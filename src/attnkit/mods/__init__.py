@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from attnkit._offsets import lengths_offset, offset_for
+from attnkit._probe import check_arity
 from attnkit.errors import AttentionInputError
 
 
@@ -229,6 +230,7 @@ def from_score_mod(fn: Callable, name: str | None = None) -> ScoreMod:
         raise AttentionInputError(
             "fn", "from_score_mod: a callable score_mod(score, b, h, q_idx, kv_idx)", repr(fn)
         )
+    check_arity("fn", fn, 5, "score_mod(score, b, h, q_idx, kv_idx) -> score")
     return ScoreMod(
         lambda s, b, h, q, kv, off: fn(s, b, h, q, kv),
         name or getattr(fn, "__name__", "score_mod"),
