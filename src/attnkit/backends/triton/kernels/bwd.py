@@ -301,6 +301,10 @@ def _dkdv_inner(
         "stride_dh",
         "win_left",
         "win_right",
+        "stride_ib",
+        "stride_ih",
+        "stride_sb",
+        "stride_sh",
     ]
 )
 def attn_bwd_dkdv(
@@ -675,6 +679,10 @@ def _dq_inner(
         "stride_dh",
         "win_left",
         "win_right",
+        "stride_ib",
+        "stride_ih",
+        "stride_sb",
+        "stride_sh",
     ]
 )
 def attn_bwd_dq(

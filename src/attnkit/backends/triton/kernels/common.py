@@ -256,8 +256,7 @@ def iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, r0, r1, BLOCK_N: tl.constex
         lo_b = tl.load(p + 2, mask=ok, other=-big)
         hi_c = tl.load(p + 5, mask=ok, other=big)
         lo_d = tl.load(p + 6, mask=ok, other=-big)
-        empty = ((hi_a <= r0) & (r1 < lo_b)) | ((hi_c <= r0) & (r1 < lo_d))
-        seen = ok & (empty == 0)
+        seen = ok & ((hi_a > r0) | (r1 >= lo_b)) & ((hi_c > r0) | (r1 >= lo_d))  # (not empty)
         first = tl.minimum(first, tl.min(tl.where(seen, idx, big), 0))
         last = tl.maximum(last, tl.max(tl.where(seen, idx, -1), 0))
     # entries -> keys of this sequence -> tiles on lo's grid

@@ -196,7 +196,20 @@ def _fwd_tile(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["SQ", "SK", "stride_lb", "stride_lh", "win_left", "win_right"])
+@triton.jit(
+    do_not_specialize=[
+        "SQ",
+        "SK",
+        "stride_lb",
+        "stride_lh",
+        "win_left",
+        "win_right",
+        "stride_ib",
+        "stride_ih",
+        "stride_sb",
+        "stride_sh",
+    ]
+)
 def attn_fwd(
     Q,
     K,
