@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import operator
 import typing
 from dataclasses import dataclass
 
@@ -62,7 +63,9 @@ class FwdParams:
 
     def args(self) -> tuple:
         """The op's positional arguments, in field order."""
-        return tuple([getattr(self, n) for n in self._names()])
+        if torch.compiler.is_compiling():  # (dynamo does not trace attrgetter)
+            return tuple([getattr(self, n) for n in _NAMES[type(self)]])
+        return _GET[type(self)](self)
 
     @classmethod
     def _names(cls) -> tuple[str, ...]:
@@ -116,14 +119,12 @@ class FwdParams:
         """What a call's launches depend on besides its tensors' addresses, as far as the arguments go:
         each tensor's shape, strides, dtype and address mod 16 (Triton specializes on 16-byte alignment),
         which tensors are one object, and every other argument."""
-        names = self.tensor_names()
-        tensors = [getattr(self, n) for n in names]
+        tensors = _GET_TENSORS[type(self)](self)
         sig = tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15) for t in
                      tensors])  # fmt: skip
         first: dict = {}  # which tensors are one object (cu_seqlens_q is cu_seqlens_k, q is k): first index
         same = tuple([first.setdefault(id(t), i) for i, t in enumerate(tensors) if t is not None])
-        scalars = tuple([getattr(self, n) for n in _SCALARS[type(self)]])
-        return (kind, sig, same, scalars)
+        return (kind, sig, same, _GET_SCALARS[type(self)](self))
 
 
 @dataclass(slots=True)
@@ -152,7 +153,7 @@ class BwdParams(FwdParams):
         return out
 
     def forward(self) -> FwdParams:
-        return FwdParams(*[getattr(self, n) for n in _NAMES[FwdParams]])
+        return FwdParams(*_GET[FwdParams](self))
 
 
 def _iv_skip() -> bool:
@@ -164,9 +165,6 @@ def _iv_skip() -> bool:
     return os.environ.get("ATTNKIT_TRITON_IV_SKIP", "0") not in ("", "0")
 
 
-_FWD_ONLY_OUTPUTS = ("out", "stats", "rng")  # what the forward gives that its backward takes
-
-
 def _is_tensor(annotation) -> bool:
     return annotation in (Tensor, Tensor | None)
 
@@ -174,11 +172,17 @@ def _is_tensor(annotation) -> bool:
 _NAMES: dict = {}
 _TENSORS: dict = {}
 _SCALARS: dict = {}
+_GET: dict = {}  # class -> a C-speed getter of its fields' values, as a tuple (host time: every call asks)
+_GET_TENSORS: dict = {}
+_GET_SCALARS: dict = {}
 for _cls in (FwdParams, BwdParams):
     _hints = typing.get_type_hints(_cls, {"Tensor": Tensor})
     _NAMES[_cls] = tuple(f.name for f in dataclasses.fields(_cls))
     _TENSORS[_cls] = tuple(n for n in _NAMES[_cls] if _is_tensor(_hints[n]))
     _SCALARS[_cls] = tuple(n for n in _NAMES[_cls] if not _is_tensor(_hints[n]))
+    _GET[_cls] = operator.attrgetter(*_NAMES[_cls])
+    _GET_TENSORS[_cls] = operator.attrgetter(*_TENSORS[_cls])
+    _GET_SCALARS[_cls] = operator.attrgetter(*_SCALARS[_cls])
 
 
 def op(name: str, cls, impl, fake):
@@ -204,16 +208,28 @@ def op(name: str, cls, impl, fake):
     return custom
 
 
-def saved(p: FwdParams, out: Tensor, stats: Tensor, rng: Tensor) -> tuple[tuple, dict]:
+def saved(p: FwdParams, out: Tensor, stats: Tensor, rng: Tensor) -> tuple[tuple, tuple]:
     """What autograd keeps of a forward: (tensors for ``save_for_backward``, the other arguments)."""
-    tensors = tuple([getattr(p, n) for n in _TENSORS[FwdParams]]) + (out, stats, rng)
-    return tensors, {n: getattr(p, n) for n in _SCALARS[FwdParams]}
+    return _GET_TENSORS[FwdParams](p) + (out, stats, rng), _GET_SCALARS[FwdParams](p)
 
 
-def restore(tensors: tuple, scalars: dict, dout, dlse, bias_grad: bool) -> BwdParams:
+def restore(tensors: tuple, scalars: tuple, dout, dlse, bias_grad: bool) -> BwdParams:
     """The backward's parameters from :func:`saved`'s two parts and the incoming gradients."""
-    fields = dict(zip(_TENSORS[FwdParams] + _FWD_ONLY_OUTPUTS, tensors))
-    return BwdParams(**fields, **scalars, dout=dout, dlse=dlse, bias_grad=bias_grad)
+    n = len(_TENSORS[FwdParams])
+    values = list(_FWD_SLOTS)
+    for i, t in zip(_FWD_TENSOR_POS, tensors[:n]):
+        values[i] = t
+    for i, x in zip(_FWD_SCALAR_POS, scalars):
+        values[i] = x
+    out, stats, rng = tensors[n:]
+    return BwdParams(*values, dout, out, stats, dlse, rng, bias_grad)
+
+
+_FWD_SLOTS = (None,) * len(_NAMES[FwdParams])
+_FWD_TENSOR_POS = tuple(_NAMES[FwdParams].index(n) for n in _TENSORS[FwdParams])
+_FWD_SCALAR_POS = tuple(_NAMES[FwdParams].index(n) for n in _SCALARS[FwdParams])
+# (BwdParams' own fields, in order: what restore passes after the forward's)
+assert _NAMES[BwdParams][len(_NAMES[FwdParams]) :] == ("dout", "out", "stats", "dlse", "rng", "bias_grad")
 
 
 def num_inputs() -> int:

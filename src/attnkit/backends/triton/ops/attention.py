@@ -119,8 +119,8 @@ triton_bwd = _params.op("attnkit::triton_bwd", BwdParams, _triton_bwd, _bwd.fake
 # ----------------------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------------------
-def _setup_context(ctx, inputs, output):
-    p = FwdParams(*inputs)
+def _setup_context(ctx, inputs, output, p: FwdParams | None = None):
+    p = FwdParams(*inputs) if p is None else p
     out, _lse, rng, stats = output
     tensors, ctx.params = _params.saved(p, out, stats, rng)
     ctx.save_for_backward(*tensors)
@@ -149,8 +149,9 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _triton_fwd(FwdParams(*inputs))
-        _setup_context(ctx, inputs, output)
+        p = FwdParams(*inputs)
+        output = _triton_fwd(p)
+        _setup_context(ctx, inputs, output, p)
         ctx.mark_non_differentiable(output[2], output[3])
         ctx.set_materialize_grads(False)  # an unused lse keeps dlse None: no dLSE work in backward
         return output
