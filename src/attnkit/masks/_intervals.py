@@ -69,10 +69,22 @@ def _coords(call) -> _Coords:
         lq, lk = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
         return _Coords(kn, u - cu_k[kn], qn, t - cu_q[qn], cu_q[:-1], (lk - lq)[kn], call.batch, None)
     B, Sq, Sk = call.batch, call.Sq, call.Sk
+    key = (B, Sq, Sk, dev)
+    hit = _DENSE_COORDS.get(key)
+    if hit is not None:
+        return hit
     u = torch.arange(B * Sk, device=dev)
     t = torch.arange(B * Sq, device=dev)
     q_start = torch.arange(B, device=dev) * Sq
-    return _Coords(u // Sk, u % Sk, t // Sq, t % Sq, q_start, torch.full_like(u, Sk - Sq), B, Sk)
+    c = _Coords(u // Sk, u % Sk, t // Sq, t % Sq, q_start, torch.full_like(u, Sk - Sq), B, Sk)
+    if _host_values_allowed(u):  # (shapes only: reused across calls, never made inside a graph capture)
+        if len(_DENSE_COORDS) >= 64:
+            _DENSE_COORDS.clear()
+        _DENSE_COORDS[key] = c
+    return c
+
+
+_DENSE_COORDS: dict = {}  # (B, Sq, Sk, device) -> _Coords of a dense call
 
 
 def _per_seq(x, n: torch.Tensor):
@@ -90,9 +102,10 @@ def _document(params, c: _Coords, call):
 
     g = c.qn * _SHIFT + at(ids, c.qn, c.qi)  # sorted iff every sequence's query ids are non-decreasing
     val = c.kn * _SHIFT + at(kv_ids, c.kn, c.kj)
-    lo = torch.searchsorted(g, val) - c.q_start[c.kn]
-    hi = torch.searchsorted(g, val, right=True) - c.q_start[c.kn]
-    return [(torch.zeros_like(lo), lo), (hi, torch.full_like(hi, INF))]
+    start = c.q_start[c.kn]
+    lo = torch.searchsorted(g, val) - start
+    hi = torch.searchsorted(g, val, right=True) - start
+    return [(0, lo), (hi, INF)]  # (well formed already: 0 <= lo <= hi <= Sq)
 
 
 def _prefix_lm(params, c: _Coords, call):
@@ -163,6 +176,7 @@ _LOWER = {
 }
 # masked-row intervals each kind takes (one per key column, or two), and whether it adds the causal flag
 _SLOTS = {"prefix_lm": 1, "shared_prefix": 1}
+_WELL_FORMED = {"document"}  # kinds whose bounds need no clamping (0 <= a <= b <= INF, empty as [0, 0))
 _CAUSAL = {"shared_prefix"}
 
 
@@ -275,13 +289,15 @@ def lower(mask: Mask, call) -> Intervals | None:
         if m.kind == "full":
             continue
         c = _coords(call) if c is None else c
-        pairs += _LOWER[m.kind](m.params, c, call)
+        got = _LOWER[m.kind](m.params, c, call)
+        pairs += got if m.kind in _WELL_FORMED else [_norm(a, b) for a, b in got]
         causal = causal or m.kind in _CAUSAL or (m.kind == "flashmask" and m.params["causal"])
     if c is None:
         c = _coords(call)
     zero = torch.zeros_like(c.kj)
-    pairs = [_norm(a, b) for a, b in pairs] + [(zero, zero)] * (2 - len(pairs))
-    cols = torch.broadcast_tensors(*[x for ab in pairs for x in ab])
+    pairs += [(zero, zero)] * (2 - len(pairs))
+    cols = [x if isinstance(x, torch.Tensor) else torch.full_like(c.kj, x) for ab in pairs for x in ab]
+    cols = torch.broadcast_tensors(*cols)
     se = torch.stack(cols, dim=-1).to(torch.int32)  # (K, 4) or (H', K, 4)
     se = se.view((1,) * (3 - se.dim()) + tuple(se.shape))  # (1 | H', K, 4)
     if c.dense_sk is not None:  # (H', B * Sk, 4) -> (B, H', Sk, 4)
