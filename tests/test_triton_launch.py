@@ -146,6 +146,7 @@ def _real_params(jit) -> list:
 # Pointers, row strides and the batch/head strides of q/k/v/out/dO stay specialized: Triton's alignment
 # analysis needs them for vectorized tile loads (with D a multiple of 16 they never change class with S).
 _LENGTHS = {"SQ", "SK", "rows", "cols", "stride_lb", "stride_lh", "stride_db", "stride_dh"}
+_LENGTHS |= {"stride_ib", "stride_ih", "stride_sb", "stride_sh"}  # mask intervals (B', H', Sk, 4) and summary
 _RUNTIME_ONLY = _LENGTHS | {"win_left", "win_right", "bh", "r0"}
 
 

@@ -3,7 +3,10 @@
 One kernel family (``kernels/fwd.py``, ``kernels/bwd.py``; shared score pipeline and tile schedule in
 ``kernels/common.py``) serves causal (bottom-right), windows, softcap, ALiBi, additive bias with its
 gradient, GQA/MQA, D != Dv, head dims up to 256, fp16/bf16/fp32, bhsd/bshd/thd, return_lse, dropout and
-deterministic backward. Host launchers and the ``torch.library`` ops live in ``ops/``; block sizes in
+deterministic backward, and library masks that lower to two masked row intervals per key column
+(``attnkit.masks._intervals``: document, prefix_lm, chunked, global_sliding, shared_prefix, flashmask and
+their ``&`` with causal / sliding windows), carried to the kernels as int32 tensors (no recompiles for new
+values or lengths). Host launchers and the ``torch.library`` ops live in ``ops/``; block sizes in
 ``runtime/tuning.py``; what the kernels can do in ``runtime/capability.py`` (read here and by the
 launchers alike).
 
@@ -22,6 +25,8 @@ from attnkit._call import AttentionCall
 from attnkit.backends.base import Backend, attention_flops, dense_pairs, kv_bytes
 from attnkit.backends.triton.params import FwdParams
 from attnkit.backends.triton.runtime import capability as _cap
+from attnkit.errors import UnsupportedError
+from attnkit.masks import _intervals
 
 _INT32 = 2**31 - 1
 
@@ -77,10 +82,9 @@ class TritonBackend(Backend):
                 "(use backend='flex' or 'reference')"
             )
         if call.mask is not None:
-            r.append(
-                f"user mask ({call.mask.name}) is not compiled into the Triton kernels yet "
-                "(use backend='flex' or 'reference')"
-            )
+            why = _intervals.why_not(call.mask, call)
+            if why is not None:  # masks that lower to column intervals run as data; others not yet
+                r.append(f"mask {call.mask.name}: {why} (use backend='flex' or 'reference')")
         if max(call.D, call.Dv) > table.max_head_dim:
             r.append(f"head dim {max(call.D, call.Dv)} > {table.max_head_dim}")
         if call.alibi_slopes is not None and call.alibi_slopes.requires_grad:
@@ -98,7 +102,8 @@ class TritonBackend(Backend):
     def run(self, call: AttentionCall):
         from attnkit.backends.triton.ops import attention as ops
 
-        wl, wr = call.window if call.window is not None else (-1, -1)
+        causal, window, iv = self._mask_flags(call)
+        wl, wr = window if window is not None else (-1, -1)
         p = FwdParams(
             call.q,
             call.k,
@@ -111,22 +116,55 @@ class TritonBackend(Backend):
             int(call.Sq),
             int(call.Sk),
             float(call.scale),
-            bool(call.causal),
+            bool(causal),
             int(wl),
             int(wr),
             float(call.softcap or 0.0),
             float(call.dropout_p),
             bool(call.deterministic),
+            iv.startend if iv is not None else None,
+            iv.summary if iv is not None else None,
         )
         out, lse, _, _ = ops.attention(p)
         return out, (lse if call.return_lse else None)
+
+    @staticmethod
+    def _mask_flags(call: AttentionCall):
+        """(causal, window, Intervals or None): the call's flags with a lowered mask's merged in (the
+        lowering is kept on the call: cost() and run() of one call share it)."""
+        if call.mask is None:
+            return call.causal, call.window, None
+        iv = call.__dict__.get("_intervals")
+        if iv is None or iv[0] is not call.mask:
+            iv = (call.mask, _intervals.lower(call.mask, call))
+            if not torch.compiler.is_compiling():
+                call.__dict__["_intervals"] = iv
+        iv = iv[1]
+        if iv is None:  # a choice reused for a mask of the same structure whose data does not lower
+            why = _intervals.why_not(call.mask, call)
+            raise UnsupportedError("triton", [f"mask {call.mask.name}: {why}"])
+        window = call.window
+        if iv.window is not None:
+            window = iv.window if window is None else _intervals._merge_windows(window, iv.window)
+            window = None if window == (-1, -1) else window
+        return call.causal or iv.causal, window, iv
+
+    def _masked_pairs(self, call: AttentionCall) -> float | None:
+        """Visible pairs of a call with a lowered mask (one read of a device scalar, where host reads are
+        allowed: not under torch.compile or CUDA-graph capture); None without a mask or where unknown (the
+        flag-based bound then applies, an upper bound)."""
+        if call.mask is None or not _intervals._host_values_allowed(call.q):
+            return None
+        causal, window, iv = self._mask_flags(call)
+        n = _intervals.visible_pairs(iv, call, causal, window)
+        return None if n is None else float(n)
 
     def cost(self, call: AttentionCall) -> float:
         if call.device.type != "cuda":
             # the interpreter: correct but very slow; auto must never prefer it
             return 1e6 + call.batch * call.Hq * call.Sq * call.Sk * (call.D + call.Dv) / 1e6
         mode = "fwd_bwd" if call.requires_grad else "fwd"
-        causal = call.causal or call.window is not None
+        causal = call.causal or call.window is not None or call.mask is not None  # (masked: the causal rates)
         if mode == "fwd" and self._gluon(call):  # the Hopper kernel; short sequences run below its peak
             mode = "fwd_gluon_short" if call.Sk <= 1024 else "fwd_gluon"
         elif mode == "fwd_bwd" and self._gluon_bwd(call):  # the Hopper dK/dV kernel
@@ -134,7 +172,11 @@ class TritonBackend(Backend):
         rate = _rate(mode, max(call.D, call.Dv), causal) * 1e12
         if call.dtype == torch.float32:
             rate /= 12.0  # exact fp32 dots (no tf32) run on the CUDA cores
-        if call.layout == "thd" and call.seqlens_q is None:  # lengths unknown on the host (compile, capture)
+        masked = self._masked_pairs(call)
+        if masked is not None:  # a mask carried as data: the pairs it leaves visible (empty tiles skipped)
+            pairs = masked
+            flops = pairs * call.Hq * 2.0 * (call.D + call.Dv) * (3.5 if call.requires_grad else 1.0)
+        elif call.layout == "thd" and call.seqlens_q is None:  # lengths unknown (compile, capture)
             pairs = float(call.batch * call.Sq * call.Sk)
             flops = pairs * call.Hq * 2.0 * (call.D + call.Dv) * (3.5 if call.requires_grad else 1.0)
         else:
@@ -163,6 +205,11 @@ class TritonBackend(Backend):
 
     def notes(self, call: AttentionCall) -> list[str]:
         n = ["backward: dK/dV kernel and a separate dQ pass beside it (no atomics: deterministic)"]
+        if call.mask is not None:
+            n.append(
+                f"mask {call.mask.name} carried as data: two masked row intervals per key column "
+                "(empty tiles skipped, full tiles unmasked; no recompiles for new values or lengths)"
+            )
         if call.device.type != "cuda":
             n.append("running in the Triton interpreter: for tests, very slow")
         else:

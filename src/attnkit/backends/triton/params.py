@@ -56,6 +56,10 @@ class FwdParams:
     softcap: float
     dropout_p: float
     deterministic: bool
+    # a mask carried as data (``attnkit.masks._intervals``): int32 (B', H', K, 4) masked row intervals per
+    # key column and their (B', H', ceil(K / 16), 8) summary, or None
+    startend: Tensor | None
+    iv_summary: Tensor | None
 
     def args(self) -> tuple:
         """The op's positional arguments, in field order."""
@@ -78,7 +82,7 @@ class FwdParams:
         ``AttentionCall`` through :func:`attnkit.backends.triton.runtime.capability.plain_call`)."""
         return plain_features(
             self.bias, self.alibi_slopes, self.softcap, self.window_left, self.window_right, self.dropout_p
-        ) and (self.q.numel() > 0 and self.k.numel() > 0)
+        ) and (self.q.numel() > 0 and self.k.numel() > 0 and self.startend is None)
 
     def window(self) -> tuple[bool, bool, int, int]:
         """(HAS_LEFT, HAS_RIGHT, left, right) with causal folded into the right bound."""
@@ -100,7 +104,16 @@ class FwdParams:
             "HAS_LEFT": has_left,
             "HAS_RIGHT": has_right,
             "DROPOUT": self.dropout_p > 0,
+            "HAS_IV": self.startend is not None,
+            "IV_SKIP": self.startend is not None and _iv_skip(),
         }
+
+    @staticmethod
+    def tune_key(flags: dict) -> tuple:
+        """The tuning key's feature part: the flags' values, the interval flags only where a mask is carried
+        (so that tuned caches of other calls stay valid)."""
+        key = tuple([v for n, v in flags.items() if n not in ("HAS_IV", "IV_SKIP")])
+        return key + (True,) if flags.get("HAS_IV") else key
 
     def replay_key(self, kind: str) -> tuple:
         """What a call's launches depend on besides its tensors' addresses, as far as the arguments go:
@@ -141,6 +154,15 @@ class BwdParams(FwdParams):
 
     def forward(self) -> FwdParams:
         return FwdParams(*_GET[FwdParams](self))
+
+
+def _iv_skip() -> bool:
+    """Masks as data: ``ATTNKIT_TRITON_IV_SKIP=1`` puts a branch around every key tile that skips the empty
+    ones inside the narrowed range (default 0: no branch, so the software pipeline stays; empty tiles at the
+    ends of a row's range are cut off either way). For A/B runs on the GPU."""
+    import os
+
+    return os.environ.get("ATTNKIT_TRITON_IV_SKIP", "0") not in ("", "0")
 
 
 def _is_tensor(annotation) -> bool:

@@ -25,6 +25,12 @@ import triton.language as tl
 from attnkit.backends.triton.kernels.common import (
     dropout_keep,
     dscore_dqk,
+    iv_apply,
+    iv_classify,
+    iv_load,
+    iv_narrow_kv,
+    iv_narrow_q,
+    iv_segments,
     kv_tiles,
     pending_scale,
     q_tiles,
@@ -143,6 +149,13 @@ def _dkdv_inner(
     rng_ptr,
     bh,
     dropout_p,
+    sum_ptr,
+    p0,
+    p1,
+    ia,
+    ib,
+    ic,
+    id_,
     D: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -159,6 +172,9 @@ def _dkdv_inner(
     FUSED_DQ: tl.constexpr,
     DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_IV: tl.constexpr,
+    IV_SKIP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     c = pending_scale(sm_scale, DEFER)
     if FUSED_DQ:
@@ -179,88 +195,99 @@ def _dkdv_inner(
             start_m = lo + idx * BLOCK_M
         else:
             start_m = start
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_tile(
-            q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
-            offs_m[:, None],
-            seqlen_q,
-            offs_d[None, :],
-            D,
-            MASK,
-            BLOCK_D != D,
-        )  # (BM, BD)
-        do = load_tile(
-            do_base + offs_m[:, None] * stride_dos + offs_dv[None, :],
-            offs_m[:, None],
-            seqlen_q,
-            offs_dv[None, :],
-            DV,
-            MASK,
-            BLOCK_DV != DV,
-        )  # (BM, BDV)
-        exact: tl.constexpr = k.dtype == tl.float32
-        lse_hi, lse_lo, delta = _load_row_stats(
-            hi_base, lo_base, d_base, stride_ls, stride_ds, offs_m, seqlen_q, exact
-        )
-        qkt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BN, BM)
-        st, tt = scores(
-            qkt,
-            offs_m[None, :],
-            offs_n[:, None],
-            seqlen_q,
-            seqlen_k,
-            off,
-            sm_scale,
-            softcap,
-            win_left,
-            win_right,
-            bias_ptr,
-            stride_bm,
-            stride_bn,
-            slope,
-            MASK,
-            SOFTCAP,
-            HAS_BIAS,
-            HAS_ALIBI,
-            HAS_LEFT,
-            HAS_RIGHT,
-            DEFER,
-        )
-        lg = st * c - lse_hi[None, :]
-        if exact:
-            lg -= lse_lo[None, :]
-        pt = tl.exp2(lg)  # (BN, BM) softmax probabilities, transposed
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM) = (dO V^T)^T
-        if DROPOUT:
-            keep = dropout_keep(rng_ptr, bh, offs_m[None, :], offs_n[:, None], dropout_p)
-            scale_keep = 1.0 / (1.0 - dropout_p)
-            pdt = tl.where(keep, pt * scale_keep, 0.0)
-            dpt = tl.where(keep, dpt * scale_keep, 0.0)
-        else:
-            pdt = pt
-        dv += tl.dot(pdt.to(do.dtype), do, input_precision=PRECISION)
-        dst = pt * (dpt - delta[None, :])  # dL/ds (natural units), transposed
-        if BIAS_GRAD:
-            tl.store(
-                db_ptr + offs_m[None, :] * stride_dbm + offs_n[:, None] * stride_dbn,
-                dst,
-                mask=(offs_m[None, :] < seqlen_q) & (offs_n[:, None] < seqlen_k),
+        empty = False
+        full = True
+        if HAS_IV:  # masks as data: the key tile's summary against these query rows
+            r1 = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+            empty, full = iv_classify(sum_ptr, p0, p1, start_m, r1, BLOCK_N)
+            if not IV_SKIP:  # (no branch around the tile: the range was narrowed instead)
+                empty = False
+        if not empty:
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = load_tile(
+                q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+                offs_m[:, None],
+                seqlen_q,
+                offs_d[None, :],
+                D,
+                MASK,
+                BLOCK_D != D,
+            )  # (BM, BD)
+            do = load_tile(
+                do_base + offs_m[:, None] * stride_dos + offs_dv[None, :],
+                offs_m[:, None],
+                seqlen_q,
+                offs_dv[None, :],
+                DV,
+                MASK,
+                BLOCK_DV != DV,
+            )  # (BM, BDV)
+            exact: tl.constexpr = k.dtype == tl.float32
+            lse_hi, lse_lo, delta = _load_row_stats(
+                hi_base, lo_base, d_base, stride_ls, stride_ds, offs_m, seqlen_q, exact
             )
-        dqkt = dscore_dqk(dst, tt, sm_scale, SOFTCAP).to(q.dtype)  # (BN, BM) dL/d(qk), transposed
-        dk += tl.dot(dqkt, q, input_precision=PRECISION)
-        if FUSED_DQ:
-            # this key tile's share of dQ, computed transposed (BD, BM) so that the key tile is the matmul's
-            # M dimension (Hopper's wgmma needs M >= 64; BLOCK_M is often 32)
-            dqt = tl.dot(tl.trans(k), dqkt, input_precision=PRECISION)
-            dq_ptrs = dq_base + offs_m[None, :] * stride_dqs + offs_d[:, None]
-            if MASK:
-                tl.atomic_add(
-                    dq_ptrs, dqt, mask=(offs_m[None, :] < seqlen_q) & (offs_d[:, None] < D), sem="relaxed"
-                )
-            elif BLOCK_D != D:
-                tl.atomic_add(dq_ptrs, dqt, mask=offs_d[:, None] < D, sem="relaxed")
+            qkt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BN, BM)
+            st, tt = scores(
+                qkt,
+                offs_m[None, :],
+                offs_n[:, None],
+                seqlen_q,
+                seqlen_k,
+                off,
+                sm_scale,
+                softcap,
+                win_left,
+                win_right,
+                bias_ptr,
+                stride_bm,
+                stride_bn,
+                slope,
+                MASK,
+                SOFTCAP,
+                HAS_BIAS,
+                HAS_ALIBI,
+                HAS_LEFT,
+                HAS_RIGHT,
+                DEFER,
+            )
+            if HAS_IV:  # noqa: SIM102 (constexpr, then a runtime branch)
+                if not full:
+                    st = iv_apply(st, offs_m[None, :], ia, ib, ic, id_)
+            lg = st * c - lse_hi[None, :]
+            if exact:
+                lg -= lse_lo[None, :]
+            pt = tl.exp2(lg)  # (BN, BM) softmax probabilities, transposed
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM) = (dO V^T)^T
+            if DROPOUT:
+                keep = dropout_keep(rng_ptr, bh, offs_m[None, :], offs_n[:, None], dropout_p)
+                scale_keep = 1.0 / (1.0 - dropout_p)
+                pdt = tl.where(keep, pt * scale_keep, 0.0)
+                dpt = tl.where(keep, dpt * scale_keep, 0.0)
             else:
-                tl.atomic_add(dq_ptrs, dqt, sem="relaxed")
+                pdt = pt
+            dv += tl.dot(pdt.to(do.dtype), do, input_precision=PRECISION)
+            dst = pt * (dpt - delta[None, :])  # dL/ds (natural units), transposed
+            if BIAS_GRAD:
+                tl.store(
+                    db_ptr + offs_m[None, :] * stride_dbm + offs_n[:, None] * stride_dbn,
+                    dst,
+                    mask=(offs_m[None, :] < seqlen_q) & (offs_n[:, None] < seqlen_k),
+                )
+            dqkt = dscore_dqk(dst, tt, sm_scale, SOFTCAP).to(q.dtype)  # (BN, BM) dL/d(qk), transposed
+            dk += tl.dot(dqkt, q, input_precision=PRECISION)
+            if FUSED_DQ:
+                # this key tile's share of dQ, computed transposed (BD, BM) so that the key tile is the
+                # matmul's M dimension (Hopper's wgmma needs M >= 64; BLOCK_M is often 32)
+                dqt = tl.dot(tl.trans(k), dqkt, input_precision=PRECISION)
+                dq_ptrs = dq_base + offs_m[None, :] * stride_dqs + offs_d[:, None]
+                if MASK:
+                    tl.atomic_add(
+                        dq_ptrs, dqt, mask=(offs_m[None, :] < seqlen_q) & (offs_d[:, None] < D), sem="relaxed"
+                    )
+                elif BLOCK_D != D:
+                    tl.atomic_add(dq_ptrs, dqt, mask=offs_d[:, None] < D, sem="relaxed")
+                else:
+                    tl.atomic_add(dq_ptrs, dqt, sem="relaxed")
     return dk, dv
 
 
@@ -274,6 +301,10 @@ def _dkdv_inner(
         "stride_dh",
         "win_left",
         "win_right",
+        "stride_ib",
+        "stride_ih",
+        "stride_sb",
+        "stride_sh",
     ]
 )
 def attn_bwd_dkdv(
@@ -339,6 +370,12 @@ def attn_bwd_dkdv(
     win_left,
     win_right,
     dropout_p,
+    Iv,
+    IvSum,
+    stride_ib,
+    stride_ih,
+    stride_sb,
+    stride_sh,  # mask intervals and their summary (see _fwd.attn_fwd)
     GROUP: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -357,6 +394,8 @@ def attn_bwd_dkdv(
     FUSED_DQ: tl.constexpr,
     DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_IV: tl.constexpr,
+    IV_SKIP: tl.constexpr,
     ONE_LOOP: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
@@ -409,18 +448,26 @@ def attn_bwd_dkdv(
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
+        sum_ptr = IvSum + b * stride_sb + h * stride_sh
+        ia, ib, ic, id_ = 0, 0, 0, 0
+        g_lo, g_full_lo, g_full_hi, g_hi = lo, full_lo, full_hi, hi
+        if HAS_IV:  # this key tile's column intervals, (BN, 1) each, and the query tiles that see any
+            iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
+            ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[:, None], seqlen_k)
+            lo2, hi2 = iv_narrow_q(sum_ptr, k_start + n0, k_start + n1, lo, hi, seqlen_q, BLOCK_M, BLOCK_N)
+            g_lo, g_full_lo, g_full_hi, g_hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
         # the tile schedule's three segments: masked head, unmasked body, masked tail; ONE_LOOP: every
         # visited tile in one masked loop, so the software pipeline runs through the diagonal without
         # draining and refilling (_tuning.one_loop_dkdv)
         for seg in tl.static_range(1 if ONE_LOOP else 3):
             if ONE_LOOP:
-                seg_lo, seg_hi = lo, hi
+                seg_lo, seg_hi = g_lo, g_hi
             elif seg == 0:
-                seg_lo, seg_hi = lo, full_lo
+                seg_lo, seg_hi = g_lo, g_full_lo
             elif seg == 1:
-                seg_lo, seg_hi = full_lo, full_hi
+                seg_lo, seg_hi = g_full_lo, g_full_hi
             else:
-                seg_lo, seg_hi = full_hi, hi
+                seg_lo, seg_hi = g_full_hi, g_hi
             dk, dv = _dkdv_inner(
                 dk,
                 dv,
@@ -460,6 +507,13 @@ def attn_bwd_dkdv(
                 Rng,
                 bh,
                 dropout_p,
+                sum_ptr,
+                k_start + n0,
+                k_start + n1,
+                ia,
+                ib,
+                ic,
+                id_,
                 D,
                 DV,
                 BLOCK_D,
@@ -476,6 +530,9 @@ def attn_bwd_dkdv(
                 FUSED_DQ,
                 DEFER,
                 PRECISION,
+                HAS_IV,
+                IV_SKIP,
+                BLOCK_N,
             )
     row_mask = offs_n[:, None] < seqlen_k
     dk_ptrs = (
@@ -519,6 +576,11 @@ def _dq_inner(
     rng_ptr,
     bh,
     dropout_p,
+    iv_ptr,
+    sum_ptr,
+    k_start,
+    r0,
+    r1,
     D: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -533,63 +595,77 @@ def _dq_inner(
     DROPOUT: tl.constexpr,
     DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_IV: tl.constexpr,
+    IV_SKIP: tl.constexpr,
 ):
     c = pending_scale(sm_scale, DEFER)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = load_tile(
-            k_base + offs_n[None, :] * stride_ks + offs_d[:, None],
-            offs_n[None, :],
-            seqlen_k,
-            offs_d[:, None],
-            D,
-            MASK,
-            BLOCK_D != D,
-        )  # (BD, BN)
-        vt = load_tile(
-            v_base + offs_n[None, :] * stride_vs + offs_dv[:, None],
-            offs_n[None, :],
-            seqlen_k,
-            offs_dv[:, None],
-            DV,
-            MASK,
-            BLOCK_DV != DV,
-        )  # (BDV, BN)
-        qk = tl.dot(q, kt, input_precision=PRECISION)
-        s, t = scores(
-            qk,
-            offs_m[:, None],
-            offs_n[None, :],
-            seqlen_q,
-            seqlen_k,
-            off,
-            sm_scale,
-            softcap,
-            win_left,
-            win_right,
-            bias_ptr,
-            stride_bm,
-            stride_bn,
-            slope,
-            MASK,
-            SOFTCAP,
-            HAS_BIAS,
-            HAS_ALIBI,
-            HAS_LEFT,
-            HAS_RIGHT,
-            DEFER,
-        )
-        lg = s * c - lse_hi[:, None]
-        if q.dtype == tl.float32:
-            lg -= lse_lo[:, None]
-        p = tl.exp2(lg)
-        dp = tl.dot(do, vt, input_precision=PRECISION)  # (BM, BN)
-        if DROPOUT:
-            keep = dropout_keep(rng_ptr, bh, offs_m[:, None], offs_n[None, :], dropout_p)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
-        dqk = dscore_dqk(ds, t, sm_scale, SOFTCAP)
-        dq += tl.dot(dqk.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+        empty = False
+        full = True
+        if HAS_IV:  # masks as data: skip empty key tiles, no mask work on full ones
+            last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+            empty, full = iv_classify(sum_ptr, k_start + start_n, k_start + last, r0, r1, BLOCK_N)
+            if not IV_SKIP:
+                empty = False
+        if not empty:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kt = load_tile(
+                k_base + offs_n[None, :] * stride_ks + offs_d[:, None],
+                offs_n[None, :],
+                seqlen_k,
+                offs_d[:, None],
+                D,
+                MASK,
+                BLOCK_D != D,
+            )  # (BD, BN)
+            vt = load_tile(
+                v_base + offs_n[None, :] * stride_vs + offs_dv[:, None],
+                offs_n[None, :],
+                seqlen_k,
+                offs_dv[:, None],
+                DV,
+                MASK,
+                BLOCK_DV != DV,
+            )  # (BDV, BN)
+            qk = tl.dot(q, kt, input_precision=PRECISION)
+            s, t = scores(
+                qk,
+                offs_m[:, None],
+                offs_n[None, :],
+                seqlen_q,
+                seqlen_k,
+                off,
+                sm_scale,
+                softcap,
+                win_left,
+                win_right,
+                bias_ptr,
+                stride_bm,
+                stride_bn,
+                slope,
+                MASK,
+                SOFTCAP,
+                HAS_BIAS,
+                HAS_ALIBI,
+                HAS_LEFT,
+                HAS_RIGHT,
+                DEFER,
+            )
+            if HAS_IV:
+                ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[None, :], seqlen_k)
+                if not full:
+                    s = iv_apply(s, offs_m[:, None], ia, ib, ic, id_)
+            lg = s * c - lse_hi[:, None]
+            if q.dtype == tl.float32:
+                lg -= lse_lo[:, None]
+            p = tl.exp2(lg)
+            dp = tl.dot(do, vt, input_precision=PRECISION)  # (BM, BN)
+            if DROPOUT:
+                keep = dropout_keep(rng_ptr, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+                dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+            ds = p * (dp - delta[:, None])
+            dqk = dscore_dqk(ds, t, sm_scale, SOFTCAP)
+            dq += tl.dot(dqk.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
     return dq
 
 
@@ -603,6 +679,10 @@ def _dq_inner(
         "stride_dh",
         "win_left",
         "win_right",
+        "stride_ib",
+        "stride_ih",
+        "stride_sb",
+        "stride_sh",
     ]
 )
 def attn_bwd_dq(
@@ -654,6 +734,12 @@ def attn_bwd_dq(
     win_left,
     win_right,
     dropout_p,
+    Iv,
+    IvSum,
+    stride_ib,
+    stride_ih,
+    stride_sb,
+    stride_sh,  # mask intervals and their summary (see _fwd.attn_fwd)
     GROUP: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -671,6 +757,8 @@ def attn_bwd_dq(
     REVERSE: tl.constexpr,
     DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_IV: tl.constexpr,
+    IV_SKIP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if REVERSE:
@@ -724,9 +812,14 @@ def attn_bwd_dq(
         slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m1 = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
+    iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
+    sum_ptr = IvSum + b * stride_sb + h * stride_sh
     lo, full_lo, full_hi, hi = kv_tiles(
         m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
     )
+    if HAS_IV:  # from the first to the last key tile the mask leaves non-empty for these rows
+        lo2, hi2 = iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, m0, m1, BLOCK_N)
+        lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
     # the tile schedule's three segments: masked head, unmasked body, masked tail
     for seg in tl.static_range(3):
         if seg == 0:
@@ -765,6 +858,11 @@ def attn_bwd_dq(
             Rng,
             bh,
             dropout_p,
+            iv_ptr,
+            sum_ptr,
+            k_start,
+            m0,
+            m1,
             D,
             DV,
             BLOCK_D,
@@ -779,6 +877,8 @@ def attn_bwd_dq(
             DROPOUT,
             DEFER,
             PRECISION,
+            HAS_IV,
+            IV_SKIP,
         )
     dq_ptrs = (
         DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqs + offs_d[None, :]

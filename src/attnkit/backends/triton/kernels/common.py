@@ -10,6 +10,10 @@
   (:func:`pending_scale`): one FMA per score. User ``score_mod`` / ``mask_mod`` code will be compiled
   into this function.
 
+* ``iv_*``: masks carried as data (``attnkit.masks._intervals``): per key column the masked query rows
+  ``[a, b) U [c, d)``; 16-key summaries classify a tile pair as empty / full / partial, narrow each loop's
+  range to its non-empty tiles, and partial tiles apply the intervals elementwise (constexpr HAS_IV).
+
 Indices are positions inside the sequence (``i`` query row, ``j`` key row); ``off = Sk - Sq`` aligns
 causal and windows to the bottom right. Row and column index arrays come in already shaped for
 broadcasting, so the same code serves ``(rows, cols)`` tiles (forward, dQ) and transposed
@@ -195,3 +199,111 @@ def dropout_keep(rng_ptr, bh, rows, cols, dropout_p):
     r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
     u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)  # 24 random bits -> [0, 1)
     return u >= dropout_p
+
+
+# -- masks as data (``attnkit.masks._intervals``): masked query rows [a, b) U [c, d) per key column ----------
+@triton.jit
+def iv_summary(sum_ptr, p0, p1, BLOCK: tl.constexpr):
+    """min/max of a, b, c, d over the packed key columns ``p0..p1`` (inclusive), from the 16-key summary at
+    ``sum_ptr`` ((nblk, 8)); a tile of BLOCK keys spans at most 2 * BLOCK / 16 entries at any alignment."""
+    idx = p0 // 16 + tl.arange(0, 2 * BLOCK // 16)
+    ok = idx <= p1 // 16
+    p = sum_ptr + idx * 8
+    big = 1 << 30
+    lo_a = tl.min(tl.load(p + 0, mask=ok, other=big), 0)
+    hi_a = tl.max(tl.load(p + 1, mask=ok, other=-big), 0)
+    lo_b = tl.min(tl.load(p + 2, mask=ok, other=big), 0)
+    hi_b = tl.max(tl.load(p + 3, mask=ok, other=-big), 0)
+    lo_c = tl.min(tl.load(p + 4, mask=ok, other=big), 0)
+    hi_c = tl.max(tl.load(p + 5, mask=ok, other=-big), 0)
+    lo_d = tl.min(tl.load(p + 6, mask=ok, other=big), 0)
+    hi_d = tl.max(tl.load(p + 7, mask=ok, other=-big), 0)
+    return lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d
+
+
+@triton.jit
+def iv_state(lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d, r0, r1):
+    """(empty, full) of query rows ``r0..r1`` against columns with these bounds. Conservative: ``empty``
+    means every column masks every row (skip), ``full`` that no column masks any row (no mask work)."""
+    empty = ((hi_a <= r0) & (r1 < lo_b)) | ((hi_c <= r0) & (r1 < lo_d))
+    full = ((hi_b <= r0) | (lo_a > r1)) & ((hi_d <= r0) | (lo_c > r1))
+    return empty, full
+
+
+@triton.jit
+def iv_classify(sum_ptr, p0, p1, r0, r1, BLOCK: tl.constexpr):
+    """(empty, full) of query rows ``r0..r1`` against the packed key columns ``p0..p1`` (see iv_state)."""
+    lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d = iv_summary(sum_ptr, p0, p1, BLOCK)
+    return iv_state(lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d, r0, r1)
+
+
+@triton.jit
+def iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, r0, r1, BLOCK_N: tl.constexpr):
+    """The key range ``[lo, hi)`` (tile starts on lo's grid) cut to the tiles from the first to the last
+    16-key summary entry that is not empty for query rows ``r0..r1``: a vectorized scan of the summaries,
+    1024 keys per step (no K/V loads), so the main loop needs no branch."""
+    CH: tl.constexpr = 64
+    e_lo = (k_start + lo) // 16
+    e_hi = tl.where(hi > lo, (k_start + tl.minimum(hi, seqlen_k) - 1) // 16, e_lo - 1)  # (inclusive)
+    first = e_hi + 1
+    last = e_lo - 1
+    for e0 in range(e_lo, e_hi + 1, CH):
+        idx = e0 + tl.arange(0, CH)
+        ok = idx <= e_hi
+        p = sum_ptr + idx * 8
+        big = 1 << 30
+        hi_a = tl.load(p + 1, mask=ok, other=big)
+        lo_b = tl.load(p + 2, mask=ok, other=-big)
+        hi_c = tl.load(p + 5, mask=ok, other=big)
+        lo_d = tl.load(p + 6, mask=ok, other=-big)
+        seen = ok & ((hi_a > r0) | (r1 >= lo_b)) & ((hi_c > r0) | (r1 >= lo_d))  # (not empty)
+        first = tl.minimum(first, tl.min(tl.where(seen, idx, big), 0))
+        last = tl.maximum(last, tl.max(tl.where(seen, idx, -1), 0))
+    # entries -> keys of this sequence -> tiles on lo's grid
+    k_first = first * 16 - k_start
+    lo2 = tl.maximum(lo + ((k_first - lo) // BLOCK_N) * BLOCK_N, lo)
+    hi2 = tl.minimum((last + 1) * 16 - k_start, hi)
+    lo2 = tl.where(last < first, hi, lo2)  # nothing visible: an empty range
+    return lo2, tl.maximum(hi2, lo2)
+
+
+@triton.jit
+def iv_narrow_q(sum_ptr, p0, p1, lo, hi, seqlen_q, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The query range ``[lo, hi)`` of a key tile (packed columns ``p0..p1``) cut to its first and last
+    non-empty query tile (dK/dV): the key tile's bounds are read once, then scalar tests per query tile."""
+    lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d = iv_summary(sum_ptr, p0, p1, BLOCK_N)
+    first = hi
+    last = lo
+    for start_m in range(lo, hi, BLOCK_M):
+        r1 = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+        empty, _ = iv_state(lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d, start_m, r1)
+        first = tl.where(empty, first, tl.minimum(first, start_m))
+        last = tl.where(empty, last, start_m + BLOCK_M)
+    return first, tl.maximum(tl.minimum(last, hi), first)
+
+
+@triton.jit
+def iv_segments(lo, full_lo, full_hi, hi, lo2, hi2):
+    """The schedule ``(lo, full_lo, full_hi, hi)`` of :func:`tile_range` restricted to ``[lo2, hi2)``."""
+    full_lo = tl.minimum(tl.maximum(full_lo, lo2), hi2)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi2)
+    return lo2, full_lo, full_hi, hi2
+
+
+@triton.jit
+def iv_load(iv_ptr, cols, seqlen_k):
+    """The four bounds of key columns ``cols`` (any shape) from ``iv_ptr`` ((K, 4) int32 at this sequence's
+    first key); columns past the sequence mask nothing (the bounds check masks them)."""
+    ok = cols < seqlen_k
+    a = tl.load(iv_ptr + cols * 4 + 0, mask=ok, other=0)
+    b = tl.load(iv_ptr + cols * 4 + 1, mask=ok, other=0)
+    c = tl.load(iv_ptr + cols * 4 + 2, mask=ok, other=0)
+    d = tl.load(iv_ptr + cols * 4 + 3, mask=ok, other=0)
+    return a, b, c, d
+
+
+@triton.jit
+def iv_apply(s, rows, a, b, c, d):
+    """``s`` with -inf where row ``rows`` lies in its column's [a, b) or [c, d) (all broadcastable)."""
+    hit = ((rows >= a) & (rows < b)) | ((rows >= c) & (rows < d))
+    return tl.where(hit, float("-inf"), s)

@@ -10,6 +10,11 @@ import triton.language as tl
 from attnkit.backends.triton.kernels.common import (
     LN2,
     dropout_keep,
+    iv_apply,
+    iv_classify,
+    iv_load,
+    iv_narrow_kv,
+    iv_segments,
     kv_tiles,
     pending_scale,
     scores,
@@ -70,6 +75,11 @@ def _fwd_inner(
     rng_ptr,
     bh,
     dropout_p,
+    iv_ptr,
+    sum_ptr,
+    k_start,
+    r0,
+    r1,
     D: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -84,9 +94,46 @@ def _fwd_inner(
     DROPOUT: tl.constexpr,
     DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_IV: tl.constexpr,
+    IV_SKIP: tl.constexpr,
 ):
     c = pending_scale(sm_scale, DEFER)  # scores * c = scores in log2 units
     for start_n in range(lo, hi, BLOCK_N):
+        if HAS_IV:  # masks as data: full tiles skip the mask; IV_SKIP: empty tiles skip everything (a branch)
+            last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+            empty, full = iv_classify(sum_ptr, k_start + start_n, k_start + last, r0, r1, BLOCK_N)
+            if not IV_SKIP:
+                empty = False
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n,
+                seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
+                stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, empty, full, D, DV, BLOCK_D, BLOCK_DV,
+                BLOCK_N, MASK, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER, PRECISION,
+                True,
+            )  # fmt: skip
+        else:
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n,
+                seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
+                stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, False, True, D, DV, BLOCK_D, BLOCK_DV,
+                BLOCK_N, MASK, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER, PRECISION,
+                False,
+            )  # fmt: skip
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n, seqlen_q,
+    seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, rng_ptr,
+    bh, dropout_p, c, iv_ptr, empty, full,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DEFER: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_IV: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the forward loop (``empty`` / ``full``: the interval classification, HAS_IV only)."""
+    if not empty:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         # K^T tile (BLOCK_D, BLOCK_N), V tile (BLOCK_N, BLOCK_DV)
         kt = load_tile(
@@ -122,6 +169,10 @@ def _fwd_inner(
             HAS_RIGHT,
             DEFER,
         )
+        if HAS_IV:
+            ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[None, :], seqlen_k)  # (loads outside the branch)
+            if not full:  # a partial tile: the masked rows of each column
+                s = iv_apply(s, offs_m[:, None], ia, ib, ic, id_)
         m_new = tl.maximum(m_i, tl.max(s, 1) * c)  # log2 units (c > 0)
         # rows that have seen no visible key yet keep m = -inf; subtract 0 there so exp2 gives 0, not NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -145,7 +196,20 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["SQ", "SK", "stride_lb", "stride_lh", "win_left", "win_right"])
+@triton.jit(
+    do_not_specialize=[
+        "SQ",
+        "SK",
+        "stride_lb",
+        "stride_lh",
+        "win_left",
+        "win_right",
+        "stride_ib",
+        "stride_ih",
+        "stride_sb",
+        "stride_sh",
+    ]
+)
 def attn_fwd(
     Q,
     K,
@@ -188,6 +252,12 @@ def attn_fwd(
     win_left,
     win_right,
     dropout_p,
+    Iv,
+    IvSum,
+    stride_ib,
+    stride_ih,
+    stride_sb,
+    stride_sh,  # mask intervals (B', H', K, 4) and summary (B', H', K/16, 8), int32; 0 = broadcast dim
     GROUP: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -205,6 +275,8 @@ def attn_fwd(
     REVERSE: tl.constexpr,
     DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_IV: tl.constexpr,
+    IV_SKIP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if REVERSE:  # causal load balance: the longest rows (last tiles) start first
@@ -236,9 +308,14 @@ def attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     m1 = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
+    iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
+    sum_ptr = IvSum + b * stride_sb + h * stride_sh
     lo, full_lo, full_hi, hi = kv_tiles(
         m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
     )
+    if HAS_IV:  # from the first to the last key tile the mask leaves non-empty for these rows
+        lo2, hi2 = iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, m0, m1, BLOCK_N)
+        lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
     # masked head, unmasked body, masked tail: the schedule decides, the pipeline applies
     for seg in tl.static_range(3):
         if seg == 0:
@@ -275,6 +352,11 @@ def attn_fwd(
             Rng,
             bh,
             dropout_p,
+            iv_ptr,
+            sum_ptr,
+            k_start,
+            m0,
+            m1,
             D,
             DV,
             BLOCK_D,
@@ -289,6 +371,8 @@ def attn_fwd(
             DROPOUT,
             DEFER,
             PRECISION,
+            HAS_IV,
+            IV_SKIP,
         )
 
     has_key = l_i > 0.0

@@ -102,7 +102,7 @@ def body(p: BwdParams, keep=None):
     inputs = (q, k, v, dout)
     input_strides = (*st_q, *st_k, *st_v, *st_do)
     stat_strides = (*st_lse, *st_delta, *sb)
-    sizes = (Hq, Sq, Sk, *c.scalars(p))
+    sizes = (Hq, Sq, Sk, *c.scalars(p, dummy))
     bias_arg = b4 if b4 is not None else dummy
     # the two kernels' runtime arguments, in their order (``kernels/bwd.py``)
     dkdv_args = (
@@ -116,7 +116,7 @@ def body(p: BwdParams, keep=None):
     )
     features = {n: f for n, f in flags.items() if n != "BIAS_GRAD"}  # (BIAS_GRAD: the dK/dV kernel's alone)
     common = c.constexprs(p, q, v, Hq, Hk, features)
-    tune_key = tuple(flags.values())
+    tune_key = BwdParams.tune_key(flags)
 
     def launch_dkdv(cfg):
         BM, BN, warps, stages = cfg

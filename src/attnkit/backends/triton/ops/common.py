@@ -89,10 +89,24 @@ def constexprs(p, q: Tensor, v: Tensor, Hq: int, Hk: int, features: dict) -> dic
     return {**shape, **features, "DEFER": defer(p), "PRECISION": precision(q.dtype)}
 
 
-def scalars(p) -> tuple:
-    """The scalar runtime arguments every attention kernel takes after its sizes, in the kernels' order."""
+def scalars(p, dummy: Tensor) -> tuple:
+    """The scalar runtime arguments every attention kernel takes after its sizes, in the kernels' order,
+    then the mask-interval arguments (:func:`iv_args`)."""
     _, _, wl, wr = p.window()
-    return (p.scale, p.softcap if p.softcap > 0 else 1.0, wl, wr, p.dropout_p)
+    return (p.scale, p.softcap if p.softcap > 0 else 1.0, wl, wr, p.dropout_p, *iv_args(p, dummy))
+
+
+def iv_args(p, dummy: Tensor) -> tuple:
+    """A mask carried as data: (intervals, summary, their batch and head strides, 0 on broadcast dims);
+    ``dummy`` (a tensor the launch takes anyway) in their place without one."""
+    se, summary = p.startend, p.iv_summary
+    if se is None:
+        return (dummy, dummy, 0, 0, 0, 0)
+
+    def bh(t):
+        return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
+
+    return (se, summary, *bh(se), *bh(summary))
 
 
 def draw_rng(device) -> Tensor:

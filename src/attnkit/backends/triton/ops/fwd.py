@@ -106,7 +106,7 @@ def body(p: FwdParams, keep=None):
         Hq,
         Sq,
         Sk,
-        *c.scalars(p),
+        *c.scalars(p, dummy),
     )
     constexprs = c.constexprs(p, q, v, Hq, Hk, flags)
     constexprs["REVERSE"] = flags["HAS_RIGHT"] and not flags["HAS_LEFT"]
@@ -116,6 +116,6 @@ def body(p: FwdParams, keep=None):
         grid = (c.cdiv(max(Sq, 1), BM), B * Hq)
         attn_fwd[grid](*args, BLOCK_M=BM, BLOCK_N=BN, **constexprs, num_warps=warps, num_stages=stages)
 
-    cfg = _tuning.pick("fwd", D, Dv, q.dtype, tuple(flags.values()), Sq, Sk, q.device, launch)
+    cfg = _tuning.pick("fwd", D, Dv, q.dtype, FwdParams.tune_key(flags), Sq, Sk, q.device, launch)
     launch(cfg)
     return outputs(tensors)
