@@ -5,7 +5,9 @@ shared prefix; forward and forward+backward; attnkit triton (default, and ATTNKI
 flex (block mask built once, compiled) and, where it imports, flex_flash. Also the cost of a new packing per
 call, and whether new packings and new lengths compile anything.
 
-    python scripts/gpu_masks_as_data.py            # prints one table; no file written
+When to run: after changing the mask lowering (masks/_intervals.py) or the masked kernels, on a GPU.
+
+    python scripts/gpu/masks_as_data.py            # prints one table; no file written
 """
 
 from __future__ import annotations
