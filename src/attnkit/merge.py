@@ -128,10 +128,10 @@ def _fused(outs, lses) -> bool:
     if o.device.type != "cuda" and o.device.type != "cpu":
         return False
     try:
-        from attnkit.backends.triton.runtime import tuning
+        from attnkit.backends.triton.runtime import capability
     except ImportError:  # no triton
         return False
-    return o.device.type == "cuda" or tuning.interpreting()
+    return o.device.type == "cuda" or capability.interpreting()
 
 
 __all__ = ["merge_attention", "merge_reference"]

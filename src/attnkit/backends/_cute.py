@@ -8,6 +8,8 @@ Read from flash-attn-4 4.0.0b36 (``flash_attn/cute/interface.py``: ``_validate_h
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 
 import torch
 
@@ -21,12 +23,36 @@ def module():
     return importlib.import_module(MODULE)
 
 
-def availability() -> tuple[bool, str | None]:
-    """(True, None) where flash_attn.cute imports and a GPU of a served architecture is present."""
+def findable(name: str) -> bool:
+    """Whether module ``name`` is installed, without importing it (``import attnkit`` must stay fast: the
+    CuTe DSL takes seconds to import; it is imported at the first call that could run on it)."""
+    if name in sys.modules:
+        return True
     try:
-        module()
-    except ImportError as e:
-        return False, f"{MODULE} (pip package flash-attn-4) does not import: {type(e).__name__}: {e}"
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+_IMPORT_ERROR: list = []
+
+
+def import_error() -> str | None:
+    """Why ``flash_attn.cute`` does not import (checked once, at the first call that asks), or None."""
+    if not _IMPORT_ERROR:
+        try:
+            module()
+            _IMPORT_ERROR.append(None)
+        except Exception as e:  # a broken install is a reason, never a crash of the dispatcher
+            _IMPORT_ERROR.append(f"{MODULE} (flash-attn-4) does not import: {type(e).__name__} {e}")
+    return _IMPORT_ERROR[0]
+
+
+def availability() -> tuple[bool, str | None]:
+    """(True, None) where flash_attn.cute is installed and a GPU of a served architecture is present; the
+    import itself waits for the first call (:func:`import_error`)."""
+    if not findable(MODULE):
+        return False, f"{MODULE} (pip package flash-attn-4) is not installed"
     if not torch.cuda.is_available():
         return False, "needs a CUDA device"
     major, minor = torch.cuda.get_device_capability()
@@ -55,6 +81,9 @@ def common_reasons(call) -> list[str]:
     """Device, dtype and head-dim reasons that hold for every FA4 kernel."""
     if call.device.type != "cuda":
         return [f"FA4 kernels run on CUDA only (device {call.device.type})"]
+    err = import_error()
+    if err is not None:
+        return [err]
     r = []
     if call.dtype not in DTYPES:
         r.append(f"dtype {call.dtype}: FA4 supports float16 and bfloat16")

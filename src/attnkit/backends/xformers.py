@@ -29,10 +29,12 @@ Under torch.compile the call runs outside the graph (``torch.compiler.disable``)
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
 from attnkit._call import AttentionCall
+from attnkit.backends import _cute
 from attnkit.backends.base import Backend, attention_flops, host_lengths_known, seqlens
 
 _MODULE = "xformers.ops"
@@ -40,6 +42,26 @@ _MODULE = "xformers.ops"
 # (sdpa_flash's measured rates), which xFormers dispatches to on most calls, until a run measures it.
 _RATES = (330e12, 300e12)
 _CHECKS: dict = {}  # signature -> xFormers dispatcher reasons (its checks cost more than a dict lookup)
+
+
+_IMPORT_ERROR: list = []
+
+
+def _import_error() -> str | None:
+    """Why xFormers cannot run here (checked once, at the first call that asks), or None. A wheel built for
+    another torch or Python imports but loads no C++/CUDA extension (seen on the H200 image with
+    xformers 0.0.35): then its memory-efficient attention is not there either."""
+    if not _IMPORT_ERROR:
+        try:
+            ops = xformers_ops()
+            root = sys.modules.get("xformers")
+            if root is not None and getattr(root, "_has_cpp_library", True) is False and ops is not None:
+                _IMPORT_ERROR.append("xFormers' C++/CUDA extensions do not load (built for another torch)")
+            else:
+                _IMPORT_ERROR.append(None)
+        except Exception as e:  # a broken install is a reason, never a crash of the dispatcher
+            _IMPORT_ERROR.append(f"{_MODULE} (pip package xformers) does not import: {type(e).__name__}: {e}")
+    return _IMPORT_ERROR[0]
 
 
 def xformers_ops():
@@ -150,10 +172,9 @@ class XFormersBackend(Backend):
     description = "xFormers memory_efficient_attention (its FA3 / FA2 / CUTLASS operators)"
 
     def _check_available(self):
-        try:
-            xformers_ops()
-        except ImportError as e:
-            return False, f"{_MODULE} (pip package xformers) does not import: {type(e).__name__}: {e}"
+        # installed and a GPU: the import itself (seconds) waits for the first call that could use it
+        if not _cute.findable(_MODULE):
+            return False, f"{_MODULE} (pip package xformers) is not installed"
         if not torch.cuda.is_available():
             return False, "needs a CUDA device"
         return True, None
@@ -161,6 +182,9 @@ class XFormersBackend(Backend):
     def why_not(self, call: AttentionCall) -> list[str]:
         if call.device.type != "cuda":
             return [f"xFormers' kernels here are CUDA only (device {call.device.type})"]
+        err = _import_error()
+        if err is not None:
+            return [err]
         r = []
         if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             r.append(f"dtype {call.dtype}: xFormers' CUDA kernels take float16, bfloat16 and float32")

@@ -14,7 +14,7 @@ import torch
 
 from attnkit._call import AttentionCall
 from attnkit.backends.base import Backend, kv_bytes
-from attnkit.backends.triton.runtime import tuning as _tuning
+from attnkit.backends.triton.runtime import capability as _cap
 
 MAX_SQ = 16
 _MAX_HEAD_DIM = 256
@@ -32,7 +32,7 @@ class TritonDecodeBackend(Backend):
     def _check_available(self):
         import triton  # noqa: F401
 
-        if torch.cuda.is_available() or _tuning.interpreting():
+        if torch.cuda.is_available() or _cap.interpreting():
             return True, None
         return False, "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run on the CPU)"
 
@@ -47,9 +47,9 @@ class TritonDecodeBackend(Backend):
         if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             r.append(f"dtype {call.dtype} not supported (float16, bfloat16, float32)")
         if call.device.type == "cuda":
-            if _tuning.capability(call.device) < (8, 0):
+            if _cap.capability(call.device) < (8, 0):
                 r.append("needs a GPU of compute capability >= 8.0")
-        elif not _tuning.interpreting():
+        elif not _cap.interpreting():
             r.append(f"tensors on {call.device.type}: needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
         elif call.dtype == torch.bfloat16:
             r.append("bfloat16 in the Triton interpreter (its bf16 tl.dot is wrong): CUDA only")

@@ -117,6 +117,7 @@ def body(p: BwdParams, keep=None):
     features = {n: f for n, f in flags.items() if n != "BIAS_GRAD"}  # (BIAS_GRAD: the dK/dV kernel's alone)
     common = c.constexprs(p, q, v, Hq, Hk, features)
     tune_key = BwdParams.tune_key(flags)
+    hint = _tuning.hints(flags)
 
     def launch_dkdv(cfg):
         BM, BN, warps, stages = cfg
@@ -157,12 +158,12 @@ def body(p: BwdParams, keep=None):
             gluon_bwd.launch_dkdv(q, k, v, dout, hi, delta, dk, dv, layout, p.scale, p.causal, views)
 
     else:
-        cfg_dkdv = _tuning.pick("dkdv", D, Dv, q.dtype, tune_key, Sq, Sk, q.device, launch_dkdv)
+        cfg_dkdv = _tuning.pick("dkdv", D, Dv, q.dtype, tune_key, Sq, Sk, q.device, launch_dkdv, hint)
 
         def run_dkdv():
             launch_dkdv(cfg_dkdv)
 
-    cfg_dq = _tuning.pick("dq", D, Dv, q.dtype, tune_key, Sq, Sk, q.device, launch_dq)
+    cfg_dq = _tuning.pick("dq", D, Dv, q.dtype, tune_key, Sq, Sk, q.device, launch_dq, hint)
     if q.is_cuda and _tuning.concurrent_backward(B * Hq * Sq * Sk):
         # dQ does not depend on dK/dV: on a side stream its programs fill the SMs that dK/dV's last
         # wave leaves idle (FlexAttention gets the same from one grid of both kinds of program)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnkit.backends.triton.runtime import capability as _cap
 from attnkit.backends.triton.runtime import launch as _launch
-from attnkit.backends.triton.runtime import tuning as _tuning
 
 _COMBINE = None
 
@@ -42,7 +42,7 @@ def combine_into(parts: Tensor, part_lse: Tensor, out: Tensor, lse: Tensor) -> N
     P, d0, d1, d2, Dv = parts.shape
     if min(d0, d1, d2) == 0:
         return
-    block_r = 16 if _tuning.interpreting() else min(64, _pow2(d2))
+    block_r = 16 if _cap.interpreting() else min(64, _pow2(d2))
     grid = (_cdiv(d2, block_r), d1, d0)
     _kernel()[grid](
         parts,

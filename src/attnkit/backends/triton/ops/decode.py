@@ -17,8 +17,8 @@ import os
 import torch
 
 from attnkit.backends.triton.ops.combine import combine_into
+from attnkit.backends.triton.runtime import capability as _cap
 from attnkit.backends.triton.runtime import launch as _launch
-from attnkit.backends.triton.runtime import tuning as _tuning
 
 Tensor = torch.Tensor
 POISON = False  # tests: fill outputs with NaN before launch, so unwritten elements show
@@ -76,7 +76,7 @@ def _tune() -> dict:
 
 def blocks(Sq: int, group: int, D: int, Dv: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): a tile of the Sq * group packed rows, and keys per loop step."""
-    if _tuning.interpreting():
+    if _cap.interpreting():
         return 16, 16
     block_m = min(64, _pow2(Sq * group))
     block_n = _tune()["block_n"] or (64 if max(D, Dv) <= 128 else 32)
@@ -159,7 +159,7 @@ def decode_fwd(
     block_m, block_n = blocks(Sq, group, D, Dv)
     m_blocks = _cdiv(Sq * group, block_m)
     if splits <= 0:
-        waves = 2 if _tuning.interpreting() else _tune()["waves"]
+        waves = 2 if _cap.interpreting() else _tune()["waves"]
         splits = num_splits(B, Hk, m_blocks, cap, block_n, sm_count(dev), waves)
     chunk = _cdiv(_cdiv(cap, splits), block_n) * block_n
     splits = _cdiv(cap, chunk)
@@ -220,8 +220,8 @@ def decode_fwd(
         SOFTCAP=bool(softcap),
         HAS_ALIBI=alibi_slopes is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4 if _tuning.interpreting() else _tune()["warps"],
-        num_stages=2 if _tuning.interpreting() else _tune()["stages"],
+        num_warps=4 if _cap.interpreting() else _tune()["warps"],
+        num_stages=2 if _cap.interpreting() else _tune()["stages"],
     )
     if splits > 1:
         # partials (P, B, Sq, Hq, Dv) -> rows (b, h, i)

@@ -209,8 +209,10 @@ def pick(
     Sk: int,
     device,
     launch,
+    hint: frozenset = frozenset(),
 ) -> Config:
     """The configuration for one launch; ``launch(cfg)`` runs the kernel with ``cfg`` (used to autotune).
+    ``hint``: :func:`hints` of the launch's flags (they are in ``flags`` too, so the caches stay right).
     ``flags``: the op's feature constexprs (``FwdParams.flags()`` values); Sq and Sk count per power-of-two
     bucket (:func:`_bucket`), so new lengths in a tuned bucket reuse its result, in this process and, from
     the disk cache, in the next."""
@@ -234,7 +236,7 @@ def pick(
     got = _fast.get(fast)
     if got is not None and not torch.compiler.is_compiling():
         return got
-    cfg = _pick(kind, D, Dv, dtype, flags, Sq, Sk, device, launch)
+    cfg = _pick(kind, D, Dv, dtype, flags, Sq, Sk, device, launch, hint)
     if not (torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()):
         _fast[fast] = cfg
     return cfg
@@ -270,24 +272,54 @@ def _smem_limit(device) -> int:
 _SMALL: list[Config] = [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)]
 
 
-def fitting_default(kind: str, D: int, Dv: int, dtype: torch.dtype, device) -> Config:
+def hints(flags: dict) -> frozenset:
+    """What the defaults need to know of a launch's feature constexprs (``FwdParams.flags()``): ``"iv"`` for
+    masks carried as data (their bounds take shared memory too), ``"causal"`` for a right-bounded call."""
+    out = set()
+    if flags.get("HAS_IV"):
+        out.add("iv")
+    if flags.get("HAS_RIGHT") and not flags.get("HAS_LEFT"):
+        out.add("causal")
+    return frozenset(out)
+
+
+# Measured on the H200 (bf16, 2026-12-02, docs/results/README.md), where the per-head-dim default was wrong:
+# - a masked forward at D=128 (B=2 H=16 S=8k, causal document mask): the default (128, 128, 8, 3) needs
+#   234,496 bytes of shared memory with the mask's bounds (the limit is 232,448); (64, 64, 4, 2) ran 0.510 ms,
+#   (128, 64, 8, 2) 0.511, (128, 64, 4, 2) 0.886;
+# - dQ of a causal call at D=128 and Sq <= 512 (B=32 H=16): the autotuner picked (64, 32, 4, 3), and the
+#   whole forward+backward ran 0.694 ms against 1.097 with the default (128, 64, 8, 3).
+_MASKED_FWD = {128: (64, 64, 4, 2), 256: (64, 64, 4, 2)}
+_SHORT_CAUSAL_DQ = {128: (64, 32, 4, 3)}
+
+
+def fitting_default(
+    kind: str, D: int, Dv: int, dtype: torch.dtype, device, hint: frozenset = frozenset(), Sq: int = 0
+) -> Config:
     """The shipped default if its tiles fit this GPU's shared memory at this dtype, else the first that does
     of the autotuner's candidates and a few small tiles. The defaults are tuned for 16-bit inputs on an H200:
     float32 inputs (twice the bytes) or GPUs with less shared memory would otherwise fail to launch
     wherever the autotuner does not run (the default; ``ATTNKIT_TRITON_AUTOTUNE=1`` turns it on; never
     inside CUDA-graph capture or compile)."""
     default = default_config(kind, D, Dv)
+    dc = dim_class(max(D, Dv))
+    if kind == "fwd" and "iv" in hint and dc in _MASKED_FWD:
+        default = _MASKED_FWD[dc]
+    elif kind == "dq" and "causal" in hint and "iv" not in hint and 0 < _bucket(Sq) <= 512:
+        default = _SHORT_CAUSAL_DQ.get(dc, default)
     elem = torch.empty((), dtype=dtype).element_size()
     limit = _smem_limit(device)
-    cands = [default] + _CANDIDATES[kind].get(dim_class(max(D, Dv)), []) + _SMALL
+    cands = [default] + _CANDIDATES[kind].get(dc, []) + _SMALL
     for cfg in cands:
-        if _usable(kind, cfg) and _smem_estimate(kind, cfg, D, Dv, elem) <= limit:
+        # a mask's bounds: 4 int32 per key row and stage, plus a margin (unmeasured for dK/dV and dQ)
+        extra = (16 * cfg[1] * cfg[3] + 4096) if "iv" in hint else 0
+        if _usable(kind, cfg) and _smem_estimate(kind, cfg, D, Dv, elem) + extra <= limit:
             return cfg
     return cands[-1]
 
 
-def _pick(kind, D, Dv, dtype, flags, Sq, Sk, device, launch) -> Config:
-    default = fitting_default(kind, D, Dv, dtype, device)
+def _pick(kind, D, Dv, dtype, flags, Sq, Sk, device, launch, hint=frozenset()) -> Config:
+    default = fitting_default(kind, D, Dv, dtype, device, hint, Sq)
     if os.environ.get("ATTNKIT_TRITON_AUTOTUNE", "0") != "1":
         return default
     if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
