@@ -124,9 +124,9 @@ def test_fast_path_launches_the_kernel_triton_would(fake_cuda, seq):
 
 def _kernels():
     """The plain-Triton kernels (compiled or interpreted: both keep the decorator's arguments)."""
-    from attnkit.backends.triton.kernels import bwd, fwd
+    from attnkit.backends.triton.kernels import bwd, bwd_dq, fwd
 
-    fns = (fwd.attn_fwd, fwd.dropout_mask_kernel, bwd.bwd_preprocess, bwd.attn_bwd_dkdv, bwd.attn_bwd_dq)
+    fns = (fwd.attn_fwd, fwd.dropout_mask_kernel, bwd.bwd_preprocess, bwd.attn_bwd_dkdv, bwd_dq.attn_bwd_dq)
     return {getattr(f, "__name__", None) or f.fn.__name__: f for f in fns}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from attnkit.backends.triton.kernels import bwd as _bwd
+from attnkit.backends.triton.kernels import bwd_dq as _bwd_dq
 from attnkit.backends.triton.ops import common as c
 from attnkit.backends.triton.params import BwdParams
 from attnkit.backends.triton.runtime import capability as _cap
@@ -17,7 +18,7 @@ from attnkit.backends.triton.runtime import tuning as _tuning
 from attnkit.backends.triton.runtime.launch import Launch
 
 attn_bwd_dkdv = Launch(_bwd.attn_bwd_dkdv)
-attn_bwd_dq = Launch(_bwd.attn_bwd_dq)
+attn_bwd_dq = Launch(_bwd_dq.attn_bwd_dq)
 bwd_preprocess = Launch(_bwd.bwd_preprocess)
 
 Tensor = torch.Tensor
@@ -104,7 +105,7 @@ def body(p: BwdParams, keep=None):
     stat_strides = (*st_lse, *st_delta, *sb)
     sizes = (Hq, Sq, Sk, *c.scalars(p, dummy))
     bias_arg = b4 if b4 is not None else dummy
-    # the two kernels' runtime arguments, in their order (``kernels/bwd.py``)
+    # the two kernels' runtime arguments, in their order (``kernels/bwd.py``, ``kernels/bwd_dq.py``)
     dkdv_args = (
         *(*inputs, dk, dv, dummy, hi, lo, delta, bias_arg, dbias if bias_grad else dummy, slopes_arg, *cu),
         *(*input_strides, *c.strides(dk, layout), *c.strides(dv, layout), 0, 0, 0, *stat_strides),

@@ -2,7 +2,7 @@
 (``why_not`` / ``cost`` / ``notes``), the launchers and the Gluon host code all read, and the predicates
 built on it (a plain call, Gluon eligibility, whether Triton interprets).
 
-``TRITON``: the plain-Triton kernels (``kernels/fwd.py``, ``kernels/bwd.py``), every feature.
+``TRITON``: the plain-Triton kernels (``kernels/fwd.py``, ``bwd.py``, ``bwd_dq.py``), every feature.
 ``GLUON_FWD`` / ``GLUON_BWD``: the Hopper Gluon kernels (``kernels/hopper/``), plain calls only; the Gluon
 host code (``ops/gluon_fwd.py``, ``ops/gluon_bwd.py``) then checks strides and alignment, which the table
 cannot know.

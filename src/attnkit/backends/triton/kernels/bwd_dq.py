@@ -1,0 +1,363 @@
+"""The dQ kernel of the backward (pure ``@triton.jit``): :func:`attn_bwd_dq`, one program = one tile of
+BLOCK_M query rows of one (batch, query head), the same schedule as the forward; no atomics. The lse and
+delta conventions are those of ``bwd.py`` (its docstring), whose row-statistics loader it shares."""
+
+import triton
+import triton.language as tl
+
+from attnkit.backends.triton.kernels.bwd import _load_row_stats
+from attnkit.backends.triton.kernels.common import (
+    dropout_keep,
+    dscore_dqk,
+    iv_apply,
+    iv_classify,
+    iv_load,
+    iv_narrow_kv,
+    iv_segments,
+    kv_tiles,
+    pending_scale,
+    scores,
+    seq_bounds,
+)
+from attnkit.backends.triton.kernels.fwd import load_tile
+
+
+@triton.jit
+def _dq_inner(
+    dq,
+    q,
+    do,
+    lse_hi,
+    lse_lo,
+    delta,
+    k_base,
+    v_base,
+    stride_ks,
+    stride_vs,
+    offs_m,
+    offs_d,
+    offs_dv,
+    lo,
+    hi,
+    seqlen_q,
+    seqlen_k,
+    off,
+    sm_scale,
+    softcap,
+    win_left,
+    win_right,
+    bias_ptr,
+    stride_bm,
+    stride_bn,
+    slope,
+    rng_ptr,
+    bh,
+    dropout_p,
+    iv_ptr,
+    sum_ptr,
+    k_start,
+    r0,
+    r1,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DEFER: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HAS_IV: tl.constexpr,
+    IV_SKIP: tl.constexpr,
+):
+    c = pending_scale(sm_scale, DEFER)
+    for start_n in range(lo, hi, BLOCK_N):
+        empty = False
+        full = True
+        if HAS_IV:  # masks as data: skip empty key tiles, no mask work on full ones
+            last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+            empty, full = iv_classify(sum_ptr, k_start + start_n, k_start + last, r0, r1, BLOCK_N)
+            if not IV_SKIP:
+                empty = False
+        if not empty:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kt = load_tile(
+                k_base + offs_n[None, :] * stride_ks + offs_d[:, None],
+                offs_n[None, :],
+                seqlen_k,
+                offs_d[:, None],
+                D,
+                MASK,
+                BLOCK_D != D,
+            )  # (BD, BN)
+            vt = load_tile(
+                v_base + offs_n[None, :] * stride_vs + offs_dv[:, None],
+                offs_n[None, :],
+                seqlen_k,
+                offs_dv[:, None],
+                DV,
+                MASK,
+                BLOCK_DV != DV,
+            )  # (BDV, BN)
+            qk = tl.dot(q, kt, input_precision=PRECISION)
+            s, t = scores(
+                qk,
+                offs_m[:, None],
+                offs_n[None, :],
+                seqlen_q,
+                seqlen_k,
+                off,
+                sm_scale,
+                softcap,
+                win_left,
+                win_right,
+                bias_ptr,
+                stride_bm,
+                stride_bn,
+                slope,
+                MASK,
+                SOFTCAP,
+                HAS_BIAS,
+                HAS_ALIBI,
+                HAS_LEFT,
+                HAS_RIGHT,
+                DEFER,
+            )
+            if HAS_IV:
+                ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[None, :], seqlen_k)
+                if not full:
+                    s = iv_apply(s, offs_m[:, None], ia, ib, ic, id_)
+            lg = s * c - lse_hi[:, None]
+            if q.dtype == tl.float32:
+                lg -= lse_lo[:, None]
+            p = tl.exp2(lg)
+            dp = tl.dot(do, vt, input_precision=PRECISION)  # (BM, BN)
+            if DROPOUT:
+                keep = dropout_keep(rng_ptr, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+                dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+            ds = p * (dp - delta[:, None])
+            dqk = dscore_dqk(ds, t, sm_scale, SOFTCAP)
+            dq += tl.dot(dqk.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    return dq
+
+
+@triton.jit(
+    do_not_specialize=[
+        "SQ",
+        "SK",
+        "stride_lb",
+        "stride_lh",
+        "stride_db",
+        "stride_dh",
+        "win_left",
+        "win_right",
+        "stride_ib",
+        "stride_ih",
+        "stride_sb",
+        "stride_sh",
+    ]
+)
+def attn_bwd_dq(
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LseHi,
+    LseLo,
+    Delta,
+    Bias,
+    Slopes,
+    CuQ,
+    CuK,
+    Rng,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_dob,
+    stride_doh,
+    stride_dos,
+    stride_dqb,
+    stride_dqh,
+    stride_dqs,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    stride_db,
+    stride_dh,
+    stride_ds,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_ab,
+    stride_ah,
+    Hq,
+    SQ,
+    SK,
+    sm_scale,
+    softcap,
+    win_left,
+    win_right,
+    dropout_p,
+    Iv,
+    IvSum,
+    stride_ib,
+    stride_ih,
+    stride_sb,
+    stride_sh,  # mask intervals and their summary (see _fwd.attn_fwd)
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    REVERSE: tl.constexpr,
+    DEFER: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HAS_IV: tl.constexpr,
+    IV_SKIP: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if REVERSE:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(CuQ, CuK, b, SQ, SK, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    off = seqlen_k - seqlen_q
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_tile(
+        Q + b * stride_qb + h * stride_qh + (q_start + offs_m[:, None]) * stride_qs + offs_d[None, :],
+        offs_m[:, None],
+        seqlen_q,
+        offs_d[None, :],
+        D,
+        True,
+        BLOCK_D != D,
+    )
+    do = load_tile(
+        DO + b * stride_dob + h * stride_doh + (q_start + offs_m[:, None]) * stride_dos + offs_dv[None, :],
+        offs_m[:, None],
+        seqlen_q,
+        offs_dv[None, :],
+        DV,
+        True,
+        BLOCK_DV != DV,
+    )
+    row0 = b * stride_lb + h * stride_lh + q_start * stride_ls
+    lse_hi, lse_lo, delta = _load_row_stats(
+        LseHi + row0,
+        LseLo + row0,
+        Delta + b * stride_db + h * stride_dh + q_start * stride_ds,
+        stride_ls,
+        stride_ds,
+        offs_m,
+        seqlen_q,
+        q.dtype == tl.float32,
+    )
+    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
+    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
+    bias_ptr = Bias + b * stride_bb + h * stride_bh
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m1 = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
+    iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
+    sum_ptr = IvSum + b * stride_sb + h * stride_sh
+    lo, full_lo, full_hi, hi = kv_tiles(
+        m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
+    )
+    if HAS_IV:  # from the first to the last key tile the mask leaves non-empty for these rows
+        lo2, hi2 = iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, m0, m1, BLOCK_N)
+        lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
+    # the tile schedule's three segments: masked head, unmasked body, masked tail
+    for seg in tl.static_range(3):
+        if seg == 0:
+            seg_lo, seg_hi = lo, full_lo
+        elif seg == 1:
+            seg_lo, seg_hi = full_lo, full_hi
+        else:
+            seg_lo, seg_hi = full_hi, hi
+        dq = _dq_inner(
+            dq,
+            q,
+            do,
+            lse_hi,
+            lse_lo,
+            delta,
+            k_base,
+            v_base,
+            stride_ks,
+            stride_vs,
+            offs_m,
+            offs_d,
+            offs_dv,
+            seg_lo,
+            seg_hi,
+            seqlen_q,
+            seqlen_k,
+            off,
+            sm_scale,
+            softcap,
+            win_left,
+            win_right,
+            bias_ptr,
+            stride_bm,
+            stride_bn,
+            slope,
+            Rng,
+            bh,
+            dropout_p,
+            iv_ptr,
+            sum_ptr,
+            k_start,
+            m0,
+            m1,
+            D,
+            DV,
+            BLOCK_D,
+            BLOCK_DV,
+            BLOCK_N,
+            seg != 1,
+            SOFTCAP,
+            HAS_BIAS,
+            HAS_ALIBI,
+            HAS_LEFT,
+            HAS_RIGHT,
+            DROPOUT,
+            DEFER,
+            PRECISION,
+            HAS_IV,
+            IV_SKIP,
+        )
+    dq_ptrs = (
+        DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqs + offs_d[None, :]
+    )
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < D))
