@@ -19,6 +19,8 @@ import torch
 from attnkit._call import AttentionCall
 from attnkit.backends.base import Backend
 from attnkit.errors import AttentionInputError, UnsupportedError
+from attnkit.masks import Mask
+from attnkit.mods import ScoreMod
 
 log = logging.getLogger("attnkit")
 
@@ -272,15 +274,13 @@ def _structure(obj, depth: int = 0):
     if isinstance(obj, dict):
         return tuple([(k, _structure(v, depth + 1)) for k, v in obj.items()])
     d = depth + 1
-    if hasattr(obj, "kind") and hasattr(obj, "parts"):  # an attnkit Mask or ScoreMod
+    if isinstance(obj, (Mask, ScoreMod)):
         fn = None
         if obj.kind in ("mask_mod", "score_mod"):  # a wrapped user callable: the callable's structure
             src = getattr(obj, "source", None)
-            fn = _structure(src if src is not None and src is not obj else getattr(obj, "_fn", None), d)
-        kind = ("mod" if hasattr(obj, "bind") and not hasattr(obj, "mask_mod") else "mask", obj.kind)
-        return (kind, _structure(getattr(obj, "params", None), d), _structure(obj.parts, d), fn)
-    if hasattr(obj, "name") and hasattr(obj, "_fn"):  # an older ScoreMod-like object
-        return ("mod", obj.name, _structure(obj._fn, d))
+            fn = _structure(src if src is not None and src is not obj else obj._fn, d)
+        kind = ("mask" if isinstance(obj, Mask) else "mod", obj.kind)
+        return (kind, _structure(obj.params, d), _structure(obj.parts, d), fn)
     func = getattr(obj, "__func__", obj)  # (a bound method: its function and its object)
     code = getattr(func, "__code__", None)
     if code is None:

@@ -53,9 +53,9 @@ def _import_error() -> str | None:
     xformers 0.0.35): then its memory-efficient attention is not there either."""
     if not _IMPORT_ERROR:
         try:
-            ops = xformers_ops()
-            root = sys.modules.get("xformers")
-            if root is not None and getattr(root, "_has_cpp_library", True) is False and ops is not None:
+            xformers_ops()
+            root = sys.modules.get("xformers")  # (``_has_cpp_library``: xformers/__init__.py's own flag)
+            if getattr(root, "_has_cpp_library", True) is False:
                 _IMPORT_ERROR.append("xFormers' C++/CUDA extensions do not load (built for another torch)")
             else:
                 _IMPORT_ERROR.append(None)
