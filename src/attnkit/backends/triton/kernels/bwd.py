@@ -3,9 +3,8 @@
 * :func:`bwd_preprocess`: ``delta = rowsum(dO * O) - dLSE`` per query row, in the layout of lse.
 * :func:`attn_bwd_dkdv`: one program = one tile of BLOCK_N key rows of one (batch, KV head); it loops over
   the GROUP query heads that read this KV head and over the query tiles that see the key tile, and writes
-  dK, dV (and dBias, once per element) without atomics. (FUSED_DQ, dQ by atomic adds in the same kernel,
-  is what remains of the fused backward, measured slower than the separate pass since version 4 and
-  removed from the host: the launcher always passes False.)
+  dK, dV (and dBias, once per element) without atomics. (A fused backward, dQ by atomic adds in this
+  kernel, measured slower than the separate pass since version 4, is gone; git keeps it.)
 * ``bwd_dq.attn_bwd_dq`` (the file beside this one): the separate dQ pass (the default, deterministic or
   not; no atomics): one program = one tile of BLOCK_M query rows of one (batch, query head), the same
   schedule as the forward. The host runs it on a side stream next to dK/dV.
@@ -119,20 +118,17 @@ def _dkdv_inner(
     lo_base,
     d_base,
     db_ptr,
-    dq_base,
     stride_qs,
     stride_dos,
     stride_ls,
     stride_ds,
     stride_dbm,
     stride_dbn,
-    stride_dqs,
     offs_n,
     offs_d,
     offs_dv,
     lo,
     hi,
-    rot,
     seqlen_q,
     seqlen_k,
     off,
@@ -167,7 +163,6 @@ def _dkdv_inner(
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     DROPOUT: tl.constexpr,
-    FUSED_DQ: tl.constexpr,
     DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_IV: tl.constexpr,
@@ -175,24 +170,8 @@ def _dkdv_inner(
     BLOCK_N: tl.constexpr,
 ):
     c = pending_scale(sm_scale, DEFER)
-    if FUSED_DQ:
-        # the key tiles of one head start at different query tiles (rotated by ``rot``), so that their
-        # atomic adds into dQ do not all land on the same rows at the same time
-        n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
-        rot = rot % tl.maximum(n_tiles, 1)
-        loop_lo = 0
-        loop_hi = n_tiles * BLOCK_M
-    else:  # the deterministic path visits the tiles in order
-        loop_lo = lo
-        loop_hi = hi
-    # Transposed tiles: rows of these tiles are keys (offs_n), columns are queries (offs_m).
-    for start in range(loop_lo, loop_hi, BLOCK_M):
-        if FUSED_DQ:
-            idx = start // BLOCK_M + rot
-            idx = tl.where(idx >= n_tiles, idx - n_tiles, idx)
-            start_m = lo + idx * BLOCK_M
-        else:
-            start_m = start
+    # Transposed tiles: rows of these tiles are keys (offs_n), columns are queries (offs_m); in order.
+    for start_m in range(lo, hi, BLOCK_M):
         empty = False
         full = True
         if HAS_IV:  # masks as data: the key tile's summary against these query rows
@@ -273,19 +252,6 @@ def _dkdv_inner(
                 )
             dqkt = dscore_dqk(dst, tt, sm_scale, SOFTCAP).to(q.dtype)  # (BN, BM) dL/d(qk), transposed
             dk += tl.dot(dqkt, q, input_precision=PRECISION)
-            if FUSED_DQ:
-                # this key tile's share of dQ, computed transposed (BD, BM) so that the key tile is the
-                # matmul's M dimension (Hopper's wgmma needs M >= 64; BLOCK_M is often 32)
-                dqt = tl.dot(tl.trans(k), dqkt, input_precision=PRECISION)
-                dq_ptrs = dq_base + offs_m[None, :] * stride_dqs + offs_d[:, None]
-                if MASK:
-                    tl.atomic_add(
-                        dq_ptrs, dqt, mask=(offs_m[None, :] < seqlen_q) & (offs_d[:, None] < D), sem="relaxed"
-                    )
-                elif BLOCK_D != D:
-                    tl.atomic_add(dq_ptrs, dqt, mask=offs_d[:, None] < D, sem="relaxed")
-                else:
-                    tl.atomic_add(dq_ptrs, dqt, sem="relaxed")
     return dk, dv
 
 
@@ -312,7 +278,6 @@ def attn_bwd_dkdv(
     DO,
     DK,
     DV_,
-    DQ,
     LseHi,
     LseLo,
     Delta,
@@ -340,9 +305,6 @@ def attn_bwd_dkdv(
     stride_dvb,
     stride_dvh,
     stride_dvs,
-    stride_dqb,
-    stride_dqh,
-    stride_dqs,  # fp32 dQ accumulator (FUSED_DQ only)
     stride_lb,
     stride_lh,
     stride_ls,  # LseHi / LseLo (the layout of lse)
@@ -389,7 +351,6 @@ def attn_bwd_dkdv(
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     DROPOUT: tl.constexpr,
-    FUSED_DQ: tl.constexpr,
     DEFER: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_IV: tl.constexpr,
@@ -442,7 +403,6 @@ def attn_bwd_dkdv(
         d_base = Delta + b * stride_db + h * stride_dh + q_start * stride_ds
         bias_ptr = Bias + b * stride_bb + h * stride_bh
         db_ptr = DBias + b * stride_dbb + h * stride_dbh
-        dq_base = DQ + b * stride_dqb + h * stride_dqh + q_start * stride_dqs
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
@@ -477,20 +437,17 @@ def attn_bwd_dkdv(
                 lo_base,
                 d_base,
                 db_ptr,
-                dq_base,
                 stride_qs,
                 stride_dos,
                 stride_ls,
                 stride_ds,
                 stride_dbm,
                 stride_dbn,
-                stride_dqs,
                 offs_n,
                 offs_d,
                 offs_dv,
                 seg_lo,
                 seg_hi,
-                pid_n,
                 seqlen_q,
                 seqlen_k,
                 off,
@@ -525,7 +482,6 @@ def attn_bwd_dkdv(
                 HAS_LEFT,
                 HAS_RIGHT,
                 DROPOUT,
-                FUSED_DQ,
                 DEFER,
                 PRECISION,
                 HAS_IV,

@@ -107,10 +107,10 @@ def body(p: BwdParams, keep=None):
     bias_arg = b4 if b4 is not None else dummy
     # the two kernels' runtime arguments, in their order (``kernels/bwd.py``, ``kernels/bwd_dq.py``)
     dkdv_args = (
-        *(*inputs, dk, dv, dummy, hi, lo, delta, bias_arg, dbias if bias_grad else dummy, slopes_arg, *cu),
-        *(*input_strides, *c.strides(dk, layout), *c.strides(dv, layout), 0, 0, 0, *stat_strides),
+        *(*inputs, dk, dv, hi, lo, delta, bias_arg, dbias if bias_grad else dummy, slopes_arg, *cu),
+        *(*input_strides, *c.strides(dk, layout), *c.strides(dv, layout), *stat_strides),
         *(*(dbias.stride() if bias_grad else (0, 0, 0, 0)), *c.slope_strides(slopes), Hq, Hk, *sizes[1:]),
-    )  # (DQ and its strides: the removed fused backward's accumulator, unused)
+    )
     dq_args = (
         *(*inputs, dq, hi, lo, delta, bias_arg, slopes_arg, *cu),
         *(*input_strides, *c.strides(dq, layout), *stat_strides, *c.slope_strides(slopes), *sizes),
@@ -129,7 +129,6 @@ def body(p: BwdParams, keep=None):
             BLOCK_M=BM,
             BLOCK_N=BN,
             BIAS_GRAD=bias_grad,
-            FUSED_DQ=False,
             ONE_LOOP=one_loop,
             num_warps=warps,
             num_stages=stages,
