@@ -333,3 +333,27 @@ def test_backend_records_read_as_attributes_and_keys():
         assert r["name"] == r.name and r["available"] == r.available
         assert r.why_not == r.reason == r["reason"]
         assert (r.reason is None) == r.available
+
+
+def test_a_cached_choice_whose_mask_data_refuses_it_is_not_reused(device):
+    """Choices are cached by a mask's structure; a mask of that structure whose data the cached backend
+    refuses (document ids out of order do not lower to intervals for triton) is chosen for afresh, and the
+    cached choice stays for the masks that do fit it."""
+    dt = torch.float16 if device == "cpu" else torch.bfloat16
+    q, k, v = (oracle.randn((1, 2, 32, 16), dt, device) for _ in range(3))
+    ordered = torch.tensor([0] * 12 + [1] * 20, dtype=torch.int32, device=device)
+    mixed = torch.tensor([0, 1] * 16, dtype=torch.int32, device=device)
+    tri = dispatch.get("triton")
+    fits = attnkit.masks.document(ordered) & attnkit.masks.causal()
+    key = dispatch._signature(attnkit._call.normalize(q, k, v, mask=fits), "auto")
+    dispatch._CHOICES[key] = tri  # as if auto had chosen triton for this structure
+    try:
+        mask = attnkit.masks.document(mixed) & attnkit.masks.causal()
+        call = attnkit._call.normalize(q, k, v, mask=mask)
+        assert dispatch._signature(call, "auto") == key and tri.why_not(call)
+        out = attnkit.attention(q, k, v, mask=mask)
+        want, _ = reference_forward(call)
+        assert (out.float() - want.float()).abs().max() < 1e-2
+        assert dispatch._CHOICES[key] is tri
+    finally:
+        dispatch._CHOICES.pop(key, None)

@@ -222,8 +222,13 @@ def choose(call: AttentionCall, backend: str = "auto") -> Backend:
     key = None if torch.compiler.is_compiling() else _signature(call, name)
     if key is not None:
         hit = _CHOICES.get(key)
-        if hit is not None:
+        # A mask's choice is keyed by its structure; its data may still refuse the backend (document ids
+        # that are not sorted do not lower to intervals): then choose again for this call alone, and keep
+        # the cached choice for the masks of this structure that do fit it.
+        if hit is not None and (call.mask is None or not hit.why_not(call)):
             return hit
+        if hit is not None:
+            key = None
     reg = _load()
     if explicit:
         chosen = get(name)
