@@ -403,3 +403,28 @@ def test_interleaved_doc_ids_after_a_cached_choice_raise():
     tri(q, k, v, mask=M.document(torch.tensor([0] * 8 + [1] * 8, device=DEV)))
     with pytest.raises(attnkit.UnsupportedError, match="non-decreasing"):
         tri(q, k, v, mask=M.document(torch.tensor([0, 1] * 8, device=DEV)))
+
+
+def test_lowering_is_memoized_per_mask_and_data():
+    """One mask object passed to every layer is lowered once per call shape; a new packing (a new tensor),
+    an in-place change of the ids, new thd lengths or a new shape lower again."""
+    q = torch.randn(2, 2, 24, 16, device=DEV)
+    ids = _sorted_ids(2, 24, 3).to(DEV)
+    mask = M.document(ids) & M.causal()
+    call = normalize(q, q, q, mask=mask)
+    first = I.lower(mask, call)
+    assert I.lower(mask, normalize(q, q, q, mask=mask)) is first
+    ids.add_(0)  # an in-place write (same values): its version changes
+    again = I.lower(mask, call)
+    assert again is not first and torch.equal(again.startend, first.startend)
+    q2 = torch.randn(2, 2, 20, 16, device=DEV)
+    short = M.document(ids[:, :20]) & M.causal()
+    assert I.lower(short, normalize(q2, q2, q2, mask=short)) is not I.lower(mask, call)
+    # thd: the same mask over new cu_seqlens (same total) lowers again
+    t = torch.randn(24, 2, 16, device=DEV)
+    tmask = M.prefix_lm(3)
+    cu1 = torch.tensor([0, 10, 24], dtype=torch.int32, device=DEV)
+    cu2 = torch.tensor([0, 14, 24], dtype=torch.int32, device=DEV)
+    a = I.lower(tmask, normalize(t, t, t, mask=tmask, cu_seqlens_q=cu1, cu_seqlens_k=cu1, layout="thd"))
+    b = I.lower(tmask, normalize(t, t, t, mask=tmask, cu_seqlens_q=cu2, cu_seqlens_k=cu2, layout="thd"))
+    assert a is not b and not torch.equal(a.startend, b.startend)

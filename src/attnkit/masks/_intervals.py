@@ -21,6 +21,7 @@ intervals per column. Anything else (``|``, ``~``, callables, ``neighborhood_2d`
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -273,8 +274,58 @@ def _norm(a: torch.Tensor, b: torch.Tensor):
     return torch.where(empty, 0, a), torch.where(empty, 0, b)
 
 
+def _data_tensors(mask: Mask, out: list) -> list:
+    for v in mask.params.values():
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+    for part in mask.parts:
+        _data_tensors(part, out)
+    return out
+
+
+def _memo_key(mask: Mask, call):
+    """What a lowering depends on: the call's shapes and the tensors it reads (the mask's data and, for
+    thd, cu_seqlens) by identity and in-place version. Held as weak references, so a new tensor that
+    reuses a freed one's address and id never matches."""
+    tensors = _data_tensors(mask, [])
+    if call.layout == "thd":
+        tensors += [call.cu_seqlens_q, call.cu_seqlens_k]
+    shape = (call.layout, call.batch, call.Hq, call.Sq, call.Sk, call.q.shape[0], call.k.shape[0])
+    shape += (call.device,)
+    return shape, tensors
+
+
 def lower(mask: Mask, call) -> Intervals | None:
-    """Column intervals for ``mask`` on ``call`` (an AttentionCall), or None if it does not lower."""
+    """Column intervals for ``mask`` on ``call`` (an AttentionCall), or None if it does not lower.
+
+    Memoized on the mask: every layer of a model that passes one mask object pays the lowering once per
+    new packing (a handful of small device ops), not once per call."""
+    shape, tensors = _memo_key(mask, call)
+    versions = [_version(t) for t in tensors]
+    if torch.compiler.is_compiling() or None in versions:
+        return _lower(mask, call)
+    memo = mask.__dict__.get("_lowered")
+    if (
+        memo is not None
+        and memo[0] == shape
+        and len(memo[1]) == len(tensors)
+        and all(r() is t and v == u for (r, v), t, u in zip(memo[1], tensors, versions))
+    ):
+        return memo[2]
+    iv = _lower(mask, call)
+    if iv is not None and _host_values_allowed(call.q):  # (never keep tensors made inside a graph capture)
+        mask.__dict__["_lowered"] = (shape, [(weakref.ref(t), v) for t, v in zip(tensors, versions)], iv)
+    return iv
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference-mode tensors keep no version counter: never memoized
+        return None
+
+
+def _lower(mask: Mask, call) -> Intervals | None:
     if why_not(mask, call) is not None:  # (also for every new doc-id tensor: dispatch caches by structure)
         return None
     causal, window, pairs = False, None, []
