@@ -582,3 +582,14 @@ def test_t5_bias_matches_hugging_face_compute_bias():
 def test_new_factory_validation(bad):
     with pytest.raises(attnkit.AttentionInputError):
         bad()
+
+
+def test_to_dense_follows_the_device_of_the_mask_data():
+    """``to_dense`` builds its index grids where the mask's data lives (a CUDA doc-id tensor gives a CUDA
+    mask), so masks made of device tensors densify without a device error."""
+    ids = torch.zeros(8, dtype=torch.int32, device="meta")
+    assert (masks.document(ids) & masks.causal()).to_dense(1, 1, 8, 8).device.type == "meta"
+    assert masks.causal().to_dense(1, 1, 4, 4).device.type == "cpu"
+    lens = torch.tensor([[2, 1], [3, 3]])
+    dense = masks.shared_prefix(torch.tensor([2, 1]), lens).to_dense(2, 1, 8, 8)
+    assert dense[1, 0, 4].tolist() == [True, False, False, False, True, False, False, False]

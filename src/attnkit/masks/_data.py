@@ -82,19 +82,16 @@ def shared_prefix(prefix_len, response_lens) -> Mask:
         if vals is not None and any(x < 0 for x in flat):
             raise AttentionInputError(name, "shared_prefix: lengths >= 0", repr(vals))
     R = len(response_lens) if ends_list is not None else response_lens.shape[1]
+    # the responses' end offsets, (B, R) cumulative sums, computed once here: the predicate below is then
+    # pointwise (loads and comparisons only), which FlexAttention can compile
+    ends_t = response_lens.cumsum(-1) if ends_list is None else None
 
     def fn(b, h, q, kv, off):
         P = prefix_len[b] if isinstance(prefix_len, torch.Tensor) else prefix_len
-        if ends_list is None:
-            ends = response_lens[b].cumsum(-1)  # b.shape + (R,)
-            ends = ends + (P.unsqueeze(-1) if isinstance(P, torch.Tensor) else P)
+        ends = ends_list if ends_t is None else [ends_t[b, r] for r in range(R)]
 
-            def segment(x):  # index of the response holding position x (R past the last; 0 in the prompt)
-                return (ends <= x.unsqueeze(-1)).sum(-1)
-        else:  # Python ints: plain comparisons, no tensor built (nor copied to the device)
-
-            def segment(x):
-                return sum(((x >= P + e).long() for e in ends_list), torch.zeros_like(x))
+        def segment(x):  # index of the response holding position x (R past the last; 0 in the prompt)
+            return sum(((x >= P + e).long() for e in ends), torch.zeros_like(x))
 
         qs, ks = segment(torch.as_tensor(q)), segment(torch.as_tensor(kv))
         return (kv <= q) & ((q < P) | ((qs < R) & ((kv < P) | (ks == qs))))

@@ -107,13 +107,22 @@ class Mask:
         return lambda b, h, q_idx, kv_idx: fn(b, h, q_idx, kv_idx, offset_for(b, off))
 
     def to_dense(self, B: int, H: int, Sq: int, Sk: int, device=None) -> torch.Tensor:
-        """Boolean tensor (B, H, Sq, Sk), True where a query may attend (bottom-right aligned)."""
+        """Boolean tensor (B, H, Sq, Sk), True where a query may attend (bottom-right aligned); on
+        ``device``, by default the device of the mask's data (doc ids, lengths, ...), else the CPU."""
+        if device is None:
+            device = self._data_device()
         b = torch.arange(B, device=device).view(B, 1, 1, 1)
         h = torch.arange(H, device=device).view(1, H, 1, 1)
         q = torch.arange(Sq, device=device).view(1, 1, Sq, 1)
         kv = torch.arange(Sk, device=device).view(1, 1, 1, Sk)
         out = torch.as_tensor(self._fn(b, h, q, kv, Sk - Sq), device=device)
         return out.to(torch.bool).expand(B, H, Sq, Sk).contiguous()
+
+    def _data_device(self):
+        for v in self.params.values():
+            if isinstance(v, torch.Tensor):
+                return v.device
+        return next((d for d in (p._data_device() for p in self.parts) if d is not None), None)
 
     def draw(
         self, Sq: int | None = None, Sk: int | None = None, b: int = 0, h: int = 0, path: str | None = None
