@@ -5,6 +5,8 @@ CPU, backend "eager"). On the GPU: new sequence lengths compile nothing new afte
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import types
 
 import pytest
@@ -104,3 +106,24 @@ def test_new_lengths_compile_nothing(backend):
     run([17, 333, 1, 64])
     run([101, 38, 251])
     assert attnkit.compile_count() == before
+
+
+def test_outside_graph_runs_eagerly_under_compile_and_import_skips_dynamo():
+    """The peers' adapters run outside torch.compile graphs (a graph break, even when the first call is
+    traced), and ``import attnkit`` does not import torch._dynamo for that (seconds of every import)."""
+    from attnkit._compile import outside_graph
+
+    seen = []
+
+    @outside_graph
+    def side(x):
+        seen.append(torch.compiler.is_compiling())
+        return x * 2
+
+    f = torch.compile(lambda x: side(x + 1) + 1, backend="eager")
+    x = torch.randn(4)
+    assert torch.equal(f(x), (x + 1) * 2 + 1) and torch.equal(f(x), (x + 1) * 2 + 1)
+    assert seen == [False, False]
+    code = "import sys, attnkit; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

@@ -18,7 +18,10 @@ count 0 there, and the flex backend runs FlexAttention eagerly on the CPU (0 too
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
+
+import torch
 
 _lock = threading.Lock()
 _COUNTS = {"triton": 0, "flex": 0}
@@ -99,3 +102,18 @@ def counting_dynamo(source: str = "flex"):
         new = _dynamo_graphs() - before
         if new > 0:
             note(source, new)
+
+
+def outside_graph(fn):
+    """``torch.compiler.disable(fn)`` (the call runs outside any torch.compile graph: one graph break),
+    wrapped on first use: applying it at import would import torch._dynamo, seconds of every user's
+    ``import attnkit``, for the peers' adapters that most never call."""
+    done = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not done:
+            done.append(torch.compiler.disable(fn))
+        return done[0](*args, **kwargs)
+
+    return call

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from attnkit import _compile
 from attnkit._call import AttentionCall
 from attnkit.backends import _cute
 from attnkit.backends.base import Backend, attention_flops, to_bhsd
@@ -95,7 +96,7 @@ def feature_reasons(call: AttentionCall) -> list[str]:
     return r
 
 
-@torch.compiler.disable
+@_compile.outside_graph
 def _run_fa4(fn, args, kw):
     return fn(*args, **kw)
 

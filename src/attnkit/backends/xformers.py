@@ -33,6 +33,7 @@ import sys
 
 import torch
 
+from attnkit import _compile
 from attnkit._call import AttentionCall
 from attnkit.backends import _cute
 from attnkit.backends.base import Backend, attention_flops, host_lengths_known, seqlens
@@ -162,7 +163,7 @@ def feature_reasons(call: AttentionCall) -> list[str]:
     return r
 
 
-@torch.compiler.disable
+@_compile.outside_graph
 def _run_xformers(q, k, v, bias, scale):
     return xformers_ops().memory_efficient_attention(q, k, v, attn_bias=bias, p=0.0, scale=scale)
 
