@@ -386,7 +386,7 @@ def test_cascade_equals_plain_decoding(page_size, Sq, backend):
         q,
         full_k,
         full_v,
-        cache_seqlens=torch.tensor([k.shape[0] for k in keys], dtype=torch.int32),
+        cache_seqlens=torch.tensor([k.shape[0] for k in keys], dtype=torch.int32, device=DEV),
         causal=True,
         softcap=3.0,
         backend=backend,

@@ -599,7 +599,9 @@ def test_gluon_persistent_forward(gluon_calls, monkeypatch, cfg, layout, Hq, Hk,
     with pytest.raises(ValueError, match="PERSISTENT with SPLIT needs OVERLAP"):  # (wrong rows seen)
         gluon.gluon_forward(q, k, v, layout, scale, causal, cfg=(128, 2, False, True, True))
     monkeypatch.setattr(gluon, "default_cfg", lambda *a: cfg + (True,))
-    monkeypatch.setattr(ops._tuning, "gluon_forward_eligible", lambda *a: True)  # (D=64 causal too)
+    from attnkit.backends.triton.runtime import capability
+
+    monkeypatch.setattr(capability, "gluon_forward_eligible", lambda *a: True)  # (D=64 causal too)
     oracle.check_against_oracle(tri, q, k, v, causal=causal, **kw)
     assert gluon_calls, "the Gluon forward was not used"
 
