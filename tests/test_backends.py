@@ -271,3 +271,20 @@ def test_auto_matches_oracle_on_every_case(monkeypatch):
         q, k, v, kw = CASES[case](torch.float32, "cpu", True)
         bias = kw.pop("bias", None)
         oracle.check_against_oracle(_runner("auto", False), q, k, v, bias=bias, **kw)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", ["auto", "flex", "triton", "sdpa_efficient", "sdpa_math"])
+def test_float32_mqa_head_dim_80_on_gpu(backend, causal):
+    """The H200 case of issue 13 (float32 multi-query attention, Hq=8 Hk=1, D=80, Sq=Sk=65) once exceeded
+    the float32 budget on auto and flex: every backend that claims it is held to the oracle, with grads."""
+    q, k, v, kw = oracle.make_inputs(
+        "bhsd", B=2, Hq=8, Hk=1, Sq=65, Sk=65, D=80, dtype=torch.float32, device="cuda", requires_grad=True
+    )
+    call = attnkit._call.normalize(q, k, v, causal=causal, return_lse=True)
+    if backend != "auto" and dispatch.get(backend).why_not(call):
+        pytest.skip(f"{backend} refuses: {dispatch.get(backend).why_not(call)}")
+    oracle.check_against_oracle(
+        lambda *a, **k2: attnkit.attention(*a, backend=backend, **k2), q, k, v, causal=causal, **kw
+    )
