@@ -29,9 +29,11 @@ def sm_count(device: torch.device) -> int:
     """Multiprocessors of a CUDA device (asked of the driver once per device); DEFAULT_SMS elsewhere."""
     if device.type != "cuda":
         return DEFAULT_SMS
-    idx = device.index if device.index is not None else 0
+    idx = device.index
     if idx not in _SMS:
         try:
+            if idx is None:
+                idx = torch.cuda.current_device()
             _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
         except (RuntimeError, AssertionError):  # no driver (a fake CUDA call): the default, not cached
             return DEFAULT_SMS
