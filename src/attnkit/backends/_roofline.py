@@ -30,13 +30,14 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return DEFAULT_SMS
     idx = device.index
-    if idx not in _SMS:
-        try:
-            if idx is None:
-                idx = torch.cuda.current_device()
+    if idx in _SMS:
+        return _SMS[idx]
+    try:
+        idx = torch.cuda.current_device() if idx is None else idx
+        if idx not in _SMS:
             _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        except (RuntimeError, AssertionError):  # no driver (a fake CUDA call): the default, not cached
-            return DEFAULT_SMS
+    except (RuntimeError, AssertionError):  # no CUDA driver (a fake CUDA call in tests): not cached
+        return DEFAULT_SMS
     return _SMS[idx]
 
 
