@@ -286,10 +286,11 @@ class SDPABackend(Backend):
 
     # -- estimate -------------------------------------------------------------------------------------------
     def compute_seconds(self, call: AttentionCall) -> float:
-        flops = attention_flops(call, call.requires_grad, dense=bool(_dense_mask_reasons(call)))
+        dense = bool(_dense_mask_reasons(call))
+        flops = attention_flops(call, call.requires_grad, dense=dense)
         rates = _CUDA_RATES if call.device.type == "cuda" else _CPU_RATES
         rate = rates[self.kind][1 if call.requires_grad else 0]
-        short = call.Sk <= 1024 and not (call.requires_grad or call.causal or _dense_mask_reasons(call))
+        short = call.Sk <= 1024 and not (call.requires_grad or call.causal or dense)
         if self.kind == "cudnn" and short and call.device.type == "cuda":
             rate = _CUDNN_SHORT_FWD[min(_CUDNN_SHORT_FWD, key=lambda d: (abs(d - call.D), d))]
         if call.device.type == "cuda" and call.dtype in (torch.float32, torch.float64):
