@@ -10,6 +10,8 @@ import torch
 import attnkit
 import oracle
 from attnkit import UnsupportedError, dispatch
+from attnkit._call import AttentionCall
+from attnkit.backends import _roofline
 from attnkit.backends.base import Backend
 from attnkit.backends.reference import reference_forward
 
@@ -102,6 +104,107 @@ def test_auto_only_chooses_capable_backends():
         chosen = dispatch.choose(call)
         assert chosen.why_not(call) == [], (kw, chosen.name)
         assert chosen.available()[0]
+
+
+# -- the cost model's memory side (backends/_roofline.py), checked on CPU with fake CUDA calls ---------------
+class _FakeCudaCall(AttentionCall):
+    """A call whose tensors live on the meta device but that the cost model sees as on CUDA device 0."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def _cuda_call(B, Hq, Hk, Sq, Sk, D=128, requires_grad=False, causal=False, bias=None):
+    """A bf16 bhsd call on meta tensors: q (B, Hq, Sq, D), k/v (B, Hk, Sk, D)."""
+
+    def t(*shape):
+        return torch.empty(*shape, dtype=torch.bfloat16, device="meta")
+
+    return _FakeCudaCall(
+        q=t(B, Hq, Sq, D),
+        k=t(B, Hk, Sk, D),
+        v=t(B, Hk, Sk, D),
+        layout="bhsd",
+        batch=B,
+        Hq=Hq,
+        Hk=Hk,
+        Sq=Sq,
+        Sk=Sk,
+        D=D,
+        Dv=D,
+        scale=D**-0.5,
+        causal=causal,
+        bias=bias,
+        requires_grad=requires_grad,
+    )
+
+
+@pytest.fixture
+def h200(monkeypatch):
+    """Device facts of the H200 the measurements came from (SM 9.0, 132 SMs), for fake CUDA calls."""
+    from attnkit.backends.triton.runtime import capability
+
+    monkeypatch.setitem(capability._CAPS, 0, (9, 0))
+    monkeypatch.setitem(_roofline._SMS, 0, 132)
+    return dispatch._load()
+
+
+# the two decode shapes measured on the H200 (issue 15): flex and FA4 ran 2-10x slower than SDPA there
+_DECODE_SHAPES = [dict(B=16, Hq=32, Hk=8, Sq=1, Sk=8192), dict(B=1, Hq=32, Hk=8, Sq=1, Sk=131072)]
+
+
+@pytest.mark.parametrize("shape", _DECODE_SHAPES, ids=["B16-Sk8k", "B1-Sk128k"])
+def test_decode_estimates_see_memory_and_grid_fill(h200, shape):
+    call = _cuda_call(**shape)
+    cost = {name: h200[name].cost(call) for name in ("flex", "flash_attn4", "sdpa_flash", "triton_decode")}
+    for slow in ("flex", "flash_attn4"):
+        for fast in ("sdpa_flash", "triton_decode"):
+            assert cost[slow] > cost[fast], cost
+        assert h200[slow].memory_notes(call)[0].startswith("memory-bound: reads 536.9 MB of K/V")
+    # the rule itself: K+V bytes (537 MB) at 4 TB/s, slower by 132/8 where FA4 runs B*Hk = 8 programs
+    kv = 2 * shape["B"] * shape["Hk"] * shape["Sk"] * 128 * 2
+    split = h200["triton_decode"].memory_seconds(call)
+    assert split == pytest.approx(kv / _roofline.PEAK_BANDWIDTH["cuda"], rel=0.01)
+    if shape["B"] == 1:
+        assert h200["flash_attn4"].memory_seconds(call) == pytest.approx(split * 132 / 8)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd", "causal"])
+def test_long_sequences_keep_the_compute_bound_order(h200, monkeypatch, mode):
+    """B=2 H=16 S=8192 D=128: the memory term is far below the compute term, so no estimate and no
+    ranking moves (compared with the same costs with the memory term removed)."""
+    call = _cuda_call(2, 16, 16, 8192, 8192, requires_grad=mode == "fwd_bwd", causal=mode == "causal")
+    names = [n for n in h200 if n != "triton_decode"]  # (it refuses Sq > 16)
+
+    def ranked():
+        return sorted(names, key=lambda n: h200[n].cost(call)), [h200[n].cost(call) for n in names]
+
+    order, costs = ranked()
+    assert not any(h200[n].memory_notes(call) for n in names)
+    monkeypatch.setitem(_roofline.PEAK_BANDWIDTH, "cuda", float("inf"))
+    assert ranked() == (order, costs)
+
+
+def test_io_bytes_count_broadcast_bias_once_and_backward_thrice():
+    bias = torch.empty(1, 1, 4, 32, device="meta").expand(2, 8, 4, 32)  # one (Sq, Sk) plane, float32
+    call = _cuda_call(2, 8, 2, 4, 32, D=16, bias=bias)
+    qkvo = (2 * 8 * 4 * 16 * 2) * 2 + 2 * (2 * 2 * 32 * 16 * 2)
+    assert _roofline.io_bytes(call) == qkvo + 4 * 32 * 4
+    grad = _cuda_call(2, 8, 2, 4, 32, D=16, bias=bias, requires_grad=True)
+    assert _roofline.io_bytes(grad) == 3 * _roofline.io_bytes(call)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", _DECODE_SHAPES, ids=["B16-Sk8k", "B1-Sk128k"])
+def test_auto_picks_a_split_kv_backend_for_decode(shape):
+    """On the GPU: decode goes to triton_decode or SDPA (flex and FA4 were 2.4-10x slower there)."""
+    q = torch.randn(shape["B"], shape["Hq"], shape["Sq"], 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(shape["B"], shape["Hk"], shape["Sk"], 128, device="cuda", dtype=torch.bfloat16)
+    rep = attnkit.explain(q, k, k)
+    assert rep.chosen in ("triton_decode", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"), str(rep)
+    flex = next(c for c in rep.candidates if c.name == "flex")
+    assert flex.status != "capable" or any(n.startswith("memory-bound") for n in flex.notes), str(rep)
 
 
 def _cache_variants():

@@ -190,7 +190,7 @@ def evaluate(call: AttentionCall, backend: str = "auto") -> tuple[Backend | None
             cands.append(Candidate(b.name, "rejected", reasons))
             continue
         est = b.cost(call)
-        cands.append(Candidate(b.name, "capable", [], est * 1e3, b.notes(call)))
+        cands.append(Candidate(b.name, "capable", [], est * 1e3, b.notes(call) + b.memory_notes(call)))
         capable.append((est, b))
     chosen = None
     if explicit:

@@ -2,7 +2,9 @@
 
 A backend answers two questions: ``why_not(call)`` (empty list = it can serve the call exactly) and
 ``run(call) -> (out, lse or None)``. It also estimates its own time with ``cost(call)`` so the dispatcher
-can rank capable backends, and may attach ``notes(call)`` (caveats shown by ``attnkit.explain``).
+can rank capable backends, and may attach ``notes(call)`` (caveats shown by ``attnkit.explain``). The
+estimate is a roofline: ``max(compute_seconds, memory_seconds) + overhead_seconds``, the memory side from
+the one rule in ``_roofline.py`` with the backend's grid (``memory_traffic``).
 Backends never import each other; the dispatcher owns the choice.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from attnkit._call import AttentionCall
+from attnkit.backends import _roofline
 
 
 class Backend:
@@ -40,8 +43,33 @@ class Backend:
         raise NotImplementedError
 
     def cost(self, call: AttentionCall) -> float:
-        """Estimated seconds for this call (only the ranking matters)."""
+        """Estimated seconds for this call (only the ranking matters): the slower of computing and moving
+        its bytes, plus launch overheads."""
+        return max(self.compute_seconds(call), self.memory_seconds(call)) + self.overhead_seconds(call)
+
+    def compute_seconds(self, call: AttentionCall) -> float:
+        """Seconds of arithmetic (FLOPs over the backend's measured rate)."""
         return float("inf")
+
+    def overhead_seconds(self, call: AttentionCall) -> float:
+        """Seconds added to the roofline: launches, building masks, host loops."""
+        return 0.0
+
+    def memory_traffic(self, call: AttentionCall) -> tuple[int | None, float, float]:
+        """(programs, kv_reads, extra_bytes) of this backend's kernel (``_roofline.memory_seconds``):
+        by default a grid that fills the device and reads K and V once."""
+        return None, 1.0, 0.0
+
+    def memory_seconds(self, call: AttentionCall) -> float:
+        """Seconds to move the call's bytes with this backend's grid (one rule: ``_roofline``)."""
+        return _roofline.memory_seconds(call, *self.memory_traffic(call))
+
+    def memory_notes(self, call: AttentionCall) -> list[str]:
+        """``["memory-bound: reads X MB of K/V ..."]`` where the memory term wins, else []."""
+        if not self.memory_seconds(call) > self.compute_seconds(call):
+            return []
+        programs, kv_reads, _ = self.memory_traffic(call)
+        return [_roofline.memory_note(call, programs, kv_reads)]
 
     def notes(self, call: AttentionCall) -> list[str]:
         return []
@@ -114,12 +142,6 @@ def visible_pairs(Sq: int, Sk: int, causal: bool, window) -> int:
     total += (min(d_hi, k2) - max(d_lo, k1) + 1) * min(Sq, Sk) if min(d_hi, k2) >= max(d_lo, k1) else 0
     total += _sum_linear(max(d_lo, k2 + 1), d_hi, Sk, -1)  # falling edge: Sk - d
     return total
-
-
-def kv_bytes(call: AttentionCall) -> float:
-    """Bytes of K and V, each read once: the floor of any kernel's time where queries are few (decode)."""
-    rows = call.k.shape[0] if call.layout == "thd" else call.batch * call.Sk
-    return float(rows * call.Hk * (call.D + call.Dv) * call.k.element_size())
 
 
 def attention_flops(call: AttentionCall, backward: bool = False, dense: bool = False) -> float:

@@ -29,6 +29,7 @@ import torch
 from attnkit import _compile
 from attnkit._call import AttentionCall
 from attnkit.backends import _cute
+from attnkit.backends._roofline import tile_programs
 from attnkit.backends.base import Backend, attention_flops, to_bhsd
 
 # FA4 TFLOP/s on an H200, bf16, docs/anchors.md "The strongest peers, measured 2026-12-02" (one run, not
@@ -112,13 +113,21 @@ class FlashAttn4Backend(Backend):
         r = _cute.common_reasons(call)
         return r if call.device.type != "cuda" else r + feature_reasons(call)
 
-    def cost(self, call: AttentionCall) -> float:
+    def compute_seconds(self, call: AttentionCall) -> float:
         short = "short" if call.Sk <= 1024 else "long"
         causal = call.causal or call.window is not None
         rate = _RATES[(short, call.D <= 64, causal)][1 if call.requires_grad else 0]
         if call.softcap is not None:
             rate *= _SOFTCAP_FACTOR
-        return attention_flops(call, call.requires_grad) / rate + _LAUNCH_S
+        return attention_flops(call, call.requires_grad) / rate
+
+    def memory_traffic(self, call: AttentionCall) -> tuple[int | None, float, float]:
+        # No split of the key range (num_splits=1): one program per (batch, KV head, 128 packed GQA rows);
+        # at B=1, Hk=8, Sk=128k it read K+V at 0.40 TB/s (8 programs, 132 SMs; H200, issue 15)
+        return tile_programs(call, 128, pack_gqa=True), 1.0, 0.0
+
+    def overhead_seconds(self, call: AttentionCall) -> float:
+        return _LAUNCH_S
 
     def notes(self, call: AttentionCall) -> list[str]:
         n = ["rates from docs/anchors.md (2026-12-02, one H200 run), not yet re-measured by attnkit"]

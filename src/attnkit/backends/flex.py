@@ -16,6 +16,7 @@ import torch
 
 from attnkit._call import AttentionCall
 from attnkit.backends import _flex_common as common
+from attnkit.backends._roofline import tile_programs
 from attnkit.backends.base import Backend, attention_flops
 
 # Measured TFLOP/s (forward, forward+backward) of compiled FlexAttention on an H200, bf16 (docs/anchors.md).
@@ -70,7 +71,7 @@ class FlexBackend(Backend):
             r.append("deterministic=True: gradients of captured tensors (bias, score_mod) use atomics")
         return r
 
-    def cost(self, call: AttentionCall) -> float:
+    def compute_seconds(self, call: AttentionCall) -> float:
         rates = _CUDA_RATES if call.device.type == "cuda" else _CPU_RATES
         rate = rates[1 if call.requires_grad else 0]
         if call.softcap is not None or call.score_mod is not None or call.bias is not None:
@@ -83,7 +84,16 @@ class FlexBackend(Backend):
         density = self._mask_block_density(call)
         if density is not None:
             flops = attention_flops(call, call.requires_grad, dense=True) * density
-        t = flops / rate + (60e-6 if call.device.type == "cuda" else 1e-3)
+        return flops / rate
+
+    def memory_traffic(self, call: AttentionCall) -> tuple[int | None, float, float]:
+        # Its Triton kernels take one program per (batch, head, query tile) and GQA heads packed in decode;
+        # priced without a split of the key range: at B=16, 32/8 heads, Sk=8k, Sq=1 flex ran 0.317 ms to
+        # SDPA's 0.134 (H200, bf16, issue 15)
+        return tile_programs(call, 128, pack_gqa=True), 1.0, 0.0
+
+    def overhead_seconds(self, call: AttentionCall) -> float:
+        t = 60e-6 if call.device.type == "cuda" else 1e-3
         if call.mask is not None or call.layout == "thd":
             t += 50e-6  # building a block mask
         return t

@@ -24,6 +24,7 @@ from attnkit._call import AttentionCall
 from attnkit._captures import captured_tensors
 from attnkit.backends import _cute
 from attnkit.backends import _flex_common as common
+from attnkit.backends._roofline import tile_programs
 from attnkit.backends.base import Backend, attention_flops
 
 _KERNEL_OPTIONS = {"BACKEND": "FLASH"}
@@ -97,7 +98,7 @@ class FlexFlashBackend(Backend):
         failed = _FAILED.get(_family(call))
         return r + ([f"an earlier FLASH compile of this call family failed: {failed}"] if failed else [])
 
-    def cost(self, call: AttentionCall) -> float:
+    def compute_seconds(self, call: AttentionCall) -> float:
         grad = 1 if call.requires_grad else 0
         rate = _RATES[grad]
         if call.softcap is not None or call.score_mod is not None or call.bias is not None:
@@ -108,7 +109,14 @@ class FlexFlashBackend(Backend):
         density = common.mask_block_density(call)
         if density is not None:
             flops = attention_flops(call, call.requires_grad, dense=True) * density
-        t = flops / rate + _LAUNCH_S
+        return flops / rate
+
+    def memory_traffic(self, call: AttentionCall) -> tuple[int | None, float, float]:
+        # FA4's CuTe kernels underneath: no split of the key range (as flash_attn4; not measured apart)
+        return tile_programs(call, 128, pack_gqa=True), 1.0, 0.0
+
+    def overhead_seconds(self, call: AttentionCall) -> float:
+        t = _LAUNCH_S
         if call.mask is not None or call.layout == "thd":
             t += 50e-6  # building a block mask
         return t

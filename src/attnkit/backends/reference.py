@@ -221,13 +221,16 @@ class ReferenceBackend(Backend):
     def run(self, call):
         return reference_forward(call)
 
-    def cost(self, call):
-        # Plain PyTorch at a few percent of the chip, plus per-chunk Python overhead.
+    def compute_seconds(self, call):
+        # Plain PyTorch at a few percent of the chip.
         if call.device.type == "cuda":
             rate = 20e12
         else:  # measured on a 2-core CPU: ~6x slower than SDPA's CPU flash kernel for fwd+bwd
             rate = 3e9 if call.requires_grad else 10e9
-        return attention_flops(call, call.requires_grad, dense=True) / rate + 1e-3
+        return attention_flops(call, call.requires_grad, dense=True) / rate
+
+    def overhead_seconds(self, call):
+        return 1e-3  # per-chunk Python overhead
 
     def notes(self, call):
         return ["exact oracle: chunked dense scores, meant for checking, not speed"]

@@ -34,7 +34,6 @@ from attnkit.backends.base import (
     attention_flops,
     dense_pairs,
     host_lengths_known,
-    kv_bytes,
     seqlens,
     to_bhsd,
 )
@@ -286,9 +285,9 @@ class SDPABackend(Backend):
         return tuple(to_bhsd(t, call.layout) for t in (call.q, call.k, call.v))
 
     # -- estimate -------------------------------------------------------------------------------------------
-    def cost(self, call: AttentionCall) -> float:
-        dense = _dense_mask_reasons(call)
-        flops = attention_flops(call, call.requires_grad, dense=bool(dense))
+    def compute_seconds(self, call: AttentionCall) -> float:
+        dense = bool(_dense_mask_reasons(call))
+        flops = attention_flops(call, call.requires_grad, dense=dense)
         rates = _CUDA_RATES if call.device.type == "cuda" else _CPU_RATES
         rate = rates[self.kind][1 if call.requires_grad else 0]
         short = call.Sk <= 1024 and not (call.requires_grad or call.causal or dense)
@@ -296,10 +295,19 @@ class SDPABackend(Backend):
             rate = _CUDNN_SHORT_FWD[min(_CUDNN_SHORT_FWD, key=lambda d: (abs(d - call.D), d))]
         if call.device.type == "cuda" and call.dtype in (torch.float32, torch.float64):
             rate /= 8  # no half-precision tensor cores
-        t = flops / rate + 20e-6
-        if call.device.type == "cuda" and call.Sq <= 16:  # decode read K+V at 3.97 TB/s (H200, issue 15)
-            t = max(t, kv_bytes(call) / 3.97e12 + 20e-6)
-        if dense:  # building and reading a dense (B, H, Sq, Sk) mask
+        return flops / rate
+
+    def memory_traffic(self, call: AttentionCall) -> tuple[int | None, float, float]:
+        # SDPA's kernels split the key range where queries are few (decode read K+V at 3.83 TB/s at B=1,
+        # H200, issue 15): they fill the device. efficient/cuDNN get GQA K/V expanded first: K/V read,
+        # group copies written, then read by the kernel. math writes and reads its fp32 scores.
+        kv_reads = 1.0 if call.group == 1 or self.kind in ("flash", "math") else 1.0 + 2.0 * call.group
+        scores = 2 * 4 * dense_pairs(call) * call.Hq if self.kind == "math" else 0.0
+        return None, kv_reads, scores
+
+    def overhead_seconds(self, call: AttentionCall) -> float:
+        t = 20e-6
+        if _dense_mask_reasons(call):  # building and reading a dense (B, H, Sq, Sk) mask
             per_elem = 1 / 1.2e12 if call.device.type == "cuda" else 1 / 4e9
             t += 2 * dense_pairs(call) * call.Hq * per_elem
         if call.layout == "thd":

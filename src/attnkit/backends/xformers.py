@@ -36,6 +36,7 @@ import torch
 from attnkit import _compile
 from attnkit._call import AttentionCall
 from attnkit.backends import _cute
+from attnkit.backends._roofline import tile_programs
 from attnkit.backends.base import Backend, attention_flops, host_lengths_known, seqlens
 
 _MODULE = "xformers.ops"
@@ -218,11 +219,18 @@ class XFormersBackend(Backend):
             _CHECKS[sig] = reasons
         return list(_CHECKS[sig])
 
-    def cost(self, call: AttentionCall) -> float:
+    def compute_seconds(self, call: AttentionCall) -> float:
         rate = _RATES[1 if call.requires_grad else 0]
         if call.dtype == torch.float32:
             rate /= 8  # CUTLASS without half-precision tensor cores
-        t = attention_flops(call, call.requires_grad) / rate + 30e-6
+        return attention_flops(call, call.requires_grad) / rate
+
+    def memory_traffic(self, call: AttentionCall) -> tuple[int | None, float, float]:
+        # not measured: priced as a kernel without a split of the key range (one program per query tile)
+        return tile_programs(call, 128), 1.0, 0.0
+
+    def overhead_seconds(self, call: AttentionCall) -> float:
+        t = 30e-6
         if call.bias is not None:  # reading a dense (B, Hq, Sq, Sk) bias
             t += 2 * call.batch * call.Hq * call.Sq * call.Sk / 1.2e12
         return t

@@ -22,7 +22,8 @@ from importlib import resources
 import torch
 
 from attnkit._call import AttentionCall
-from attnkit.backends.base import Backend, attention_flops, dense_pairs, kv_bytes
+from attnkit.backends import _roofline
+from attnkit.backends.base import Backend, attention_flops, dense_pairs
 from attnkit.backends.triton.params import FwdParams
 from attnkit.backends.triton.runtime import capability as _cap
 from attnkit.errors import UnsupportedError
@@ -159,10 +160,8 @@ class TritonBackend(Backend):
         n = _intervals.visible_pairs(iv, call, causal, window)
         return None if n is None else float(n)
 
-    def cost(self, call: AttentionCall) -> float:
-        if call.device.type != "cuda":
-            # the interpreter: correct but very slow; auto must never prefer it
-            return 1e6 + call.batch * call.Hq * call.Sq * call.Sk * (call.D + call.Dv) / 1e6
+    def _flops_pairs(self, call: AttentionCall) -> tuple[float, float, float]:
+        """(FLOPs, visible pairs, rate in FLOP/s) of a CUDA call on these kernels."""
         mode = "fwd_bwd" if call.requires_grad else "fwd"
         causal = call.causal or call.window is not None or call.mask is not None  # (masked: the causal rates)
         if mode == "fwd" and self._gluon(call):  # the Hopper kernel; short sequences run below its peak
@@ -186,16 +185,30 @@ class TritonBackend(Backend):
         else:
             pairs = dense_pairs(call)
             flops = attention_flops(call, call.requires_grad)
-        t = flops / rate
-        if call.Sq <= 16:  # decode: K+V read at 1.24 TB/s (H200, issue 15), whatever the FLOPs say
-            t = max(t, kv_bytes(call) / 1.24e12)
+        return flops, pairs, rate
+
+    def compute_seconds(self, call: AttentionCall) -> float:
+        if call.device.type != "cuda":
+            # the interpreter: correct but very slow; auto must never prefer it
+            return 1e6 + call.batch * call.Hq * call.Sq * call.Sk * (call.D + call.Dv) / 1e6
+        flops, _, rate = self._flops_pairs(call)
+        return flops / rate * (1.3 if call.dropout_p > 0 else 1.0)
+
+    def memory_traffic(self, call: AttentionCall) -> tuple[int | None, float, float]:
+        # One program per (batch, query head, query tile), each reading its KV head's K/V: a GQA call reads
+        # them group times (decode at B=16, 32/8 heads read K+V at 1.24 TB/s; H200, issue 15)
+        return _roofline.tile_programs(call, 128), float(call.group), 0.0
+
+    def overhead_seconds(self, call: AttentionCall) -> float:
+        if call.device.type != "cuda":
+            return 0.0
+        t = 0.0
         if call.bias is not None:  # the bias tile is read once per visible pair (twice more in backward)
+            _, pairs, _ = self._flops_pairs(call)
             nbytes = pairs * call.Hq * call.bias.element_size()
             t += nbytes * (3 if call.requires_grad else 1) / 3.0e12
             if call.requires_grad and call.bias.requires_grad:
                 t += pairs * call.Hq * 4 * 2 / 3.0e12  # dense fp32 dbias written and reduced
-        if call.dropout_p > 0:
-            t *= 1.3
         launches = 4 if call.requires_grad else 1
         return t + 8e-6 * launches
 

@@ -13,15 +13,17 @@ from __future__ import annotations
 import torch
 
 from attnkit._call import AttentionCall
-from attnkit.backends.base import Backend, kv_bytes
+from attnkit.backends.base import Backend, attention_flops
 from attnkit.backends.triton.runtime import capability as _cap
 
 MAX_SQ = 16
 _MAX_HEAD_DIM = 256
 _INT32 = 2**31 - 1
-# NOT MEASURED: the issue's target (>= 3.9 TB/s, 90% of the H200's copy bandwidth), beside SDPA's measured
-# 3.97 TB/s (sdpa.py's floor); replace it with the rate `attnkit bench decode` measures
-_BANDWIDTH = 4.0e12
+# The key range is split to fill the GPU: the memory term is _roofline.py's with a full grid (the issue's
+# target, >= 3.9 TB/s; H200, bf16, 2026-12-02: 4.3 TB/s at B=16 Sk=32k, ~2.4 TB/s at B=1 Sk=128k).
+# NOT MEASURED: the arithmetic rate of the packed GQA tiles (matters only from ~64 rows a tile); about the
+# forward kernel's.
+_RATE = 300e12
 _LAUNCH = 8e-6
 
 
@@ -92,10 +94,13 @@ class TritonDecodeBackend(Backend):
         )
         return out, (lse if call.return_lse else None)
 
-    def cost(self, call: AttentionCall) -> float:
+    def compute_seconds(self, call: AttentionCall) -> float:
         if call.device.type != "cuda":
             return 1e6 + call.batch * call.Hq * call.Sq * call.Sk * (call.D + call.Dv) / 1e6
-        return kv_bytes(call) / _BANDWIDTH + 2 * _LAUNCH
+        return attention_flops(call) / (_RATE / (12.0 if call.dtype == torch.float32 else 1.0))
+
+    def overhead_seconds(self, call: AttentionCall) -> float:
+        return 2 * _LAUNCH  # the split kernel and the combine
 
     def notes(self, call: AttentionCall) -> list[str]:
         return [f"GQA heads packed: {call.Sq * call.group} rows a tile; key range split to fill the GPU"]
