@@ -132,6 +132,18 @@ def test_fa4_refuses_what_it_has_not():
     assert cpu and "CUDA" in cpu[0]
 
 
+def test_fa4_refuses_varlen_window_backward_only():
+    """FA4's varlen backward with a window gave wrong dQ on the H200: thd + window + grad is refused; the
+    forward, the dense window backward and the varlen causal backward stay claimed."""
+    thd = dict(layout="thd", Hq=2, D=8, seqlens_q=[6, 1, 4], seqlens_k=[6, 4, 9])
+    reasons = fa4_backend.feature_reasons(_call(**thd, window=(2, 1), requires_grad=True)[0])
+    assert reasons and "varlen" in reasons[0] and "window" in reasons[0]
+    assert fa4_backend.feature_reasons(_call(**thd, causal=True, window=(2, -1), requires_grad=True)[0])
+    assert not fa4_backend.feature_reasons(_call(**thd, window=(2, 1))[0])
+    assert not fa4_backend.feature_reasons(_call(**thd, causal=True, requires_grad=True)[0])
+    assert not fa4_backend.feature_reasons(_call(Sq=8, window=(2, 1), requires_grad=True)[0])
+
+
 def test_flex_flash_refuses_grad_captures_and_lse_backward():
     call, _ = _call(causal=True, mask=masks.chunked(4))
     assert not flex_flash_backend.feature_reasons(call)
@@ -514,12 +526,15 @@ GPU_CLAIMS = {
         ),
     },
 }
+# claimed forward-only (the backward is refused, with a reason: test_peer_claims_hold_on_gpu checks it)
+GPU_FORWARD_ONLY = {("flash_attn4", "thd_window")}  # FA4's varlen backward with a window: wrong dQ
 GPU_REFUSALS = {
     "flash_attn4": [
         dict(bias="plain"),
         dict(dropout_p=0.1),
         dict(mask="document"),
         dict(dtype=torch.float32),
+        dict(layout="thd", seqlens_q=[70, 33], seqlens_k=[90, 60], window=(16, 8), grad=True),
     ],
     "flex_flash": [dict(bias="grad"), dict(return_lse=True), dict(dropout_p=0.1)],
     "xformers": [dict(softcap=5.0), dict(return_lse=True), dict(Sq=300, causal=True), dict(mask="document")],
@@ -583,6 +598,9 @@ def test_peer_claims_hold_on_gpu(name, case, grad):
     q, k, v, kw = _gpu_inputs(GPU_CLAIMS[name][case], torch.bfloat16, grad)
     with_lse = name == "flash_attn4" or (name == "flex_flash" and not grad)
     call = oracle.make_call(q, k, v, return_lse=with_lse, **kw)
+    if grad and (name, case) in GPU_FORWARD_ONLY:
+        assert be.why_not(call), f"{name} must refuse the backward of {case}"
+        return
     assert be.why_not(call) == [], f"{name} should claim {case}: {be.why_not(call)}"
     bias = kw.pop("bias", None)
     if with_lse:
@@ -598,8 +616,12 @@ def test_peer_claims_hold_on_gpu(name, case, grad):
 )
 def test_peer_refusals_on_gpu(name, i):
     be = _gpu_backend(name)
-    spec = {**dict(B=1, Hq=4, Sq=128, Sk=96, D=64), **GPU_REFUSALS[name][i]}
-    grad = spec.get("bias") == "grad" or spec.get("return_lse", False)
+    spec = dict(GPU_REFUSALS[name][i])
+    if spec.get("layout") != "thd":
+        spec = {**dict(B=1, Hq=4, Sq=128, Sk=96, D=64), **spec}
+    else:
+        spec = {**dict(Hq=4, D=64), **spec}
+    grad = spec.pop("grad", False) or spec.get("bias") == "grad" or spec.get("return_lse", False)
     q, k, v, kw = _gpu_inputs(spec, torch.bfloat16, grad)
     call = oracle.make_call(q, k, v, **kw)
     reasons = be.why_not(call)

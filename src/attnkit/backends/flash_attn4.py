@@ -17,6 +17,9 @@ Read from flash-attn-4 4.0.0b36's ``flash_attn/cute/interface.py`` (``flash_attn
 - softcap: FA4's ``softcap * tanh(scale * qk / softcap)``, the same as attnkit's step 2.
 - GQA / MQA natively (Hq a multiple of Hk). Rows with no visible key: out 0, lse -inf (FA4's finalize).
 - deterministic backward: FA4's ``deterministic=True`` (SM90 and SM100 kernels have it).
+- thd (varlen) with a window and gradients is refused: FA4 4.0.0b36's varlen backward with a window gave
+  wrong dQ on an H200 (measured 2026-12-02, tests/test_backends.py ``thd_window``: grad q error 1.6-2.3
+  against a budget of 0.05-0.08, forward and lse right). Dense (bhsd/bshd) windows with gradients passed.
 - Refused: bias, ALiBi, score_mod, masks other than causal/window (FA4's own score_mod/mask_mod are CuTe
   DSL functions, not PyTorch callables), dropout.
 Under torch.compile the call runs outside the graph (``torch.compiler.disable``: one graph break).
@@ -92,6 +95,11 @@ def feature_reasons(call: AttentionCall) -> list[str]:
             r.append(f"FA4 takes no {name} (its score_mod is CuTe DSL code, not a PyTorch callable)")
     if call.mask is not None or call.block_mask is not None:
         r.append("FA4 takes only causal and window masks here (a mask_mod would need CuTe DSL code)")
+    if call.layout == "thd" and call.window is not None and call.requires_grad:
+        r.append(
+            "thd with a window and gradients: FA4's varlen backward with a window gave wrong dQ "
+            "(measured on an H200, 2026-12-02, flash-attn-4 4.0.0b36)"
+        )
     return r
 
 
