@@ -478,6 +478,50 @@ def test_flex_flash_passes_flash_and_flex_lowering(monkeypatch):
     assert seen == [{"BACKEND": "FLASH", "dynamic": False}]
 
 
+def _wrapper_with(finalize_args: str):
+    """A stand-in for torch's ``flex_attention`` wrapper whose nested ``_finalize_outputs`` takes these."""
+    ns: dict = {}
+    exec(
+        f"def flex_attention(q):\n    def _finalize_outputs({finalize_args}):\n        return out\n"
+        "    return _finalize_outputs(q, None, None, return_aux=None, return_lse=False)\n",
+        ns,
+    )
+    return ns["flex_attention"]
+
+
+def test_flex_flash_reads_the_lse_convention_from_torch():
+    """torch before pytorch#181824 multiplied FLASH's natural-log lse by ln 2 (no stats_are_log2 flag)."""
+    old = _wrapper_with("out, lse, max_scores, *, return_aux, return_lse")
+    new = _wrapper_with("out, lse, max_scores, *, return_aux, return_lse, stats_are_log2")
+    assert flex_flash_backend.lse_factor_of(old) == pytest.approx(1 / math.log(2))
+    assert flex_flash_backend.lse_factor_of(new) == 1.0
+    assert flex_flash_backend.lse_factor_of(lambda q: q) is None
+    installed = flex_flash_backend.lse_factor()
+    assert installed == flex_flash_backend.lse_factor_of(_flex_common.flex_module().flex_attention)
+
+
+@pytest.mark.parametrize("factor", [1.0, 1 / math.log(2), None])
+def test_flex_flash_lse_is_natural_log_whatever_the_wrapper(factor, monkeypatch):
+    fa = _flex_common.flex_module()
+    scale = 1.0 if factor is None else 1 / factor  # what the stand-in wrapper does to the true lse
+
+    def fake_compiled(q, k, v, kernel_options=None, **kw):
+        out, aux = fa.flex_attention(q, k, v, **kw)
+        return out, types.SimpleNamespace(lse=aux.lse * scale)
+
+    monkeypatch.setattr(_flex_common, "compiled_flex", lambda: fake_compiled)
+    monkeypatch.setattr(flex_flash_backend, "_LSE_FACTOR", [factor])
+    call, _ = _call(B=1, Hq=2, Sq=8, Sk=11, D=16, dtype=torch.float32, causal=True, return_lse=True)
+    if factor is None:
+        assert any("ln 2" in r for r in flex_flash_backend.feature_reasons(call))
+        return
+    assert not flex_flash_backend.feature_reasons(call)
+    out, lse = flex_flash_backend.BACKEND.run(call)
+    ref_out, ref_lse = reference_forward(call)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU: every claimed feature against the float64 oracle, and refusals (run by the lead on the H200)
 # ----------------------------------------------------------------------------------------------------------
