@@ -713,3 +713,59 @@ def test_flex_flash_remembers_a_failed_compile(monkeypatch):
     assert "NYI" in flex_flash_backend._FAILED[flex_flash_backend._family(call)]
     other, _ = _call(B=1, Hq=2, Sq=8, D=16, dtype=torch.float32)
     assert flex_flash_backend._family(other) not in flex_flash_backend._FAILED
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a peer that is installed but does not import: a reason, never a crash (of dispatch or of a benchmark)
+# ----------------------------------------------------------------------------------------------------------
+def _broken_xformers():
+    # what the H200 image raised: flash_attn is FA4's namespace package, without FA2's interface
+    raise ModuleNotFoundError("No module named 'flash_attn.flash_attn_interface'")
+
+
+def test_find_problem_reports_any_exception_of_a_parent_import(monkeypatch):
+    def find_spec(name):
+        raise RuntimeError("xformers/__init__.py exploded")
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    why = _cute.find_problem("not_a_module_xyz.ops", "xyz")
+    assert "RuntimeError" in why and "exploded" in why
+    assert not _cute.findable("not_a_module_xyz.ops")
+    assert not _optional._found("not_a_module_xyz.ops")
+
+
+def test_xformers_that_does_not_import_is_unavailable_with_the_reason(monkeypatch):
+    monkeypatch.setattr(_cute, "find_problem", lambda name, package: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(xformers_backend, "xformers_ops", _broken_xformers)
+    monkeypatch.setattr(xformers_backend, "_IMPORT_ERROR", [])
+    ok, why = xformers_backend.XFormersBackend()._check_available()
+    assert not ok and "ModuleNotFoundError" in why and "flash_attn_interface" in why
+
+
+def test_bench_kernels_drops_a_peer_that_does_not_import(monkeypatch, capsys):
+    from attnkit.bench import kernels
+
+    records = [dispatch.BackendRecord(n, True, None, "") for n in ("flash_attn4", "flex_flash", "xformers")]
+    monkeypatch.setattr(attnkit, "backends", lambda: records)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", _fake_fa4([]))
+    monkeypatch.setattr(_cute, "_IMPORT_ERROR", [None])
+    monkeypatch.setattr(xformers_backend, "_IMPORT_ERROR", [None])  # the adapter's check passed ...
+    monkeypatch.setitem(sys.modules, "xformers.ops", None)  # ... but the direct import fails
+    monkeypatch.setattr(kernels, "_NOTED", set())
+    run = kernels._peer_runners(False)
+    assert set(run) == {"attnkit:flash_attn4", "attnkit:flex_flash", "attnkit:xformers", kernels.FA4_DIRECT}
+    out = capsys.readouterr().out
+    assert out.count("drops out") == 1 and f"{kernels.XFORMERS_DIRECT} drops out" in out
+
+    monkeypatch.setattr(xformers_backend, "_IMPORT_ERROR", [])
+    monkeypatch.setattr(xformers_backend, "xformers_ops", _broken_xformers)
+    monkeypatch.setattr(kernels, "_NOTED", set())
+    assert "attnkit:xformers" not in kernels._peer_runners(False)
+    assert "flash_attn_interface" in capsys.readouterr().out
+
+    built = []
+    real = kernels._peer_fn
+    monkeypatch.setattr(kernels, "_peer_fn", lambda label, *a: built.append(label) or real(label, *a))
+    run = kernels._peer_runners(True, {"attnkit:flash_attn4", kernels.FA4_DIRECT, "sdpa_cudnn"})
+    assert set(run) == set(built) == {"attnkit:flash_attn4", kernels.FA4_DIRECT}  # only the kept peers
