@@ -769,3 +769,37 @@ def test_bench_kernels_drops_a_peer_that_does_not_import(monkeypatch, capsys):
     monkeypatch.setattr(kernels, "_peer_fn", lambda label, *a: built.append(label) or real(label, *a))
     run = kernels._peer_runners(True, {"attnkit:flash_attn4", kernels.FA4_DIRECT, "sdpa_cudnn"})
     assert set(run) == set(built) == {"attnkit:flash_attn4", kernels.FA4_DIRECT}  # only the kept peers
+
+
+def _fake_fa4_paged(q, k, v, page_table=None, seqused_k=None, **rest):
+    """FA4's paged varlen call as its interface.py asserts it (no cu_seqlens: q (B, Sq, Hq, D); pages
+    (num_pages, page_size, Hk, D); page_table (B, max_pages) int32; seqused_k (B,) int32), in float64."""
+    assert not rest, rest
+    B, Sq, Hq, D = q.shape  # a 3-D q here is what failed on the H200 ("input of rank 3")
+    num_pages, ps, Hk, _ = k.shape
+    assert page_table.dtype == torch.int32 and page_table.shape[0] == B and page_table.stride(-1) == 1
+    assert seqused_k.dtype == torch.int32 and seqused_k.shape == (B,)
+    outs = []
+    for b in range(B):
+        n = int(seqused_k[b])
+        rows = page_table[b].long()
+        kb, vb = (t[rows].reshape(-1, Hk, t.shape[-1])[:n][None] for t in (k, v))
+        outs.append(_fa_semantics(q[b : b + 1], kb, vb, D**-0.5, False, (None, None), 0.0)[0])
+    return torch.cat(outs), None
+
+
+def test_bench_decode_calls_fa4_paged_as_its_api_says():
+    from attnkit.bench import decode
+
+    gen = torch.Generator().manual_seed(0)
+    B, L, Sq, Hq, Hk, D, ps = 2, 37, 2, 4, 2, 8, 16
+    q = torch.randn(B, Sq, Hq, D, dtype=F64)
+    k, v = (torch.randn(B, L, Hk, D, dtype=F64) for _ in range(2))
+    kp, table = decode._paged_copy(k, ps, gen)
+    vp = decode._same_order(v, kp, table, ps)
+    lens = torch.full((B,), L, dtype=torch.int32)
+    out, _ = decode._fa4_paged_call(_fake_fa4_paged, q, kp, vp, table, lens)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
