@@ -732,6 +732,8 @@ def test_find_problem_reports_any_exception_of_a_parent_import(monkeypatch):
     assert "RuntimeError" in why and "exploded" in why
     assert not _cute.findable("not_a_module_xyz.ops")
     assert not _optional._found("not_a_module_xyz.ops")
+    monkeypatch.undo()
+    assert "is not installed" in _cute.find_problem("not_a_module_xyz.ops", "xyz")  # no parent package
 
 
 def test_xformers_that_does_not_import_is_unavailable_with_the_reason(monkeypatch):

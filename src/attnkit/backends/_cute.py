@@ -30,11 +30,17 @@ def find_problem(name: str, package: str) -> str | None:
     they raise (not only ImportError) is the reason."""
     if name in sys.modules:
         return None
+    missing = f"{name} (pip package {package}) is not installed"
     try:
         found = importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError as e:
+        parent = e.name or ""
+        if parent and (name == parent or name.startswith(parent + ".")):
+            return missing  # a parent package is not there
+        return f"{name} ({package}) does not import: {type(e).__name__}: {e}"
     except Exception as e:  # a broken parent package: a reason, never a crash
         return f"{name} ({package}) does not import: {type(e).__name__}: {e}"
-    return None if found else f"{name} (pip package {package}) is not installed"
+    return None if found else missing
 
 
 def findable(name: str) -> bool:
