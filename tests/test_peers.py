@@ -144,6 +144,45 @@ def test_fa4_refuses_varlen_window_backward_only():
     assert not fa4_backend.feature_reasons(_call(Sq=8, window=(2, 1), requires_grad=True)[0])
 
 
+class _NoLseGrad(torch.autograd.Function):  # as flash-attn's cute/interface.py (2025-2026 sources) has it
+    @staticmethod
+    def forward(ctx, q):
+        lse = q.sum(-1)
+        ctx.mark_non_differentiable(lse)
+        return q, lse
+
+    @staticmethod
+    def backward(ctx, dout, *args):
+        return dout
+
+
+class _LseGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q):
+        return q, q.sum(-1)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return dout + dlse[..., None]
+
+
+class _LseIgnored(_LseGrad):
+    @staticmethod
+    def backward(ctx, dout, *args):
+        return dout
+
+
+def test_fa4_lse_gradient_read_from_its_interface():
+    def iface(cls, varlen=None):
+        return types.SimpleNamespace(FlashAttnFunc=cls, FlashAttnVarlenFunc=varlen or cls)
+
+    assert "non-differentiable" in fa4_backend.lse_grad_problem_of(iface(_NoLseGrad))
+    assert "no lse gradient" in fa4_backend.lse_grad_problem_of(iface(_LseIgnored))
+    assert fa4_backend.lse_grad_problem_of(iface(_LseGrad)) is None
+    assert fa4_backend.lse_grad_problem_of(iface(_LseGrad, _NoLseGrad))  # both must carry it
+    assert "could not be read" in fa4_backend.lse_grad_problem_of(types.SimpleNamespace())
+
+
 def test_flex_flash_refuses_grad_captures_and_lse_backward():
     call, _ = _call(causal=True, mask=masks.chunked(4))
     assert not flex_flash_backend.feature_reasons(call)
@@ -640,7 +679,8 @@ def test_peer_claims_hold_on_gpu(name, case, grad):
     """bf16, except the cases that name a dtype (few: each CuTe DSL kernel compile costs seconds)."""
     be = _gpu_backend(name)
     q, k, v, kw = _gpu_inputs(GPU_CLAIMS[name][case], torch.bfloat16, grad)
-    with_lse = name == "flash_attn4" or (name == "flex_flash" and not grad)
+    fa4_lse_grad = name == "flash_attn4" and not fa4_backend.lse_grad_problem()
+    with_lse = (name == "flash_attn4" and (not grad or fa4_lse_grad)) or (name == "flex_flash" and not grad)
     call = oracle.make_call(q, k, v, return_lse=with_lse, **kw)
     if grad and (name, case) in GPU_FORWARD_ONLY:
         assert be.why_not(call), f"{name} must refuse the backward of {case}"
@@ -673,6 +713,34 @@ def test_peer_refusals_on_gpu(name, i):
     with pytest.raises(UnsupportedError) as info:
         attnkit.attention(q, k, v, backend=name, **kw)
     assert info.value.reasons == reasons
+
+
+@pytest.mark.cuda
+def test_fa4_lse_gradient_is_right_or_refused():
+    """A loss through the lse (as context parallelism's merge has): where FA4 claims return_lse with
+    gradients, dq/dk from the lse match the float64 oracle's; elsewhere the call is refused."""
+    be = _gpu_backend("flash_attn4")
+    q, k, v, kw = oracle.make_inputs(
+        B=1, Hq=4, Hk=2, Sq=200, Sk=300, D=64, dtype=torch.bfloat16, device="cuda", requires_grad=True
+    )
+    call = oracle.make_call(q, k, v, causal=True, return_lse=True, **kw)
+    problem = fa4_backend.lse_grad_problem()
+    if problem:
+        assert any(problem in r for r in be.why_not(call)), be.why_not(call)
+        return
+    assert be.why_not(call) == []
+    _, lse = attnkit.attention(q, k, v, causal=True, return_lse=True, backend="flash_attn4", **kw)
+    g = torch.randn_like(lse)
+    (lse * g).sum().backward()
+    ref = [oracle.clone_leaf(t, F64) for t in (q, k, v)]
+    (oracle.attention64(*ref, causal=True, **kw)[1] * g.double()).sum().backward()
+    base = [oracle.clone_leaf(t) for t in (q, k, v)]  # plain bf16 PyTorch: the error budget's baseline
+    base_call = oracle.make_call(*base, causal=True, return_lse=True, **kw)
+    (reference_forward(base_call, upcast=False)[1] * g).sum().backward()
+    for i, name in enumerate("qk"):
+        oracle.assert_close(
+            (q, k)[i].grad, ref[i].grad, base[i].grad, dtype=q.dtype, name=f"grad {name} through lse"
+        )
 
 
 @pytest.mark.cuda
