@@ -85,22 +85,22 @@ def feature_reasons(call: AttentionCall) -> list[str]:
 
 def lse_factor_of(flex_attention) -> float | None:
     """What turns the lse that ``flex_attention`` (torch's wrapper function) returns with BACKEND="FLASH"
-    into the natural-log lse: 1.0 where its nested ``_finalize_outputs`` takes ``stats_are_log2`` (the
-    fixed wrapper leaves FLASH's lse alone), 1 / ln 2 where it takes no such flag (the wrapper multiplies
-    FA4's natural-log lse by ln 2), None where there is no ``_finalize_outputs`` to read (unknown)."""
+    into the natural-log lse: 1.0 where its ``_finalize_outputs`` (nested in it, or in its module) takes
+    ``stats_are_log2`` (the fixed wrapper leaves FLASH's lse alone), 1 / ln 2 where it takes no such flag
+    (the wrapper multiplies FA4's natural-log lse by ln 2), None where there is none to read (unknown)."""
     fn = inspect.unwrap(flex_attention)
-    todo = [getattr(fn, "__code__", None)]
-    while todo:
-        code = todo.pop()
-        if code is None:
-            continue
-        for c in code.co_consts:
-            if not isinstance(c, types.CodeType):
-                continue
-            if c.co_name == "_finalize_outputs":
-                names = c.co_varnames[: c.co_argcount + c.co_kwonlyargcount]
-                return 1.0 if "stats_are_log2" in names else 1.0 / math.log(2.0)
-            todo.append(c)
+    codes = [getattr(fn, "__code__", None)]
+    module_level = getattr(inspect.getmodule(fn), "_finalize_outputs", None)
+    found = [getattr(module_level, "__code__", None)]
+    while codes:  # every code object nested in the wrapper
+        code = codes.pop()
+        for c in getattr(code, "co_consts", ()):
+            if isinstance(c, types.CodeType):
+                (found if c.co_name == "_finalize_outputs" else codes).append(c)
+    for c in found[::-1]:  # a nested one first (it is the one the wrapper calls)
+        if isinstance(c, types.CodeType):
+            names = c.co_varnames[: c.co_argcount + c.co_kwonlyargcount]
+            return 1.0 if "stats_are_log2" in names else 1.0 / math.log(2.0)
     return None
 
 
