@@ -89,11 +89,42 @@ def test_dynamo_compiles_are_counted_once_per_graph():
     assert attnkit.compile_count() == sum(_compile.counts().values())
 
 
+def test_flex_thd_new_lengths_and_sequence_counts_reuse_one_graph():
+    """The flex backend's thd mods capture only per-row tensors (sizes Tq, Tk): after two warm-ups of
+    different total lengths (dynamo's automatic dynamic shapes make them symbolic at the second), new
+    lengths and a new number of sequences compile nothing. A per-sequence tensor in the closure (size = the
+    number of sequences) recompiled flex_attention and create_block_mask at 3 -> 4 sequences (H200).
+    On the CPU: flex_attention compiled with the "eager" backend, so dynamo's guards are the real ones."""
+    from attnkit.backends import _flex_common as common
+
+    fn = torch.compile(common.flex_module().flex_attention, backend="eager")
+
+    def run(lens):
+        q, k, v, kw = oracle.make_inputs("thd", Hq=2, D=16, seqlens_q=lens)
+        call = oracle.make_call(q, k, v, causal=True, **kw)
+        q4, k4, v4, score_mod, mask_mod, B, Q, K = common.inputs(call)
+        bm = common.block_mask(call, mask_mod, B, Q, K)
+        kwargs = dict(score_mod=score_mod, block_mask=bm, scale=call.scale)
+        out, _ = common.call_flex(fn, q4, k4, v4, False, kwargs, dynamic=True)
+        torch.testing.assert_close(out[0].transpose(0, 1), attnkit.attention(q, k, v, causal=True, **kw))
+
+    torch._dynamo.reset()
+    run([10, 3, 25])
+    run([9, 3, 20])
+    before = attnkit.compile_count()
+    run([2, 33, 1, 6])
+    run([11, 4, 26])
+    run([5, 7])
+    assert attnkit.compile_count() == before
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton", "flex"])
 def test_new_lengths_compile_nothing(backend):
-    """After a warm-up call per length bucket, packed batches of new lengths compile nothing (triton: lengths
-    are runtime arguments; flex: thd lengths are dynamic)."""
+    """After warm-up calls of two different total lengths (flex: dynamo's automatic dynamic shapes make the
+    lengths symbolic at the second), packed batches of new lengths and new numbers of sequences (>= 2)
+    compile nothing (triton: lengths are runtime arguments; flex: thd lengths are dynamic and its mods
+    capture only per-row tensors)."""
 
     def run(lens):
         dt = torch.bfloat16

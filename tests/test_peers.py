@@ -132,6 +132,57 @@ def test_fa4_refuses_what_it_has_not():
     assert cpu and "CUDA" in cpu[0]
 
 
+def test_fa4_refuses_varlen_window_backward_only():
+    """FA4's varlen backward with a window gave wrong dQ on the H200: thd + window + grad is refused; the
+    forward, the dense window backward and the varlen causal backward stay claimed."""
+    thd = dict(layout="thd", Hq=2, D=8, seqlens_q=[6, 1, 4], seqlens_k=[6, 4, 9])
+    reasons = fa4_backend.feature_reasons(_call(**thd, window=(2, 1), requires_grad=True)[0])
+    assert reasons and "varlen" in reasons[0] and "window" in reasons[0]
+    assert fa4_backend.feature_reasons(_call(**thd, causal=True, window=(2, -1), requires_grad=True)[0])
+    assert not fa4_backend.feature_reasons(_call(**thd, window=(2, 1))[0])
+    assert not fa4_backend.feature_reasons(_call(**thd, causal=True, requires_grad=True)[0])
+    assert not fa4_backend.feature_reasons(_call(Sq=8, window=(2, 1), requires_grad=True)[0])
+
+
+class _NoLseGrad(torch.autograd.Function):  # as flash-attn's cute/interface.py (2025-2026 sources) has it
+    @staticmethod
+    def forward(ctx, q):
+        lse = q.sum(-1)
+        ctx.mark_non_differentiable(lse)
+        return q, lse
+
+    @staticmethod
+    def backward(ctx, dout, *args):
+        return dout
+
+
+class _LseGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q):
+        return q, q.sum(-1)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return dout + dlse[..., None]
+
+
+class _LseIgnored(_LseGrad):
+    @staticmethod
+    def backward(ctx, dout, *args):
+        return dout
+
+
+def test_fa4_lse_gradient_read_from_its_interface():
+    def iface(cls, varlen=None):
+        return types.SimpleNamespace(FlashAttnFunc=cls, FlashAttnVarlenFunc=varlen or cls)
+
+    assert "non-differentiable" in fa4_backend.lse_grad_problem_of(iface(_NoLseGrad))
+    assert "no lse gradient" in fa4_backend.lse_grad_problem_of(iface(_LseIgnored))
+    assert fa4_backend.lse_grad_problem_of(iface(_LseGrad)) is None
+    assert fa4_backend.lse_grad_problem_of(iface(_LseGrad, _NoLseGrad))  # both must carry it
+    assert "could not be read" in fa4_backend.lse_grad_problem_of(types.SimpleNamespace())
+
+
 def test_flex_flash_refuses_grad_captures_and_lse_backward():
     call, _ = _call(causal=True, mask=masks.chunked(4))
     assert not flex_flash_backend.feature_reasons(call)
@@ -466,6 +517,50 @@ def test_flex_flash_passes_flash_and_flex_lowering(monkeypatch):
     assert seen == [{"BACKEND": "FLASH", "dynamic": False}]
 
 
+def _wrapper_with(finalize_args: str):
+    """A stand-in for torch's ``flex_attention`` wrapper whose nested ``_finalize_outputs`` takes these."""
+    ns: dict = {}
+    exec(
+        f"def flex_attention(q):\n    def _finalize_outputs({finalize_args}):\n        return out\n"
+        "    return _finalize_outputs(q, None, None, return_aux=None, return_lse=False)\n",
+        ns,
+    )
+    return ns["flex_attention"]
+
+
+def test_flex_flash_reads_the_lse_convention_from_torch():
+    """torch before pytorch#181824 multiplied FLASH's natural-log lse by ln 2 (no stats_are_log2 flag)."""
+    old = _wrapper_with("out, lse, max_scores, *, return_aux, return_lse")
+    new = _wrapper_with("out, lse, max_scores, *, return_aux, return_lse, stats_are_log2")
+    assert flex_flash_backend.lse_factor_of(old) == pytest.approx(1 / math.log(2))
+    assert flex_flash_backend.lse_factor_of(new) == 1.0
+    assert flex_flash_backend.lse_factor_of(lambda q: q) is None
+    installed = flex_flash_backend.lse_factor()
+    assert installed == flex_flash_backend.lse_factor_of(_flex_common.flex_module().flex_attention)
+
+
+@pytest.mark.parametrize("factor", [1.0, 1 / math.log(2), None])
+def test_flex_flash_lse_is_natural_log_whatever_the_wrapper(factor, monkeypatch):
+    fa = _flex_common.flex_module()
+    scale = 1.0 if factor is None else 1 / factor  # what the stand-in wrapper does to the true lse
+
+    def fake_compiled(q, k, v, kernel_options=None, **kw):
+        out, aux = fa.flex_attention(q, k, v, **kw)
+        return out, types.SimpleNamespace(lse=aux.lse * scale)
+
+    monkeypatch.setattr(_flex_common, "compiled_flex", lambda: fake_compiled)
+    monkeypatch.setattr(flex_flash_backend, "_LSE_FACTOR", [factor])
+    call, _ = _call(B=1, Hq=2, Sq=8, Sk=11, D=16, dtype=torch.float32, causal=True, return_lse=True)
+    if factor is None:
+        assert any("ln 2" in r for r in flex_flash_backend.feature_reasons(call))
+        return
+    assert not flex_flash_backend.feature_reasons(call)
+    out, lse = flex_flash_backend.BACKEND.run(call)
+    ref_out, ref_lse = reference_forward(call)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU: every claimed feature against the float64 oracle, and refusals (run by the lead on the H200)
 # ----------------------------------------------------------------------------------------------------------
@@ -514,12 +609,15 @@ GPU_CLAIMS = {
         ),
     },
 }
+# claimed forward-only (the backward is refused, with a reason: test_peer_claims_hold_on_gpu checks it)
+GPU_FORWARD_ONLY = {("flash_attn4", "thd_window")}  # FA4's varlen backward with a window: wrong dQ
 GPU_REFUSALS = {
     "flash_attn4": [
         dict(bias="plain"),
         dict(dropout_p=0.1),
         dict(mask="document"),
         dict(dtype=torch.float32),
+        dict(layout="thd", seqlens_q=[70, 33], seqlens_k=[90, 60], window=(16, 8), grad=True),
     ],
     "flex_flash": [dict(bias="grad"), dict(return_lse=True), dict(dropout_p=0.1)],
     "xformers": [dict(softcap=5.0), dict(return_lse=True), dict(Sq=300, causal=True), dict(mask="document")],
@@ -581,8 +679,12 @@ def test_peer_claims_hold_on_gpu(name, case, grad):
     """bf16, except the cases that name a dtype (few: each CuTe DSL kernel compile costs seconds)."""
     be = _gpu_backend(name)
     q, k, v, kw = _gpu_inputs(GPU_CLAIMS[name][case], torch.bfloat16, grad)
-    with_lse = name == "flash_attn4" or (name == "flex_flash" and not grad)
+    fa4_lse_grad = name == "flash_attn4" and not fa4_backend.lse_grad_problem()
+    with_lse = (name == "flash_attn4" and (not grad or fa4_lse_grad)) or (name == "flex_flash" and not grad)
     call = oracle.make_call(q, k, v, return_lse=with_lse, **kw)
+    if grad and (name, case) in GPU_FORWARD_ONLY:
+        assert be.why_not(call), f"{name} must refuse the backward of {case}"
+        return
     assert be.why_not(call) == [], f"{name} should claim {case}: {be.why_not(call)}"
     bias = kw.pop("bias", None)
     if with_lse:
@@ -598,8 +700,12 @@ def test_peer_claims_hold_on_gpu(name, case, grad):
 )
 def test_peer_refusals_on_gpu(name, i):
     be = _gpu_backend(name)
-    spec = {**dict(B=1, Hq=4, Sq=128, Sk=96, D=64), **GPU_REFUSALS[name][i]}
-    grad = spec.get("bias") == "grad" or spec.get("return_lse", False)
+    spec = dict(GPU_REFUSALS[name][i])
+    if spec.get("layout") != "thd":
+        spec = {**dict(B=1, Hq=4, Sq=128, Sk=96, D=64), **spec}
+    else:
+        spec = {**dict(Hq=4, D=64), **spec}
+    grad = spec.pop("grad", False) or spec.get("bias") == "grad" or spec.get("return_lse", False)
     q, k, v, kw = _gpu_inputs(spec, torch.bfloat16, grad)
     call = oracle.make_call(q, k, v, **kw)
     reasons = be.why_not(call)
@@ -607,6 +713,34 @@ def test_peer_refusals_on_gpu(name, i):
     with pytest.raises(UnsupportedError) as info:
         attnkit.attention(q, k, v, backend=name, **kw)
     assert info.value.reasons == reasons
+
+
+@pytest.mark.cuda
+def test_fa4_lse_gradient_is_right_or_refused():
+    """A loss through the lse (as context parallelism's merge has): where FA4 claims return_lse with
+    gradients, dq/dk from the lse match the float64 oracle's; elsewhere the call is refused."""
+    be = _gpu_backend("flash_attn4")
+    q, k, v, kw = oracle.make_inputs(
+        B=1, Hq=4, Hk=2, Sq=200, Sk=300, D=64, dtype=torch.bfloat16, device="cuda", requires_grad=True
+    )
+    call = oracle.make_call(q, k, v, causal=True, return_lse=True, **kw)
+    problem = fa4_backend.lse_grad_problem()
+    if problem:
+        assert any(problem in r for r in be.why_not(call)), be.why_not(call)
+        return
+    assert be.why_not(call) == []
+    _, lse = attnkit.attention(q, k, v, causal=True, return_lse=True, backend="flash_attn4", **kw)
+    g = torch.randn_like(lse)
+    (lse * g).sum().backward()
+    ref = [oracle.clone_leaf(t, F64) for t in (q, k, v)]
+    (oracle.attention64(*ref, causal=True, **kw)[1] * g.double()).sum().backward()
+    base = [oracle.clone_leaf(t) for t in (q, k, v)]  # plain bf16 PyTorch: the error budget's baseline
+    base_call = oracle.make_call(*base, causal=True, return_lse=True, **kw)
+    (reference_forward(base_call, upcast=False)[1] * g).sum().backward()
+    for i, name in enumerate("qk"):
+        oracle.assert_close(
+            (q, k)[i].grad, ref[i].grad, base[i].grad, dtype=q.dtype, name=f"grad {name} through lse"
+        )
 
 
 @pytest.mark.cuda

@@ -23,15 +23,29 @@ def module():
     return importlib.import_module(MODULE)
 
 
-def findable(name: str) -> bool:
-    """Whether module ``name`` is installed, without importing it (``import attnkit`` must stay fast: the
-    CuTe DSL takes seconds to import; it is imported at the first call that could run on it)."""
+def find_problem(name: str, package: str) -> str | None:
+    """Why module ``name`` (pip package ``package``) is not installed, or None where it is, without
+    importing it (``import attnkit`` must stay fast: the CuTe DSL takes seconds to import; it is imported at
+    the first call that could run on it). ``find_spec`` of a submodule imports its parent packages: whatever
+    they raise (not only ImportError) is the reason."""
     if name in sys.modules:
-        return True
+        return None
+    missing = f"{name} (pip package {package}) is not installed"
     try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
+        found = importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError as e:
+        parent = e.name or ""
+        if parent and (name == parent or name.startswith(parent + ".")):
+            return missing  # a parent package is not there
+        return f"{name} ({package}) does not import: {type(e).__name__}: {e}"
+    except Exception as e:  # a broken parent package: a reason, never a crash
+        return f"{name} ({package}) does not import: {type(e).__name__}: {e}"
+    return None if found else missing
+
+
+def findable(name: str) -> bool:
+    """Whether module ``name`` is installed (:func:`find_problem` finds none), without importing it."""
+    return find_problem(name, name) is None
 
 
 _IMPORT_ERROR: list = []
@@ -51,8 +65,9 @@ def import_error() -> str | None:
 def availability() -> tuple[bool, str | None]:
     """(True, None) where flash_attn.cute is installed and a GPU of a served architecture is present; the
     import itself waits for the first call (:func:`import_error`)."""
-    if not findable(MODULE):
-        return False, f"{MODULE} (pip package flash-attn-4) is not installed"
+    problem = find_problem(MODULE, "flash-attn-4")
+    if problem is not None:
+        return False, problem
     if not torch.cuda.is_available():
         return False, "needs a CUDA device"
     major, minor = torch.cuda.get_device_capability()

@@ -187,7 +187,10 @@ def packed_mods(call: AttentionCall):
     k_doc = torch.searchsorted(ck[1:], torch.arange(call.k.shape[0], device=dev), right=True)
     q_pos = torch.arange(call.q.shape[0], device=dev) - cq[q_doc]
     k_pos = torch.arange(call.k.shape[0], device=dev) - ck[k_doc]
-    offs = lk_t - lq_t
+    # Each query row's own bottom-right offset, so that the mods capture only per-row tensors (sizes Tq, Tk):
+    # a per-sequence tensor (size = number of sequences) in the closure made every new number of sequences
+    # a new guard failure, i.e. a recompile of flex_attention and of create_block_mask (H200, 2026-12-02).
+    q_off = (lk_t - lq_t)[q_doc]
     user_score = call.bound_score_mod(lq_t, lk_t)
     user_mask = call.bound_mask_mod(lq_t, lk_t)
     bias = None
@@ -210,7 +213,7 @@ def packed_mods(call: AttentionCall):
             h=h,
             q=qp,
             kv=kp,
-            off=offs[n],
+            off=q_off[q_idx],
         )
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -224,7 +227,7 @@ def packed_mods(call: AttentionCall):
             h=h,
             q=q_pos[q_idx],
             kv=k_pos[kv_idx],
-            off=offs[n],
+            off=q_off[q_idx],
         )
         return same if vis is None else same & vis
 

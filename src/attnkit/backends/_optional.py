@@ -21,7 +21,7 @@ WITHOUT_ADAPTER = {
 def _found(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a parent package missing, or a broken one
+    except Exception:  # a parent package missing, or a broken one (it may raise anything)
         return False
 
 

@@ -17,12 +17,23 @@ Read from flash-attn-4 4.0.0b36's ``flash_attn/cute/interface.py`` (``flash_attn
 - softcap: FA4's ``softcap * tanh(scale * qk / softcap)``, the same as attnkit's step 2.
 - GQA / MQA natively (Hq a multiple of Hk). Rows with no visible key: out 0, lse -inf (FA4's finalize).
 - deterministic backward: FA4's ``deterministic=True`` (SM90 and SM100 kernels have it).
+- return_lse with gradients only where FA4's lse carries a gradient: its ``FlashAttnFunc`` /
+  ``FlashAttnVarlenFunc`` mark the lse non-differentiable ("LSE gradient is not supported yet") in the
+  sources we could read, and a loss through the lse (context parallelism's merge) would silently get no
+  gradient from it. :func:`lse_grad_problem` reads the installed ``interface.py``: claimed only where the
+  backward takes a ``dlse`` and nothing marks the lse non-differentiable.
+- thd (varlen) with a window and gradients is refused: FA4 4.0.0b36's varlen backward with a window gave
+  wrong dQ on an H200 (measured 2026-12-02, tests/test_backends.py ``thd_window``: grad q error 1.6-2.3
+  against a budget of 0.05-0.08, forward and lse right). Dense (bhsd/bshd) windows with gradients passed.
 - Refused: bias, ALiBi, score_mod, masks other than causal/window (FA4's own score_mod/mask_mod are CuTe
   DSL functions, not PyTorch callables), dropout.
 Under torch.compile the call runs outside the graph (``torch.compiler.disable``: one graph break).
 """
 
 from __future__ import annotations
+
+import importlib
+import inspect
 
 import torch
 
@@ -94,7 +105,41 @@ def feature_reasons(call: AttentionCall) -> list[str]:
             r.append(f"FA4 takes no {name} (its score_mod is CuTe DSL code, not a PyTorch callable)")
     if call.mask is not None or call.block_mask is not None:
         r.append("FA4 takes only causal and window masks here (a mask_mod would need CuTe DSL code)")
+    if call.layout == "thd" and call.window is not None and call.requires_grad:
+        r.append(
+            "thd with a window and gradients: FA4's varlen backward with a window gave wrong dQ "
+            "(measured on an H200, 2026-12-02, flash-attn-4 4.0.0b36)"
+        )
     return r
+
+
+def lse_grad_problem_of(interface) -> str | None:
+    """Why the lse of FA4's autograd Functions in module ``interface`` carries no gradient, or None where
+    both Functions' backward take one (a ``dlse``) and neither marks the lse non-differentiable."""
+    for name in ("FlashAttnFunc", "FlashAttnVarlenFunc"):
+        fn = getattr(interface, name, None)
+        try:
+            fwd, bwd = (inspect.getsource(getattr(fn, m)).replace(" ", "") for m in ("forward", "backward"))
+        except (AttributeError, OSError, TypeError):
+            return f"FA4's {name} source could not be read: the lse gradient is not known to be there"
+        if "mark_non_differentiable(lse)" in fwd:
+            return f"FA4's {name} marks its lse non-differentiable (no gradient through return_lse)"
+        if "dlse" not in bwd:
+            return f"FA4's {name}.backward takes no lse gradient (no gradient through return_lse)"
+    return None
+
+
+_LSE_GRAD: list = []
+
+
+def lse_grad_problem() -> str | None:
+    """:func:`lse_grad_problem_of` the installed ``flash_attn.cute.interface`` (read once)."""
+    if not _LSE_GRAD:
+        try:
+            _LSE_GRAD.append(lse_grad_problem_of(importlib.import_module(_cute.MODULE + ".interface")))
+        except Exception as e:  # unreadable: not claimed
+            _LSE_GRAD.append(f"FA4's interface does not import ({type(e).__name__}): lse gradient unknown")
+    return _LSE_GRAD[0]
 
 
 @_compile.outside_graph
@@ -111,7 +156,12 @@ class FlashAttn4Backend(Backend):
 
     def why_not(self, call: AttentionCall) -> list[str]:
         r = _cute.common_reasons(call)
-        return r if call.device.type != "cuda" else r + feature_reasons(call)
+        if call.device.type != "cuda":
+            return r
+        r += feature_reasons(call)
+        if not r and call.return_lse and call.requires_grad and lse_grad_problem():
+            r.append(f"return_lse with gradients: {lse_grad_problem()}")
+        return r
 
     def compute_seconds(self, call: AttentionCall) -> float:
         short = "short" if call.Sk <= 1024 else "long"

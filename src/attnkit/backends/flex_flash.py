@@ -13,10 +13,19 @@ by inductor's CuTe DSL template (``torch/_inductor/kernel/flex/flex_flash_attent
 - No dropout; no deterministic backward on SM90 with a block mask (torch raises): deterministic with
   gradients is refused.
 - A caller's BlockMask must have full blocks ("block mask but without full blocks is not supported").
+- The lse: FA4 writes it in natural log, but torch's ``flex_attention`` wrapper multiplied every backend's
+  lse by ln 2 (the Triton kernels keep base 2) until pytorch PR #181824 (issue #181645, 2026-04) gave its
+  ``_finalize_outputs`` a ``stats_are_log2`` flag that is False for FLASH: torch 2.11 on the H200 returned
+  lse * ln 2 (lse error 2.1 against the oracle, 2026-12-02). :func:`lse_factor` reads which wrapper is
+  installed and the backend divides the ln 2 back out; where it cannot tell, return_lse is refused.
 Compiled per shape (``dynamic=False``: FLASH cannot inline symbolic scalars captured by the mods).
 """
 
 from __future__ import annotations
+
+import inspect
+import math
+import types
 
 import torch
 
@@ -64,10 +73,49 @@ def feature_reasons(call: AttentionCall) -> list[str]:
             r.append("FLASH's backward does not differentiate through the lse (return_lse with grad)")
         if call.deterministic:
             r.append("deterministic=True: FLASH's deterministic backward needs SM100 and extra metadata")
+    if call.return_lse and lse_factor() is None:
+        r.append(
+            "return_lse: cannot tell whether this torch's flex_attention rescales FLASH's lse by ln 2 "
+            "(pytorch issue 181645)"
+        )
     bm = call.block_mask
     if bm is not None and bm.full_kv_num_blocks is None:
         r.append("FLASH needs a BlockMask with full blocks (create_block_mask makes them)")
     return r
+
+
+def lse_factor_of(flex_attention) -> float | None:
+    """What turns the lse that ``flex_attention`` (torch's wrapper function) returns with BACKEND="FLASH"
+    into the natural-log lse: 1.0 where its ``_finalize_outputs`` (nested in it, or in its module) takes
+    ``stats_are_log2`` (the fixed wrapper leaves FLASH's lse alone), 1 / ln 2 where it takes no such flag
+    (the wrapper multiplies FA4's natural-log lse by ln 2), None where there is none to read (unknown)."""
+    fn = inspect.unwrap(flex_attention)
+    codes = [getattr(fn, "__code__", None)]
+    module_level = getattr(inspect.getmodule(fn), "_finalize_outputs", None)
+    found = [getattr(module_level, "__code__", None)]
+    while codes:  # every code object nested in the wrapper
+        code = codes.pop()
+        for c in getattr(code, "co_consts", ()):
+            if isinstance(c, types.CodeType):
+                (found if c.co_name == "_finalize_outputs" else codes).append(c)
+    for c in found[::-1]:  # a nested one first (it is the one the wrapper calls)
+        if isinstance(c, types.CodeType):
+            names = c.co_varnames[: c.co_argcount + c.co_kwonlyargcount]
+            return 1.0 if "stats_are_log2" in names else 1.0 / math.log(2.0)
+    return None
+
+
+_LSE_FACTOR: list = []  # filled once, eagerly, by the availability check (traced calls only read it)
+
+
+def lse_factor() -> float | None:
+    """:func:`lse_factor_of` the installed torch's ``flex_attention`` (read once)."""
+    if not _LSE_FACTOR:
+        try:
+            _LSE_FACTOR.append(lse_factor_of(common.flex_module().flex_attention))
+        except Exception:  # an unreadable wrapper: the lse convention is unknown
+            _LSE_FACTOR.append(None)
+    return _LSE_FACTOR[0]
 
 
 def _family(call: AttentionCall):
@@ -82,6 +130,7 @@ class FlexFlashBackend(Backend):
     description = 'torch FlexAttention with kernel_options={"BACKEND": "FLASH"} (FA4 kernels)'
 
     def _check_available(self):
+        lse_factor()  # read now, outside any traced call
         ok, why = _cute.availability()
         if not ok:
             return ok, why
@@ -150,7 +199,11 @@ class FlexFlashBackend(Backend):
                 _FAILED[_family(call)] = f"{type(e).__name__}: {first}"
                 dispatch._CHOICES.clear()  # cached choices of this family must be made again
             raise
-        return common.outputs(call, out, lse)
+        out, lse = common.outputs(call, out, lse)
+        factor = lse_factor()
+        if lse is not None and factor != 1.0:
+            lse = lse * factor  # the wrapper's extra ln 2 divided out (see the module docstring)
+        return out, lse
 
 
 BACKEND = FlexFlashBackend()

@@ -49,10 +49,12 @@ _CHECKS: dict = {}  # signature -> xFormers dispatcher reasons (its checks cost 
 _IMPORT_ERROR: list = []
 
 
-def _import_error() -> str | None:
-    """Why xFormers cannot run here (checked once, at the first call that asks), or None. A wheel built for
-    another torch or Python imports but loads no C++/CUDA extension (seen on the H200 image with
-    xformers 0.0.35): then its memory-efficient attention is not there either."""
+def import_error() -> str | None:
+    """Why xFormers cannot run here (checked once, at the first call that asks), or None. Any exception
+    of the import is the reason: with FA4 installed, ``flash_attn`` is FA4's namespace package and
+    ``import xformers.ops`` raised ModuleNotFoundError for ``flash_attn.flash_attn_interface`` (H200 image,
+    2026-12-02). A wheel built for another torch or Python imports but loads no C++/CUDA extension (seen
+    there with xformers 0.0.35): then its memory-efficient attention is not there either."""
     if not _IMPORT_ERROR:
         try:
             xformers_ops()
@@ -174,17 +176,20 @@ class XFormersBackend(Backend):
     description = "xFormers memory_efficient_attention (its FA3 / FA2 / CUTLASS operators)"
 
     def _check_available(self):
-        # installed and a GPU: the import itself (seconds) waits for the first call that could use it
-        if not _cute.findable(_MODULE):
-            return False, f"{_MODULE} (pip package xformers) is not installed"
+        # installed, a GPU, and it imports (checked when the registry loads: at the first dispatch, or
+        # ``attnkit info``, never at ``import attnkit``); any exception of the import is the reason
+        problem = _cute.find_problem(_MODULE, "xformers")
+        if problem is not None:
+            return False, problem
         if not torch.cuda.is_available():
             return False, "needs a CUDA device"
-        return True, None
+        err = import_error()
+        return (False, err) if err is not None else (True, None)
 
     def why_not(self, call: AttentionCall) -> list[str]:
         if call.device.type != "cuda":
             return [f"xFormers' kernels here are CUDA only (device {call.device.type})"]
-        err = _import_error()
+        err = import_error()
         if err is not None:
             return [err]
         r = []

@@ -205,8 +205,10 @@ def _same_order(v, kp, table, ps):
 
 
 def _fa4_paged_call(fn, q, k, v, table, seqlens):
-    B, Sq = q.shape[:2]
-    return fn(q.reshape(B * Sq, *q.shape[2:]), k, v, page_table=table, seqused_k=seqlens)
+    """FA4's paged path (``flash_attn.cute.flash_attn_varlen_func``, flash-attn-4 4.0.0b36): without
+    cu_seqlens_q, q stays (B, Sq, Hq, D); k / v are the pages (num_pages, page_size, Hk, D); page_table is
+    (B, max_pages) int32, contiguous in its last dim; seqused_k (B,) int32 the keys used per row."""
+    return fn(q, k, v, page_table=table.contiguous(), seqused_k=seqlens)
 
 
 def cascade_rows(on_gpu: bool, dtype, B=64, prefix=16384, own=1024, hq=HQ, hk=HK, d=D) -> list[dict]:

@@ -76,8 +76,9 @@ def _flops(B, H, S, D, causal, backward):
     return attention_flops(call, backward)
 
 
-def _runners(causal: bool, on_gpu: bool) -> dict:
-    """name -> fn(q, k, v) -> out. Peers that cannot run here are left out (listed with their reason)."""
+def _runners(causal: bool, on_gpu: bool, keep=frozenset()) -> dict:
+    """name -> fn(q, k, v) -> out, only the names in ``keep`` (all when it is empty). Peers that cannot run
+    here are left out with a one-line note (:func:`_peer_runners`)."""
     import torch.nn.functional as F
 
     import attnkit
@@ -124,7 +125,7 @@ def _runners(causal: bool, on_gpu: bool) -> dict:
             q, k, v, causal=causal, backend="triton", deterministic=True
         )
         run["attnkit:auto"] = lambda q, k, v: attnkit.attention(q, k, v, causal=causal)
-        run.update(_peer_runners(causal))
+        run.update(_peer_runners(causal, keep))
     else:
         run["attnkit:reference"] = lambda q, k, v: attnkit.attention(
             q, k, v, causal=causal, backend="reference"
@@ -134,44 +135,81 @@ def _runners(causal: bool, on_gpu: bool) -> dict:
             run["attnkit:triton (interpreter)"] = lambda q, k, v: attnkit.attention(
                 q, k, v, causal=causal, backend="triton"
             )
-    return run
+    return {name: fn for name, fn in run.items() if not keep or name in keep}
 
 
 PEER_BACKENDS = ("flash_attn4", "flex_flash", "xformers")
+FA4_DIRECT, XFORMERS_DIRECT = "fa4 (flash_attn.cute)", "xformers (direct)"
+_NOTED: set = set()
 
 
-def _peer_runners(causal: bool) -> dict:
-    """The optional peers that are installed here: through attnkit's adapters (``attnkit:flash_attn4`` ...)
-    and, for FA4 and xFormers, called directly in their own (B, S, H, D) layout, as their users call them."""
+def _note(name: str, why: str) -> None:
+    """One line, once per run, for a peer that drops out of the run."""
+    if name not in _NOTED:
+        _NOTED.add(name)
+        print(f"note: {name} drops out of this run: {why}", flush=True)
+
+
+def _peer_import_error(name: str) -> str | None:
+    """Why the package behind peer backend ``name`` does not import here (the import happens now), or None."""
+    from attnkit.backends import _cute
+    from attnkit.backends import xformers as xformers_backend
+
+    return xformers_backend.import_error() if name == "xformers" else _cute.import_error()
+
+
+def _peer_runners(causal: bool, keep=frozenset()) -> dict:
+    """The optional peers that are installed and import here, of those in ``keep`` (all when empty):
+    through attnkit's adapters (``attnkit:flash_attn4`` ...) and, for FA4 and xFormers, called directly in
+    their own (B, S, H, D) layout, as their users call them. A peer that is unavailable or does not import
+    drops out of the run with a one-line note (never a crash of the benchmark)."""
     import importlib
 
     import attnkit
 
-    ok = {r.name for r in attnkit.backends() if r.available}
+    records = {r.name: r for r in attnkit.backends()}
     run = {}
-    for name in PEER_BACKENDS:
-        if name in ok:
-            run[f"attnkit:{name}"] = lambda q, k, v, name=name: attnkit.attention(
-                q, k, v, causal=causal, backend=name
-            )
-    if "flash_attn4" in ok:
+    wanted = lambda name: not keep or name in keep  # noqa: E731
+    builders = {f"attnkit:{name}": name for name in PEER_BACKENDS}
+    builders.update({FA4_DIRECT: "flash_attn4", XFORMERS_DIRECT: "xformers"})
+    for label, name in builders.items():
+        if not wanted(label):
+            continue
+        rec = records.get(name)
+        why = None if rec is None or rec.available else rec.reason
+        if rec is None:
+            why = f"no backend named {name}"
+        try:
+            why = why or _peer_import_error(name)
+            if why is None:
+                run[label] = _peer_fn(label, name, causal, importlib, attnkit)
+        except Exception as e:  # a broken install drops the peer, never the benchmark
+            why = _error(e)
+        if why is not None:
+            _note(label, why)
+    return run
+
+
+def _peer_fn(label: str, name: str, causal: bool, importlib, attnkit):
+    """The runner ``label`` of peer backend ``name`` (imports its package: may raise)."""
+    if label.startswith("attnkit:"):
+        return lambda q, k, v: attnkit.attention(q, k, v, causal=causal, backend=name)
+    if label == FA4_DIRECT:
         fa4 = importlib.import_module("flash_attn.cute")
 
         def fn_fa4(q, k, v):
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, S, H, D) views, as the adapter passes
             return fa4.flash_attn_func(q, k, v, causal=causal)[0].transpose(1, 2)
 
-        run["fa4 (flash_attn.cute)"] = fn_fa4
-    if "xformers" in ok:
-        xops = importlib.import_module("xformers.ops")
-        bias = xops.fmha.attn_bias.LowerTriangularFromBottomRightMask() if causal else None
+        return fn_fa4
+    xops = importlib.import_module("xformers.ops")
+    bias = xops.fmha.attn_bias.LowerTriangularFromBottomRightMask() if causal else None
 
-        def fn_xf(q, k, v):
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-            return xops.memory_efficient_attention(q, k, v, attn_bias=bias).transpose(1, 2)
+    def fn_xf(q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return xops.memory_efficient_attention(q, k, v, attn_bias=bias).transpose(1, 2)
 
-        run["xformers (direct)"] = fn_xf
-    return run
+    return fn_xf
 
 
 def _timer(fn, on_gpu: bool, warmup_ms=25, rep_ms=100) -> float:
@@ -262,14 +300,14 @@ def main(argv=None) -> int:
     rows = []
     keep = set(filter(None, args.backends.split(",")))
     for causal in [False] if args.no_causal else [False, True]:
-        runners = _runners(causal, on_gpu)
+        runners = _runners(causal, on_gpu, keep)
+        for name in sorted(keep - set(runners)):
+            _note(name, "not a backend of this benchmark here (or it cannot run here)")
         for B, H, S, D in shapes:
             for mode in modes:
                 flops = _flops(B, H, S, D, causal, mode == "fwd_bwd")
                 steps, errors, times = {}, {}, {}
                 for name, fn in runners.items():
-                    if keep and name not in keep:
-                        continue
                     if name == "sdpa_math" and S > 4096:
                         continue  # materialises S x S scores: minutes and tens of GB
                     try:
