@@ -16,6 +16,7 @@ import torch
 import attnkit
 import oracle
 from attnkit import UnsupportedError, dispatch, masks
+from attnkit.backends.reference import reference_forward
 
 SKIP = {"triton"}  # tested in its own file
 NAMES = [r.name for r in attnkit.backends() if r.name not in SKIP]
@@ -288,3 +289,15 @@ def test_float32_mqa_head_dim_80_on_gpu(backend, causal):
     oracle.check_against_oracle(
         lambda *a, **k2: attnkit.attention(*a, backend=backend, **k2), q, k, v, causal=causal, **kw
     )
+
+
+def test_flex_forward_under_no_grad_with_inputs_that_require_grad(device):
+    """Under ``torch.no_grad`` no gradient is wanted even if q/k/v require grad: flex runs (on the CPU
+    FlexAttention used to raise "does not support backward on CPU") and matches the reference."""
+    dt = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v = (oracle.randn((1, 2, 16, 16), dt, device, requires_grad=True) for _ in range(3))
+    mask = masks.prefix_lm(5)
+    with torch.no_grad():
+        out = attnkit.attention(q, k, v, mask=mask, backend="flex")
+        want, _ = reference_forward(attnkit._call.normalize(q, k, v, mask=mask))
+    assert not out.requires_grad and (out.float() - want.float()).abs().max() < 2e-2

@@ -206,6 +206,7 @@ BENCH_SUITES = {
     "kernels": ("attnkit.bench.kernels", "our kernels against every SDPA backend and FlexAttention"),
     "vit": ("attnkit.bench.vit", "a ViT training step for every attention, eager and compiled"),
     "packed": ("attnkit.bench.packed", "a Llama training step on mixed-length documents, padded vs packed"),
+    "masks": ("attnkit.bench.masks", "masked attention: masks as data on our kernels against FlexAttention"),
     "decode": ("attnkit.bench.decode", "decoding on contiguous and paged KV caches, with the peers"),
     "cp": ("attnkit.bench.cp", "context-parallel attention over W GPUs: tokens/s and scaling"),
 }

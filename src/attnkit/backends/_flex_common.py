@@ -60,12 +60,17 @@ def call_flex(fn, q, k, v, return_lse: bool, kwargs: dict, dynamic: bool = True)
 
 
 def inputs(call: AttentionCall):
-    """(q, k, v, score_mod, mask_mod, B, Q, K): q/k/v as (B, H, S, D) views (thd: (1, H, T, D))."""
+    """(q, k, v, score_mod, mask_mod, B, Q, K): q/k/v as (B, H, S, D) views (thd: (1, H, T, D)); detached
+    when no gradient is wanted (under no_grad, inputs that require grad made FlexAttention on the CPU raise
+    "does not support backward on CPU")."""
+    qkv = (call.q, call.k, call.v)
+    if not call.requires_grad:
+        qkv = tuple(t.detach() for t in qkv)
     if call.layout == "thd":
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (call.q, call.k, call.v))  # (1, H, T, D)
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in qkv)  # (1, H, T, D)
         score_mod, mask_mod = packed_mods(call)
         return q, k, v, score_mod, mask_mod, 1, q.shape[2], k.shape[2]
-    q, k, v = (to_bhsd(t, call.layout) for t in (call.q, call.k, call.v))
+    q, k, v = (to_bhsd(t, call.layout) for t in qkv)
     score_mod, mask_mod = dense_mods(call)
     return q, k, v, score_mod, mask_mod, call.batch, call.Sq, call.Sk
 

@@ -4,7 +4,8 @@ called directly, skipping Triton's per-launch argument binding.
 ``JITFunction.run`` binds every argument through a generated function, derives each one's specialization
 (type, divisibility by 16, equality to 1), turns that into a cache key and only then calls the compiled
 launcher: about 13-28 us per launch of our kernels on the H200 machine (41-62 arguments), against
-5-7 us for the launcher alone (``scripts/gpu_host_breakdown.py``). Short sequences wait on exactly that.
+5-7 us for the launcher alone (a deleted probe: ``git show bf37e7a:scripts/gpu_host_breakdown.py``).
+Short sequences wait on exactly that.
 
 :class:`Launch` wraps a ``@triton.jit`` function with the same ``kernel[grid](*args, **constexprs)`` call
 form. Its key holds everything Triton specializes on, so it can never name a kernel compiled for other

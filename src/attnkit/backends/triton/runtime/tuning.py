@@ -123,8 +123,9 @@ def concurrent_backward(work: int = CONCURRENT_MIN_WORK) -> bool:
     """Whether the dQ pass runs on a side stream, overlapping dK/dV (its programs fill the SMs that the
     dK/dV grid's last wave leaves idle). Measured on the H200 (version 4): +1-6% at long sequences, largest
     on causal calls, nothing at S = 512; the two stream waits cost ~40-90 us of host time per backward
-    (scripts/gpu_host_breakdown.py), which is what short sequences wait on. So only where ``work`` (B * Hq *
-    Sq * Sk) is at least ``CONCURRENT_MIN_WORK`` (S = 4096 with 32 heads; the B=32, S=512 shapes are below).
+    (``git show bf37e7a:scripts/gpu_host_breakdown.py``), which is what short sequences wait on. So only
+    where ``work`` (B * Hq * Sq * Sk) is at least ``CONCURRENT_MIN_WORK`` (S = 4096 with 32 heads; the B=32,
+    S=512 shapes are below).
     ``ATTNKIT_TRITON_BWD_STREAMS=0`` turns it off, ``=1`` on at every size."""
     mode = os.environ.get("ATTNKIT_TRITON_BWD_STREAMS", "auto")
     if mode in ("0", "1"):
