@@ -14,7 +14,8 @@ Timing: ``triton.testing.do_bench`` (CUDA events, warm-up, median). Output: a ta
 ``masks.json`` (with the environment) under ``--out``. Without CUDA a tiny grid runs on the CPU (the Triton
 interpreter with ``TRITON_INTERPRET=1``, else the reference): a smoke test, no speed claim.
 
-    python -m attnkit.bench.masks [--out bench_out] [--shape B,H,S,D] [--modes fwd,fwd_bwd] [--no-packing]
+    python -m attnkit.bench.masks [--out bench_out] [--shape B,H,S,D] [--modes fwd,fwd_bwd]
+        [--backends triton,flex,...] [--cases document,prefix-lm,sliding,shared] [--no-packing]
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ def _available() -> set[str]:
     return {r.name for r in attnkit.backends() if r.available}
 
 
-def mask_rows(shape, modes, on_gpu: bool, dtype, names=BACKENDS) -> list[dict]:
-    """One row per (case, backend, mode): ms, or the reason it could not run."""
+def mask_rows(shape, modes, on_gpu: bool, dtype, names=BACKENDS, keep=None) -> list[dict]:
+    """One row per (case, backend, mode): ms, or the reason it could not run. ``keep``: the first words of
+    the cases to run (None: all)."""
     B, H, S, D = shape
     dev = "cuda" if on_gpu else "cpu"
     timer = _timer(on_gpu)
@@ -98,6 +100,8 @@ def mask_rows(shape, modes, on_gpu: bool, dtype, names=BACKENDS) -> list[dict]:
     have = _available() | {"auto", "triton IV_SKIP=1"}
     rows = []
     for case, kw in cases(S, gen, dev).items():
+        if keep is not None and case.split()[0].lower() not in keep:
+            continue
         for name in names:
             backend = name.split()[0]
             for mode in modes:
@@ -164,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default=None, help="B,H,S,D (default 2,16,8192,128 on a GPU)")
     p.add_argument("--modes", default="fwd,fwd_bwd", help="comma list of fwd, fwd_bwd")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma list to keep")
+    p.add_argument("--cases", default=None, help="first words of the cases to keep (document,prefix-lm,...)")
     p.add_argument("--no-packing", action="store_true", help="skip the new-packing-per-call rows")
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
@@ -180,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":  # no kernels to run: the oracle stands in
         names = ["reference" if n.startswith("triton") else n for n in names]
         names = list(dict.fromkeys(names))
-    rows = mask_rows(shape, modes, on_gpu, dtype, names)
+    keep = None if args.cases is None else {c.strip().lower() for c in args.cases.split(",")}
+    rows = mask_rows(shape, modes, on_gpu, dtype, names, keep)
     if not args.no_packing and (on_gpu or os.environ.get("TRITON_INTERPRET") == "1"):
         rows += packing_rows(shape, on_gpu, dtype, *((100, 20) if on_gpu else (3, 2)))
     cols = [(k, k) for k in ("case", "backend", "mode", "ms", "compiles", "error")]
