@@ -36,7 +36,8 @@ def _fail(arg, expected, got, hint=None):
 
 
 class _Cache:
-    """Shapes of a validated call: B, Sq, Hq, D, Hk, Dv, Sq_new, capacity, paged, page_size, num_pages."""
+    """Shapes of a validated call: B, Sq, Hq, D, Hk, Dv, Sq_new, capacity, paged, page_size, num_pages;
+    ``nothing_to_append`` when no new key can be written (none given, no row, no room)."""
 
     def __init__(self, q, k_cache, v_cache, k_new, block_table):
         self.B, self.Sq, self.Hq, self.D = q.shape
@@ -50,6 +51,9 @@ class _Cache:
         else:
             self.num_pages, self.page_size, self.max_pages = 0, 0, 0
             self.capacity = k_cache.shape[1]
+        self.nothing_to_append = (
+            self.Sq_new == 0 or self.B == 0 or self.capacity == 0 or (self.paged and self.num_pages == 0)
+        )
 
 
 def _check_tensor(name, t, rank, shape_txt):
@@ -174,7 +178,7 @@ def _positions(c: _Cache, cache_seqlens, block_table, Sn: int):
 
 def _append(c: _Cache, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
     """Write k_new/v_new (B, Sq_new, Hk, D|Dv) at each row's length, in place (no host sync)."""
-    if c.Sq_new == 0 or c.B == 0 or c.capacity == 0 or (c.paged and c.num_pages == 0):
+    if c.nothing_to_append:
         return
     i0, i1 = _positions(c, cache_seqlens, block_table, c.Sq_new)
     k_cache.index_put_((i0, i1), k_new)
@@ -333,13 +337,16 @@ def attention_with_kvcache(
             _append(c, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
         return (out, lse) if return_lse else out
     lens = _check_values(c, cache_seqlens, block_table) if validate else None
-    if k_new is not None:
-        _append(c, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
     if plan.decode_args is not None:
-        from attnkit.backends.triton.ops.decode import decode
+        from attnkit.backends.triton.ops import decode as ops
 
-        out, lse = decode(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, *plan.decode_args)
+        if k_new is not None and not c.nothing_to_append:
+            ops.append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)  # one launch
+        args = (q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes)
+        out, lse = ops.decode(*args, *plan.decode_args)
     else:
+        if k_new is not None:
+            _append(c, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
         if lens is None:
             lens = cache_seqlens.tolist()
         out, lse = _gathered(c, q, k_cache, v_cache, block_table, lens, plan.flags, backend, return_lse)

@@ -298,6 +298,68 @@ def decode_fwd(
     return out, lse
 
 
+_APPEND = None
+_APPEND_PLANS: dict = {}
+
+
+def append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table) -> None:
+    """Write ``k_new`` / ``v_new`` (B, Sq_new, Hk, D|Dv) into the cache at logical positions
+    ``cache_seqlens[b] + t``, in place, in one launch (``kernels/append.py``; indices clamped into the
+    cache as the decode kernel clamps them). Shapes as :func:`decode_fwd`; the caller has checked that
+    B, Sq_new, the capacity and the pool are not empty. No host sync; launch parameters cached per shape."""
+    global _APPEND
+    key = (
+        _tensor_sig(k_cache),
+        _tensor_sig(v_cache),
+        _tensor_sig(k_new),
+        _tensor_sig(v_new),
+        _tensor_sig(cache_seqlens),
+        _tensor_sig(block_table),
+        k_cache.device,
+    )
+    p = _APPEND_PLANS.get(key)
+    if p is None:
+        if not all(t is None or t.is_contiguous() for t in (k_new, v_new, cache_seqlens, block_table)):
+            k_new, v_new, cache_seqlens = k_new.contiguous(), v_new.contiguous(), cache_seqlens.contiguous()
+            block_table = None if block_table is None else block_table.contiguous()
+            return append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+        if not (_unit_inner(k_cache) and _unit_inner(v_cache)):  # (an in-place write needs the caches)
+            raise ValueError("append: the caches' head dim must have unit stride")
+        B, Sn, Hk, D = k_new.shape
+        Dv = v_new.shape[3]
+        paged = block_table is not None
+        if paged:
+            num_pages, ps, cap = k_cache.shape[0], k_cache.shape[1], block_table.shape[1] * k_cache.shape[1]
+        else:
+            num_pages, ps, cap = 1, 1, k_cache.shape[1]
+        block_t = min(16, _pow2(Sn, 2))
+        p = (
+            (B, _cdiv(Sn, block_t), Hk),
+            (
+                *k_new.stride()[:3],
+                *v_new.stride()[:3],
+                *k_cache.stride()[:3],
+                *v_cache.stride()[:3],
+                block_table.stride(0) if paged else 1,
+                Sn,
+                cap,
+                ps,
+                num_pages,
+            ),
+            dict(D=D, DV=Dv, BLOCK_T=block_t, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), PAGED=paged, num_warps=4),
+        )
+        if len(_APPEND_PLANS) >= _MAX_PLANS:
+            _APPEND_PLANS.clear()
+        _APPEND_PLANS[key] = p
+    if _APPEND is None:
+        from attnkit.backends.triton.kernels.append import append_kv
+
+        _APPEND = _launch.Launch(append_kv)
+    grid, scalars, consts = p
+    table = cache_seqlens if block_table is None else block_table
+    _APPEND[grid](k_new, v_new, k_cache, v_cache, cache_seqlens, table, *scalars, **consts)
+
+
 _op = torch.library.custom_op("attnkit::decode_fwd", mutates_args=())(decode_fwd)
 
 
