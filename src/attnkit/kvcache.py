@@ -315,13 +315,13 @@ def attention_with_kvcache(
     if score_mod is None and mask is None and not torch.compiler.is_compiling():
         key = _plan_key(
             q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, alibi_slopes,
-            causal, window, softcap, scale, return_lse, backend, validate,
+            causal, window, softcap, scale, backend, validate,
         )  # fmt: skip
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
         plan = _prepare(
             q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, window, softcap,
-            alibi_slopes, score_mod, mask, scale, return_lse, backend, validate,
+            alibi_slopes, score_mod, mask, scale, backend, validate,
         )  # fmt: skip
         if key is not None and plan.decode_args is not None:
             if len(_PLANS) >= _MAX_PLANS:
@@ -373,7 +373,7 @@ def _sig(t):
 
 
 def _plan_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, alibi_slopes, causal, window,
-              softcap, scale, return_lse, backend, validate):  # fmt: skip
+              softcap, scale, backend, validate):  # fmt: skip
     """Everything :func:`_prepare` reads, as a hashable key, or None (then the call takes the full path).
     Scalars go in with their types (``1 == True`` and ``(1.0, 2) == (1, 2)`` in a dict): a key equal to an
     earlier call's is a call that earlier validation accepted, with the same outcome. Only validated calls
@@ -384,7 +384,7 @@ def _plan_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, ali
             _sig(q), _sig(k_cache), _sig(v_cache), _sig(cache_seqlens), _sig(k_new), _sig(v_new),
             _sig(block_table), _sig(alibi_slopes), win,
             causal.__class__, causal, softcap.__class__, softcap, scale.__class__, scale,
-            return_lse.__class__, return_lse, backend.__class__, backend, validate.__class__, validate,
+            backend.__class__, backend, validate.__class__, validate,
         )  # fmt: skip
         hash(key)
     except (AttributeError, TypeError):  # not a tensor, an unhashable flag: the full path says what is wrong
@@ -393,7 +393,7 @@ def _plan_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, ali
 
 
 def _prepare(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, window, softcap,
-             alibi_slopes, score_mod, mask, scale, return_lse, backend, validate) -> _Prepared:  # fmt: skip
+             alibi_slopes, score_mod, mask, scale, backend, validate) -> _Prepared:  # fmt: skip
     """Every check that depends on shapes, dtypes, devices and flags only (not on tensor values), and what
     follows from them: raises AttentionInputError / UnsupportedError as :func:`attention_with_kvcache`
     documents."""
