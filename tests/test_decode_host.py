@@ -186,6 +186,11 @@ def test_triton_decode_backend_in_a_cuda_graph(layout):
     )
     attnkit.attention(q, k, v, backend="triton_decode", **kw)  # compile
     torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a warm call syncs nothing
+    try:
+        attnkit.attention(q, k, v, backend="triton_decode", **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out = attnkit.attention(q, k, v, backend="triton_decode", **kw)

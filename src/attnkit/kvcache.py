@@ -432,11 +432,11 @@ def _prepare(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, caus
     reasons = _triton_reasons(call, q.device)
     if backend == "triton" and reasons:
         raise UnsupportedError("triton", reasons)
-    decode_args = None
     if backend == "triton" or (backend == "auto" and not reasons and q.is_cuda):
         wl, wr = call.window if call.window is not None else (-1, -1)
-        decode_args = (c.Sq_new, call.scale, call.causal, wl, wr, call.softcap or 0.0)
-    return _Prepared(c, decode_args, flags)
+        # (host values only: a kept plan holds no tensor of the call)
+        return _Prepared(c, (c.Sq_new, call.scale, call.causal, wl, wr, call.softcap or 0.0), None)
+    return _Prepared(c, None, flags)
 
 
 def _stand_in(t: torch.Tensor, B: int, H: int, D: int) -> torch.Tensor:
