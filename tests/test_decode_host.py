@@ -176,6 +176,30 @@ def test_validate_true_reads_the_values_once(monkeypatch, launches):
     assert dict(reads) == {"tolist": 1}
 
 
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_a_kept_plan_serves_new_tensors(page_size, monkeypatch):
+    """The real kernels (interpreter on the CPU): calls of one signature on fresh caches, lengths, tables
+    and new tokens, through the kept plans, give bit for bit what the same calls give with every plan built
+    anew (the plan keeps no tensor; several splits and the append included). Numbers: test_kvcache.py."""
+    from attnkit import kvcache
+
+    def call(q, k, v, kw):
+        kw = dict(kw, backend="triton", validate=False, return_lse=True)
+        return attnkit.attention_with_kvcache(q, k, v, **kw)
+
+    q, k, v, kw = _case(1, 256, 4, 1, 16, page_size, True)
+    call(q, k, v, kw)  # the plans of this signature
+    for _ in range(2):
+        q, k, v, kw = _case(1, 256, 4, 1, 16, page_size, True)
+        kw["v_new"] = oracle.randn(kw["k_new"].shape, DT, DEV)
+        k2, v2 = k.clone(), v.clone()
+        kept = call(q, k, v, kw)
+        for mod, name in ((kvcache, "_PLANS"), (dec_ops, "_PLANS"), (dec_ops, "_APPEND_PLANS")):
+            monkeypatch.setattr(mod, name, {})
+        fresh = call(q, k2, v2, kw)
+        assert all(torch.equal(a, b) for a, b in zip(kept + (k, v), fresh + (k2, v2)))
+
+
 # -- GPU only ---------------------------------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
