@@ -340,7 +340,11 @@ def attention_with_kvcache(
     if plan.decode_args is not None:
         from attnkit.backends.triton.ops import decode as ops
 
-        if k_new is not None and not c.nothing_to_append:
+        if k_new is None or c.nothing_to_append:
+            pass
+        elif torch.compiler.is_compiling():  # (torch ops trace; the append kernel is no custom op)
+            _append(c, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+        else:
             ops.append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)  # one launch
         args = (q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes)
         out, lse = ops.decode(*args, *plan.decode_args)

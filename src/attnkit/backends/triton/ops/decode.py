@@ -167,7 +167,7 @@ def _make_plan(q, k_cache, v_cache, full, block_table, alibi_slopes, sq_new, sca
     p.out_shape = (B, Hq, Sq, Dv) if bhsd else (B, Sq, Hq, Dv)
     p.lse_shape = (B, Hq, Sq)
     p.part_shape = p.part_lse_shape = p.grid = p.scalars = p.consts = p.combine = None
-    p.empty = 1 if B * Sq * Hq == 0 else (2 if cap == 0 or num_pages == 0 or (paged and B == 0) else 0)
+    p.empty = 1 if B * Sq * Hq == 0 else (2 if cap == 0 or num_pages == 0 else 0)
     if p.empty:
         return p
 
