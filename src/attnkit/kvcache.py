@@ -36,7 +36,8 @@ def _fail(arg, expected, got, hint=None):
 
 
 class _Cache:
-    """Shapes of a validated call: B, Sq, Hq, D, Hk, Dv, Sq_new, capacity, paged, page_size, num_pages."""
+    """Shapes of a validated call: B, Sq, Hq, D, Hk, Dv, Sq_new, capacity, paged, page_size, num_pages;
+    ``nothing_to_append`` when no new key can be written (none given, no row, no room)."""
 
     def __init__(self, q, k_cache, v_cache, k_new, block_table):
         self.B, self.Sq, self.Hq, self.D = q.shape
@@ -50,6 +51,9 @@ class _Cache:
         else:
             self.num_pages, self.page_size, self.max_pages = 0, 0, 0
             self.capacity = k_cache.shape[1]
+        self.nothing_to_append = (
+            self.Sq_new == 0 or self.B == 0 or self.capacity == 0 or (self.paged and self.num_pages == 0)
+        )
 
 
 def _check_tensor(name, t, rank, shape_txt):
@@ -174,7 +178,7 @@ def _positions(c: _Cache, cache_seqlens, block_table, Sn: int):
 
 def _append(c: _Cache, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
     """Write k_new/v_new (B, Sq_new, Hk, D|Dv) at each row's length, in place (no host sync)."""
-    if c.Sq_new == 0 or c.B == 0 or c.capacity == 0 or (c.paged and c.num_pages == 0):
+    if c.nothing_to_append:
         return
     i0, i1 = _positions(c, cache_seqlens, block_table, c.Sq_new)
     k_cache.index_put_((i0, i1), k_new)
@@ -307,6 +311,96 @@ def attention_with_kvcache(
         ``out`` (B, Sq, Hq, Dv) in q's dtype, and ``lse`` (B, Hq, Sq) float32 with ``return_lse``. A query
         row with no visible key gets 0 and -inf.
     """
+    key = None
+    if score_mod is None and mask is None and not torch.compiler.is_compiling():
+        key = _plan_key(
+            q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, alibi_slopes,
+            causal, window, softcap, scale, backend, validate,
+        )  # fmt: skip
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = _prepare(
+            q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, window, softcap,
+            alibi_slopes, score_mod, mask, scale, backend, validate,
+        )  # fmt: skip
+        if key is not None and plan.decode_args is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    c = plan.c
+    if c.B == 0 or c.Sq == 0:
+        out = q.new_zeros(c.B, c.Sq, c.Hq, c.Dv)
+        lse = q.new_full((c.B, c.Hq, c.Sq), float("-inf"), dtype=torch.float32)
+        if k_new is not None and validate:
+            _check_values(c, cache_seqlens, block_table)
+        if k_new is not None:
+            _append(c, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+        return (out, lse) if return_lse else out
+    lens = _check_values(c, cache_seqlens, block_table) if validate else None
+    if plan.decode_args is not None:
+        from attnkit.backends.triton.ops import decode as ops
+
+        if k_new is None or c.nothing_to_append:
+            pass
+        elif torch.compiler.is_compiling():  # (torch ops trace; the append kernel is no custom op)
+            _append(c, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+        else:
+            ops.append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)  # one launch
+        args = (q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes)
+        out, lse = ops.decode(*args, *plan.decode_args)
+    else:
+        if k_new is not None:
+            _append(c, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+        if lens is None:
+            lens = cache_seqlens.tolist()
+        out, lse = _gathered(c, q, k_cache, v_cache, block_table, lens, plan.flags, backend, return_lse)
+    return (out, lse) if return_lse else out
+
+
+class _Prepared:
+    """A validated call's host-side facts: its shapes ``c`` (:class:`_Cache`), the Triton decode's
+    arguments after the tensors (None when another path serves the call), the flags for that path."""
+
+    __slots__ = ("c", "decode_args", "flags")
+
+    def __init__(self, c, decode_args, flags):
+        self.c, self.decode_args, self.flags = c, decode_args, flags
+
+
+_PLANS: dict = {}  # call signature -> _Prepared, for calls the Triton kernel serves
+_MAX_PLANS = 1024  # distinct signatures before the memo starts over
+
+
+def _sig(t):
+    """A tensor argument's part of the key: type, shape, strides, dtype, device (never its values)."""
+    return None if t is None else (t.__class__, t.shape, t.stride(), t.dtype, t.device)
+
+
+def _plan_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, alibi_slopes, causal, window,
+              softcap, scale, backend, validate):  # fmt: skip
+    """Everything :func:`_prepare` reads, as a hashable key, or None (then the call takes the full path).
+    Scalars go in with their types (``1 == True`` and ``(1.0, 2) == (1, 2)`` in a dict): a key equal to an
+    earlier call's is a call that earlier validation accepted, with the same outcome. Only validated calls
+    are stored, so a bad argument always reaches the checks."""
+    try:
+        win = None if window is None else (window.__class__, tuple(map(type, window)), window)
+        key = (
+            _sig(q), _sig(k_cache), _sig(v_cache), _sig(cache_seqlens), _sig(k_new), _sig(v_new),
+            _sig(block_table), _sig(alibi_slopes), win,
+            causal.__class__, causal, softcap.__class__, softcap, scale.__class__, scale,
+            backend.__class__, backend, validate.__class__, validate,
+        )  # fmt: skip
+        hash(key)
+    except (AttributeError, TypeError):  # not a tensor, an unhashable flag: the full path says what is wrong
+        return None
+    return key
+
+
+def _prepare(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, causal, window, softcap,
+             alibi_slopes, score_mod, mask, scale, backend, validate) -> _Prepared:  # fmt: skip
+    """Every check that depends on shapes, dtypes, devices and flags only (not on tensor values), and what
+    follows from them: raises AttentionInputError / UnsupportedError as :func:`attention_with_kvcache`
+    documents."""
     c = _check_shapes(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table)
     if not isinstance(backend, str):
         _fail("backend", f"one of {_BACKENDS} or an attention backend name", repr(backend))
@@ -342,42 +436,11 @@ def attention_with_kvcache(
     reasons = _triton_reasons(call, q.device)
     if backend == "triton" and reasons:
         raise UnsupportedError("triton", reasons)
-    use_triton = backend == "triton" or (backend == "auto" and not reasons and q.is_cuda)
-
-    if c.B == 0 or c.Sq == 0:
-        out = q.new_zeros(c.B, c.Sq, c.Hq, c.Dv)
-        lse = q.new_full((c.B, c.Hq, c.Sq), float("-inf"), dtype=torch.float32)
-        if k_new is not None and validate:
-            _check_values(c, cache_seqlens, block_table)
-        if k_new is not None:
-            _append(c, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
-        return (out, lse) if return_lse else out
-    lens = _check_values(c, cache_seqlens, block_table) if validate else None
-    if k_new is not None:
-        _append(c, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
-    if use_triton:
-        from attnkit.backends.triton.ops.decode import decode
-
+    if backend == "triton" or (backend == "auto" and not reasons and q.is_cuda):
         wl, wr = call.window if call.window is not None else (-1, -1)
-        out, lse = decode(
-            q,
-            k_cache,
-            v_cache,
-            cache_seqlens,
-            block_table,
-            alibi_slopes,
-            c.Sq_new,
-            call.scale,
-            call.causal,
-            wl,
-            wr,
-            call.softcap or 0.0,
-        )
-    else:
-        if lens is None:
-            lens = cache_seqlens.tolist()
-        out, lse = _gathered(c, q, k_cache, v_cache, block_table, lens, flags, backend, return_lse)
-    return (out, lse) if return_lse else out
+        # (host values only: a kept plan holds no tensor of the call)
+        return _Prepared(c, (c.Sq_new, call.scale, call.causal, wl, wr, call.softcap or 0.0), None)
+    return _Prepared(c, None, flags)
 
 
 def _stand_in(t: torch.Tensor, B: int, H: int, D: int) -> torch.Tensor:

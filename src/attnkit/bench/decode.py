@@ -5,16 +5,22 @@ Rows: B in {1, 16, 64}, KV length 1k .. 128k (every row full: ``cache_seqlens = 
 and paged (pages of 16, 64, 256 in random order). Peers in the same process: SDPA (``enable_gqa``, the
 contiguous cache), FlexAttention's decode kernel (``kernel_options={"BACKEND": "TRITON_DECODE"}``,
 compiled, contiguous), ``flash_attn.cute`` when it imports (contiguous, and paged through its
-``page_table``), attnkit ``attention_with_kvcache`` (``triton``, ``validate=False``) and attnkit ``auto``
-(``attention()`` on the contiguous cache: what dispatch picks for a short-query call). A cascade row: 64
-rows sharing a 16k prefix with 1k keys each of their own, ``cascade_attention`` against decoding each row.
+``page_table``), attnkit ``attention_with_kvcache`` (``triton``, ``validate=False``: what a serving
+engine's decode loop or a CUDA graph runs; ``validate=True`` adds one device sync a call, see
+docs/decoding.md) and attnkit ``auto`` (``attention()`` on the contiguous cache: what dispatch picks for a
+short-query call). A cascade row: 64 rows sharing a 16k prefix with 1k keys each of their own,
+``cascade_attention`` against decoding each row.
 
 Timing: ``triton.testing.do_bench`` (CUDA events, warm-up, median), inputs rotated over enough copies to
 exceed L2. ``TB/s`` is the K+V bytes a row holds, read once, over the time. Output: a table, and
 ``decode.csv`` / ``decode.json`` (with the environment) under ``--out``. Without CUDA a tiny grid runs on
 the CPU (the reference and SDPA, plus the interpreter with ``TRITON_INTERPRET=1``): a smoke test only.
 
+``--host`` prints only the host time per call at B=1, L=8k (calls enqueued back to back, no sync in the
+timed loop) for attnkit's decode paths and SDPA, and a cProfile of the ``validate=False`` call.
+
     python -m attnkit.bench.decode [--quick] [--out bench_out] [--batch 1,16] [--lengths 8192,32768]
+    python -m attnkit.bench.decode --host
 """
 
 from __future__ import annotations
@@ -240,6 +246,71 @@ def cascade_rows(on_gpu: bool, dtype, B=64, prefix=16384, own=1024, hq=HQ, hk=HK
     return rows
 
 
+def host_us(fn, n: int = 200, rounds: int = 5) -> float:
+    """Host microseconds per call: ``n`` calls enqueued back to back, no sync inside the timed loop (the
+    launch queue holds them all, so the loop waits on the host alone), the best of ``rounds``."""
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n * 1e6)
+        torch.cuda.synchronize()
+    return best
+
+
+def host_rows(dtype, B: int = 1, L: int = 8192, hq=HQ, hk=HK, d=D, profile: bool = True) -> list[dict]:
+    """Host time per decode call at B=1 (where the GPU work is ~10 us): attnkit's paths and SDPA, and a
+    cProfile of the ``validate=False`` call (top functions by own time)."""
+    import cProfile
+    import pstats
+
+    import torch.nn.functional as F
+
+    import attnkit
+
+    q = torch.randn(B, 1, hq, d, dtype=dtype, device="cuda")
+    k, v = (torch.randn(B, L, hk, d, dtype=dtype, device="cuda") for _ in range(2))
+    kn = torch.randn(B, 1, hk, d, dtype=dtype, device="cuda")
+    sl = torch.full((B,), L - 1, dtype=torch.int32, device="cuda")
+    kp, table = _paged_copy(k, 64, torch.Generator().manual_seed(0))
+    vp = _same_order(v, kp, table, 64)
+    kv = attnkit.attention_with_kvcache
+    fns = {
+        "attnkit_kvcache validate=False": lambda: kv(
+            q, k, v, cache_seqlens=sl, backend="triton", validate=False
+        ),
+        "attnkit_kvcache validate=True (a sync)": lambda: kv(q, k, v, cache_seqlens=sl, backend="triton"),
+        "attnkit_kvcache +k_new/v_new": lambda: kv(
+            q, k, v, cache_seqlens=sl, k_new=kn, v_new=kn, backend="triton", validate=False
+        ),
+        "attnkit_kvcache paged64": lambda: kv(
+            q, kp, vp, cache_seqlens=sl, block_table=table, backend="triton", validate=False
+        ),
+        "attention triton_decode": lambda: attnkit.attention(q, k, v, layout="bshd", backend="triton_decode"),
+        "attention auto": lambda: attnkit.attention(q, k, v, layout="bshd"),
+        "sdpa": lambda: F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True
+        ),
+    }
+    rows = [
+        dict(B=B, L=L, Sq=1, cache="host", backend=name, host_us=host_us(fn)) for name, fn in fns.items()
+    ]
+    if profile:
+        fn = fns["attnkit_kvcache validate=False"]
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(500):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        print("cProfile of 500 attnkit_kvcache validate=False calls (own time):")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attnkit bench decode", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="B 1 and 16, L 8k and 32k (and 128k at B=1), Sq 1")
@@ -248,9 +319,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pages", type=_ints, default=None, help="page sizes (0 = contiguous)")
     p.add_argument("--sq", type=_ints, default=None)
     p.add_argument("--no-cascade", action="store_true")
+    p.add_argument(
+        "--host", action="store_true", help="only the host time per call at B=1, L=8k (CUDA), and a cProfile"
+    )
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     on_gpu = torch.cuda.is_available()
+    if args.host:
+        if not on_gpu:
+            print("attnkit bench decode --host: needs CUDA (host time against an asynchronous device)")
+            return 0
+        rows = host_rows(torch.bfloat16)
+        print(_report.table(rows, [(k, k) for k in ("B", "L", "Sq", "backend", "host_us")]))
+        return 0
     if on_gpu:
         dtype = torch.bfloat16
         batches, lengths, pages, sqs = BATCHES, LENGTHS, PAGES, SQS

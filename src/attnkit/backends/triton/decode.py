@@ -3,7 +3,7 @@
 A call with few query rows (Sq <= 16: decode steps, speculative verification) reads K and V once and
 does little arithmetic, so its time is the bytes of K and V over the memory bandwidth; the forward
 kernel's query tiles would sit mostly empty and its grid would not fill the GPU. This backend views the
-keys as a contiguous cache that every row fills (``cache_seqlens = Sk``) and runs
+keys as a contiguous cache that every row fills (no ``cache_seqlens``: the kernel's ``FULL``) and runs
 ``ops/decode.py``: GQA heads packed into one tile, the key range split over programs, one combine.
 Forward only (no gradient), dense layouts, the flags the kernel has (causal, window, softcap, ALiBi).
 """
@@ -71,16 +71,14 @@ class TritonDecodeBackend(Backend):
     def run(self, call: AttentionCall):
         from attnkit.backends.triton.ops.decode import decode
 
-        q, k, v = call.q, call.k, call.v
-        if call.layout == "bhsd":  # views as (B, S, H, D): the kernel reads through strides
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        seqlens = torch.full((call.batch,), call.Sk, dtype=torch.int32, device=call.device)
         wl, wr = call.window if call.window is not None else (-1, -1)
+        # every row holds all Sk keys: no lengths tensor (cache_seqlens=None); bhsd tensors are read through
+        # their strides (``bhsd``), so the call's host work is the plan lookup, the outputs and the launches
         out, lse = decode(
-            q,
-            k,
-            v,
-            seqlens,
+            call.q,
+            call.k,
+            call.v,
+            None,
             None,
             call.alibi_slopes,
             0,

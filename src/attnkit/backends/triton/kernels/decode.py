@@ -38,7 +38,7 @@ def decode_fwd(
     Q,  # (B, Sq, Hq, D)
     K,  # (B, S_max, Hk, D) contiguous, or (num_pages, PS, Hk, D) paged
     V,  # (B, S_max, Hk, Dv) or (num_pages, PS, Hk, Dv)
-    Seqlens,  # int32 (B,): keys in the cache before the new ones
+    Seqlens,  # int32 (B,): keys in the cache before the new ones (any tensor, unread, with FULL)
     Table,  # int32 (B, max_pages) (paged; any int32 tensor otherwise)
     Slopes,  # float32 (Hq,) or (B, Hq) (ALiBi; any float32 tensor otherwise)
     Out,  # (P, B, Sq, Hq, Dv): P = 1 writes the final output, P > 1 float32 partials
@@ -86,6 +86,7 @@ def decode_fwd(
     SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     PRECISION: tl.constexpr,
+    FULL: tl.constexpr,  # no Seqlens: every row's length is cap
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -105,8 +106,11 @@ def decode_fwd(
     q_ptrs += offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
 
-    seqlen_k = tl.load(Seqlens + b) + SQ_NEW
-    seqlen_k = tl.minimum(tl.maximum(seqlen_k, 0), cap)
+    if FULL:  # every row holds the whole capacity (attention() through the triton_decode backend)
+        seqlen_k = b * 0 + cap  # (a tensor even where Triton passes cap == 1 as a constant)
+    else:
+        seqlen_k = tl.load(Seqlens + b) + SQ_NEW
+        seqlen_k = tl.minimum(tl.maximum(seqlen_k, 0), cap)
     off = seqlen_k - SQ
 
     # keys this tile can see, intersected with this split's range

@@ -36,30 +36,31 @@ def _pow2(n: int) -> int:
     return p
 
 
+def combine_plan(parts, part_lse, out, lse) -> tuple | None:
+    """The launch of :func:`combine_into` for tensors of these shapes and strides (any tensors or meta
+    tensors): ``(grid, scalars, constexprs)``, the tensors ``(parts, part_lse, out, lse)`` to go first;
+    None when there is no row. Host values only, so a caller may keep it for later calls of one shape."""
+    P, d0, d1, d2, Dv = parts.shape
+    if min(d0, d1, d2) == 0:
+        return None
+    block_r = 16 if _cap.interpreting() else min(64, _pow2(d2))
+    grid = (_cdiv(d2, block_r), d1, d0)
+    scalars = (P, d2, *parts.stride()[:4], *part_lse.stride(), *out.stride()[:3], *lse.stride())
+    return grid, scalars, dict(DV=Dv, BLOCK_R=block_r, BLOCK_DV=_pow2(Dv), num_warps=4)
+
+
+def launch_combine(plan: tuple, parts: Tensor, part_lse: Tensor, out: Tensor, lse: Tensor) -> None:
+    """Launch a :func:`combine_plan` on tensors of the shapes and strides it was made for."""
+    grid, scalars, consts = plan
+    _kernel()[grid](parts, part_lse, out, lse, *scalars, **consts)
+
+
 def combine_into(parts: Tensor, part_lse: Tensor, out: Tensor, lse: Tensor) -> None:
     """Merge ``parts`` (P, d0, d1, d2, Dv) with ``part_lse`` (P, d0, d1, d2) into ``out`` (d0, d1, d2, Dv)
     and ``lse`` (float32, (d0, d1, d2)); any strides, but the last dim of ``parts`` and ``out`` unit."""
-    P, d0, d1, d2, Dv = parts.shape
-    if min(d0, d1, d2) == 0:
-        return
-    block_r = 16 if _cap.interpreting() else min(64, _pow2(d2))
-    grid = (_cdiv(d2, block_r), d1, d0)
-    _kernel()[grid](
-        parts,
-        part_lse,
-        out,
-        lse,
-        P,
-        d2,
-        *parts.stride()[:4],
-        *part_lse.stride(),
-        *out.stride()[:3],
-        *lse.stride(),
-        DV=Dv,
-        BLOCK_R=block_r,
-        BLOCK_DV=_pow2(Dv),
-        num_warps=4,
-    )
+    plan = combine_plan(parts, part_lse, out, lse)
+    if plan is not None:
+        launch_combine(plan, parts, part_lse, out, lse)
 
 
 def _rows_view(t: Tensor, layout: str, lse: bool) -> Tensor:

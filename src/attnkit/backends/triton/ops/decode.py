@@ -7,7 +7,8 @@ cache capacity, never ``cache_seqlens``), so a decode step can be captured in a 
 
 Tensor conventions: q (B, Sq, Hq, D); caches (B, S_max, Hk, D) or paged (num_pages, page_size, Hk, D),
 unit stride on the head dim; ``cache_seqlens`` int32 (B,); ``block_table`` int32 (B, max_pages). Returns
-out (B, Sq, Hq, Dv) in q's dtype, or (B, Hq, Sq, Dv) with ``bhsd_out``, and lse float32 (B, Hq, Sq).
+out (B, Sq, Hq, Dv) in q's dtype and lse float32 (B, Hq, Sq). With ``bhsd``, q and the (contiguous) caches
+are (B, H, S, D) and out (B, Hq, Sq, Dv).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 
 import torch
 
-from attnkit.backends.triton.ops.combine import combine_into
+from attnkit.backends.triton.ops.combine import combine_plan, launch_combine
 from attnkit.backends.triton.runtime import capability as _cap
 from attnkit.backends.triton.runtime import launch as _launch
 
@@ -104,95 +105,101 @@ def _new(shape, device, dtype) -> Tensor:
     return t
 
 
-def decode_fwd(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    cache_seqlens: Tensor,
-    block_table: Tensor | None,
-    alibi_slopes: Tensor | None,
-    sq_new: int,
-    scale: float,
-    causal: bool,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    splits: int = 0,
-    bhsd_out: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Attention of q against the first ``cache_seqlens[b] + sq_new`` keys of each row (see the module
-    docstring for shapes). ``splits``: 0 picks :func:`num_splits`; tests force other values."""
+class _Plan:
+    """Everything a call's launches take but its tensors, derived once per call signature (shapes, strides,
+    dtypes, device, scalars) by :func:`_make_plan`: output and workspace shapes, grid, split count, the
+    kernels' scalar arguments and constexprs, the combine's launch. ``empty``: 0 = launch, 1 = no output
+    element (return the empty outputs), 2 = no key anywhere (zeros and -inf)."""
+
+    __slots__ = ("out_shape", "lse_shape", "part_shape", "part_lse_shape", "empty", "grid", "scalars",
+                 "consts", "combine", "paged", "alibi")  # fmt: skip
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 1024  # distinct call signatures before the memo starts over
+
+
+def _tensor_sig(t: Tensor | None):
+    return None if t is None else (t.shape, t.stride(), t.dtype)
+
+
+def _plan_key(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, scalars: tuple) -> tuple:
+    """What a plan depends on: each tensor's shape, strides and dtype, q's device, the scalar arguments
+    (with their types: ``1`` and ``True`` hash alike). Tensor addresses are not in it (the launcher's own
+    key has their alignment)."""
+    return (
+        q.shape,
+        q.stride(),
+        q.dtype,
+        q.device,
+        _tensor_sig(k_cache),
+        _tensor_sig(v_cache),
+        _tensor_sig(cache_seqlens),
+        _tensor_sig(block_table),
+        _tensor_sig(alibi_slopes),
+        scalars,
+        tuple(map(type, scalars)),
+    )
+
+
+def _unit_inner(t: Tensor | None) -> bool:
+    return t is None or t.stride(-1) == 1 or t.shape[-1] <= 1
+
+
+def _make_plan(q, k_cache, v_cache, full, block_table, alibi_slopes, sq_new, scale, causal, window_left,
+               window_right, softcap, splits, bhsd) -> _Plan:  # fmt: skip
+    """The launch parameters of :func:`decode_fwd` for tensors of these shapes and strides (host values
+    only: nothing here reads a tensor's values)."""
+    if bhsd:  # (B, H, S, D) tensors, read as (B, S, H, D) through their strides
+        q, k_cache, v_cache = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     B, Sq, Hq, D = q.shape
     Hk, Dv = k_cache.shape[2], v_cache.shape[3]
     group = Hq // Hk
-    dev = q.device
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k_cache.stride(-1) != 1:
-        k_cache = k_cache.contiguous()
-    if v_cache.stride(-1) != 1:
-        v_cache = v_cache.contiguous()
-    cache_seqlens = cache_seqlens.contiguous()  # the kernel reads these with unit inner strides
-    if alibi_slopes is not None:
-        alibi_slopes = alibi_slopes.contiguous()
     paged = block_table is not None
+    p = _Plan()
+    p.paged, p.alibi = paged, alibi_slopes is not None
     if paged:
-        block_table = block_table.contiguous()
         num_pages, ps = k_cache.shape[0], k_cache.shape[1]
         cap = block_table.shape[1] * ps
     else:
         num_pages, ps = 1, 1
         cap = k_cache.shape[1]
-    if bhsd_out:
-        out_base = _new((B, Hq, Sq, Dv), dev, q.dtype)
-        out = out_base.transpose(1, 2)  # (B, Sq, Hq, Dv) view
-    else:
-        out_base = out = _new((B, Sq, Hq, Dv), dev, q.dtype)
-    lse = _new((B, Hq, Sq), dev, torch.float32)
-    if B * Sq * Hq == 0:
-        return out_base, lse
-    if cap == 0 or num_pages == 0 or (paged and block_table.shape[0] == 0):
-        out.zero_()
-        lse.fill_(float("-inf"))
-        return out_base, lse
+    p.out_shape = (B, Hq, Sq, Dv) if bhsd else (B, Sq, Hq, Dv)
+    p.lse_shape = (B, Hq, Sq)
+    p.part_shape = p.part_lse_shape = p.grid = p.scalars = p.consts = p.combine = None
+    p.empty = 1 if B * Sq * Hq == 0 else (2 if cap == 0 or num_pages == 0 else 0)
+    if p.empty:
+        return p
 
     block_m, block_n = blocks(Sq, group, D, Dv)
     m_blocks = _cdiv(Sq * group, block_m)
+    dev = q.device
     if splits <= 0:
         waves = 2 if _cap.interpreting() else _tune()["waves"]
         splits = num_splits(B, Hk, m_blocks, cap, block_n, sm_count(dev), waves)
     chunk = _cdiv(_cdiv(cap, splits), block_n) * block_n
     splits = _cdiv(cap, chunk)
+    # the views the launches take, on meta tensors: their strides are those of every later call's
+    meta = torch.device("meta")
+    out_base = torch.empty(p.out_shape, device=meta, dtype=q.dtype)
+    out = out_base.transpose(1, 2) if bhsd else out_base  # (B, Sq, Hq, Dv)
+    lse = torch.empty(p.lse_shape, device=meta, dtype=torch.float32)
     if splits == 1:
         part, part_lse = out.unsqueeze(0), lse.unsqueeze(0)
     else:
-        part = _new((splits, B, Sq, Hq, Dv), dev, torch.float32)
-        part_lse = _new((splits, B, Hq, Sq), dev, torch.float32)
-    has_left = window_left >= 0
-    has_right = causal or window_right >= 0
-    win_right = 0 if causal else max(window_right, 0)
-    table = block_table if paged else cache_seqlens
-    slopes = alibi_slopes if alibi_slopes is not None else lse
+        p.part_shape, p.part_lse_shape = (splits, B, Sq, Hq, Dv), (splits, B, Hq, Sq)
+        part = torch.empty(p.part_shape, device=meta, dtype=torch.float32)
+        part_lse = torch.empty(p.part_lse_shape, device=meta, dtype=torch.float32)
+        # partials (P, B, Sq, Hq, Dv) -> rows (b, h, i)
+        p.combine = combine_plan(part.transpose(2, 3), part_lse, out.transpose(1, 2), lse)
+    table_stride = block_table.stride(0) if paged else 1
     stride_ab = 0 if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes.stride(0)
-    _kernel()[(splits, B * Hk, m_blocks)](
-        q,
-        k_cache,
-        v_cache,
-        cache_seqlens,
-        table,
-        slopes,
-        part,
-        part_lse,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        table.stride(0),
+    p.grid = (splits, B * Hk, m_blocks)
+    p.scalars = (
+        *q.stride()[:3],
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        table_stride,
         stride_ab,
         *part.stride()[:4],
         *part_lse.stride(),
@@ -206,7 +213,9 @@ def decode_fwd(
         float(scale),
         float(softcap or 1.0),
         max(window_left, 0),
-        win_right,
+        0 if causal else max(window_right, 0),
+    )
+    p.consts = dict(
         GROUP=group,
         D=D,
         DV=Dv,
@@ -215,18 +224,140 @@ def decode_fwd(
         BLOCK_D=_pow2(D),
         BLOCK_DV=_pow2(Dv),
         PAGED=paged,
-        HAS_LEFT=has_left,
-        HAS_RIGHT=has_right,
+        HAS_LEFT=window_left >= 0,
+        HAS_RIGHT=causal or window_right >= 0,
         SOFTCAP=bool(softcap),
         HAS_ALIBI=alibi_slopes is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FULL=full,
         num_warps=4 if _cap.interpreting() else _tune()["warps"],
         num_stages=2 if _cap.interpreting() else _tune()["stages"],
     )
-    if splits > 1:
-        # partials (P, B, Sq, Hq, Dv) -> rows (b, h, i)
-        combine_into(part.transpose(2, 3), part_lse, out.transpose(1, 2), lse)
-    return out_base, lse
+    return p
+
+
+def decode_fwd(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor | None,
+    block_table: Tensor | None,
+    alibi_slopes: Tensor | None,
+    sq_new: int,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    splits: int = 0,
+    bhsd: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Attention of q against the first ``cache_seqlens[b] + sq_new`` keys of each row (see the module
+    docstring for shapes), or, with ``cache_seqlens=None``, against all the cache capacity holds (every row
+    full: no lengths tensor to build). ``splits``: 0 picks :func:`num_splits`; tests force other values.
+
+    Host work of a repeated call signature: one plan lookup, one ``torch.empty`` each for out and lse (and,
+    with several splits, for the partial outputs and lses), one or two launches; no torch op besides."""
+    scalars = (sq_new, scale, causal, window_left, window_right, softcap, splits, bhsd)
+    key = _plan_key(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, scalars)
+    p = _PLANS.get(key)
+    if p is None:
+        if not (_unit_inner(q) and _unit_inner(k_cache) and _unit_inner(v_cache)):
+            # the kernel reads the head dim with unit stride: copy, then the plan of the copies
+            q, k_cache, v_cache = (t if _unit_inner(t) else t.contiguous() for t in (q, k_cache, v_cache))
+            return decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, *scalars)
+        if not all(t is None or t.is_contiguous() for t in (cache_seqlens, block_table, alibi_slopes)):
+            cache_seqlens, block_table, alibi_slopes = (
+                None if t is None else t.contiguous() for t in (cache_seqlens, block_table, alibi_slopes)
+            )
+            return decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, *scalars)
+        p = _make_plan(q, k_cache, v_cache, cache_seqlens is None, block_table, alibi_slopes, *scalars)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = p
+    dev = q.device
+    out = _new(p.out_shape, dev, q.dtype)
+    lse = _new(p.lse_shape, dev, torch.float32)
+    if p.empty:
+        if p.empty == 2:
+            out.zero_()
+            lse.fill_(float("-inf"))
+        return out, lse
+    if p.combine is None:
+        part, part_lse = out, lse  # one split writes the outputs (their addresses; strides are the plan's)
+    else:
+        part = _new(p.part_shape, dev, torch.float32)
+        part_lse = _new(p.part_lse_shape, dev, torch.float32)
+    seqlens = lse if cache_seqlens is None else cache_seqlens  # (unread with FULL)
+    table = block_table if p.paged else seqlens
+    slopes = alibi_slopes if p.alibi else lse
+    args = (q, k_cache, v_cache, seqlens, table, slopes, part, part_lse)
+    _kernel()[p.grid](*args, *p.scalars, **p.consts)
+    if p.combine is not None:
+        launch_combine(p.combine, part, part_lse, out, lse)
+    return out, lse
+
+
+_APPEND = None
+_APPEND_PLANS: dict = {}
+
+
+def append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table) -> None:
+    """Write ``k_new`` / ``v_new`` (B, Sq_new, Hk, D|Dv) into the cache at logical positions
+    ``cache_seqlens[b] + t``, in place, in one launch (``kernels/append.py``; indices clamped into the
+    cache as the decode kernel clamps them). Shapes as :func:`decode_fwd`; the caller has checked that
+    B, Sq_new, the capacity and the pool are not empty. No host sync; launch parameters cached per shape."""
+    global _APPEND
+    key = (
+        _tensor_sig(k_cache),
+        _tensor_sig(v_cache),
+        _tensor_sig(k_new),
+        _tensor_sig(v_new),
+        _tensor_sig(cache_seqlens),
+        _tensor_sig(block_table),
+        k_cache.device,
+    )
+    p = _APPEND_PLANS.get(key)
+    if p is None:
+        if not all(t is None or t.is_contiguous() for t in (k_new, v_new, cache_seqlens, block_table)):
+            k_new, v_new, cache_seqlens = k_new.contiguous(), v_new.contiguous(), cache_seqlens.contiguous()
+            block_table = None if block_table is None else block_table.contiguous()
+            return append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+        if not (_unit_inner(k_cache) and _unit_inner(v_cache)):  # (an in-place write needs the caches)
+            raise ValueError("append: the caches' head dim must have unit stride")
+        B, Sn, Hk, D = k_new.shape
+        Dv = v_new.shape[3]
+        paged = block_table is not None
+        if paged:
+            num_pages, ps, cap = k_cache.shape[0], k_cache.shape[1], block_table.shape[1] * k_cache.shape[1]
+        else:
+            num_pages, ps, cap = 1, 1, k_cache.shape[1]
+        block_t = min(16, _pow2(Sn, 2))
+        p = (
+            (B, _cdiv(Sn, block_t), Hk),
+            (
+                *k_new.stride()[:3],
+                *v_new.stride()[:3],
+                *k_cache.stride()[:3],
+                *v_cache.stride()[:3],
+                block_table.stride(0) if paged else 1,
+                Sn,
+                cap,
+                ps,
+                num_pages,
+            ),
+            dict(D=D, DV=Dv, BLOCK_T=block_t, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), PAGED=paged, num_warps=4),
+        )
+        if len(_APPEND_PLANS) >= _MAX_PLANS:
+            _APPEND_PLANS.clear()
+        _APPEND_PLANS[key] = p
+    if _APPEND is None:
+        from attnkit.backends.triton.kernels.append import append_kv
+
+        _APPEND = _launch.Launch(append_kv)
+    grid, scalars, consts = p
+    table = cache_seqlens if block_table is None else block_table
+    _APPEND[grid](k_new, v_new, k_cache, v_cache, cache_seqlens, table, *scalars, **consts)
 
 
 _op = torch.library.custom_op("attnkit::decode_fwd", mutates_args=())(decode_fwd)
@@ -247,11 +378,11 @@ def _(
     window_right,
     softcap,
     splits=0,
-    bhsd_out=False,
+    bhsd=False,
 ):
-    B, Sq, Hq, _ = q.shape
+    B, Sq, Hq, _ = q.transpose(1, 2).shape if bhsd else q.shape
     Dv = v_cache.shape[3]
-    shape = (B, Hq, Sq, Dv) if bhsd_out else (B, Sq, Hq, Dv)
+    shape = (B, Hq, Sq, Dv) if bhsd else (B, Sq, Hq, Dv)
     return q.new_empty(shape), q.new_empty((B, Hq, Sq), dtype=torch.float32)
 
 
