@@ -415,3 +415,21 @@ def test_static_cache_decode_steps_run_attention_with_kvcache(monkeypatch, dtype
     assert sorted(set(steps)) == [6, 7, 8, 9], calls  # keys 0..L-1 of the cache
     assert len(steps) == TINY["num_hidden_layers"] * 4, calls
     assert all(k_shape[1] == 10 for _, k_shape, _ in calls)  # the whole static cache, read in place
+
+
+def test_decode_steps_read_the_padding_mask_once_per_step(monkeypatch):
+    """Every layer of a step gets the same padding mask: whether it is all ones is read from the device
+    once (a sync), not once per layer; an in-place change or a new mask is read again."""
+    from attnkit.integrations import hf
+
+    reads = []
+    real = torch.Tensor.all
+    monkeypatch.setattr(torch.Tensor, "all", lambda self, *a, **k: reads.append(1) or real(self, *a, **k))
+    pm = torch.ones(2, 7, dtype=torch.bool)
+    assert all(hf._all_true(pm) for _ in range(4)) and len(reads) == 1
+    pm[1, 3] = False
+    assert not hf._all_true(pm) and len(reads) == 2
+    assert hf._all_true(torch.ones(2, 7, dtype=torch.bool)) and len(reads) == 3
+    with torch.inference_mode():
+        inf = torch.ones(2, 7, dtype=torch.bool)
+    assert hf._all_true(inf) and hf._all_true(inf) and len(reads) == 5

@@ -508,8 +508,25 @@ def _decode_step(query, pm, common) -> bool:
         and common["backend"] in _KVCACHE_BACKENDS
         and not (torch.is_grad_enabled() and query.requires_grad)
         and not _tracing(pm)
-        and bool(pm.all())
+        and _all_true(pm)
     )
+
+
+_ALL_TRUE: list = []  # (weak reference to the last mask read, its in-place version, the answer)
+
+
+def _all_true(pm: torch.Tensor) -> bool:
+    """``bool(pm.all())``, a device read, once per mask: transformers passes one mask to every layer of a
+    step, so the read happens once a step, not once a layer."""
+    try:
+        version = pm._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter: read it every time
+        return bool(pm.all())
+    if _ALL_TRUE and _ALL_TRUE[0][0]() is pm and _ALL_TRUE[0][1] == version:
+        return _ALL_TRUE[0][2]
+    answer = bool(pm.all())
+    _ALL_TRUE[:] = [(weakref.ref(pm), version, answer)]
+    return answer
 
 
 def _decode(query, key, value, L, causal, window, common):
