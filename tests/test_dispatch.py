@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,8 +161,11 @@ def test_decode_estimates_see_memory_and_grid_fill(h200, shape):
     call = _cuda_call(**shape)
     cost = {name: h200[name].cost(call) for name in ("flex", "flash_attn4", "sdpa_flash", "triton_decode")}
     for slow in ("flex", "flash_attn4"):
-        for fast in ("sdpa_flash", "triton_decode"):
-            assert cost[slow] > cost[fast], cost
+        # SDPA's split-KV decode was the fastest on both rows; triton_decode through attention() pays a
+        # measured host floor (0.1 ms), which only the long B=1 row hides behind the others' memory time
+        fast = ("sdpa_flash", "triton_decode") if shape["B"] == 1 else ("sdpa_flash",)
+        for f in fast:
+            assert cost[slow] > cost[f], cost
         assert h200[slow].memory_notes(call)[0].startswith("memory-bound: reads 536.9 MB of K/V")
     # the rule itself: K+V bytes (537 MB) at 4 TB/s, slower by 132/8 where FA4 runs B*Hk = 8 programs
     kv = 2 * shape["B"] * shape["Hk"] * shape["Sk"] * 128 * 2
@@ -460,3 +465,53 @@ def test_a_cached_choice_whose_mask_data_refuses_it_is_not_reused(device):
         assert dispatch._CHOICES[key] is tri
     finally:
         dispatch._CHOICES.pop(key, None)
+
+
+# -- the cost model against the last measured H200 table (docs/results/2026-12-02-h200-b/) ----------------
+_MEASURED = Path(__file__).resolve().parents[1] / "docs" / "results" / "2026-12-02-h200-b"
+_BENCH_NAMES = {
+    "sdpa_cudnn": "sdpa_cudnn",
+    "attnkit:triton": "triton",
+    "fa4 (flash_attn.cute)": "flash_attn4",
+}
+
+
+def _measured_kernel_rows() -> dict:
+    rows: dict = {}
+    with open(_MEASURED / "kernels.csv") as f:
+        for r in csv.DictReader(f):
+            if r["backend"] in _BENCH_NAMES:
+                key = (int(r["B"]), int(r["H"]), int(r["S"]), int(r["D"]), r["mode"], r["causal"] == "True")
+                rows.setdefault(key, {})[_BENCH_NAMES[r["backend"]]] = float(r["ms"])
+    return rows
+
+
+def test_estimates_pick_within_3_percent_of_the_measured_best(h200):
+    """On every row of the last H200 kernels table (cuDNN, our kernels and FA4 in one run), the backend
+    with the lowest estimate measured within 3% of the fastest: auto's choice, given those backends."""
+    rows = _measured_kernel_rows()
+    assert len(rows) >= 20
+    off = {}
+    for (B, H, S, D, mode, causal), ms in rows.items():
+        call = _cuda_call(B, H, H, S, S, D, requires_grad=mode == "fwd_bwd", causal=causal)
+        pick = min(ms, key=lambda n: h200[n].cost(call))
+        if ms[pick] > 1.03 * min(ms.values()):
+            off[(B, H, S, D, mode, causal)] = (pick, ms)
+    assert not off, off
+
+
+def test_decode_estimates_pick_sdpa_where_it_measured_fastest(h200):
+    """The decode rows of the same run (attention() on a contiguous cache, 32/8 heads, D=128): SDPA was the
+    fastest or within 1% on each; flex, FA4 (no split of the keys) and triton_decode (a 0.1 ms host floor
+    through attention()) lose there, and the estimates say so."""
+    with open(_MEASURED / "decode.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["cache"] == "contiguous" and r["ms"]]
+    shapes = {(int(r["B"]), int(r["L"])) for r in rows}
+    assert len(shapes) >= 6
+    for B, L in shapes:
+        ms = {r["backend"]: float(r["ms"]) for r in rows if (int(r["B"]), int(r["L"])) == (B, L)}
+        assert ms["sdpa"] <= 1.01 * min(ms.values()), ms
+        call = _cuda_call(B, 32, 8, 1, L)
+        names = ("sdpa_flash", "flash_attn4", "flex", "triton_decode", "triton")
+        cost = {n: h200[n].cost(call) for n in names}
+        assert min(cost, key=cost.get) == "sdpa_flash", (B, L, cost)

@@ -44,8 +44,14 @@ def test_xformers_that_does_not_import_is_unavailable_with_the_reason(monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(xformers_backend, "xformers_ops", _broken_xformers)
     monkeypatch.setattr(xformers_backend, "_IMPORT_ERROR", [])
-    ok, why = xformers_backend.XFormersBackend()._check_available()
-    assert not ok and "ModuleNotFoundError" in why and "flash_attn_interface" in why
+    be = xformers_backend.XFormersBackend()
+    assert be._check_available() == (True, None)  # (the cheap part, checked at import attnkit)
+    why = be.import_problem()  # (the import, at the first call or attnkit info)
+    assert "ModuleNotFoundError" in why and "flash_attn_interface" in why
+    monkeypatch.setattr(dispatch, "_REGISTRY", {"xformers": be})
+    monkeypatch.setattr(dispatch, "_LOADED", True)
+    (rec,) = dispatch.backends()
+    assert not rec.available and rec.reason == why
 
 
 def test_bench_kernels_drops_a_peer_that_does_not_import(monkeypatch, capsys):

@@ -298,11 +298,13 @@ def test_cuda_bf16_masks(name):
 
 
 @pytest.mark.cuda
-def test_cuda_auto_picks_triton_for_lowered_masks():
+def test_cuda_auto_picks_a_fast_block_sparse_backend_for_lowered_masks():
+    """A causal document mask's forward (B=2 H=16 S=8k D=128): measured on the H200 (2026-12-02) flex 0.507
+    ms, triton 0.510, flex_flash 0.936, SDPA with a dense mask several ms: auto takes one of the first two."""
     q, k, v, _ = oracle.make_inputs("bhsd", B=2, Hq=16, Sq=8192, D=128, dtype=torch.bfloat16, device="cuda")
     ids = _sorted_ids(2, 8192, 8).cuda()
     report = attnkit.explain(q, k, v, mask=M.document(ids) & M.causal())
-    assert report.chosen == "triton", str(report)
+    assert report.chosen in ("flex", "triton"), str(report)
 
 
 @pytest.mark.parametrize("Sq,Sk", [(40, 40), (23, 50), (50, 23)])

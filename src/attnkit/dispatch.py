@@ -98,6 +98,9 @@ def backends() -> list[BackendRecord]:
     out = []
     for b in _load().values():
         ok, why = b.available()
+        if ok:
+            why = b.import_problem()
+            ok = why is None
         out.append(BackendRecord(b.name, ok, why, b.description))
     return out
 

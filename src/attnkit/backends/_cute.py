@@ -13,6 +13,8 @@ import sys
 
 import torch
 
+from attnkit.backends.base import attention_flops
+
 MODULE = "flash_attn.cute"
 ARCHS = (9, 10, 11)  # compute capability majors whose FA4 forward and backward kernels we claim
 DTYPES = (torch.float16, torch.bfloat16)  # FA4's fp8 is forward-only on SM100: not claimed
@@ -109,3 +111,30 @@ def common_reasons(call) -> list[str]:
     if call.dropout_p > 0:
         r.append("FA4 has no dropout")
     return r
+
+
+# FA4 TFLOP/s (visible-pair FLOPs) on an H200, bf16, measured by `attnkit bench kernels --quick` in one run
+# with our kernels and cuDNN (2026-12-02 15:20 UTC, docs/results/2026-12-02-h200-b/): (fwd, fwd+bwd) by (long
+# or short sequence, D <= 64, causal). Long: the mean of the S=4096 and S=16384 rows; short: S=512, B=32.
+_RATES = {
+    ("long", False, False): (661e12, 615e12),
+    ("long", False, True): (614e12, 576e12),
+    ("long", True, False): (539e12, 520e12),
+    ("long", True, True): (444e12, 455e12),  # (4, 32, 4096, 64) only: the S=16384 causal row was cut
+    ("short", False, False): (457e12, 274e12),
+    ("short", False, True): (268e12, 140e12),
+    ("short", True, False): (326e12, 277e12),
+    ("short", True, True): (150e12, 170e12),  # not measured (the run was cut): below the D=128 rows
+}
+_SOFTCAP_FACTOR = 0.5  # tanh softcap 30 ran at ~300 TFLOP/s fwd and fwd+bwd vs ~600 dense (docs/anchors.md)
+
+
+def compute_seconds(call) -> float:
+    """FA4's compute time for ``call`` at the measured rates (flash_attn4's, and flex_flash's base: the
+    same kernels)."""
+    short = "short" if call.Sk <= 1024 else "long"
+    causal = call.causal or call.window is not None
+    rate = _RATES[(short, call.D <= 64, causal)][1 if call.requires_grad else 0]
+    if call.softcap is not None:
+        rate *= _SOFTCAP_FACTOR
+    return attention_flops(call, call.requires_grad) / rate

@@ -33,6 +33,12 @@ class Backend:
                 self._availability = (False, f"{type(e).__name__}: {e}")
         return self._availability
 
+    def import_problem(self) -> str | None:
+        """Why a backend that :meth:`available` found installed still cannot run, where finding out costs
+        seconds (importing a large package): asked by ``attnkit.backends()`` / ``attnkit info`` and by the
+        backend's own ``why_not`` at its first call, never at ``import attnkit``. None: no such check."""
+        return None
+
     def _check_available(self) -> tuple[bool, str | None]:
         return True, None
 

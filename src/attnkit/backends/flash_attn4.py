@@ -41,21 +41,8 @@ from attnkit import _compile
 from attnkit._call import AttentionCall
 from attnkit.backends import _cute
 from attnkit.backends._roofline import tile_programs
-from attnkit.backends.base import Backend, attention_flops, to_bhsd
+from attnkit.backends.base import Backend, to_bhsd
 
-# FA4 TFLOP/s on an H200, bf16, docs/anchors.md "The strongest peers, measured 2026-12-02" (one run, not
-# re-measured by this backend yet): (fwd, fwd+bwd) by (long or short sequence, D <= 64, causal).
-_RATES = {
-    ("long", False, False): (680e12, 590e12),
-    ("long", False, True): (600e12, 545e12),
-    ("long", True, False): (511e12, 484e12),
-    ("long", True, True): (460e12, 454e12),
-    ("short", False, False): (452e12, 300e12),  # 32,16,512,128 (fwd+bwd non-causal not measured)
-    ("short", False, True): (176e12, 193e12),
-    ("short", True, False): (380e12, 250e12),  # D=64 short rows not measured: below the D=128 ones
-    ("short", True, True): (150e12, 170e12),
-}
-_SOFTCAP_FACTOR = 0.5  # tanh softcap 30 ran at ~300 TFLOP/s fwd and fwd+bwd vs ~600 dense (docs/anchors.md)
 _LAUNCH_S = 25e-6
 
 
@@ -164,12 +151,7 @@ class FlashAttn4Backend(Backend):
         return r
 
     def compute_seconds(self, call: AttentionCall) -> float:
-        short = "short" if call.Sk <= 1024 else "long"
-        causal = call.causal or call.window is not None
-        rate = _RATES[(short, call.D <= 64, causal)][1 if call.requires_grad else 0]
-        if call.softcap is not None:
-            rate *= _SOFTCAP_FACTOR
-        return attention_flops(call, call.requires_grad) / rate
+        return _cute.compute_seconds(call)
 
     def memory_traffic(self, call: AttentionCall) -> tuple[int | None, float, float]:
         # No split of the key range (num_splits=1): one program per (batch, KV head, 128 packed GQA rows);

@@ -37,12 +37,18 @@ from attnkit.backends._roofline import tile_programs
 from attnkit.backends.base import Backend, attention_flops
 
 _KERNEL_OPTIONS = {"BACKEND": "FLASH"}
-# docs/anchors.md, 2026-12-02 (one H200 run, not yet re-measured by attnkit): dense calls run at FA4's
-# speed less a little (same kernels, inductor's launch); with a score_mod or mask the FLASH template ran
-# 1.1-1.7x faster than flex's Triton kernels forward and about as fast forward+backward.
-_RATES = (600e12, 450e12)
-_MOD_FACTOR = (0.6, 0.55)  # tanh softcap 30: 357 TFLOP/s fwd, 256 fwd+bwd
+# FA4's kernels underneath: never faster than FA4 called directly (flash_attn4's measured rates), slower by
+# the score_mod / bias factor (docs/anchors.md: tanh softcap 30 ran 357 TFLOP/s fwd, 256 fwd+bwd).
+_MOD_FACTOR = (0.6, 0.55)
 _LAUNCH_S = 60e-6
+# A call FA4 serves itself (no mask, score_mod, bias or ALiBi) is better served by FA4 directly: on the H200
+# (2026-12-02, bench kernels) `auto` ran B=32 H=32 S=512 D=64 fwd in 0.625 ms against FA4's 0.211 when
+# this backend's estimate (then a flat 600 TFLOP/s) ranked it first: flex's wrapper costs ~0.4 ms there.
+_PLAIN_S = 0.4e-3
+# Masked calls (block-sparse FLASH) ran below FA4's dense rate over the visible blocks: a causal document
+# mask (8 documents, B=2 H=16 S=8192 D=128) took 0.936 ms forward and 1.580 forward+backward on the H200
+# (2026-12-02, docs/results/2026-12-02-h200/masks.txt) where FA4's rates give 0.36 and 1.04: (fwd, fwd+bwd).
+_MASK_FACTOR = (0.385, 0.66)
 # Call families whose FLASH compile failed (inductor raises for mods its CuTe DSL template cannot take):
 # family key -> the error, refused from then on so that ``auto`` goes elsewhere.
 _FAILED: dict = {}
@@ -149,16 +155,18 @@ class FlexFlashBackend(Backend):
 
     def compute_seconds(self, call: AttentionCall) -> float:
         grad = 1 if call.requires_grad else 0
-        rate = _RATES[grad]
-        if call.softcap is not None or call.score_mod is not None or call.bias is not None:
-            rate *= _MOD_FACTOR[grad]
+        t = _cute.compute_seconds(call)  # (softcap included)
+        if call.score_mod is not None or call.bias is not None:
+            t /= _MOD_FACTOR[grad]
         if call.alibi_slopes is not None:
-            rate *= _MOD_FACTOR[grad]
-        flops = attention_flops(call, call.requires_grad)
+            t /= _MOD_FACTOR[grad]
         density = common.mask_block_density(call)
         if density is not None:
-            flops = attention_flops(call, call.requires_grad, dense=True) * density
-        return flops / rate
+            dense = attention_flops(call, call.requires_grad, dense=True)
+            t *= density * dense / max(attention_flops(call, call.requires_grad), 1.0)
+        if call.mask is not None or call.block_mask is not None:
+            t /= _MASK_FACTOR[grad]
+        return t
 
     def memory_traffic(self, call: AttentionCall) -> tuple[int | None, float, float]:
         # FA4's CuTe kernels underneath: no split of the key range (as flash_attn4; not measured apart)
@@ -168,7 +176,9 @@ class FlexFlashBackend(Backend):
         t = _LAUNCH_S
         if call.mask is not None or call.layout == "thd":
             t += 50e-6  # building a block mask
-        return t
+        extras = ("mask", "block_mask", "score_mod", "bias", "alibi_slopes")
+        plain = all(getattr(call, n) is None for n in extras)
+        return t + (_PLAIN_S if plain else 0.0)
 
     def notes(self, call: AttentionCall) -> list[str]:
         n = ["rates from docs/anchors.md (2026-12-02, one H200 run), not yet re-measured by attnkit"]

@@ -56,6 +56,10 @@ _CUDA_RATES = {
 # it there. (Causal calls keep 560: their short rows were not measured apart, and 375 sent the causal
 # D=64 forward to a kernel 19% slower.)
 _CUDNN_SHORT_FWD = {64: 375e12, 128: 495e12}
+# cuDNN at D <= 64 on long sequences (S = 4096 and 16384), (forward, forward+backward) by causal: the same
+# H200, 2026-12-02, `attnkit bench kernels --quick` with FA4 and our kernels in the run
+# (docs/results/2026-12-02-h200-b/): 460-467 / 440-456 TFLOP/s, causal 430 / 401; 560 / 500 over-rated it.
+_CUDNN_LONG_D64 = {False: (463e12, 448e12), True: (430e12, 401e12)}
 # Rough CPU rates (2-core machine); only the ranking matters.
 _CPU_RATES = {"flash": (30e9, 15e9), "math": (15e9, 8e9)}
 _DTYPES = {
@@ -293,6 +297,8 @@ class SDPABackend(Backend):
         short = call.Sk <= 1024 and not (call.requires_grad or call.causal or dense)
         if self.kind == "cudnn" and short and call.device.type == "cuda":
             rate = _CUDNN_SHORT_FWD[min(_CUDNN_SHORT_FWD, key=lambda d: (abs(d - call.D), d))]
+        elif self.kind == "cudnn" and call.Sk > 1024 and max(call.D, call.Dv) <= 64 and not dense:
+            rate = _CUDNN_LONG_D64[bool(call.causal)][1 if call.requires_grad else 0]
         if call.device.type == "cuda" and call.dtype in (torch.float32, torch.float64):
             rate /= 8  # no half-precision tensor cores
         return flops / rate

@@ -24,7 +24,7 @@ _INT32 = 2**31 - 1
 # NOT MEASURED: the arithmetic rate of the packed GQA tiles (matters only from ~64 rows a tile); about the
 # forward kernel's.
 _RATE = 300e12
-_LAUNCH = 8e-6
+_HOST_FLOOR = 90e-6  # seconds a call costs whatever its size (see overhead_seconds)
 
 
 class TritonDecodeBackend(Backend):
@@ -98,7 +98,11 @@ class TritonDecodeBackend(Backend):
         return attention_flops(call) / (_RATE / (12.0 if call.dtype == torch.float32 else 1.0))
 
     def overhead_seconds(self, call: AttentionCall) -> float:
-        return 2 * _LAUNCH  # the split kernel and the combine
+        # Measured through attention() on the H200 (2026-12-02, `attnkit bench decode --quick`, the
+        # attnkit_auto rows, which ran this backend): 0.10 ms at B=1 L=8k, where its kernels read K+V in
+        # ~10 us and SDPA took 0.022 ms: the host path of attention() (normalize, dispatch, launches) is the
+        # floor, not the two launches alone (attention_with_kvcache's leaner path: 0.036 ms there).
+        return _HOST_FLOOR
 
     def notes(self, call: AttentionCall) -> list[str]:
         return [f"GQA heads packed: {call.Sq * call.group} rows a tile; key range split to fill the GPU"]
