@@ -29,6 +29,10 @@ from attnkit.errors import UnsupportedError
 from attnkit.masks import _intervals
 
 _INT32 = 2**31 - 1
+# A compiled score_mod's forward and backward are priced at this factor of the plain kernels' time: not
+# measured on a GPU yet, so set high enough that ``auto`` keeps FlexAttention for score_mod calls on CUDA
+# until the lead measures them (then replace it by the measured ratio).
+SCORE_MOD_COST = 4.0
 
 
 def _rates() -> dict:
@@ -77,10 +81,9 @@ class TritonBackend(Backend):
         elif not _cap.interpreting():
             r.append(f"tensors on {call.device.type}: needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
         if call.score_mod is not None:
-            r.append(
-                "user score_mod callables are not compiled into the Triton kernels yet "
-                "(use backend='flex' or 'reference')"
-            )
+            why = _score_mod_why_not(call)
+            if why is not None:
+                r.append(f"{why} (use backend='flex' or 'reference')")
         if call.mask is not None:
             why = _intervals.why_not(call.mask, call)
             if why is not None:  # masks that lower to column intervals run as data; others not yet
@@ -124,6 +127,7 @@ class TritonBackend(Backend):
             bool(call.deterministic),
             iv.startend if iv is not None else None,
             iv.summary if iv is not None else None,
+            *_score_mod_args(call),
         )
         out, lse, _, _ = ops.attention(p)
         return out, (lse if call.return_lse else None)
@@ -196,6 +200,8 @@ class TritonBackend(Backend):
                 t += pairs * call.Hq * 4 * 2 / 3.0e12  # dense fp32 dbias written and reduced
         if call.dropout_p > 0:
             t *= 1.3
+        if call.score_mod is not None:
+            t *= SCORE_MOD_COST
         launches = 4 if call.requires_grad else 1
         return t + 8e-6 * launches
 
@@ -227,3 +233,37 @@ class TritonBackend(Backend):
 
 
 BACKEND = TritonBackend()
+
+
+def _score_mod_why_not(call: AttentionCall) -> str | None:
+    """Why the call's score_mod cannot run compiled into the kernels (None: it can): an op or construct the
+    compiler cannot lower (with the user's source line), captured tensors that require grad (their
+    gradients are not compiled yet), on another device, or more than the kernels' slots."""
+    from attnkit import compiler
+
+    try:
+        comp = compiler.compile_score_mod(call.score_mod)
+    except compiler.Unlowerable as e:
+        return str(e)
+    for t in comp.tensors:
+        if t.requires_grad and torch.is_grad_enabled():
+            return "score_mod reads a tensor that requires grad: its gradient is not compiled yet"
+        if t.device != call.device:
+            return f"score_mod reads a tensor on {t.device} (the call is on {call.device})"
+        if t.numel() > _INT32:
+            return "score_mod reads a tensor with >= 2**31 elements"
+    return None
+
+
+def _score_mod_args(call: AttentionCall) -> tuple:
+    """FwdParams' score-mod fields: (key, c0, c1, c2, c3, meta) of the compiled mod, or empty ones."""
+    if call.score_mod is None:
+        return ("", None, None, None, None, None)
+    from attnkit import compiler
+
+    comp = compiler.compile_score_mod(call.score_mod)  # (memoized: why_not compiled it)
+    why = _score_mod_why_not(call)
+    if why is not None:  # a choice reused for a mod of the same structure that does not compile
+        raise UnsupportedError("triton", [why])
+    slots = list(comp.tensors) + [None] * (compiler.MAX_TENSORS - len(comp.tensors))
+    return (comp.key, *slots, compiler.meta(comp.tensors, call.device))

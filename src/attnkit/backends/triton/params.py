@@ -60,6 +60,14 @@ class FwdParams:
     # key column and their (B', H', ceil(K / 16), 8) summary, or None
     startend: Tensor | None
     iv_summary: Tensor | None
+    # a compiled score_mod (``attnkit.compiler``): its generated function's key ("" = none), the tensors it
+    # captured (up to 4, any strides; None past their count) and their int64 (4, 8) strides/sizes table
+    score_mod: str
+    smod_c0: Tensor | None
+    smod_c1: Tensor | None
+    smod_c2: Tensor | None
+    smod_c3: Tensor | None
+    smod_meta: Tensor | None
 
     def args(self) -> tuple:
         """The op's positional arguments, in field order."""
@@ -82,7 +90,7 @@ class FwdParams:
         ``AttentionCall`` through :func:`attnkit.backends.triton.runtime.capability.plain_call`)."""
         return plain_features(
             self.bias, self.alibi_slopes, self.softcap, self.window_left, self.window_right, self.dropout_p
-        ) and (self.q.numel() > 0 and self.k.numel() > 0 and self.startend is None)
+        ) and (self.q.numel() > 0 and self.k.numel() > 0 and self.startend is None and not self.score_mod)
 
     def window(self) -> tuple[bool, bool, int, int]:
         """(HAS_LEFT, HAS_RIGHT, left, right) with causal folded into the right bound."""
@@ -106,14 +114,16 @@ class FwdParams:
             "DROPOUT": self.dropout_p > 0,
             "HAS_IV": self.startend is not None,
             "IV_SKIP": self.startend is not None and _iv_skip(),
+            "HAS_SCORE_MOD": bool(self.score_mod),
         }
 
     @staticmethod
     def tune_key(flags: dict) -> tuple:
-        """The tuning key's feature part: the flags' values, the interval flags only where a mask is carried
-        (so that tuned caches of other calls stay valid)."""
-        key = tuple([v for n, v in flags.items() if n not in ("HAS_IV", "IV_SKIP")])
-        return key + (True,) if flags.get("HAS_IV") else key
+        """The tuning key's feature part: the flags' values, the interval and score-mod flags only where a
+        mask is carried or a mod compiled (so that tuned caches of other calls stay valid)."""
+        key = tuple([v for n, v in flags.items() if n not in ("HAS_IV", "IV_SKIP", "HAS_SCORE_MOD")])
+        key = key + (True,) if flags.get("HAS_IV") else key
+        return key + ("score_mod",) if flags.get("HAS_SCORE_MOD") else key
 
     def replay_key(self, kind: str) -> tuple:
         """What a call's launches depend on besides its tensors' addresses, as far as the arguments go:

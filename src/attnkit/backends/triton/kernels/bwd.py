@@ -25,6 +25,7 @@ import triton.language as tl
 from attnkit.backends.triton.kernels.common import (
     dropout_keep,
     dscore_dqk,
+    dscore_mod,
     iv_apply,
     iv_classify,
     iv_load,
@@ -154,6 +155,7 @@ def _dkdv_inner(
     ib,
     ic,
     id_,
+    smod,
     D: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -173,6 +175,8 @@ def _dkdv_inner(
     HAS_IV: tl.constexpr,
     IV_SKIP: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
 ):
     c = pending_scale(sm_scale, DEFER)
     if FUSED_DQ:
@@ -225,7 +229,7 @@ def _dkdv_inner(
                 hi_base, lo_base, d_base, stride_ls, stride_ds, offs_m, seqlen_q, exact
             )
             qkt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BN, BM)
-            st, tt = scores(
+            st, tt, gt = scores(
                 qkt,
                 offs_m[None, :],
                 offs_n[:, None],
@@ -240,6 +244,7 @@ def _dkdv_inner(
                 stride_bm,
                 stride_bn,
                 slope,
+                smod,
                 MASK,
                 SOFTCAP,
                 HAS_BIAS,
@@ -247,6 +252,8 @@ def _dkdv_inner(
                 HAS_LEFT,
                 HAS_RIGHT,
                 DEFER,
+                HAS_SCORE_MOD,
+                SCORE_MOD,
             )
             if HAS_IV:  # noqa: SIM102 (constexpr, then a runtime branch)
                 if not full:
@@ -265,6 +272,7 @@ def _dkdv_inner(
                 pdt = pt
             dv += tl.dot(pdt.to(do.dtype), do, input_precision=PRECISION)
             dst = pt * (dpt - delta[None, :])  # dL/ds (natural units), transposed
+            dst = dscore_mod(dst, pt, gt, HAS_SCORE_MOD)  # (before the score mod: bias, softcap see this)
             if BIAS_GRAD:
                 tl.store(
                     db_ptr + offs_m[None, :] * stride_dbm + offs_n[:, None] * stride_dbn,
@@ -374,6 +382,11 @@ def attn_bwd_dkdv(
     stride_ih,
     stride_sb,
     stride_sh,  # mask intervals and their summary (see _fwd.attn_fwd)
+    SmC0,
+    SmC1,
+    SmC2,
+    SmC3,
+    SmMeta,  # score_mod: captured tensors and their int64 (4, 8) strides/sizes (attnkit.compiler)
     GROUP: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -394,6 +407,8 @@ def attn_bwd_dkdv(
     PRECISION: tl.constexpr,
     HAS_IV: tl.constexpr,
     IV_SKIP: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
     ONE_LOOP: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
@@ -447,6 +462,7 @@ def attn_bwd_dkdv(
         if HAS_ALIBI:
             slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
         sum_ptr = IvSum + b * stride_sb + h * stride_sh
+        smod = (SmC0, SmC1, SmC2, SmC3, SmMeta, b, h)
         ia, ib, ic, id_ = 0, 0, 0, 0
         g_lo, g_full_lo, g_full_hi, g_hi = lo, full_lo, full_hi, hi
         if HAS_IV:  # this key tile's column intervals, (BN, 1) each, and the query tiles that see any
@@ -512,6 +528,7 @@ def attn_bwd_dkdv(
                 ib,
                 ic,
                 id_,
+                smod,
                 D,
                 DV,
                 BLOCK_D,
@@ -531,6 +548,8 @@ def attn_bwd_dkdv(
                 HAS_IV,
                 IV_SKIP,
                 BLOCK_N,
+                HAS_SCORE_MOD,
+                SCORE_MOD,
             )
     row_mask = offs_n[:, None] < seqlen_k
     dk_ptrs = (
