@@ -3,8 +3,9 @@
 Each aten op becomes one line of a ``@triton.jit`` function; ops are elementwise (the kernels call the
 function on whole tiles: ``score`` (rows, cols), ``q``/``kv`` broadcastable index arrays, ``b``/``h``/``off``
 scalars). Every result is cast to the dtype the trace gave it, so PyTorch's type promotion (and the rounding
-of 16-bit tables) is kept. ``tab[i0, i1, ...]`` on a captured tensor (in one or several index ops, each
-taking the next dims) becomes ``tl.load(C + i0 * s0 + i1 * s1 ...)`` with negative indices wrapped as in
+of 16-bit tables) is kept. ``tab[i0, i1, ...]`` on a captured tensor (every dim indexed at once, by
+tensors: partial indexing such as ``tab[h][i]`` means one thing under vmap, another on broadcast index
+tensors, so it is refused) becomes ``tl.load(C + i0 * s0 + i1 * s1 ...)`` with negative indices wrapped as in
 PyTorch and out-of-range ones masked (the padding rows of a tile), strides and sizes read from ``META``.
 
 The derivative d(mod)/d(score) is forward-mode on the same graph: each float value that depends on
@@ -173,22 +174,20 @@ class _Emitter:
             idx = list(args[1])
             if not isinstance(base, View) or any(i is None for i in idx):
                 self.refuse(node, "indexes something other than a captured tensor, or slices it")
-            if len(base.idx) + len(idx) > base.ndim:
-                self.refuse(node, "indexes more dims than the tensor has")
+            if base.idx or len(idx) != base.ndim:  # (tab[h][i] means other things under vmap and broadcast)
+                self.refuse(node, "indexes a captured tensor on some of its dims (index all: tab[h, i])")
             vals = [self.value(node, i) for i in idx]
             return View(base.slot, base.ndim, base.dtype, base.idx + vals)
-        if op is aten.select.int:
-            base = self.env[args[0]]
-            if not isinstance(base, View) or args[1] not in (len(base.idx), len(base.idx) - base.ndim):
-                self.refuse(node, "selects other than the next dim of a captured tensor")
-            return View(base.slot, base.ndim, base.dtype, base.idx + [int(args[2])])
         if op not in _RULES and op not in _CONST and op not in _CASTS:
             self.refuse(node, "is not supported by the Triton score_mod compiler")
         if dtype is None or dtype not in _TL:
             self.refuse(node, "gives no tensor of a supported dtype")
         if op in _CONST:
             fill = {aten.zeros_like.default: 0, aten.ones_like.default: 1}.get(op)
-            fill = args[1] if fill is None else fill
+            if fill is None:
+                fill = args[0] if op is aten.scalar_tensor.default else args[1]
+            if isinstance(fill, torch.fx.Node):
+                self.refuse(node, "with a tensor fill value")
             return Val(_literal(fill, dtype), dtype)
         if op in _CASTS:
             x = self.value(node, args[0])
@@ -449,7 +448,8 @@ def _rsub(e, node, dtype, vals, kw):
 
 
 _ALIASES = {aten.detach.default, aten.alias.default, aten.clone.default, aten.lift_fresh_copy.default}
-_CONST = {aten.full_like.default, aten.zeros_like.default, aten.ones_like.default}
+_CONST = {aten.full_like.default, aten.zeros_like.default, aten.ones_like.default, aten.scalar_tensor.default,
+          aten.full.default}
 _CASTS = {aten._to_copy.default, torch.ops.prims.convert_element_type.default}
 _RULES = {
     aten.add.Tensor: _binary("+"),

@@ -1,0 +1,225 @@
+"""score_mod compiled into our Triton kernels (``attnkit.compiler``): forward, lse and gradients of q, k, v
+(and bias) against the float64 oracle, in the interpreter on the CPU (fp16/fp32, tiny shapes, 16x16 tiles)
+and natively on a GPU (bf16, ``@pytest.mark.cuda``); refusals name the op and the user's source line; the
+generated code is cached by structure, not by values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnkit
+import oracle
+from attnkit import compiler
+from attnkit import mods as M
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+DTYPES = (torch.float16, torch.float32)
+
+common = pytest.importorskip("attnkit.backends.triton.ops.common")
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Outputs start as NaN, so any element a kernel forgets to write fails the oracle."""
+    monkeypatch.setattr(common, "POISON", True)
+
+
+def tri(q, k, v, **kw):
+    return attnkit.attention(q, k, v, backend="triton", **kw)
+
+
+def _mods(H: int, device=DEV):
+    """Hand-written FlexAttention-style score mods over captured tables, by name."""
+    rel = torch.randn(H, 9, device=device)
+    slopes = oracle.alibi_slopes(H, device)
+    scales = torch.rand(H, device=device) + 0.5
+    twice = torch.randn(H, 7, device=device)
+    bias_qk = torch.randn(32, 32, device=device, dtype=torch.float16)
+
+    def rel_bias(score, b, h, q_idx, kv_idx):
+        return score + rel[h, (q_idx - kv_idx).clamp(-4, 4) + 4]
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return 2.0 * torch.tanh(score / 2.0)
+
+    def head_scale(score, b, h, q_idx, kv_idx):
+        return score * scales[h]
+
+    def where_qkv(score, b, h, q_idx, kv_idx):
+        return torch.where((q_idx + kv_idx) % 3 == 0, score * 0.5 - 1.0, torch.exp(score / 4.0))
+
+    def read_twice(score, b, h, q_idx, kv_idx):
+        d = (q_idx - kv_idx).abs() % 7
+        return score * torch.sigmoid(twice[h, d]) + twice[h, (kv_idx // 2) % 7]
+
+    def dense_bias(score, b, h, q_idx, kv_idx):  # a 16-bit (S, S) table read by both positions
+        return score + bias_qk[q_idx, kv_idx]
+
+    return {f.__name__: f for f in (rel_bias, alibi, softcap, head_scale, where_qkv, read_twice, dense_bias)}
+
+
+NAMES = tuple(_mods(2))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mods_fwd_bwd(name, dtype):
+    q, k, v, kw = oracle.make_inputs(B=2, Hq=2, Sq=20, D=16, dtype=dtype, device=DEV, requires_grad=True)
+    oracle.check_against_oracle(tri, q, k, v, score_mod=_mods(2)[name], **kw)
+
+
+@pytest.mark.parametrize(
+    "mod",
+    [
+        lambda H: M.t5_bias(torch.randn(H, 8, device=DEV), 8, 20),
+        lambda H: M.t5_bias(torch.randn(H, 8, device=DEV), 8, 20, bidirectional=False),
+        lambda H: M.alibi(oracle.alibi_slopes(H, DEV)),
+        lambda H: M.relative_bias(torch.randn(H, 11, device=DEV)),
+        lambda H: M.compose(M.softcap(3.0), M.relative_bias(torch.randn(7, device=DEV))),
+    ],
+    ids=["t5", "t5_causal", "alibi", "relative_bias", "compose"],
+)
+def test_library_mods_sq_ne_sk(mod):
+    """Library mods (bottom-right aligned: they read Sk - Sq), Sq != Sk, causal."""
+    q, k, v, kw = oracle.make_inputs(B=1, Hq=2, Sq=12, Sk=20, D=16, device=DEV, requires_grad=True)
+    oracle.check_against_oracle(tri, q, k, v, score_mod=mod(2), causal=True, **kw)
+
+
+def test_gqa_thd_ragged():
+    tab = torch.randn(2, 9, device=DEV)
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + tab[h, (kv_idx - q_idx).clamp(-4, 4) + 4] * (b + 1)
+
+    q, k, v, kw = oracle.make_inputs(
+        "thd", Hq=2, Hk=1, D=16, seqlens_q=[5, 0, 19], seqlens_k=[7, 3, 17], device=DEV, requires_grad=True
+    )
+    oracle.check_against_oracle(tri, q, k, v, score_mod=mod, causal=True, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fully_masked_rows_softcap_bias(dtype):
+    """Causal with Sq > Sk (the first rows see no key), softcap and a bias with its gradient: the pipeline's
+    order (softcap, bias, then the mod) and the chain rule through all three."""
+    slopes = oracle.alibi_slopes(2, DEV)
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score * 1.5 - slopes[h] * (q_idx - kv_idx).abs()
+
+    q, k, v, kw = oracle.make_inputs(
+        B=2, Hq=2, Sq=20, Sk=9, D=16, dtype=dtype, device=DEV, requires_grad=True
+    )
+    bias = oracle.randn((2, 1, 20, 9), dtype, DEV, requires_grad=True)
+    res = oracle.check_against_oracle(tri, q, k, v, bias=bias, score_mod=mod, causal=True, softcap=4.0, **kw)
+    assert torch.isneginf(res["lse"][:, :, :11]).all()
+
+
+def test_mod_masks_with_minus_inf():
+    """A mod returning -inf (causal written as a score mod): those keys drop out, forward and backward."""
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return torch.where(kv_idx <= q_idx, score, float("-inf"))
+
+    q, k, v, kw = oracle.make_inputs(B=1, Hq=2, Sq=18, D=16, device=DEV, requires_grad=True)
+    res = oracle.check_against_oracle(tri, q, k, v, score_mod=mod, **kw)
+    assert all(torch.isfinite(t.grad).all() for t in res["inputs"].values() if t is not None)
+
+
+def _sorting(score, b, h, q_idx, kv_idx):
+    return torch.sort(score).values  # unsupported: a reduction over the score
+
+
+def _branching(score, b, h, q_idx, kv_idx):
+    if score.max() > 1e9:  # a data-dependent Python branch
+        return score * 0.0
+    return score
+
+
+@pytest.mark.parametrize(
+    "mod,what,line",
+    [(_sorting, "aten::sort", "torch.sort(score)"), (_branching, "data-dependent", "if score.max() > 1e9")],
+)
+def test_refusal_names_op_and_line(mod, what, line):
+    q, k, v, _ = oracle.make_inputs(B=1, Hq=1, Sq=8, D=16, device=DEV)
+    with pytest.raises(attnkit.UnsupportedError) as e:
+        tri(q, k, v, score_mod=mod)
+    assert what in str(e.value) and line in str(e.value) and "test_score_mod_compile.py" in str(e.value)
+    out = attnkit.attention(q, k, v, score_mod=mod)  # auto: another backend serves it
+    ref = attnkit.attention(q, k, v, score_mod=mod, backend="reference")
+    torch.testing.assert_close(out, ref)
+
+
+def test_grad_of_captured_tensor_refused():
+    """Captured tensors that require grad: not compiled yet, refused (auto uses another backend)."""
+    table = torch.randn(2, 9, device=DEV, requires_grad=True)
+    q, k, v, _ = oracle.make_inputs(B=1, Hq=2, Sq=8, D=16, device=DEV, requires_grad=True)
+    with pytest.raises(attnkit.UnsupportedError, match="requires grad"):
+        tri(q, k, v, score_mod=M.relative_bias(table))
+    with torch.no_grad():  # no gradient wanted: runs
+        out = tri(q, k, v, score_mod=M.relative_bias(table))
+        ref = attnkit.attention(q, k, v, score_mod=M.relative_bias(table), backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_by_structure_not_values():
+    """Two mods of one structure over other tables (other values and lengths) generate one module."""
+
+    def make(table):
+        def mod(score, b, h, q_idx, kv_idx):
+            return score + table[h, (q_idx - kv_idx).abs() % 5] * 0.75
+
+        return mod
+
+    q, k, v, _ = oracle.make_inputs(B=1, Hq=2, Sq=8, D=16, device=DEV)
+    t1, t2 = torch.randn(2, 5, device=DEV), torch.randn(2, 13, device=DEV)[:, ::2]  # (other strides too)
+    tri(q, k, v, score_mod=make(t1))
+    n = compiler.GENERATED[0]
+    out = tri(q, k, v, score_mod=make(t2))
+    assert compiler.GENERATED[0] == n
+    ref = attnkit.attention(q, k, v, score_mod=make(t2), backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    tri(q, k, v, score_mod=make(t2.to(torch.float16)))  # another dtype: another module
+    assert compiler.GENERATED[0] == n + 1
+
+
+def test_auto_keeps_flex_on_cuda_cost():
+    """The compiled mod's cost carries the unmeasured factor (auto keeps FlexAttention on CUDA for now)."""
+    from attnkit.backends.triton import backend as tb
+
+    assert tb.SCORE_MOD_COST > 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU (bf16, native): the lead runs these
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_mods_bf16(name):
+    q, k, v, kw = oracle.make_inputs(
+        B=2, Hq=4, Hk=2, Sq=300, Sk=333, D=64, dtype=torch.bfloat16, device="cuda", requires_grad=True
+    )
+    mods = _mods(4, "cuda")
+    if name == "dense_bias":
+        table = torch.randn(333, 333, device="cuda", dtype=torch.bfloat16)
+        mods[name] = lambda s, b, h, q_idx, kv_idx: s + table[q_idx, kv_idx]
+    oracle.check_against_oracle(tri, q, k, v, score_mod=mods[name], causal=True, **kw)
+
+
+@pytest.mark.cuda
+def test_cuda_t5_thd_bf16_and_no_recompile():
+    q, k, v, kw = oracle.make_inputs(
+        "thd", Hq=4, Hk=1, D=128, seqlens_q=[100, 1, 257], dtype=torch.bfloat16, device="cuda",
+        requires_grad=True,
+    )  # fmt: skip
+    t5 = M.t5_bias(torch.randn(4, 32, device="cuda"), 32, 128)
+    oracle.check_against_oracle(tri, q, k, v, score_mod=t5, **kw)
+    n = attnkit.compile_count()
+    for _ in range(3):  # new table values: nothing compiles
+        mod = M.t5_bias(torch.randn(4, 32, device="cuda"), 32, 128)
+        tri(q, k, v, score_mod=mod, **kw).sum().backward()
+    assert attnkit.compile_count() == n
