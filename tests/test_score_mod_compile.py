@@ -154,14 +154,86 @@ def test_refusal_names_op_and_line(mod, what, line):
     torch.testing.assert_close(out, ref)
 
 
-def test_grad_of_captured_tensor_refused():
-    """Captured tensors that require grad: not compiled yet, refused (auto uses another backend)."""
+def check_captured(make, tables, q, k, v, **kw):
+    """``make(tables) -> score_mod``: the Triton backend's gradients of q, k, v and of every table against the
+    float64 oracle (tables in float64) and the plain-PyTorch baseline (``reference_forward`` without upcast),
+    by the oracle rule."""
+    from attnkit.backends.reference import reference_forward
+
+    runs = {}
+    for name, dt in (("mine", None), ("ref", oracle.F64), ("base", None)):
+        qkv = [oracle.clone_leaf(t, dt) for t in (q, k, v)]
+        tabs = [oracle.clone_leaf(t, dt if t.is_floating_point() else None) for t in tables]
+        mod = make(tabs)
+        if name == "mine":
+            out = tri(*qkv, score_mod=mod, **kw)
+        elif name == "ref":
+            out, _ = oracle.attention64(*qkv, score_mod=mod, **kw)
+        else:
+            out, _ = reference_forward(oracle.make_call(*qkv, score_mod=mod, **kw), upcast=False)
+        runs[name] = (out, qkv, tabs)
+    g = torch.randn(runs["mine"][0].shape, dtype=q.dtype, device=q.device)
+    for out, _, _ in runs.values():
+        out.backward(g.to(out.dtype))
+    terms = float(oracle._row_norms(g).max() * oracle._row_norms(v).max())
+    oracle.assert_close(runs["mine"][0], runs["ref"][0], runs["base"][0], dtype=q.dtype, name="out")
+    for i, n in enumerate(("q", "k", "v")):
+        a, r, b = (runs[x][1][i].grad for x in ("mine", "ref", "base"))
+        oracle.assert_close(a, r, b, dtype=q.dtype, name=f"grad {n}", term_scale=terms)
+    for i, t in enumerate(tables):
+        if t.requires_grad:
+            a, r, b = (runs[x][2][i].grad for x in ("mine", "ref", "base"))
+            assert a is not None, f"no gradient reached table {i}"
+            # (a table entry sums dS over many pairs: their cancellation terms add up)
+            scale = terms * q.shape[-2]
+            oracle.assert_close(a, r, b, dtype=q.dtype, name=f"grad table {i}", term_scale=scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_captured_grads_read_twice(dtype):
+    """Learnable tables: a relative bias read twice (two index expressions), a per-head scale, a per-batch
+    bias; GQA, causal. Gradients by atomic adds in the dK/dV kernel."""
+
+    def make(t):
+        rel, scale, per_b = t
+
+        def mod(score, b, h, q_idx, kv_idx):
+            d = (q_idx - kv_idx).clamp(-4, 4) + 4
+            x = score * scale[h] + rel[h, d] + 0.5 * rel[h, (kv_idx * 3) % 9]
+            return x + torch.tanh(per_b[b, h])
+
+        return mod
+
+    tables = [
+        torch.randn(2, 9, device=DEV, requires_grad=True),
+        (torch.rand(2, device=DEV) + 0.5).requires_grad_(),
+        torch.randn(2, 2, device=DEV, requires_grad=True),
+    ]
+    q, k, v, kw = oracle.make_inputs(
+        B=2, Hq=2, Hk=1, Sq=20, D=16, dtype=dtype, device=DEV, requires_grad=True
+    )
+    check_captured(make, tables, q, k, v, causal=True, **kw)
+
+
+def test_captured_grads_library_thd():
+    """Library mods (relative_bias, t5_bias) with learnable tables on ragged thd, Sq != Sk."""
+    q, k, v, kw = oracle.make_inputs(
+        "thd", Hq=2, D=16, seqlens_q=[5, 0, 19], seqlens_k=[7, 3, 17], device=DEV, requires_grad=True
+    )
+    t5 = torch.randn(2, 8, device=DEV, requires_grad=True)
+    rel = torch.randn(2, 11, device=DEV, requires_grad=True)
+    mods = lambda t: M.compose(M.t5_bias(t[0], 8, 20), M.relative_bias(t[1]))  # noqa: E731
+    check_captured(mods, [t5, rel], q, k, v, **kw)
+
+
+def test_captured_grad_deterministic_refused():
+    """Captured tensors that require grad with deterministic=True: atomic adds, so refused (auto goes on)."""
     table = torch.randn(2, 9, device=DEV, requires_grad=True)
     q, k, v, _ = oracle.make_inputs(B=1, Hq=2, Sq=8, D=16, device=DEV, requires_grad=True)
-    with pytest.raises(attnkit.UnsupportedError, match="requires grad"):
-        tri(q, k, v, score_mod=M.relative_bias(table))
+    with pytest.raises(attnkit.UnsupportedError, match="requires grad.*deterministic"):
+        tri(q, k, v, score_mod=M.relative_bias(table), deterministic=True)
     with torch.no_grad():  # no gradient wanted: runs
-        out = tri(q, k, v, score_mod=M.relative_bias(table))
+        out = tri(q, k, v, score_mod=M.relative_bias(table), deterministic=True)
         ref = attnkit.attention(q, k, v, score_mod=M.relative_bias(table), backend="reference")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from attnkit.compiler.cache import GENERATED, module_for
-from attnkit.compiler.lower import MAX_DIMS, MAX_TENSORS, lower
+from attnkit.compiler.lower import MAX_DIMS, MAX_TENSORS, lower, lower_grads
 from attnkit.compiler.trace import Unlowerable, trace
 
 __all__ = ["Compiled", "GENERATED", "MAX_TENSORS", "Unlowerable", "compile_score_mod", "meta"]
@@ -25,15 +25,19 @@ __all__ = ["Compiled", "GENERATED", "MAX_TENSORS", "Unlowerable", "compile_score
 @dataclass(frozen=True)
 class Compiled:
     """A compiled score mod: ``fn`` the ``@triton.jit`` function ``(score, b, h, q, kv, off, SM) ->
-    (value, dvalue)``, ``key`` its module's name (the op's string argument), ``tensors`` the captured
-    tensors in slot order (the live objects: their values are read at run time)."""
+    (value, dvalue)``, ``bwd`` the one that adds the gradients of the captured tensors in ``grad_slots``
+    (those that required grad when compiled; None without), ``key`` their module's name (the op's string
+    argument), ``tensors`` the captured tensors in slot order (the live objects: their values are read at
+    run time)."""
 
     fn: object
+    bwd: object
     key: str
     tensors: tuple
+    grad_slots: tuple
 
 
-REGISTRY: dict = {}  # key -> the jit function (the ops find a kernel's function by its key)
+REGISTRY: dict = {}  # key -> the generated module (the ops find a kernel's functions by its key)
 _MEMO: dict = {}
 _MAX_MEMO = 256
 
@@ -87,11 +91,15 @@ def compile_score_mod(mod) -> Compiled:
             raise hit[0]
         return hit[0]
     try:
-        src, tensors = lower(trace(mod), mod)
-        module = module_for(src)
+        traced = trace(mod)
+        src, tensors = lower(traced, mod)
+        grad_slots = tuple(i for i, t in enumerate(tensors) if t.requires_grad and t.is_floating_point())
+        bwd = lower_grads(traced, mod, set(grad_slots)) if grad_slots else None
+        module = module_for(src if bwd is None else src + "\n\n" + bwd)
         name = module.__name__
-        REGISTRY[name] = module.score_mod
-        result = Compiled(module.score_mod, name, tuple(tensors))
+        REGISTRY[name] = module
+        fn_bwd = getattr(module, "score_mod_bwd", None)
+        result = Compiled(module.score_mod, fn_bwd, name, tuple(tensors), grad_slots if fn_bwd else ())
     except Unlowerable as e:
         result = e
     if len(_MEMO) >= _MAX_MEMO:

@@ -53,6 +53,7 @@ class Val:
     code: str
     dtype: torch.dtype
     d: str | None = None
+    scalar: bool = False  # the same for the whole tile (depends on b, h, off and constants alone)
 
 
 @dataclass
@@ -66,17 +67,19 @@ class View:
 
 
 class _Emitter:
-    def __init__(self, traced: Traced, owner):
+    def __init__(self, traced: Traced, owner, prefix: str = "v"):
         self.traced = traced
         self.owner = owner  # the ScoreMod (for source lines in refusals)
+        self.prefix = prefix
         self.lines: list[str] = []
+        self.loads: list[tuple] = []  # (slot, offset var, in-range var, scalar, dtype) per load, in order
         self.n = 0
         self.slots: dict[str, int] = {}
         self.tensors: list[torch.Tensor] = []
 
     # -- helpers ------------------------------------------------------------------------------------------
     def var(self, code: str) -> str:
-        name = f"v{self.n}"
+        name = f"{self.prefix}{self.n}"
         self.n += 1
         self.lines.append(f"{name} = {code}")
         return name
@@ -110,8 +113,10 @@ class _Emitter:
     def load(self, v: View) -> Val:
         """``tl.load`` of a fully indexed captured tensor."""
         s = v.slot
+        seeded = self.seed == len(self.loads) and v.dtype.is_floating_point
         if v.ndim == 0:
-            return Val(self.var(f"tl.load(SM[{s}])"), v.dtype)
+            self.loads.append((s, "0", "True", True, v.dtype))
+            return Val(self.var(f"tl.load(SM[{s}])"), v.dtype, "1.0" if seeded else None, True)
         offs, oks = [], []
         for d, ix in enumerate(v.idx):
             if isinstance(ix, Val):
@@ -124,12 +129,19 @@ class _Emitter:
             oks.append(f"({i} >= 0) & ({i} < {size})")
             offs.append(f"{i} * {stride}")
         ok = self.var(" & ".join(oks))
-        return Val(self.var(f"tl.load(SM[{s}] + ({' + '.join(offs)}), mask={ok}, other=0)"), v.dtype)
+        offset = self.var(" + ".join(offs))
+        scalar = all(ix.scalar for ix in v.idx if isinstance(ix, Val))
+        self.loads.append((s, offset, ok, scalar, v.dtype))
+        code = self.var(f"tl.load(SM[{s}] + {offset}, mask={ok}, other=0)")
+        return Val(code, v.dtype, "1.0" if seeded else None, scalar)
 
     # -- the graph ----------------------------------------------------------------------------------------
-    def run(self, with_grad: bool) -> tuple[str, Val]:
+    def run(self, seed="score") -> Val:
+        """Lower the graph; derivatives with respect to ``seed``: "score", or the index of a load (the
+        value it reads, for the gradient of a captured tensor). Returns the output value."""
         self.env: dict = {}
-        self.with_grad = with_grad
+        self.with_grad = True
+        self.seed = seed
         out = None
         for node in self.traced.gm.graph.nodes:
             if node.op == "placeholder":
@@ -137,7 +149,8 @@ class _Emitter:
                 name = _PLACEHOLDERS[i]
                 dtype = torch.float32 if i == 0 else torch.int32
                 code = self.var("score.to(tl.float32)") if i == 0 else name
-                self.env[node] = Val(code, dtype, "1.0" if i == 0 and with_grad else None)
+                d = "1.0" if i == 0 and seed == "score" else None
+                self.env[node] = Val(code, dtype, d, name in ("b", "h", "off"))
             elif node.op == "get_attr":
                 t = self.traced.captured[node.target]
                 if node.target not in self.slots:
@@ -151,7 +164,13 @@ class _Emitter:
                     self.tensors.append(t)
                 self.env[node] = View(self.slots[node.target], t.dim(), t.dtype)
             elif node.op == "call_function":
-                self.env[node] = self.call(node)
+                v = self.call(node)
+                if isinstance(v, Val) and node.target not in _ALIASES and node.target not in _CONST:
+                    ins = [self.env.get(a) for a in node.args if isinstance(a, torch.fx.Node)]
+                    v.scalar = all(getattr(x, "scalar", True) for x in ins)
+                elif isinstance(v, Val) and node.target in _CONST:
+                    v.scalar = True
+                self.env[node] = v
             elif node.op == "output":
                 res = node.args[0]
                 res = res[0] if isinstance(res, (tuple, list)) else res
@@ -516,9 +535,40 @@ def lower(traced: Traced, owner) -> tuple[str, list[torch.Tensor]]:
     score's shape) for a traced mod, and the captured tensors in slot order. The forward uses the value
     alone (the compiler drops the derivative's unused lines). Raises :class:`Unlowerable` (op and line)."""
     e = _Emitter(traced, owner)
-    out = e.run(True)
+    out = e.run()
     body = [f"    {ln}" for ln in e.lines]
     zero = "tl.zeros_like(score).to(tl.float32)"
     body.append(f"    return ({e.cast(out, torch.float32)}) + {zero}, ({out.d or '0.0'}) + {zero}")
     src = "@triton.jit\ndef score_mod(score, b, h, q, kv, off, SM):\n" + "\n".join(body) + "\n"
     return src, e.tensors
+
+
+def lower_grads(traced: Traced, owner, slots: set) -> str | None:
+    """Triton source of ``score_mod_bwd(score, b, h, q, kv, off, SM, ds)``: for every read of a captured
+    tensor in ``slots`` (a float tensor that requires grad), ``dC[index] += ds * d(mod)/d(value read)`` by
+    atomic adds into the float32 buffer ``SM[7 + slot]`` (contiguous, the tensor's shape: the kernels read
+    such tensors contiguous), skipping entries where ``ds`` is 0 (masked, padding); reads whose index is the
+    same for the whole tile add the tile's sum once. None when no read needs a gradient."""
+    first = _Emitter(traced, owner)
+    first.run()
+    body = []
+    for k, (slot, *_rest) in enumerate(first.loads):
+        if slot not in slots:
+            continue
+        e = _Emitter(traced, owner, prefix=f"g{k}_")
+        out = e.run(seed=k)
+        if out.d is None:  # (read, but the output does not depend on it smoothly: no gradient)
+            continue
+        _, offset, ok, scalar, _dtype = e.loads[k]
+        body += [f"    {ln}" for ln in e.lines]
+        contrib = f"tl.where(ds != 0.0, ds * ({out.d}), 0.0)"
+        ptr = f"SM[{7 + slot}]"
+        if scalar:
+            mask = "" if ok == "True" else f", mask={ok}"
+            body.append(f"    tl.atomic_add({ptr} + {offset}, tl.sum(tl.sum({contrib}, 1), 0){mask})")
+        else:
+            full = f"{offset} + tl.zeros_like(ds).to(tl.int64)"
+            body.append(f"    tl.atomic_add({ptr} + ({full}), {contrib}, mask=({ok}) & (ds != 0.0))")
+    if not body:
+        return None
+    return "@triton.jit\ndef score_mod_bwd(score, b, h, q, kv, off, SM, ds):\n" + "\n".join(body) + "\n"

@@ -237,17 +237,23 @@ BACKEND = TritonBackend()
 
 def _score_mod_why_not(call: AttentionCall) -> str | None:
     """Why the call's score_mod cannot run compiled into the kernels (None: it can): an op or construct the
-    compiler cannot lower (with the user's source line), captured tensors that require grad (their
-    gradients are not compiled yet), on another device, or more than the kernels' slots."""
+    compiler cannot lower (with the user's source line), captured tensors that require grad with
+    ``deterministic=True`` (their gradients are atomic adds), on another device, or too large."""
     from attnkit import compiler
 
     try:
         comp = compiler.compile_score_mod(call.score_mod)
     except compiler.Unlowerable as e:
         return str(e)
-    for t in comp.tensors:
+    for i, t in enumerate(comp.tensors):
         if t.requires_grad and torch.is_grad_enabled():
-            return "score_mod reads a tensor that requires grad: its gradient is not compiled yet"
+            if i not in comp.grad_slots:  # (an integer tensor cannot require grad: not reached)
+                return "score_mod reads a tensor that requires grad and is not floating point"
+            if call.deterministic:
+                return (
+                    "score_mod reads a tensor that requires grad: its gradient is accumulated by atomic "
+                    "adds, not deterministic (deterministic=True)"
+                )
         if t.device != call.device:
             return f"score_mod reads a tensor on {t.device} (the call is on {call.device})"
         if t.numel() > _INT32:
@@ -265,5 +271,8 @@ def _score_mod_args(call: AttentionCall) -> tuple:
     why = _score_mod_why_not(call)
     if why is not None:  # a choice reused for a mod of the same structure that does not compile
         raise UnsupportedError("triton", [why])
-    slots = list(comp.tensors) + [None] * (compiler.MAX_TENSORS - len(comp.tensors))
-    return (comp.key, *slots, compiler.meta(comp.tensors, call.device))
+    # tensors that want their gradient are read contiguous (a differentiable copy where they are not): their
+    # float32 gradient buffers are contiguous, with the same strides
+    tensors = tuple(t.contiguous() if i in comp.grad_slots else t for i, t in enumerate(comp.tensors))
+    slots = list(tensors) + [None] * (compiler.MAX_TENSORS - len(tensors))
+    return (comp.key, *slots, compiler.meta(tensors, call.device))

@@ -149,6 +149,7 @@ class BwdParams(FwdParams):
     dlse: Tensor | None
     rng: Tensor
     bias_grad: bool
+    smod_grad: int  # bit i: the score mod's captured tensor i wants its gradient
 
     def flags(self) -> dict[str, bool]:
         """The forward's feature constexprs and ``BIAS_GRAD`` (the dK/dV kernel's alone)."""
@@ -195,10 +196,10 @@ for _cls in (FwdParams, BwdParams):
     _GET_SCALARS[_cls] = operator.attrgetter(*_SCALARS[_cls])
 
 
-def op(name: str, cls, impl, fake):
+def op(name: str, cls, impl, fake, n_out: int = 4):
     """The ``torch.library`` custom op ``name`` whose arguments are ``cls``'s fields (schema inferred from
-    their annotations), running ``impl(cls(*args))``, with ``fake(cls(*args))`` as its fake implementation.
-    Returns the op."""
+    their annotations), running ``impl(cls(*args))``, with ``fake(cls(*args))`` as its fake implementation;
+    it returns ``n_out`` tensors. Returns the op."""
     hints = typing.get_type_hints(cls, {"Tensor": Tensor})
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[n]) for n in
               _NAMES[cls]]  # fmt: skip
@@ -209,7 +210,7 @@ def op(name: str, cls, impl, fake):
     def run_fake(*args, **kwargs):
         return fake(cls(*args, **kwargs))
 
-    returns = tuple[Tensor, Tensor, Tensor, Tensor]
+    returns = tuple[(Tensor,) * n_out]
     for fn in (run, run_fake):
         fn.__signature__ = inspect.Signature(params, return_annotation=returns)
         fn.__annotations__ = {**{n: hints[n] for n in _NAMES[cls]}, "return": returns}
@@ -223,7 +224,7 @@ def saved(p: FwdParams, out: Tensor, stats: Tensor, rng: Tensor) -> tuple[tuple,
     return _GET_TENSORS[FwdParams](p) + (out, stats, rng), _GET_SCALARS[FwdParams](p)
 
 
-def restore(tensors: tuple, scalars: tuple, dout, dlse, bias_grad: bool) -> BwdParams:
+def restore(tensors: tuple, scalars: tuple, dout, dlse, bias_grad: bool, smod_grad: int = 0) -> BwdParams:
     """The backward's parameters from :func:`saved`'s two parts and the incoming gradients."""
     n = len(_TENSORS[FwdParams])
     values = list(_FWD_SLOTS)
@@ -232,14 +233,15 @@ def restore(tensors: tuple, scalars: tuple, dout, dlse, bias_grad: bool) -> BwdP
     for i, x in zip(_FWD_SCALAR_POS, scalars):
         values[i] = x
     out, stats, rng = tensors[n:]
-    return BwdParams(*values, dout, out, stats, dlse, rng, bias_grad)
+    return BwdParams(*values, dout, out, stats, dlse, rng, bias_grad, smod_grad)
 
 
 _FWD_SLOTS = (None,) * len(_NAMES[FwdParams])
 _FWD_TENSOR_POS = tuple(_NAMES[FwdParams].index(n) for n in _TENSORS[FwdParams])
 _FWD_SCALAR_POS = tuple(_NAMES[FwdParams].index(n) for n in _SCALARS[FwdParams])
 # (BwdParams' own fields, in order: what restore passes after the forward's)
-assert _NAMES[BwdParams][len(_NAMES[FwdParams]) :] == ("dout", "out", "stats", "dlse", "rng", "bias_grad")
+_OWN = ("dout", "out", "stats", "dlse", "rng", "bias_grad", "smod_grad")
+assert _NAMES[BwdParams][len(_NAMES[FwdParams]) :] == _OWN
 
 
 def num_inputs() -> int:

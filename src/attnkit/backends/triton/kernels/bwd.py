@@ -177,6 +177,8 @@ def _dkdv_inner(
     BLOCK_N: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
+    SMOD_GRAD: tl.constexpr,
+    SCORE_MOD_BWD: tl.constexpr,
 ):
     c = pending_scale(sm_scale, DEFER)
     if FUSED_DQ:
@@ -229,7 +231,7 @@ def _dkdv_inner(
                 hi_base, lo_base, d_base, stride_ls, stride_ds, offs_m, seqlen_q, exact
             )
             qkt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BN, BM)
-            st, tt, gt = scores(
+            st, tt, gt, xt = scores(
                 qkt,
                 offs_m[None, :],
                 offs_n[:, None],
@@ -272,6 +274,10 @@ def _dkdv_inner(
                 pdt = pt
             dv += tl.dot(pdt.to(do.dtype), do, input_precision=PRECISION)
             dst = pt * (dpt - delta[None, :])  # dL/ds (natural units), transposed
+            if SMOD_GRAD:  # the captured tensors' gradients (atomic adds; this kernel visits each pair once)
+                inside = (offs_m[None, :] < seqlen_q) & (offs_n[:, None] < seqlen_k)  # (unmasked tiles pad)
+                dsx = tl.where(inside, dst, 0.0)
+                SCORE_MOD_BWD(xt, smod[5], smod[6], offs_m[None, :], offs_n[:, None], off, smod, dsx)
             dst = dscore_mod(dst, pt, gt, HAS_SCORE_MOD)  # (before the score mod: bias, softcap see this)
             if BIAS_GRAD:
                 tl.store(
@@ -387,6 +393,10 @@ def attn_bwd_dkdv(
     SmC2,
     SmC3,
     SmMeta,  # score_mod: captured tensors and their int64 (4, 8) strides/sizes (attnkit.compiler)
+    SmG0,
+    SmG1,
+    SmG2,
+    SmG3,  # float32 gradients of the captured tensors that want one (SMOD_GRAD; contiguous)
     GROUP: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -409,6 +419,8 @@ def attn_bwd_dkdv(
     IV_SKIP: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
+    SMOD_GRAD: tl.constexpr = False,
+    SCORE_MOD_BWD: tl.constexpr = None,
     ONE_LOOP: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
@@ -462,7 +474,7 @@ def attn_bwd_dkdv(
         if HAS_ALIBI:
             slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
         sum_ptr = IvSum + b * stride_sb + h * stride_sh
-        smod = (SmC0, SmC1, SmC2, SmC3, SmMeta, b, h)
+        smod = (SmC0, SmC1, SmC2, SmC3, SmMeta, b, h, SmG0, SmG1, SmG2, SmG3)
         ia, ib, ic, id_ = 0, 0, 0, 0
         g_lo, g_full_lo, g_full_hi, g_hi = lo, full_lo, full_hi, hi
         if HAS_IV:  # this key tile's column intervals, (BN, 1) each, and the query tiles that see any
@@ -550,6 +562,8 @@ def attn_bwd_dkdv(
                 BLOCK_N,
                 HAS_SCORE_MOD,
                 SCORE_MOD,
+                SMOD_GRAD,
+                SCORE_MOD_BWD,
             )
     row_mask = offs_n[:, None] < seqlen_k
     dk_ptrs = (

@@ -109,7 +109,7 @@ def _dq_inner(
                 BLOCK_DV != DV,
             )  # (BDV, BN)
             qk = tl.dot(q, kt, input_precision=PRECISION)
-            s, t, g = scores(
+            s, t, g, _ = scores(
                 qk,
                 offs_m[:, None],
                 offs_n[None, :],

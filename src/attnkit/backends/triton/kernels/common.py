@@ -151,7 +151,8 @@ def scores(
 
     HAS_SCORE_MOD: step 4, the compiled ``SCORE_MOD(score, b, h, q_idx, kv_idx, off, SM)`` (natural units in
     and out; ``attnkit.compiler``) with ``smod = (C0, C1, C2, C3, META, b, h)``. Returns ``(s, t, g)``, ``g``
-    its derivative d(mod)/d(score) where it runs (the backward's chain rule), else 1.
+    its derivative d(mod)/d(score) where it runs (the backward's chain rule), else 1; callers that want it
+    get the mod's input too: :func:`scores_x`.
     """
     if SOFTCAP:
         x = qk * (sm_scale / softcap)
@@ -171,8 +172,10 @@ def scores(
     if HAS_ALIBI:
         s -= (slope * LOG2E) * tl.abs(rows + off - cols).to(tl.float32)
     g = 1.0
+    x = s
     if HAS_SCORE_MOD:  # (DEFER is off: s is in log2 units here)
-        y, g = SCORE_MOD(s * LN2, smod[5], smod[6], rows, cols, off, smod)
+        x = s * LN2
+        y, g = SCORE_MOD(x, smod[5], smod[6], rows, cols, off, smod)
         s = y * LOG2E
     if MASK:
         vis = (cols < seqlen_k) & (rows < seqlen_q)
@@ -181,7 +184,7 @@ def scores(
         if HAS_LEFT:
             vis = vis & (cols >= rows + off - win_left)
         s = tl.where(vis, s, float("-inf"))
-    return s, t, g
+    return s, t, g, x
 
 
 @triton.jit

@@ -149,7 +149,7 @@ def _fwd_tile(
             BLOCK_D != D,
         )
         qk = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        s, _, _ = scores(
+        s, _, _, _ = scores(
             qk,
             offs_m[:, None],
             offs_n[None, :],

@@ -96,7 +96,16 @@ def score_mod_fn(p):
         return None
     from attnkit import compiler
 
-    return compiler.REGISTRY[p.score_mod]
+    return compiler.REGISTRY[p.score_mod].score_mod
+
+
+def score_mod_bwd_fn(p):
+    """The compiled score mod's gradient function for its captured tensors, or None (none wanted)."""
+    if not p.score_mod:
+        return None
+    from attnkit import compiler
+
+    return getattr(compiler.REGISTRY[p.score_mod], "score_mod_bwd", None)
 
 
 def scalars(p, dummy: Tensor) -> tuple:
