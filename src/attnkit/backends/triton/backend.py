@@ -6,7 +6,8 @@ gradient, GQA/MQA, D != Dv, head dims up to 256, fp16/bf16/fp32, bhsd/bshd/thd, 
 deterministic backward, and library masks that lower to two masked row intervals per key column
 (``attnkit.masks._intervals``: document, prefix_lm, chunked, global_sliding, shared_prefix, flashmask and
 their ``&`` with causal / sliding windows), carried to the kernels as int32 tensors (no recompiles for new
-values or lengths). Host launchers and the ``torch.library`` ops live in ``ops/``; block sizes in
+values or lengths), and ``score_mod`` callables compiled into the kernels by :mod:`attnkit.compiler` (forward,
+backward, and the gradients of captured tensors that require grad). Host launchers and the ``torch.library`` ops live in ``ops/``; block sizes in
 ``runtime/tuning.py``; what the kernels can do in ``runtime/capability.py`` (read here and by the
 launchers alike).
 
@@ -220,6 +221,11 @@ class TritonBackend(Backend):
                 f"mask {call.mask.name} carried as data: two masked row intervals per key column "
                 "(empty tiles skipped, full tiles unmasked; no recompiles for new values or lengths)"
             )
+        if call.score_mod is not None:
+            n.append(
+                f"score_mod {call.score_mod.name} compiled into the kernels (attnkit.compiler); captured "
+                "tensors' gradients by atomic adds in the dK/dV kernel"
+            )
         if call.device.type != "cuda":
             n.append("running in the Triton interpreter: for tests, very slow")
         else:
@@ -241,6 +247,8 @@ def _score_mod_why_not(call: AttentionCall) -> str | None:
     ``deterministic=True`` (their gradients are atomic adds), on another device, or too large."""
     from attnkit import compiler
 
+    if torch.compiler.is_compiling():  # (tracing the mod with make_fx inside dynamo's trace: not done yet)
+        return "score_mod under torch.compile is not compiled into the Triton kernels yet"
     try:
         comp = compiler.compile_score_mod(call.score_mod)
     except compiler.Unlowerable as e:
