@@ -6,10 +6,10 @@ gradient, GQA/MQA, D != Dv, head dims up to 256, fp16/bf16/fp32, bhsd/bshd/thd, 
 deterministic backward, and library masks that lower to two masked row intervals per key column
 (``attnkit.masks._intervals``: document, prefix_lm, chunked, global_sliding, shared_prefix, flashmask and
 their ``&`` with causal / sliding windows), carried to the kernels as int32 tensors (no recompiles for new
-values or lengths), and ``score_mod`` callables compiled into the kernels by :mod:`attnkit.compiler` (forward,
-backward, and the gradients of captured tensors that require grad). Host launchers and the ``torch.library`` ops live in ``ops/``; block sizes in
-``runtime/tuning.py``; what the kernels can do in ``runtime/capability.py`` (read here and by the
-launchers alike).
+values or lengths), and ``score_mod`` callables compiled into the kernels by :mod:`attnkit.compiler`
+(forward, backward, and the gradients of captured tensors that require grad). Host launchers and the
+``torch.library`` ops live in ``ops/``; block sizes in ``runtime/tuning.py``; what the kernels can do in
+``runtime/capability.py`` (read here and by the launchers alike).
 
 On a machine without CUDA the backend is available only under the Triton interpreter
 (``TRITON_INTERPRET=1``, set before Triton is imported), and its cost keeps ``auto`` away from it.
