@@ -259,6 +259,62 @@ def test_cache_by_structure_not_values():
     assert compiler.GENERATED[0] == n + 1
 
 
+def _op_mods():
+    tab = torch.randn(4, device=DEV)
+    ints = torch.tensor([0, 1, 0, 1], dtype=torch.int32, device=DEV)
+    flags = torch.tensor([True, False, True, False], device=DEV)
+    half = torch.randn(3, 5, device=DEV).to(torch.float16)
+
+    def logic_gather(s, b, h, q, kv):
+        hit = torch.logical_and(ints[kv % 4] != 0, flags[q % 4]) | ~(q > kv + 3)
+        return torch.where(hit, s * 2, s) + (q > kv) * 1.0 + tab[(q * 3 - kv) // 2 % 4] + half[h, kv % 5]
+
+    def float_math(s, b, h, q, kv):
+        x = s**2 / 4 + torch.sqrt(s.abs() + 1) - torch.exp2(s / 8) + torch.maximum(s, torch.zeros_like(s))
+        x = x + torch.clamp(s, -1, 1) - torch.remainder(s, 1.5) + torch.sigmoid(s) + torch.log(s * s + 1)
+        return x + torch.rsqrt(s * s + 2) + torch.sin(s) * torch.cos(s) - torch.exp(-s.abs()) / (1 + s * s)
+
+    def int_math(s, b, h, q, kv):
+        i = torch.floor_divide(q - 7, 3) + (kv - 5) % 3 + torch.div(q - 9, 4, rounding_mode="trunc")
+        j = torch.div(kv - 6, 4, rounding_mode="floor") - torch.minimum(q, kv) + torch.clamp(q - kv, min=-2)
+        return s * (i + j + b * 7 + h).float() / 8 + (q - kv).abs() / 3
+
+    return [logic_gather, float_math, int_math]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's elementwise check (the kernels' tests cover the GPU)")
+@pytest.mark.parametrize("which", range(3), ids=["logic_gather", "float_math", "int_math"])
+def test_lowering_value_and_derivative(which):
+    """The generated function on one 16 x 16 tile (rows q, cols kv) against the mod in eager PyTorch: the
+    value, and d(mod)/d(score) against autograd."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _eval(S, Y, DY, C0, C1, C2, C3, META, b, h, off, BLOCK: tl.constexpr, FN: tl.constexpr):
+        rows = tl.arange(0, BLOCK)[:, None]
+        cols = tl.arange(0, BLOCK)[None, :]
+        score = tl.load(S + rows * BLOCK + cols)
+        y, dy = FN(score, b, h, rows, cols, off, (C0, C1, C2, C3, META, b, h))
+        tl.store(Y + rows * BLOCK + cols, y)
+        tl.store(DY + rows * BLOCK + cols, dy)
+
+    mod = _op_mods()[which]
+    comp = compiler.compile_score_mod(M.from_score_mod(mod))
+    s = torch.randn(16, 16) * 3
+    y, dy = torch.empty_like(s), torch.empty_like(s)
+    caps = list(comp.tensors) + [s] * (compiler.MAX_TENSORS - len(comp.tensors))
+    _eval[(1,)](s, y, dy, *caps, compiler.meta(comp.tensors, "cpu"), 1, 1, 0, BLOCK=16, FN=comp.fn)
+    sr = s.clone().requires_grad_()
+    q = torch.arange(16, dtype=torch.int32)[:, None]
+    kv = torch.arange(16, dtype=torch.int32)[None, :]
+    one = torch.tensor(1, dtype=torch.int32)
+    ref = mod(sr, one, one, q, kv)
+    (dref,) = torch.autograd.grad(ref.sum(), sr)
+    torch.testing.assert_close(y, ref.detach().float(), rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(dy, dref, rtol=2e-6, atol=2e-6)
+
+
 def test_auto_keeps_flex_on_cuda_cost():
     """The compiled mod's cost carries the unmeasured factor (auto keeps FlexAttention on CUDA for now)."""
     from attnkit.backends.triton import backend as tb

@@ -93,7 +93,11 @@ class _Emitter:
 
     def cast(self, v, dtype: torch.dtype) -> str:
         if isinstance(v, Val):
-            return v.code if v.dtype == dtype else f"({v.code}).to({_TL[dtype]})"
+            if v.dtype == dtype:
+                return v.code
+            if dtype == torch.bool:  # (nonzero, as torch's bool())
+                return f"({v.code} != 0)"
+            return f"({v.code}).to({_TL[dtype]})"
         return _literal(v, dtype)
 
     def value(self, node, a):
