@@ -259,6 +259,25 @@ def test_cache_by_structure_not_values():
     assert compiler.GENERATED[0] == n + 1
 
 
+def test_numbers_are_code_tensors_are_data():
+    """Numbers a mod reads are baked into its code (softcap(2) and softcap(3) differ), tensors are not: the
+    compiler's memo keeps no captured tensor alive, and a second mod over a new table reads the new one."""
+    import gc
+    import weakref
+
+    q, k, v, _ = oracle.make_inputs(B=1, Hq=2, Sq=8, D=16, device=DEV)
+    for cap in (2.0, 3.0):
+        out = tri(q, k, v, score_mod=M.softcap(cap))
+        ref = attnkit.attention(q, k, v, score_mod=M.softcap(cap), backend="reference")
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    table = torch.randn(2, 9, device=DEV)
+    tri(q, k, v, score_mod=M.relative_bias(table))
+    gone = weakref.ref(table)
+    del table
+    gc.collect()
+    assert gone() is None, "the compiler (or the backend) keeps a captured tensor alive"
+
+
 def _op_mods():
     tab = torch.randn(4, device=DEV)
     ints = torch.tensor([0, 1, 0, 1], dtype=torch.int32, device=DEV)

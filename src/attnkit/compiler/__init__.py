@@ -38,58 +38,76 @@ class Compiled:
 
 
 REGISTRY: dict = {}  # key -> the generated module (the ops find a kernel's functions by its key)
-_MEMO: dict = {}
+_MEMO: dict = {}  # trace key -> (fn, bwd, module key, grad slots, slot -> place among the mod's tensors)
 _MAX_MEMO = 256
 
 
-def _tensors_of(obj, out: list, depth: int = 0) -> list:
-    """Every tensor a mod can read: a ScoreMod's params, parts and function; a function's closure cells,
-    defaults and the globals its code names."""
+def _leaves(obj, tensors: list, values: list, depth: int = 0) -> None:
+    """What a mod can read, in a fixed walk order: tensors into ``tensors``, numbers and strings into
+    ``values`` (a trace bakes those in). A ScoreMod's params, parts and function; a function's closure
+    cells, defaults and the globals its code names."""
     if depth > 8:
-        return out
+        return
     if isinstance(obj, torch.Tensor):
-        out.append(obj)
+        tensors.append(obj)
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        values.append(obj)
     elif isinstance(obj, (tuple, list)):
         for x in obj:
-            _tensors_of(x, out, depth + 1)
+            _leaves(x, tensors, values, depth + 1)
     elif isinstance(obj, dict):
-        for x in obj.values():
-            _tensors_of(x, out, depth + 1)
+        for k, x in obj.items():
+            values.append(k if isinstance(k, (bool, int, float, str)) else None)
+            _leaves(x, tensors, values, depth + 1)
     elif hasattr(obj, "_fn") and hasattr(obj, "params"):  # a ScoreMod / Mask
-        _tensors_of(obj.params, out, depth + 1)
-        _tensors_of(list(obj.parts), out, depth + 1)
-        _tensors_of(obj._fn, out, depth + 1)
+        _leaves(obj.params, tensors, values, depth + 1)
+        _leaves(list(obj.parts), tensors, values, depth + 1)
+        _leaves(obj._fn, tensors, values, depth + 1)
         if getattr(obj, "source", obj) is not obj:
-            _tensors_of(obj.source, out, depth + 1)
+            _leaves(obj.source, tensors, values, depth + 1)
     else:
         func = getattr(obj, "__func__", obj)
         code = getattr(func, "__code__", None)
         if code is None:
-            return out
+            return
         for cell in func.__closure__ or ():
             with contextlib.suppress(ValueError):  # (an empty cell)
-                _tensors_of(cell.cell_contents, out, depth + 1)
-        _tensors_of(func.__defaults__ or (), out, depth + 1)
+                _leaves(cell.cell_contents, tensors, values, depth + 1)
+        _leaves(func.__defaults__ or (), tensors, values, depth + 1)
         g = getattr(func, "__globals__", {})
         for name in code.co_names:
             v = g.get(name)
-            if isinstance(v, torch.Tensor):
-                out.append(v)
-    return out
+            if v is None or isinstance(v, (torch.Tensor, bool, int, float, str)):
+                _leaves(v, tensors, values, depth + 1)
 
 
 def compile_score_mod(mod) -> Compiled:
     """Trace, lower and load ``mod`` (a ScoreMod); raises :class:`Unlowerable` with the op and source line.
-    Mods of one structure with other tensors (same dtypes and ranks) share one generated module."""
+
+    Memoized by what a trace depends on: the mod's structure (``dispatch._structure``: code objects,
+    tensors' dtypes, ranks, devices, requires_grad), the numbers it reads (baked into the code), its
+    tensors' shapes and which of them are one object; never their values. A hit skips the trace and takes
+    the captured tensors from this mod (the memo keeps no tensor alive). Mods of one structure over other
+    tensors generate the same source, so share one module either way."""
     from attnkit.dispatch import _structure
 
-    found = _tensors_of(mod, [])
-    key = (_structure(mod), tuple([id(t) for t in found]))
-    hit = _MEMO.get(key)
-    if hit is not None and all(a is b for a, b in zip(hit[1], found)):
-        if isinstance(hit[0], Unlowerable):
-            raise hit[0]
-        return hit[0]
+    found: list = []
+    values: list = []
+    _leaves(mod, found, values)
+    first: dict = {}
+    alias = tuple([first.setdefault(id(t), i) for i, t in enumerate(found)])
+    shapes = tuple([(tuple(t.shape), t.dtype, t.device, t.requires_grad) for t in found])
+    try:
+        key = (_structure(mod), tuple(values), shapes, alias)
+        hash(key)
+    except TypeError:  # (an unhashable value somewhere: no memo)
+        key = None
+    hit = _MEMO.get(key) if key is not None else None
+    if hit is not None:
+        if isinstance(hit, Unlowerable):
+            raise hit
+        fn, bwd, name, grad_slots, slot_map = hit
+        return Compiled(fn, bwd, name, tuple([found[j] for j in slot_map]), grad_slots)
     try:
         traced = trace(mod)
         src, tensors = lower(traced, mod)
@@ -102,9 +120,16 @@ def compile_score_mod(mod) -> Compiled:
         result = Compiled(module.score_mod, fn_bwd, name, tuple(tensors), grad_slots if fn_bwd else ())
     except Unlowerable as e:
         result = e
-    if len(_MEMO) >= _MAX_MEMO:
-        _MEMO.clear()
-    _MEMO[key] = (result, tuple(found))
+    if key is not None:
+        if len(_MEMO) >= _MAX_MEMO:
+            _MEMO.clear()
+        if isinstance(result, Unlowerable):
+            _MEMO[key] = result
+        else:  # slots by their place in the walk (a tensor made inside the mod has none: no memo then)
+            ids = {id(t): i for i, t in reversed(list(enumerate(found)))}
+            slot_map = tuple([ids.get(id(t)) for t in result.tensors])
+            if None not in slot_map:
+                _MEMO[key] = (result.fn, result.bwd, result.key, result.grad_slots, slot_map)
     if isinstance(result, Unlowerable):
         raise result
     return result
