@@ -10,7 +10,7 @@ import torch
 
 import attnkit
 import oracle
-from attnkit import compiler
+from attnkit import compiler, masks
 from attnkit import mods as M
 
 HAS_CUDA = torch.cuda.is_available()
@@ -224,6 +224,29 @@ def test_captured_grads_library_thd():
     rel = torch.randn(2, 11, device=DEV, requires_grad=True)
     mods = lambda t: M.compose(M.t5_bias(t[0], 8, 20), M.relative_bias(t[1]))  # noqa: E731
     check_captured(mods, [t5, rel], q, k, v, **kw)
+
+
+def test_with_mask_as_data_and_window():
+    """A score mod with a learnable table beside a mask carried as data (documents, causal) and a window."""
+    ids = torch.tensor([[0] * 7 + [1] * 9 + [2] * 4, [0] * 12 + [1] * 8], device=DEV, dtype=torch.int32)
+    mask = masks.document(ids) & masks.causal()
+
+    def make(t):
+        return lambda score, b, h, q_idx, kv_idx: score + t[0][b, (q_idx - kv_idx) % 5]
+
+    q, k, v, kw = oracle.make_inputs(B=2, Hq=2, Sq=20, D=16, device=DEV, requires_grad=True)
+    check_captured(make, [torch.randn(2, 5, device=DEV, requires_grad=True)], q, k, v, mask=mask, window=(9, 0))
+
+
+def test_too_many_tensors_refused():
+    ts = [torch.randn(3, device=DEV) for _ in range(5)]
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + ts[0][h] + ts[1][h] + ts[2][h] + ts[3][h] + ts[4][h]
+
+    q, k, v, _ = oracle.make_inputs(B=1, Hq=2, Sq=8, D=16, device=DEV)
+    with pytest.raises(attnkit.UnsupportedError, match="more than 4 tensors"):
+        tri(q, k, v, score_mod=mod)
 
 
 def test_captured_grad_deterministic_refused():
