@@ -235,7 +235,8 @@ def test_with_mask_as_data_and_window():
         return lambda score, b, h, q_idx, kv_idx: score + t[0][b, (q_idx - kv_idx) % 5]
 
     q, k, v, kw = oracle.make_inputs(B=2, Hq=2, Sq=20, D=16, device=DEV, requires_grad=True)
-    check_captured(make, [torch.randn(2, 5, device=DEV, requires_grad=True)], q, k, v, mask=mask, window=(9, 0))
+    table = torch.randn(2, 5, device=DEV, requires_grad=True)
+    check_captured(make, [table], q, k, v, mask=mask, window=(9, 0))
 
 
 def test_too_many_tensors_refused():
