@@ -385,8 +385,9 @@ for mod, name, sig, kw in pickle.load(open(sys.argv[1], "rb")):
             signature[p.name] = "constexpr"
             consts[p.name] = p.default
     opts = {"num_warps": kw.get("num_warps", 4), "num_stages": kw.get("num_stages", 2)}
-    ck = triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=opts)
-    print(name, consts.get("SMOD_GRAD"), ck.asm["ptx"].count("red.global") + ck.asm["ptx"].count("atom.global"))
+    src = ASTSource(fn, signature, constexprs=consts)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
+    print(name, consts.get("SMOD_GRAD"), ptx.count("red.global") + ptx.count("atom.global"))
 """
 
 
@@ -454,6 +455,22 @@ def test_cuda_mods_bf16(name):
         table = torch.randn(333, 333, device="cuda", dtype=torch.bfloat16)
         mods[name] = lambda s, b, h, q_idx, kv_idx: s + table[q_idx, kv_idx]
     oracle.check_against_oracle(tri, q, k, v, score_mod=mods[name], causal=True, **kw)
+
+
+@pytest.mark.cuda
+def test_cuda_captured_grads_bf16():
+    def make(t):
+        rel, per_b = t
+        return lambda s, b, h, q_idx, kv_idx: s + rel[h, (q_idx - kv_idx).clamp(-64, 64) + 64] * per_b[b]
+
+    tables = [
+        torch.randn(4, 129, device="cuda", requires_grad=True),
+        torch.rand(2, device="cuda", requires_grad=True),
+    ]
+    q, k, v, kw = oracle.make_inputs(
+        B=2, Hq=4, Hk=2, Sq=300, Sk=333, D=64, dtype=torch.bfloat16, device="cuda", requires_grad=True
+    )
+    check_captured(make, tables, q, k, v, causal=True, **kw)
 
 
 @pytest.mark.cuda
