@@ -242,31 +242,34 @@ BACKEND = TritonBackend()
 
 
 def _score_mod_why_not(call: AttentionCall) -> str | None:
-    """Why the call's score_mod cannot run compiled into the kernels (None: it can): an op or construct the
-    compiler cannot lower (with the user's source line), captured tensors that require grad with
-    ``deterministic=True`` (their gradients are atomic adds), on another device, or too large."""
+    """Why the call's score_mod cannot run compiled into the kernels (None: it can)."""
+    return _score_mod_check(call)[0]
+
+
+def _score_mod_check(call: AttentionCall):
+    """(why not, or None; the compiled mod or None). Refused: an op or construct the compiler cannot lower
+    (with the user's source line), captured tensors that require grad with ``deterministic=True`` (their
+    gradients are atomic adds) or without a derivative the compiler finds, on another device, too large."""
     from attnkit import compiler
 
     if torch.compiler.is_compiling():  # (tracing the mod with make_fx inside dynamo's trace: not done yet)
-        return "score_mod under torch.compile is not compiled into the Triton kernels yet"
+        return "score_mod under torch.compile is not compiled into the Triton kernels yet", None
     try:
         comp = compiler.compile_score_mod(call.score_mod)
     except compiler.Unlowerable as e:
-        return str(e)
+        return str(e), None
     for i, t in enumerate(comp.tensors):
         if t.requires_grad and torch.is_grad_enabled():
-            if i not in comp.grad_slots:  # (an integer tensor cannot require grad: not reached)
-                return "score_mod reads a tensor that requires grad and is not floating point"
+            if i not in comp.grad_slots:
+                return "score_mod reads a tensor that requires grad where it has no derivative", None
             if call.deterministic:
-                return (
-                    "score_mod reads a tensor that requires grad: its gradient is accumulated by atomic "
-                    "adds, not deterministic (deterministic=True)"
-                )
+                why = "score_mod reads a tensor that requires grad: its gradient is accumulated by atomic"
+                return why + " adds, not deterministic (deterministic=True)", None
         if t.device != call.device:
-            return f"score_mod reads a tensor on {t.device} (the call is on {call.device})"
+            return f"score_mod reads a tensor on {t.device} (the call is on {call.device})", None
         if t.numel() > _INT32:
-            return "score_mod reads a tensor with >= 2**31 elements"
-    return None
+            return "score_mod reads a tensor with >= 2**31 elements", None
+    return None, comp
 
 
 def _score_mod_args(call: AttentionCall) -> tuple:
@@ -275,8 +278,7 @@ def _score_mod_args(call: AttentionCall) -> tuple:
         return ("", None, None, None, None, None)
     from attnkit import compiler
 
-    comp = compiler.compile_score_mod(call.score_mod)  # (memoized: why_not compiled it)
-    why = _score_mod_why_not(call)
+    why, comp = _score_mod_check(call)  # (memoized: why_not compiled it)
     if why is not None:  # a choice reused for a mod of the same structure that does not compile
         raise UnsupportedError("triton", [why])
     # tensors that want their gradient are read contiguous (a differentiable copy where they are not): their
