@@ -8,13 +8,15 @@ tensors: partial indexing such as ``tab[h][i]`` means one thing under vmap, anot
 tensors, so it is refused) becomes ``tl.load(C + i0 * s0 + i1 * s1 ...)`` with negative indices wrapped as in
 PyTorch and out-of-range ones masked (the padding rows of a tile), strides and sizes read from ``META``.
 
-The derivative d(mod)/d(score) is forward-mode on the same graph: each float value that depends on
-``score`` carries its derivative (a second line), so the backward's function returns ``(value, dvalue)``.
-Captured tensors are constants here (their own gradients are not compiled: the backend refuses those).
+Derivatives are forward-mode on the same graph: each float value that depends on the seed carries its
+derivative (a second line). :func:`lower` seeds ``score``: ``score_mod(score, b, h, q, kv, off, SM) ->
+(value, d value / d score)`` (the forward uses the value alone; the compiler drops the rest).
+:func:`lower_grads` seeds each read of a captured tensor that requires grad in turn (one pass per read, any
+number of reads) and emits ``score_mod_bwd(score, b, h, q, kv, off, SM, ds)``, which adds
+``ds * d(mod)/d(value read)`` into that tensor's float32 gradient by atomic adds.
 
-Generated signature: ``score_mod(score, b, h, q, kv, off, SM) -> (value, dvalue)`` with
-``SM = (C0, C1, C2, C3, META, ...)``: up to :data:`MAX_TENSORS` captured tensors and an int64
-(MAX_TENSORS, 8) table of (strides, sizes), 4 dims each.
+``SM = (C0, C1, C2, C3, META, b, h, G0, G1, G2, G3)``: up to :data:`MAX_TENSORS` captured tensors, an int64
+(MAX_TENSORS, 8) table of their (strides, sizes), 4 dims each, and their gradient buffers (dK/dV kernel).
 """
 
 from __future__ import annotations
