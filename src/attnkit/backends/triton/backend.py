@@ -258,6 +258,8 @@ def _score_mod_check(call: AttentionCall):
         comp = compiler.compile_score_mod(call.score_mod)
     except compiler.Unlowerable as e:
         return str(e), None
+    except Exception as e:  # noqa: BLE001 (a compiler bug must not break auto's choice: refuse, say why)
+        return f"score_mod compiler failed ({type(e).__name__}: {e}); please report it", None
     for i, t in enumerate(comp.tensors):
         if t.requires_grad and torch.is_grad_enabled():
             if i not in comp.grad_slots:
