@@ -73,6 +73,11 @@ def test_mods_fwd_bwd(name, dtype):
     oracle.check_against_oracle(tri, q, k, v, score_mod=_mods(2)[name], **kw)
 
 
+def test_bshd_window():
+    q, k, v, kw = oracle.make_inputs("bshd", B=2, Hq=2, Sq=18, Sk=21, D=16, device=DEV, requires_grad=True)
+    oracle.check_against_oracle(tri, q, k, v, score_mod=_mods(2)["read_twice"], window=(6, 3), **kw)
+
+
 @pytest.mark.parametrize(
     "mod",
     [
