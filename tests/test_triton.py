@@ -359,8 +359,8 @@ def test_deterministic_backward():
 # -- selection, refusal, torch integration -------------------------------------------------------------------
 def test_refuses_what_it_cannot_do():
     q, k, v, _ = oracle.make_inputs("bhsd", B=1, Hq=2, Sq=8, D=16, device=DEV)
-    with pytest.raises(attnkit.UnsupportedError, match="score_mod"):
-        tri(q, k, v, score_mod=lambda s, b, h, i, j: s * 2)
+    with pytest.raises(attnkit.UnsupportedError, match="score_mod op aten::sort"):  # (s * 2 compiles)
+        tri(q, k, v, score_mod=lambda s, b, h, i, j: torch.sort(s).values)
     with pytest.raises(attnkit.UnsupportedError, match="mask"):
         tri(q, k, v, mask=lambda b, h, i, j: (i + j) % 2 == 0)
     with pytest.raises(attnkit.UnsupportedError, match="float64"):

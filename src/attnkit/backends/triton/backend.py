@@ -6,9 +6,10 @@ gradient, GQA/MQA, D != Dv, head dims up to 256, fp16/bf16/fp32, bhsd/bshd/thd, 
 deterministic backward, and library masks that lower to two masked row intervals per key column
 (``attnkit.masks._intervals``: document, prefix_lm, chunked, global_sliding, shared_prefix, flashmask and
 their ``&`` with causal / sliding windows), carried to the kernels as int32 tensors (no recompiles for new
-values or lengths). Host launchers and the ``torch.library`` ops live in ``ops/``; block sizes in
-``runtime/tuning.py``; what the kernels can do in ``runtime/capability.py`` (read here and by the
-launchers alike).
+values or lengths), and ``score_mod`` callables compiled into the kernels by :mod:`attnkit.compiler`
+(forward, backward, and the gradients of captured tensors that require grad). Host launchers and the
+``torch.library`` ops live in ``ops/``; block sizes in ``runtime/tuning.py``; what the kernels can do in
+``runtime/capability.py`` (read here and by the launchers alike).
 
 On a machine without CUDA the backend is available only under the Triton interpreter
 (``TRITON_INTERPRET=1``, set before Triton is imported), and its cost keeps ``auto`` away from it.
@@ -30,6 +31,10 @@ from attnkit.errors import UnsupportedError
 from attnkit.masks import _intervals
 
 _INT32 = 2**31 - 1
+# A compiled score_mod's forward and backward are priced at this factor of the plain kernels' time: not
+# measured on a GPU yet, so set high enough that ``auto`` keeps FlexAttention for score_mod calls on CUDA
+# until the lead measures them (then replace it by the measured ratio).
+SCORE_MOD_COST = 4.0
 
 
 def _rates() -> dict:
@@ -78,10 +83,9 @@ class TritonBackend(Backend):
         elif not _cap.interpreting():
             r.append(f"tensors on {call.device.type}: needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
         if call.score_mod is not None:
-            r.append(
-                "user score_mod callables are not compiled into the Triton kernels yet "
-                "(use backend='flex' or 'reference')"
-            )
+            why = _score_mod_why_not(call)
+            if why is not None:
+                r.append(f"{why} (use backend='flex' or 'reference')")
         if call.mask is not None:
             why = _intervals.why_not(call.mask, call)
             if why is not None:  # masks that lower to column intervals run as data; others not yet
@@ -125,6 +129,7 @@ class TritonBackend(Backend):
             bool(call.deterministic),
             iv.startend if iv is not None else None,
             iv.summary if iv is not None else None,
+            *_score_mod_args(call),
         )
         out, lse, _, _ = ops.attention(p)
         return out, (lse if call.return_lse else None)
@@ -192,7 +197,8 @@ class TritonBackend(Backend):
             # the interpreter: correct but very slow; auto must never prefer it
             return 1e6 + call.batch * call.Hq * call.Sq * call.Sk * (call.D + call.Dv) / 1e6
         flops, _, rate = self._flops_pairs(call)
-        return flops / rate * (1.3 if call.dropout_p > 0 else 1.0)
+        t = flops / rate * (1.3 if call.dropout_p > 0 else 1.0)
+        return t * (SCORE_MOD_COST if call.score_mod is not None else 1.0)
 
     def memory_traffic(self, call: AttentionCall) -> tuple[int | None, float, float]:
         # One program per (batch, query head, query tile), each reading its KV head's K/V: a GQA call reads
@@ -227,6 +233,11 @@ class TritonBackend(Backend):
                 f"mask {call.mask.name} carried as data: two masked row intervals per key column "
                 "(empty tiles skipped, full tiles unmasked; no recompiles for new values or lengths)"
             )
+        if call.score_mod is not None:
+            n.append(
+                f"score_mod {call.score_mod.name} compiled into the kernels (attnkit.compiler); captured "
+                "tensors' gradients by atomic adds in the dK/dV kernel"
+            )
         if call.device.type != "cuda":
             n.append("running in the Triton interpreter: for tests, very slow")
         else:
@@ -240,3 +251,52 @@ class TritonBackend(Backend):
 
 
 BACKEND = TritonBackend()
+
+
+def _score_mod_why_not(call: AttentionCall) -> str | None:
+    """Why the call's score_mod cannot run compiled into the kernels (None: it can)."""
+    return _score_mod_check(call)[0]
+
+
+def _score_mod_check(call: AttentionCall):
+    """(why not, or None; the compiled mod or None). Refused: an op or construct the compiler cannot lower
+    (with the user's source line), captured tensors that require grad with ``deterministic=True`` (their
+    gradients are atomic adds) or without a derivative the compiler finds, on another device, too large."""
+    from attnkit import compiler
+
+    if torch.compiler.is_compiling():  # (tracing the mod with make_fx inside dynamo's trace: not done yet)
+        return "score_mod under torch.compile is not compiled into the Triton kernels yet", None
+    try:
+        comp = compiler.compile_score_mod(call.score_mod)
+    except compiler.Unlowerable as e:
+        return str(e), None
+    except Exception as e:  # noqa: BLE001 (a compiler bug must not break auto's choice: refuse, say why)
+        return f"score_mod compiler failed ({type(e).__name__}: {e}); please report it", None
+    for i, t in enumerate(comp.tensors):
+        if t.requires_grad and torch.is_grad_enabled():
+            if i not in comp.grad_slots:
+                return "score_mod reads a tensor that requires grad where it has no derivative", None
+            if call.deterministic:
+                why = "score_mod reads a tensor that requires grad: its gradient is accumulated by atomic"
+                return why + " adds, not deterministic (deterministic=True)", None
+        if t.device != call.device:
+            return f"score_mod reads a tensor on {t.device} (the call is on {call.device})", None
+        if t.numel() > _INT32:
+            return "score_mod reads a tensor with >= 2**31 elements", None
+    return None, comp
+
+
+def _score_mod_args(call: AttentionCall) -> tuple:
+    """FwdParams' score-mod fields: (key, c0, c1, c2, c3, meta) of the compiled mod, or empty ones."""
+    if call.score_mod is None:
+        return ("", None, None, None, None, None)
+    from attnkit import compiler
+
+    why, comp = _score_mod_check(call)  # (memoized: why_not compiled it)
+    if why is not None:  # a choice reused for a mod of the same structure that does not compile
+        raise UnsupportedError("triton", [why])
+    # tensors that want their gradient are read contiguous (a differentiable copy where they are not): their
+    # float32 gradient buffers are contiguous, with the same strides
+    tensors = tuple(t.contiguous() if i in comp.grad_slots else t for i, t in enumerate(comp.tensors))
+    slots = list(tensors) + [None] * (compiler.MAX_TENSORS - len(tensors))
+    return (comp.key, *slots, compiler.meta(tensors, call.device))

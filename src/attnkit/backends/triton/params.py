@@ -60,6 +60,14 @@ class FwdParams:
     # key column and their (B', H', ceil(K / 16), 8) summary, or None
     startend: Tensor | None
     iv_summary: Tensor | None
+    # a compiled score_mod (``attnkit.compiler``): its generated function's key ("" = none), the tensors it
+    # captured (up to 4, any strides; None past their count) and their int64 (4, 8) strides/sizes table
+    score_mod: str
+    smod_c0: Tensor | None
+    smod_c1: Tensor | None
+    smod_c2: Tensor | None
+    smod_c3: Tensor | None
+    smod_meta: Tensor | None
 
     def args(self) -> tuple:
         """The op's positional arguments, in field order."""
@@ -82,7 +90,7 @@ class FwdParams:
         ``AttentionCall`` through :func:`attnkit.backends.triton.runtime.capability.plain_call`)."""
         return plain_features(
             self.bias, self.alibi_slopes, self.softcap, self.window_left, self.window_right, self.dropout_p
-        ) and (self.q.numel() > 0 and self.k.numel() > 0 and self.startend is None)
+        ) and (self.q.numel() > 0 and self.k.numel() > 0 and self.startend is None and not self.score_mod)
 
     def window(self) -> tuple[bool, bool, int, int]:
         """(HAS_LEFT, HAS_RIGHT, left, right) with causal folded into the right bound."""
@@ -106,14 +114,16 @@ class FwdParams:
             "DROPOUT": self.dropout_p > 0,
             "HAS_IV": self.startend is not None,
             "IV_SKIP": self.startend is not None and _iv_skip(),
+            "HAS_SCORE_MOD": bool(self.score_mod),
         }
 
     @staticmethod
     def tune_key(flags: dict) -> tuple:
-        """The tuning key's feature part: the flags' values, the interval flags only where a mask is carried
-        (so that tuned caches of other calls stay valid)."""
-        key = tuple([v for n, v in flags.items() if n not in ("HAS_IV", "IV_SKIP")])
-        return key + (True,) if flags.get("HAS_IV") else key
+        """The tuning key's feature part: the flags' values, the interval and score-mod flags only where a
+        mask is carried or a mod compiled (so that tuned caches of other calls stay valid)."""
+        key = tuple([v for n, v in flags.items() if n not in ("HAS_IV", "IV_SKIP", "HAS_SCORE_MOD")])
+        key = key + (True,) if flags.get("HAS_IV") else key
+        return key + ("score_mod",) if flags.get("HAS_SCORE_MOD") else key
 
     def replay_key(self, kind: str) -> tuple:
         """What a call's launches depend on besides its tensors' addresses, as far as the arguments go:
@@ -139,6 +149,7 @@ class BwdParams(FwdParams):
     dlse: Tensor | None
     rng: Tensor
     bias_grad: bool
+    smod_grad: int  # bit i: the score mod's captured tensor i wants its gradient
 
     def flags(self) -> dict[str, bool]:
         """The forward's feature constexprs and ``BIAS_GRAD`` (the dK/dV kernel's alone)."""
@@ -185,10 +196,10 @@ for _cls in (FwdParams, BwdParams):
     _GET_SCALARS[_cls] = operator.attrgetter(*_SCALARS[_cls])
 
 
-def op(name: str, cls, impl, fake):
+def op(name: str, cls, impl, fake, n_out: int = 4):
     """The ``torch.library`` custom op ``name`` whose arguments are ``cls``'s fields (schema inferred from
-    their annotations), running ``impl(cls(*args))``, with ``fake(cls(*args))`` as its fake implementation.
-    Returns the op."""
+    their annotations), running ``impl(cls(*args))``, with ``fake(cls(*args))`` as its fake implementation;
+    it returns ``n_out`` tensors. Returns the op."""
     hints = typing.get_type_hints(cls, {"Tensor": Tensor})
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[n]) for n in
               _NAMES[cls]]  # fmt: skip
@@ -199,7 +210,7 @@ def op(name: str, cls, impl, fake):
     def run_fake(*args, **kwargs):
         return fake(cls(*args, **kwargs))
 
-    returns = tuple[Tensor, Tensor, Tensor, Tensor]
+    returns = tuple[(Tensor,) * n_out]
     for fn in (run, run_fake):
         fn.__signature__ = inspect.Signature(params, return_annotation=returns)
         fn.__annotations__ = {**{n: hints[n] for n in _NAMES[cls]}, "return": returns}
@@ -213,7 +224,7 @@ def saved(p: FwdParams, out: Tensor, stats: Tensor, rng: Tensor) -> tuple[tuple,
     return _GET_TENSORS[FwdParams](p) + (out, stats, rng), _GET_SCALARS[FwdParams](p)
 
 
-def restore(tensors: tuple, scalars: tuple, dout, dlse, bias_grad: bool) -> BwdParams:
+def restore(tensors: tuple, scalars: tuple, dout, dlse, bias_grad: bool, smod_grad: int = 0) -> BwdParams:
     """The backward's parameters from :func:`saved`'s two parts and the incoming gradients."""
     n = len(_TENSORS[FwdParams])
     values = list(_FWD_SLOTS)
@@ -222,14 +233,15 @@ def restore(tensors: tuple, scalars: tuple, dout, dlse, bias_grad: bool) -> BwdP
     for i, x in zip(_FWD_SCALAR_POS, scalars):
         values[i] = x
     out, stats, rng = tensors[n:]
-    return BwdParams(*values, dout, out, stats, dlse, rng, bias_grad)
+    return BwdParams(*values, dout, out, stats, dlse, rng, bias_grad, smod_grad)
 
 
 _FWD_SLOTS = (None,) * len(_NAMES[FwdParams])
 _FWD_TENSOR_POS = tuple(_NAMES[FwdParams].index(n) for n in _TENSORS[FwdParams])
 _FWD_SCALAR_POS = tuple(_NAMES[FwdParams].index(n) for n in _SCALARS[FwdParams])
 # (BwdParams' own fields, in order: what restore passes after the forward's)
-assert _NAMES[BwdParams][len(_NAMES[FwdParams]) :] == ("dout", "out", "stats", "dlse", "rng", "bias_grad")
+_OWN = ("dout", "out", "stats", "dlse", "rng", "bias_grad", "smod_grad")
+assert _NAMES[BwdParams][len(_NAMES[FwdParams]) :] == _OWN
 
 
 def num_inputs() -> int:

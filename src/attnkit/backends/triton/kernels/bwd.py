@@ -24,6 +24,7 @@ import triton.language as tl
 from attnkit.backends.triton.kernels.common import (
     dropout_keep,
     dscore_dqk,
+    dscore_mod,
     iv_apply,
     iv_classify,
     iv_load,
@@ -150,6 +151,7 @@ def _dkdv_inner(
     ib,
     ic,
     id_,
+    smod,
     D: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -168,6 +170,10 @@ def _dkdv_inner(
     HAS_IV: tl.constexpr,
     IV_SKIP: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
+    SMOD_GRAD: tl.constexpr,
+    SCORE_MOD_BWD: tl.constexpr,
 ):
     c = pending_scale(sm_scale, DEFER)
     # Transposed tiles: rows of these tiles are keys (offs_n), columns are queries (offs_m); in order.
@@ -204,7 +210,7 @@ def _dkdv_inner(
                 hi_base, lo_base, d_base, stride_ls, stride_ds, offs_m, seqlen_q, exact
             )
             qkt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BN, BM)
-            st, tt = scores(
+            st, tt, gt, xt = scores(
                 qkt,
                 offs_m[None, :],
                 offs_n[:, None],
@@ -219,6 +225,7 @@ def _dkdv_inner(
                 stride_bm,
                 stride_bn,
                 slope,
+                smod,
                 MASK,
                 SOFTCAP,
                 HAS_BIAS,
@@ -226,6 +233,8 @@ def _dkdv_inner(
                 HAS_LEFT,
                 HAS_RIGHT,
                 DEFER,
+                HAS_SCORE_MOD,
+                SCORE_MOD,
             )
             if HAS_IV:  # noqa: SIM102 (constexpr, then a runtime branch)
                 if not full:
@@ -244,6 +253,11 @@ def _dkdv_inner(
                 pdt = pt
             dv += tl.dot(pdt.to(do.dtype), do, input_precision=PRECISION)
             dst = pt * (dpt - delta[None, :])  # dL/ds (natural units), transposed
+            if SMOD_GRAD:  # the captured tensors' gradients (atomic adds; this kernel visits each pair once)
+                inside = (offs_m[None, :] < seqlen_q) & (offs_n[:, None] < seqlen_k)  # (unmasked tiles pad)
+                dsx = tl.where(inside, dst, 0.0)
+                SCORE_MOD_BWD(xt, smod[5], smod[6], offs_m[None, :], offs_n[:, None], off, smod, dsx)
+            dst = dscore_mod(dst, pt, gt, HAS_SCORE_MOD)  # (before the score mod: bias, softcap see this)
             if BIAS_GRAD:
                 tl.store(
                     db_ptr + offs_m[None, :] * stride_dbm + offs_n[:, None] * stride_dbn,
@@ -336,6 +350,15 @@ def attn_bwd_dkdv(
     stride_ih,
     stride_sb,
     stride_sh,  # mask intervals and their summary (see _fwd.attn_fwd)
+    SmC0,
+    SmC1,
+    SmC2,
+    SmC3,
+    SmMeta,  # score_mod: captured tensors and their int64 (4, 8) strides/sizes (attnkit.compiler)
+    SmG0,
+    SmG1,
+    SmG2,
+    SmG3,  # float32 gradients of the captured tensors that want one (SMOD_GRAD; contiguous)
     GROUP: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -355,6 +378,10 @@ def attn_bwd_dkdv(
     PRECISION: tl.constexpr,
     HAS_IV: tl.constexpr,
     IV_SKIP: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
+    SMOD_GRAD: tl.constexpr = False,
+    SCORE_MOD_BWD: tl.constexpr = None,
     ONE_LOOP: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
@@ -407,6 +434,7 @@ def attn_bwd_dkdv(
         if HAS_ALIBI:
             slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
         sum_ptr = IvSum + b * stride_sb + h * stride_sh
+        smod = (SmC0, SmC1, SmC2, SmC3, SmMeta, b, h, SmG0, SmG1, SmG2, SmG3)
         ia, ib, ic, id_ = 0, 0, 0, 0
         g_lo, g_full_lo, g_full_hi, g_hi = lo, full_lo, full_hi, hi
         if HAS_IV:  # this key tile's column intervals, (BN, 1) each, and the query tiles that see any
@@ -469,6 +497,7 @@ def attn_bwd_dkdv(
                 ib,
                 ic,
                 id_,
+                smod,
                 D,
                 DV,
                 BLOCK_D,
@@ -487,6 +516,10 @@ def attn_bwd_dkdv(
                 HAS_IV,
                 IV_SKIP,
                 BLOCK_N,
+                HAS_SCORE_MOD,
+                SCORE_MOD,
+                SMOD_GRAD,
+                SCORE_MOD_BWD,
             )
     row_mask = offs_n[:, None] < seqlen_k
     dk_ptrs = (

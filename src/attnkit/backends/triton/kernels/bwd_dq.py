@@ -9,6 +9,7 @@ from attnkit.backends.triton.kernels.bwd import _load_row_stats
 from attnkit.backends.triton.kernels.common import (
     dropout_keep,
     dscore_dqk,
+    dscore_mod,
     iv_apply,
     iv_classify,
     iv_load,
@@ -58,6 +59,7 @@ def _dq_inner(
     k_start,
     r0,
     r1,
+    smod,
     D: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -74,6 +76,8 @@ def _dq_inner(
     PRECISION: tl.constexpr,
     HAS_IV: tl.constexpr,
     IV_SKIP: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
 ):
     c = pending_scale(sm_scale, DEFER)
     for start_n in range(lo, hi, BLOCK_N):
@@ -105,7 +109,7 @@ def _dq_inner(
                 BLOCK_DV != DV,
             )  # (BDV, BN)
             qk = tl.dot(q, kt, input_precision=PRECISION)
-            s, t = scores(
+            s, t, g, _ = scores(
                 qk,
                 offs_m[:, None],
                 offs_n[None, :],
@@ -120,6 +124,7 @@ def _dq_inner(
                 stride_bm,
                 stride_bn,
                 slope,
+                smod,
                 MASK,
                 SOFTCAP,
                 HAS_BIAS,
@@ -127,6 +132,8 @@ def _dq_inner(
                 HAS_LEFT,
                 HAS_RIGHT,
                 DEFER,
+                HAS_SCORE_MOD,
+                SCORE_MOD,
             )
             if HAS_IV:
                 ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[None, :], seqlen_k)
@@ -141,6 +148,7 @@ def _dq_inner(
                 keep = dropout_keep(rng_ptr, bh, offs_m[:, None], offs_n[None, :], dropout_p)
                 dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
             ds = p * (dp - delta[:, None])
+            ds = dscore_mod(ds, p, g, HAS_SCORE_MOD)
             dqk = dscore_dqk(ds, t, sm_scale, SOFTCAP)
             dq += tl.dot(dqk.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
     return dq
@@ -217,6 +225,11 @@ def attn_bwd_dq(
     stride_ih,
     stride_sb,
     stride_sh,  # mask intervals and their summary (see _fwd.attn_fwd)
+    SmC0,
+    SmC1,
+    SmC2,
+    SmC3,
+    SmMeta,  # score_mod: captured tensors and their int64 (4, 8) strides/sizes (attnkit.compiler)
     GROUP: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -236,6 +249,8 @@ def attn_bwd_dq(
     PRECISION: tl.constexpr,
     HAS_IV: tl.constexpr,
     IV_SKIP: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if REVERSE:
@@ -288,6 +303,7 @@ def attn_bwd_dq(
     if HAS_ALIBI:
         slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    smod = (SmC0, SmC1, SmC2, SmC3, SmMeta, b, h)
     m1 = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
     iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
     sum_ptr = IvSum + b * stride_sb + h * stride_sh
@@ -340,6 +356,7 @@ def attn_bwd_dq(
             k_start,
             m0,
             m1,
+            smod,
             D,
             DV,
             BLOCK_D,
@@ -356,6 +373,8 @@ def attn_bwd_dq(
             PRECISION,
             HAS_IV,
             IV_SKIP,
+            HAS_SCORE_MOD,
+            SCORE_MOD,
         )
     dq_ptrs = (
         DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqs + offs_d[None, :]

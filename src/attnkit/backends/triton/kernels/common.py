@@ -129,6 +129,7 @@ def scores(
     stride_bm,
     stride_bn,
     slope,
+    smod,
     MASK: tl.constexpr,
     SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -136,6 +137,8 @@ def scores(
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     DEFER: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
 ):
     """Steps 1-5 of the score pipeline on a tile of raw dot products ``qk``, in log2 units.
 
@@ -145,6 +148,11 @@ def scores(
     the scale to the caller's exp2 FMA, so ``s`` is ``qk`` itself (masked); the row max of ``s`` times
     the positive factor is the row max of the scores. ``tanh_term`` is the softcap's tanh (for its
     derivative in backward), or ``qk``. Masked entries (only computed when MASK) are -inf.
+
+    HAS_SCORE_MOD: step 4, the compiled ``SCORE_MOD(score, b, h, q_idx, kv_idx, off, SM)`` (natural units in
+    and out; ``attnkit.compiler``) with ``smod = (C0, C1, C2, C3, META, b, h)``. Returns ``(s, t, g)``, ``g``
+    its derivative d(mod)/d(score) where it runs (the backward's chain rule), else 1; callers that want it
+    get the mod's input too: :func:`scores_x`.
     """
     if SOFTCAP:
         x = qk * (sm_scale / softcap)
@@ -163,6 +171,12 @@ def scores(
         s += bias.to(tl.float32) * LOG2E
     if HAS_ALIBI:
         s -= (slope * LOG2E) * tl.abs(rows + off - cols).to(tl.float32)
+    g = 1.0
+    x = s
+    if HAS_SCORE_MOD:  # (DEFER is off: s is in log2 units here)
+        x = s * LN2
+        y, g = SCORE_MOD(x, smod[5], smod[6], rows, cols, off, smod)
+        s = y * LOG2E
     if MASK:
         vis = (cols < seqlen_k) & (rows < seqlen_q)
         if HAS_RIGHT:
@@ -170,7 +184,17 @@ def scores(
         if HAS_LEFT:
             vis = vis & (cols >= rows + off - win_left)
         s = tl.where(vis, s, float("-inf"))
-    return s, t
+    return s, t, g, x
+
+
+@triton.jit
+def dscore_mod(ds, p, g, HAS_SCORE_MOD: tl.constexpr):
+    """dL/d(score before the score mod) from dL/d(score after it), ``g`` the mod's derivative; 0 where the
+    probability ``p`` is 0 (masked or padding entries, where ``g`` may be anything)."""
+    if HAS_SCORE_MOD:
+        return tl.where(p == 0.0, 0.0, ds * g)
+    else:
+        return ds
 
 
 @triton.jit

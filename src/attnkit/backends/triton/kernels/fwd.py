@@ -80,6 +80,7 @@ def _fwd_inner(
     k_start,
     r0,
     r1,
+    smod,
     D: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -96,6 +97,8 @@ def _fwd_inner(
     PRECISION: tl.constexpr,
     HAS_IV: tl.constexpr,
     IV_SKIP: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
 ):
     c = pending_scale(sm_scale, DEFER)  # scores * c = scores in log2 units
     for start_n in range(lo, hi, BLOCK_N):
@@ -107,17 +110,17 @@ def _fwd_inner(
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n,
                 seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
-                stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, empty, full, D, DV, BLOCK_D, BLOCK_DV,
-                BLOCK_N, MASK, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER, PRECISION,
-                True,
+                stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, empty, full, smod, D, DV, BLOCK_D,
+                BLOCK_DV, BLOCK_N, MASK, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
+                PRECISION, True, HAS_SCORE_MOD, SCORE_MOD,
             )  # fmt: skip
         else:
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n,
                 seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
-                stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, False, True, D, DV, BLOCK_D, BLOCK_DV,
-                BLOCK_N, MASK, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER, PRECISION,
-                False,
+                stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, False, True, smod, D, DV, BLOCK_D,
+                BLOCK_DV, BLOCK_N, MASK, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
+                PRECISION, False, HAS_SCORE_MOD, SCORE_MOD,
             )  # fmt: skip
     return acc, l_i, m_i
 
@@ -126,11 +129,11 @@ def _fwd_inner(
 def _fwd_tile(
     acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n, seqlen_q,
     seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, rng_ptr,
-    bh, dropout_p, c, iv_ptr, empty, full,
+    bh, dropout_p, c, iv_ptr, empty, full, smod,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DEFER: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_IV: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_IV: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
 ):  # fmt: skip
     """One key tile of the forward loop (``empty`` / ``full``: the interval classification, HAS_IV only)."""
     if not empty:
@@ -146,7 +149,7 @@ def _fwd_tile(
             BLOCK_D != D,
         )
         qk = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        s, _ = scores(
+        s, _, _, _ = scores(
             qk,
             offs_m[:, None],
             offs_n[None, :],
@@ -161,6 +164,7 @@ def _fwd_tile(
             stride_bm,
             stride_bn,
             slope,
+            smod,
             MASK,
             SOFTCAP,
             HAS_BIAS,
@@ -168,6 +172,8 @@ def _fwd_tile(
             HAS_LEFT,
             HAS_RIGHT,
             DEFER,
+            HAS_SCORE_MOD,
+            SCORE_MOD,
         )
         if HAS_IV:
             ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[None, :], seqlen_k)  # (loads outside the branch)
@@ -258,6 +264,11 @@ def attn_fwd(
     stride_ih,
     stride_sb,
     stride_sh,  # mask intervals (B', H', K, 4) and summary (B', H', K/16, 8), int32; 0 = broadcast dim
+    SmC0,
+    SmC1,
+    SmC2,
+    SmC3,
+    SmMeta,  # score_mod: captured tensors and their int64 (4, 8) strides/sizes (attnkit.compiler)
     GROUP: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -277,6 +288,8 @@ def attn_fwd(
     PRECISION: tl.constexpr,
     HAS_IV: tl.constexpr,
     IV_SKIP: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if REVERSE:  # causal load balance: the longest rows (last tiles) start first
@@ -302,6 +315,7 @@ def attn_fwd(
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
+    smod = (SmC0, SmC1, SmC2, SmC3, SmMeta, b, h)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -357,6 +371,7 @@ def attn_fwd(
             k_start,
             m0,
             m1,
+            smod,
             D,
             DV,
             BLOCK_D,
@@ -373,6 +388,8 @@ def attn_fwd(
             PRECISION,
             HAS_IV,
             IV_SKIP,
+            HAS_SCORE_MOD,
+            SCORE_MOD,
         )
 
     has_key = l_i > 0.0

@@ -43,12 +43,14 @@ def _triton_fwd(p: FwdParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _run("fwd", p, _fwd) if p.bias is None and p.q.is_cuda else _fwd.body(p)
 
 
-def _triton_bwd(p: BwdParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Backward: (dq, dk, dv, dbias) with dbias shaped like ``bias`` (an empty tensor when not asked).
+def _triton_bwd(p: BwdParams) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward: (dq, dk, dv, dbias, dsmod) with dbias shaped like ``bias`` (an empty tensor when not asked)
+    and dsmod the gradients of the score mod's captured tensors that want one, flattened one after the other
+    in slot order, float32 (empty without).
 
     Repeated calls replay too: the backward runs on autograd's device thread, where every line of Python
     costs about twice what it costs on the caller's thread (``scripts/gpu_host_threads.py``)."""
-    return _run("bwd", p, _bwd) if p.bias is None and p.q.is_cuda else _bwd.body(p)
+    return _run("bwd", p, _bwd) if p.bias is None and p.q.is_cuda and not p.smod_grad else _bwd.body(p)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ def _replayed(key, known, body, p):
 
 
 triton_fwd = _params.op("attnkit::triton_fwd", FwdParams, _triton_fwd, _fwd.fake)
-triton_bwd = _params.op("attnkit::triton_bwd", BwdParams, _triton_bwd, _bwd.fake)
+triton_bwd = _params.op("attnkit::triton_bwd", BwdParams, _triton_bwd, _bwd.fake, n_out=5)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -125,6 +127,21 @@ def _setup_context(ctx, inputs, output, p: FwdParams | None = None):
     tensors, ctx.params = _params.saved(p, out, stats, rng)
     ctx.save_for_backward(*tensors)
     ctx.bias_grad = p.bias is not None and p.bias.requires_grad
+    ctx.smod_grad = _smod_grad(p)
+
+
+_SMOD_SLOTS = ("smod_c0", "smod_c1", "smod_c2", "smod_c3")
+_SMOD_POS = tuple(_params._NAMES[FwdParams].index(n) for n in _SMOD_SLOTS)
+
+
+def _smod_grad(p: FwdParams) -> int:
+    """Bit i set: the score mod's captured tensor i wants its gradient."""
+    bits = 0
+    for i, name in enumerate(_SMOD_SLOTS):
+        t = getattr(p, name)
+        if t is not None and t.requires_grad:
+            bits |= 1 << i
+    return bits
 
 
 def _backward(ctx, dout, dlse, _drng, _dstats, bwd=None):
@@ -132,12 +149,19 @@ def _backward(ctx, dout, dlse, _drng, _dstats, bwd=None):
     saved = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(saved[-3])  # (out)
-    p = _params.restore(saved, ctx.params, dout, dlse, ctx.bias_grad)
+    p = _params.restore(saved, ctx.params, dout, dlse, ctx.bias_grad, ctx.smod_grad)
     if bwd is not None:
-        dq, dk, dv, dbias = bwd(p)
+        dq, dk, dv, dbias, dsmod = bwd(p)
     else:
-        dq, dk, dv, dbias = triton_bwd(*p.args())
-    return (dq, dk, dv, dbias if ctx.bias_grad else None) + (None,) * (_params.num_inputs() - 4)
+        dq, dk, dv, dbias, dsmod = triton_bwd(*p.args())
+    grads = [dq, dk, dv, dbias if ctx.bias_grad else None] + [None] * (_params.num_inputs() - 4)
+    at = 0
+    for i, pos in enumerate(_SMOD_POS):  # the captured tensors' gradients, from the flat buffer
+        if ctx.smod_grad >> i & 1:
+            t = getattr(p, _SMOD_SLOTS[i])
+            grads[pos] = dsmod[at : at + t.numel()].view(t.shape).to(t.dtype)
+            at += t.numel()
+    return tuple(grads)
 
 
 triton_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -173,7 +197,7 @@ def attention(p: FwdParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return triton_fwd(*p.args())  # traced (dynamo, export, make_fx, fake or functional tensors)
     wants_grad = (
         q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad)
-    )
+    ) or (p.score_mod != "" and _smod_grad(p) != 0)
     if not (wants_grad and torch.is_grad_enabled()) and not _functorch_wrapped(q):
         return _triton_fwd(p)  # nothing to differentiate: the Function's plumbing costs ~15 us
     return _EagerAttention.apply(*p.args())

@@ -2,7 +2,8 @@
 (no atomics: bitwise reproducible, so ``deterministic=True`` changes nothing), beside it on a side stream at
 large sizes.
 
-``body(p)`` -> (dq, dk, dv, dbias) with dbias shaped like ``bias`` (an empty tensor when not asked).
+``body(p)`` -> (dq, dk, dv, dbias, dsmod) with dbias shaped like ``bias`` (an empty tensor when not asked)
+and dsmod the score mod's captured tensors' gradients, flat (see :func:`smod_grads`).
 """
 
 from __future__ import annotations
@@ -39,9 +40,27 @@ def buffers(p: BwdParams) -> list:
 _REST = tuple(n for n in BwdParams.tensor_names() if n not in ("q", "k", "v", "out", "dout"))
 
 
-def outputs(tensors: list) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, an empty dbias) from :func:`buffers`' list (replays: calls without bias)."""
-    return (*tensors[8:11], torch.empty((0,), device=tensors[0].device, dtype=torch.float32))
+def outputs(tensors: list) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, an empty dbias, an empty dsmod) from :func:`buffers`' list (replays: calls without bias
+    or captured tensors wanting gradients)."""
+    empty = torch.empty((0,), device=tensors[0].device, dtype=torch.float32)
+    return (*tensors[8:11], empty, empty)
+
+
+def smod_grads(p: BwdParams):
+    """(flat float32 buffer of the captured tensors' gradients (zeros; slot order), [per-slot views or
+    None]) for the slots ``p.smod_grad`` names."""
+    slots = (p.smod_c0, p.smod_c1, p.smod_c2, p.smod_c3)
+    n = sum(t.numel() for i, t in enumerate(slots) if p.smod_grad >> i & 1)
+    flat = torch.zeros((n,), device=p.q.device, dtype=torch.float32)
+    views, at = [], 0
+    for i, t in enumerate(slots):
+        if p.smod_grad >> i & 1:
+            views.append(flat[at : at + t.numel()])
+            at += t.numel()
+        else:
+            views.append(None)
+    return flat, views
 
 
 def fake(p: BwdParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -49,7 +68,10 @@ def fake(p: BwdParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     q, bias = p.q, p.bias
     grad = p.bias_grad and bias is not None
     dbias = bias.new_empty(bias.shape) if grad else q.new_empty((0,), dtype=torch.float32)
-    return q.new_empty(q.shape), p.k.new_empty(p.k.shape), p.v.new_empty(p.v.shape), dbias
+    slots = (p.smod_c0, p.smod_c1, p.smod_c2, p.smod_c3)
+    n = sum(t.numel() for i, t in enumerate(slots) if p.smod_grad >> i & 1)
+    dsmod = q.new_empty((n,), dtype=torch.float32)
+    return q.new_empty(q.shape), p.k.new_empty(p.k.shape), p.v.new_empty(p.v.shape), dbias, dsmod
 
 
 def body(p: BwdParams, keep=None):
@@ -70,10 +92,11 @@ def body(p: BwdParams, keep=None):
         if bias_grad
         else torch.empty((0,), device=q.device, dtype=torch.float32)
     )
+    dsmod, g_views = smod_grads(p)
     if q.numel() == 0 or k.numel() == 0:
         for t in (dq, dk, dv):
             t.zero_()
-        return dq, dk, dv, _reduce_dbias(dbias, bias) if bias_grad else dbias
+        return dq, dk, dv, _reduce_dbias(dbias, bias) if bias_grad else dbias, dsmod
     varlen = flags["VARLEN"]
     dummy = q
     # every stride once (host time: each ``stride(i)`` is a call into torch)
@@ -110,6 +133,7 @@ def body(p: BwdParams, keep=None):
         *(*inputs, dk, dv, hi, lo, delta, bias_arg, dbias if bias_grad else dummy, slopes_arg, *cu),
         *(*input_strides, *c.strides(dk, layout), *c.strides(dv, layout), *stat_strides),
         *(*(dbias.stride() if bias_grad else (0, 0, 0, 0)), *c.slope_strides(slopes), Hq, Hk, *sizes[1:]),
+        *[dummy if g is None else g for g in g_views],  # (the captured tensors' gradients)
     )
     dq_args = (
         *(*inputs, dq, hi, lo, delta, bias_arg, slopes_arg, *cu),
@@ -130,6 +154,8 @@ def body(p: BwdParams, keep=None):
             BLOCK_N=BN,
             BIAS_GRAD=bias_grad,
             ONE_LOOP=one_loop,
+            SMOD_GRAD=p.smod_grad != 0,
+            SCORE_MOD_BWD=c.score_mod_bwd_fn(p) if p.smod_grad else None,
             num_warps=warps,
             num_stages=stages,
             **common,
@@ -177,7 +203,7 @@ def body(p: BwdParams, keep=None):
     else:
         run_dkdv()
         launch_dq(cfg_dq)
-    return dq, dk, dv, _reduce_dbias(dbias, bias) if bias_grad else dbias
+    return dq, dk, dv, _reduce_dbias(dbias, bias) if bias_grad else dbias, dsmod
 
 
 _SIDE_STREAMS: dict = {}

@@ -74,7 +74,7 @@ def cdiv(a: int, b: int) -> int:
 
 def defer(p) -> bool:
     """Plain positive scale: the kernels fold it into the exp2 FMA (``kernels/common.scores``' DEFER)."""
-    return p.scale > 0 and p.softcap <= 0 and p.bias is None and p.alibi_slopes is None
+    return p.scale > 0 and p.softcap <= 0 and p.bias is None and p.alibi_slopes is None and not p.score_mod
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -86,14 +86,40 @@ def constexprs(p, q: Tensor, v: Tensor, Hq: int, Hk: int, features: dict) -> dic
     scale and the dots are done."""
     D, Dv = q.shape[-1], v.shape[-1]
     shape = dict(GROUP=Hq // Hk, D=D, DV=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv))
-    return {**shape, **features, "DEFER": defer(p), "PRECISION": precision(q.dtype)}
+    fn = score_mod_fn(p)
+    return {**shape, **features, "DEFER": defer(p), "PRECISION": precision(q.dtype), "SCORE_MOD": fn}
+
+
+def score_mod_fn(p):
+    """The compiled score mod's ``@triton.jit`` function (``attnkit.compiler``), or None without one."""
+    if not p.score_mod:
+        return None
+    from attnkit import compiler
+
+    return compiler.REGISTRY[p.score_mod].score_mod
+
+
+def score_mod_bwd_fn(p):
+    """The compiled score mod's gradient function for its captured tensors, or None (none wanted)."""
+    if not p.score_mod:
+        return None
+    from attnkit import compiler
+
+    return getattr(compiler.REGISTRY[p.score_mod], "score_mod_bwd", None)
 
 
 def scalars(p, dummy: Tensor) -> tuple:
     """The scalar runtime arguments every attention kernel takes after its sizes, in the kernels' order,
-    then the mask-interval arguments (:func:`iv_args`)."""
+    then the mask-interval arguments (:func:`iv_args`) and the score mod's (:func:`smod_args`)."""
     _, _, wl, wr = p.window()
-    return (p.scale, p.softcap if p.softcap > 0 else 1.0, wl, wr, p.dropout_p, *iv_args(p, dummy))
+    return (p.scale, p.softcap if p.softcap > 0 else 1.0, wl, wr, p.dropout_p, *iv_args(p, dummy),
+            *smod_args(p, dummy))  # fmt: skip
+
+
+def smod_args(p, dummy: Tensor) -> tuple:
+    """A compiled score mod's captured tensors (``dummy`` in empty slots) and their strides/sizes table."""
+    slots = (p.smod_c0, p.smod_c1, p.smod_c2, p.smod_c3, p.smod_meta)
+    return tuple([dummy if t is None else t for t in slots])
 
 
 def iv_args(p, dummy: Tensor) -> tuple:

@@ -99,7 +99,8 @@ def plain_call(call) -> bool:
     """:func:`plain_features` of an ``AttentionCall``, on a CUDA device."""
     wl, wr = call.window if call.window is not None else (-1, -1)
     plain = plain_features(call.bias, call.alibi_slopes, call.softcap, wl, wr, call.dropout_p)
-    return plain and call.mask is None and call.device.type == "cuda"  # (masked calls: the Triton kernels)
+    # (masked calls and score mods: the Triton kernels)
+    return plain and call.mask is None and call.score_mod is None and call.device.type == "cuda"
 
 
 def gluon_forward_eligible(cap, layout: str, D: int, Dv: int, dtype, Sk: int, causal: bool, scale) -> bool:
