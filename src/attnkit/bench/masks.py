@@ -10,9 +10,10 @@ writes its reason in the ``error`` column. Then what training with a new packing
 call with a new document mask each time against the same mask, and how many kernels 100 new packings and
 20 new lengths compile (``attnkit.compile_count()``; 0 is the claim).
 
-Timing: ``triton.testing.do_bench`` (CUDA events, warm-up, median). Output: a table, and ``masks.csv`` /
-``masks.json`` (with the environment) under ``--out``. Without CUDA a tiny grid runs on the CPU (the Triton
-interpreter with ``TRITON_INTERPRET=1``, else the reference): a smoke test, no speed claim.
+Timing: the benchmarks' one timer (``attnkit.bench._timing``: ``triton.testing.do_bench`` on a GPU).
+Output: a table, and ``masks.csv`` / ``masks.json`` (with the environment) under ``--out``. Without CUDA a
+tiny grid runs on the CPU (the Triton interpreter with ``TRITON_INTERPRET=1``, else the reference): a smoke
+test, no speed claim.
 
     python -m attnkit.bench.masks [--out bench_out] [--shape B,H,S,D] [--modes fwd,fwd_bwd]
         [--backends triton,flex,...] [--cases document,prefix-lm,sliding,shared] [--no-packing]
@@ -22,37 +23,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
-import statistics
-import time
 
 import torch
 
 import attnkit
 from attnkit import masks as M
-from attnkit.bench import _report
+from attnkit.bench import _report, _timing
 
 GPU_SHAPE = (2, 16, 8192, 128)
 CPU_SHAPE = (1, 2, 64, 16)
 BACKENDS = ("triton", "triton IV_SKIP=1", "flex", "flex_flash", "auto")
-
-
-def _timer(on_gpu: bool):
-    if on_gpu:
-        import triton
-
-        return lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
-
-    def cpu(fn):
-        fn()
-        ts = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(ts)
-
-    return cpu
 
 
 def doc_ids(S: int, n: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -93,7 +75,7 @@ def mask_rows(shape, modes, on_gpu: bool, dtype, names=BACKENDS, keep=None) -> l
     the cases to run (None: all)."""
     B, H, S, D = shape
     dev = "cuda" if on_gpu else "cpu"
-    timer = _timer(on_gpu)
+    timer = functools.partial(_timing.median_ms, on_gpu=on_gpu)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=dtype, requires_grad=True) for _ in "qkv")
     g = torch.randn_like(q)
@@ -134,7 +116,7 @@ def packing_rows(shape, on_gpu: bool, dtype, packings: int = 100, lengths: int =
     new lengths after a warm-up (triton; forward)."""
     B, H, S, D = shape
     dev = "cuda" if on_gpu else "cpu"
-    timer = _timer(on_gpu)
+    timer = functools.partial(_timing.median_ms, on_gpu=on_gpu)
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=dtype) for _ in "qkv")
     fixed = M.document(doc_ids(S, 8, gen, dev)) & M.causal()
