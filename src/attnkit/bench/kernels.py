@@ -356,6 +356,7 @@ def main(argv=None) -> int:
                         f"rounds {'/'.join(f'{t:.3f}' for t in times.get(name, []))} {row['error']}",
                         flush=True,
                     )
+                _write(rows, args.out, plot=False)
     _write(rows, args.out)
     _table(rows)
     return 0
@@ -365,7 +366,9 @@ def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
-def _write(rows, out_dir):
+def _write(rows, out_dir, plot: bool = True):
+    """kernels.json / kernels.csv of the rows so far (rewritten after every shape, so that a run stopped
+    by its time limit keeps what it measured) and, at the end, the plot."""
     os.makedirs(out_dir, exist_ok=True)
     if not rows:
         return
@@ -375,6 +378,8 @@ def _write(rows, out_dir):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    if not plot:
+        return
     try:
         import matplotlib
 
