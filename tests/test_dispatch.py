@@ -445,24 +445,37 @@ def test_backend_records_read_as_attributes_and_keys():
 
 def test_a_cached_choice_whose_mask_data_refuses_it_is_not_reused(device):
     """Choices are cached by a mask's structure; a mask of that structure whose data the cached backend
-    refuses (document ids out of order do not lower to intervals for triton) is chosen for afresh, and the
-    cached choice stays for the masks that do fit it."""
+    refuses (here a backend that takes only documents numbered below 2) is chosen for afresh, and the cached
+    choice stays for the masks that do fit it."""
+
+    class SmallDocs(Backend):
+        name = "small_docs_test"
+
+        def _check_available(self):
+            return True, None
+
+        def why_not(self, call):
+            ids = call.mask.parts[0].params["doc_ids"] if call.mask is not None else None
+            return [] if ids is not None and int(ids.max()) < 2 else ["doc ids of 2 and more"]
+
+        def run(self, call):
+            return reference_forward(call)
+
     dt = torch.float16 if device == "cpu" else torch.bfloat16
     q, k, v = (oracle.randn((1, 2, 32, 16), dt, device) for _ in range(3))
-    ordered = torch.tensor([0] * 12 + [1] * 20, dtype=torch.int32, device=device)
-    mixed = torch.tensor([0, 1] * 16, dtype=torch.int32, device=device)
-    tri = dispatch.get("triton")
-    fits = attnkit.masks.document(ordered) & attnkit.masks.causal()
+    fits = attnkit.masks.document(torch.tensor([0] * 12 + [1] * 20, device=device)) & attnkit.masks.causal()
     key = dispatch._signature(attnkit._call.normalize(q, k, v, mask=fits), "auto")
-    dispatch._CHOICES[key] = tri  # as if auto had chosen triton for this structure
+    small = SmallDocs()
+    dispatch._CHOICES[key] = small  # as if auto had chosen it for this structure
     try:
-        mask = attnkit.masks.document(mixed) & attnkit.masks.causal()
+        three = torch.tensor([0] * 10 + [1] * 10 + [2] * 12, device=device)
+        mask = attnkit.masks.document(three) & attnkit.masks.causal()
         call = attnkit._call.normalize(q, k, v, mask=mask)
-        assert dispatch._signature(call, "auto") == key and tri.why_not(call)
-        out = attnkit.attention(q, k, v, mask=mask)
-        want, _ = reference_forward(call)
-        assert (out.float() - want.float()).abs().max() < 1e-2
-        assert dispatch._CHOICES[key] is tri
+        assert dispatch._signature(call, "auto") == key and small.why_not(call)
+        chosen = dispatch.choose(call)
+        assert chosen is not small and not chosen.why_not(call)
+        assert dispatch._CHOICES[key] is small
+        assert dispatch.choose(attnkit._call.normalize(q, k, v, mask=fits)) is small
     finally:
         dispatch._CHOICES.pop(key, None)
 

@@ -491,3 +491,59 @@ def test_cuda_t5_thd_bf16_and_no_recompile():
         mod = M.t5_bias(torch.randn(4, 32, device="cuda"), 32, 128)
         tri(q, k, v, score_mod=mod, **kw).sum().backward()
     assert attnkit.compile_count() == n
+
+
+# -- masks with no interval lowering ride the compiler: where(mask, s, -inf) ---------------------------------
+def _unlowerable_masks(S: int, device=DEV):
+    shuffled = torch.tensor([0, 1] * (S // 2), dtype=torch.int32, device=device)  # interleaved documents
+    return {
+        "mask_mod callable": lambda b, h, q, kv: (q - kv) % 3 != 0,
+        "rows hidden (fully masked rows)": masks.from_mask_mod(lambda b, h, q, kv: q >= 5),
+        "not causal": ~masks.causal(),
+        "causal or window": masks.causal() | masks.sliding_window(2),
+        "neighborhood_2d": masks.neighborhood_2d(4, S // 4, 3),
+        "interleaved documents": masks.document(shuffled),
+    }
+
+
+@pytest.mark.parametrize("name", list(_unlowerable_masks(24)))
+def test_masks_without_intervals_run_compiled(name):
+    """A mask the interval lowering refuses is evaluated per element inside the kernels (as the compiled
+    score mod ``where(mask, s, -inf)``): forward, lse and gradients against the oracle, bottom-right aligned
+    with Sq != Sk where the mask allows it, GQA."""
+    mask = _unlowerable_masks(24)[name]
+    Sq = 24 if name in ("neighborhood_2d", "interleaved documents") else 20
+    q, k, v, kw = oracle.make_inputs(
+        "bhsd", B=2, Hq=2, Hk=1, Sq=Sq, Sk=24, D=16, dtype=torch.float32, device=DEV, requires_grad=True
+    )
+    call = attnkit._call.normalize(q, k, v, mask=mask)
+    from attnkit.backends.triton import backend as tb
+
+    assert tb._intervals.why_not(call.mask, call) is not None  # (really no interval lowering)
+    assert attnkit.dispatch.get("triton").why_not(call) == []
+    oracle.check_against_oracle(tri, q, k, v, mask=mask, **kw)
+
+
+def test_mask_without_intervals_with_a_score_mod_and_thd():
+    """The mask applies after the user's score mod (API order), on ragged packed sequences too."""
+    table = torch.randn(2, 9, device=DEV)
+
+    def rel(s, b, h, q, kv):
+        return s + table[h, (q - kv).clamp(-4, 4) + 4]
+
+    mask = masks.from_mask_mod(lambda b, h, q, kv: (q + kv) % 4 != 1)
+    q, k, v, kw = oracle.make_inputs(
+        "thd", Hq=2, Hk=2, D=16, dtype=torch.float32, device=DEV, seqlens_q=[7, 0, 13], requires_grad=True
+    )
+    oracle.check_against_oracle(tri, q, k, v, mask=mask, score_mod=rel, causal=True, **kw)
+
+
+def test_lowerable_masks_stay_data_and_unlowerable_ops_are_refused():
+    from attnkit.backends.triton import backend as tb
+
+    q = torch.randn(1, 2, 16, 16, device=DEV)
+    lowered = attnkit._call.normalize(q, q, q, mask=masks.prefix_lm(4))
+    assert tb._mask_as_mod(lowered) is lowered  # (carried as intervals, tiles skipped)
+    bad = masks.from_mask_mod(lambda b, h, qi, kv: torch.sort(qi.float(), dim=-1).values > kv)
+    reasons = attnkit.dispatch.get("triton").why_not(attnkit._call.normalize(q, q, q, mask=bad))
+    assert reasons and "as a score mod" in reasons[0] and "sort" in reasons[0], reasons

@@ -361,8 +361,8 @@ def test_refuses_what_it_cannot_do():
     q, k, v, _ = oracle.make_inputs("bhsd", B=1, Hq=2, Sq=8, D=16, device=DEV)
     with pytest.raises(attnkit.UnsupportedError, match="score_mod op aten::sort"):  # (s * 2 compiles)
         tri(q, k, v, score_mod=lambda s, b, h, i, j: torch.sort(s).values)
-    with pytest.raises(attnkit.UnsupportedError, match="mask"):
-        tri(q, k, v, mask=lambda b, h, i, j: (i + j) % 2 == 0)
+    with pytest.raises(attnkit.UnsupportedError, match="as a score mod: score_mod op aten::sort"):
+        tri(q, k, v, mask=lambda b, h, i, j: torch.sort(i.float(), dim=-1).values > j)
     with pytest.raises(attnkit.UnsupportedError, match="float64"):
         tri(q.double(), k.double(), v.double())
     with pytest.raises(attnkit.UnsupportedError, match="alibi_slopes"):

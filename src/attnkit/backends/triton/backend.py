@@ -17,6 +17,7 @@ On a machine without CUDA the backend is available only under the Triton interpr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from importlib import resources
 
@@ -82,14 +83,14 @@ class TritonBackend(Backend):
                 r.append("needs a GPU of compute capability >= {}.{}".format(*table.min_capability))
         elif not _cap.interpreting():
             r.append(f"tensors on {call.device.type}: needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
-        if call.score_mod is not None:
-            why = _score_mod_why_not(call)
+        view = _mask_as_mod(call)  # a mask that does not lower to intervals: evaluated in the kernels
+        if view.score_mod is not None:
+            why = _score_mod_why_not(view)
             if why is not None:
+                if view is not call:
+                    lowering = _intervals.why_not(call.mask, call)
+                    why = f"mask {call.mask.name}: {lowering}; as a score mod: {why}"
                 r.append(f"{why} (use backend='flex' or 'reference')")
-        if call.mask is not None:
-            why = _intervals.why_not(call.mask, call)
-            if why is not None:  # masks that lower to column intervals run as data; others not yet
-                r.append(f"mask {call.mask.name}: {why} (use backend='flex' or 'reference')")
         if max(call.D, call.Dv) > table.max_head_dim:
             r.append(f"head dim {max(call.D, call.Dv)} > {table.max_head_dim}")
         if call.alibi_slopes is not None and call.alibi_slopes.requires_grad:
@@ -107,6 +108,7 @@ class TritonBackend(Backend):
     def run(self, call: AttentionCall):
         from attnkit.backends.triton.ops import attention as ops
 
+        call = _mask_as_mod(call)
         causal, window, iv = self._mask_flags(call)
         wl, wr = window if window is not None else (-1, -1)
         p = FwdParams(
@@ -193,6 +195,7 @@ class TritonBackend(Backend):
         return flops, pairs, rate
 
     def compute_seconds(self, call: AttentionCall) -> float:
+        call = _mask_as_mod(call)
         if call.device.type != "cuda":
             # the interpreter: correct but very slow; auto must never prefer it
             return 1e6 + call.batch * call.Hq * call.Sq * call.Sk * (call.D + call.Dv) / 1e6
@@ -206,6 +209,7 @@ class TritonBackend(Backend):
         return _roofline.tile_programs(call, 128), float(call.group), 0.0
 
     def overhead_seconds(self, call: AttentionCall) -> float:
+        call = _mask_as_mod(call)
         if call.device.type != "cuda":
             return 0.0
         t = 0.0
@@ -228,6 +232,13 @@ class TritonBackend(Backend):
 
     def notes(self, call: AttentionCall) -> list[str]:
         n = ["backward: dK/dV kernel and a separate dQ pass beside it (no atomics: deterministic)"]
+        view = _mask_as_mod(call)
+        if view is not call:
+            n.append(
+                f"mask {call.mask.name} evaluated per element inside the kernels, as a compiled score mod "
+                "(it has no interval lowering: no tile is skipped)"
+            )
+            call = view
         if call.mask is not None:
             n.append(
                 f"mask {call.mask.name} carried as data: two masked row intervals per key column "
@@ -251,6 +262,47 @@ class TritonBackend(Backend):
 
 
 BACKEND = TritonBackend()
+
+
+def _mask_as_mod(call: AttentionCall) -> AttentionCall:
+    """``call`` itself, or, when its mask does not lower to column intervals (a ``mask_mod`` callable,
+    ``|``, ``~``, ``neighborhood_2d``, unsorted document ids, ...), the same call with the mask folded into
+    the score mod: ``where(mask(b, h, q, kv, off), score_mod(s, ...), -inf)``, which the score-mod compiler
+    lowers into the kernels (docs/api.md's order: the mask after the score mod). Kept on the call."""
+    if call.mask is None or _intervals.why_not(call.mask, call) is None:
+        return call
+    hit = call.__dict__.get("_mask_view")
+    if hit is not None and hit[0] is call.mask and hit[1] is call.score_mod:
+        return hit[2]
+    view = dataclasses.replace(call, score_mod=_masked_mod(call.mask, call.score_mod), mask=None)
+    if not torch.compiler.is_compiling():
+        call.__dict__["_mask_view"] = (call.mask, call.score_mod, view)
+    return view
+
+
+def _masked_mod(mask, score_mod):
+    """The ScoreMod ``where(mask, score_mod(s), -inf)`` (memoized on the mask, per score mod: one structure,
+    so the compiler's cache hits for every call with this mask)."""
+    from attnkit.mods import ScoreMod
+
+    memo = mask.__dict__.setdefault("_as_mod", {})
+    key = id(score_mod)
+    hit = memo.get(key)
+    if hit is not None and hit[0] is score_mod:
+        return hit[1]
+    keep, inner = mask._fn, (score_mod._fn if score_mod is not None else None)
+
+    def fn(s, b, h, q, kv, off):
+        s2 = s if inner is None else inner(s, b, h, q, kv, off)
+        return torch.where(keep(b, h, q, kv, off), s2, float("-inf"))
+
+    name = mask.name if score_mod is None else f"{score_mod.name}, then {mask.name}"
+    parts = (score_mod,) if score_mod is not None else ()
+    mod = ScoreMod(fn, f"where({name})", kind="masked", params={"mask": mask}, parts=parts)
+    if len(memo) >= 8:
+        memo.clear()
+    memo[key] = (score_mod, mod)
+    return mod
 
 
 def _score_mod_why_not(call: AttentionCall) -> str | None:
