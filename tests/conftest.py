@@ -91,3 +91,13 @@ def _clean_attnkit_env(monkeypatch):
     monkeypatch.delenv("ATTNKIT_BACKEND", raising=False)
     monkeypatch.delenv("ATTNKIT_DEBUG", raising=False)
     yield
+
+
+@pytest.fixture
+def poison_triton_outputs(monkeypatch):
+    """Our Triton kernels' outputs start as NaN, so any element a kernel forgets to write fails the oracle
+    (test modules of the triton backend use it: ``pytestmark = pytest.mark.usefixtures(...)``)."""
+    from attnkit.backends.triton.ops import common
+
+    monkeypatch.setattr(common, "POISON", True)
+    yield

@@ -411,3 +411,10 @@ def batch_dims(q, kw) -> tuple[int, int, int]:
 def alibi_slopes(H: int, device="cpu") -> torch.Tensor:
     """The standard ALiBi slopes 2^(-8 (h+1) / H), float32 (H,)."""
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float32, device=device)
+
+
+def tri(q, k, v, **kw):
+    """``attnkit.attention`` on the triton backend (the triton test modules' shorthand)."""
+    import attnkit
+
+    return attnkit.attention(q, k, v, backend="triton", **kw)

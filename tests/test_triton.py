@@ -45,17 +45,8 @@ if not HAS_CUDA and not _interpreted():
     pytest.skip("triton kernels were imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    """Outputs start as NaN, so any element a kernel forgets to write fails the oracle."""
-    from attnkit.backends.triton.ops import common
-
-    monkeypatch.setattr(common, "POISON", True)
-    yield
-
-
-def tri(q, k, v, **kw):
-    return attnkit.attention(q, k, v, backend="triton", **kw)
+pytestmark = pytest.mark.usefixtures("poison_triton_outputs")  # (conftest.py)
+tri = oracle.tri
 
 
 def _ids(d):

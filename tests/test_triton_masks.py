@@ -21,14 +21,8 @@ DTYPES = (torch.float16, torch.float32)
 common = pytest.importorskip("attnkit.backends.triton.ops.common")
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    """Outputs start as NaN, so any element a kernel forgets to write fails the oracle."""
-    monkeypatch.setattr(common, "POISON", True)
-
-
-def tri(q, k, v, **kw):
-    return attnkit.attention(q, k, v, backend="triton", **kw)
+pytestmark = pytest.mark.usefixtures("poison_triton_outputs")  # (conftest.py)
+tri = oracle.tri
 
 
 def _sorted_ids(B, S, n_docs, gen=None):
