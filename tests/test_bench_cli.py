@@ -163,10 +163,12 @@ def test_bench_masks_through_the_cli_cpu_smoke(tmp_path, capsys):
     row with a time or a reason, and the new-packing rows are there (compiles: 0 under the interpreter,
     where nothing compiles; the GPU run is where that claim means something)."""
     argv = ["bench", "masks", "--shape", "1,2,32,16", "--backends", "triton,flex,auto", "--modes", "fwd"]
+    argv += ["--metadata", "64", "--cases", "document,prefix-lm,sliding,shared,relative,neighborhood_2d"]
     assert cli.main([*argv, "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "masks.json").read_text())["results"]
     kinds = {r["case"].split()[0] for r in rows}
-    assert {"document", "prefix-LM", "sliding", "shared", "same", "a", "kernels"} <= kinds, kinds
+    assert {"document", "prefix-LM", "sliding", "shared", "relative", "neighborhood_2d"} <= kinds, kinds
+    assert {"same", "a", "kernels", "new"} <= kinds, kinds
     for r in rows:
         assert (r.get("ms") is not None) != (r.get("error") is not None) or "compiles" in r, r
     assert all(r["ms"] > 0 for r in rows if r["backend"] == "triton" and "ms" in r and r["ms"] is not None)

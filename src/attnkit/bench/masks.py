@@ -1,14 +1,19 @@
 """``attnkit bench masks``: masked attention, attnkit's kernels (masks carried as data) against FlexAttention.
 
-Rows (GPU: B=2, H=16, S=8192, D=128, bf16): a causal document mask (8 documents), prefix-LM (prefix S/4),
-a causal sliding window of 1024 (flags), a shared prefix (S/4 prompt, 4 responses of S/16 * 3); forward and
-forward+backward. Backends in the same process, each timed in turn: attnkit ``triton`` (masks lowered to
-column intervals, :mod:`attnkit.masks._intervals`), the same with ``ATTNKIT_TRITON_IV_SKIP=1``, compiled
+Rows (GPU: B=2, H=16, S=8192, D=128, bf16), forward and forward+backward: the library masks (a causal document
+mask of 8 documents, prefix-LM S/4, a causal sliding window S/8 as flags, a shared prefix of S/4 with 4
+responses of 3S/16, global+window, a dilated window, chunked), the mods (softcap, ALiBi, a learnable T5 bias,
+a learnable relative bias read twice: FlexAttention reads a clone the second time, which it needs), and
+``mask_mod`` callables (a 2-D neighborhood on a grid of rows of 128 tokens, or of 8 when S is short, and a
+window | a global column). Backends in the same process, each timed in turn: attnkit ``triton`` (masks lowered
+to column intervals, :mod:`attnkit.masks._intervals`), the same with ``ATTNKIT_TRITON_IV_SKIP=1``, compiled
 FlexAttention (``flex``: its BlockMask built once per mask and cached), FlexAttention's FLASH backend
 (``flex_flash``, when ``flash_attn.cute`` imports) and attnkit ``auto``. A backend that cannot serve a row
-writes its reason in the ``error`` column. Then what training with a new packing every step costs: a
-call with a new document mask each time against the same mask, and how many kernels 100 new packings and
-20 new lengths compile (``attnkit.compile_count()``; 0 is the claim).
+writes its reason in the ``error`` column. Then what training with a new packing every step costs: a call with
+a new document mask each time against the same mask, and how many kernels 100 new packings and 20 new lengths
+compile (``attnkit.compile_count()``; 0 is the claim), and, per total length of ``--metadata``, what a new
+packing's metadata costs: attnkit's interval lowering against ``create_block_mask`` eager and compiled, in ms
+and peak extra device memory.
 
 Timing: the benchmarks' one timer (``attnkit.bench._timing``: ``triton.testing.do_bench`` on a GPU).
 Output: a table, and ``masks.csv`` / ``masks.json`` (with the environment) under ``--out``. Without CUDA a
@@ -16,7 +21,8 @@ tiny grid runs on the CPU (the Triton interpreter with ``TRITON_INTERPRET=1``, e
 test, no speed claim.
 
     python -m attnkit.bench.masks [--out bench_out] [--shape B,H,S,D] [--modes fwd,fwd_bwd]
-        [--backends triton,flex,...] [--cases document,prefix-lm,sliding,shared] [--no-packing]
+        [--backends triton,flex,...] [--cases document,prefix-lm,sliding,shared,softcap,...] [--no-packing]
+        [--metadata 8192,32768,131072]
 """
 
 from __future__ import annotations
@@ -43,14 +49,60 @@ def doc_ids(S: int, n: int, gen: torch.Generator, device) -> torch.Tensor:
     return (torch.arange(S).view(1, S) >= cuts.view(-1, 1)).sum(0).to(torch.int32).to(device)
 
 
-def cases(S: int, gen: torch.Generator, device) -> dict[str, dict]:
-    """The rows' masks, as ``attention`` keyword arguments."""
-    return {
-        "document causal (8 docs)": {"mask": M.document(doc_ids(S, 8, gen, device)) & M.causal()},
-        f"prefix-LM {S // 4}": {"mask": M.prefix_lm(S // 4)},
-        f"sliding window {S // 8} causal": {"window": (S // 8, 0), "causal": True},
-        f"shared prefix {S // 4} + 4x{3 * S // 16}": {"mask": M.shared_prefix(S // 4, [3 * S // 16] * 4)},
+def _rel_twice(table: torch.Tensor, table2: torch.Tensor | None = None):
+    """A learnable relative-position bias read twice per score (near and mirrored distance): what
+    FlexAttention refuses unless the second read is of a clone (``table2``)."""
+    R = table.shape[-1]
+    half = R // 2
+    second = table if table2 is None else table2
+
+    def fn(s, b, h, q, kv):
+        d = q - kv
+        return s + table[h, d.clamp(-half, half) + half] + 0.5 * second[h, (-d).clamp(-half, half) + half]
+
+    return attnkit.mods.from_score_mod(fn, "relative_bias read twice")
+
+
+def cases(S: int, H: int, gen: torch.Generator, device) -> dict[str, dict]:
+    """The rows: ``kw`` (``attention`` keyword arguments), ``learn`` (tensors that get gradients in
+    fwd_bwd), ``flex_kw`` (what FlexAttention needs instead, where it differs: a clone for a second read)."""
+    width = 128 if S >= 4096 else 8
+    w = S // 8
+    table = torch.randn(H, 2 * 1024 + 1, device=device, requires_grad=True)
+    t5 = torch.randn(H, 32, device=device, requires_grad=True)
+    rows = {
+        "document causal (8 docs)": {"kw": {"mask": M.document(doc_ids(S, 8, gen, device)) & M.causal()}},
+        f"prefix-LM {S // 4}": {"kw": {"mask": M.prefix_lm(S // 4)}},
+        f"sliding window {w} causal": {"kw": {"window": (w, 0), "causal": True}},
+        f"shared prefix {S // 4} + 4x{3 * S // 16}": {
+            "kw": {"mask": M.shared_prefix(S // 4, [3 * S // 16] * 4)}
+        },
+        f"global_sliding 64 + {w}": {"kw": {"mask": M.global_sliding(64, w)}},
+        f"dilated window {2 * w} step 2 causal": {"kw": {"mask": M.dilated_sliding_window(2 * w, 2)}},
+        f"chunked {w}": {"kw": {"mask": M.chunked(w)}},
+        "softcap 30 causal": {"kw": {"score_mod": attnkit.mods.softcap(30.0), "causal": True}},
+        "alibi causal": {"kw": {"score_mod": attnkit.mods.alibi(alibi_slopes(H, device)), "causal": True}},
+        "t5 bias (learnable) causal": {
+            "kw": {"score_mod": attnkit.mods.t5_bias(t5, 32, 128), "causal": True},
+            "learn": (t5,),
+        },
+        "relative bias read twice (learnable) causal": {
+            "kw": {"score_mod": _rel_twice(table), "causal": True},
+            "learn": (table,),
+            "flex_kw": lambda: {"score_mod": _rel_twice(table, table.clone()), "causal": True},
+        },
     }
+    if S % width == 0:
+        grid = M.neighborhood_2d(S // width, width, 15)
+        rows[f"neighborhood_2d {S // width}x{width} k=15 (mask_mod)"] = {"kw": {"mask": grid}}
+    either = M.sliding_window(w, w) | M.from_mask_mod(lambda b, h, q, kv: kv < 64)
+    rows[f"window {w} | global 64 (mask_mod)"] = {"kw": {"mask": either}}
+    return rows
+
+
+def alibi_slopes(H: int, device) -> torch.Tensor:
+    """ALiBi's geometric slopes for ``H`` heads."""
+    return torch.tensor([2.0 ** (-8.0 * (i + 1) / H) for i in range(H)], device=device)
 
 
 @contextlib.contextmanager
@@ -81,11 +133,13 @@ def mask_rows(shape, modes, on_gpu: bool, dtype, names=BACKENDS, keep=None) -> l
     g = torch.randn_like(q)
     have = _available() | {"auto", "triton IV_SKIP=1"}
     rows = []
-    for case, kw in cases(S, gen, dev).items():
+    for case, spec in cases(S, H, gen, dev).items():
         if keep is not None and case.split()[0].lower() not in keep:
             continue
+        learn = spec.get("learn", ())
         for name in names:
             backend = name.split()[0]
+            kw_of = spec["flex_kw"] if "flex_kw" in spec and backend.startswith("flex") else None
             for mode in modes:
                 row = {"case": case, "backend": name, "mode": mode, "ms": None, "error": None}
                 rows.append(row)
@@ -93,13 +147,13 @@ def mask_rows(shape, modes, on_gpu: bool, dtype, names=BACKENDS, keep=None) -> l
                     row["error"] = "not available here"
                     continue
 
-                def fwd(backend=backend, kw=kw):
+                def fwd(backend=backend, kw=spec["kw"], kw_of=kw_of):
                     with torch.no_grad():
-                        attnkit.attention(q, k, v, backend=backend, **kw)
+                        attnkit.attention(q, k, v, backend=backend, **(kw_of() if kw_of else kw))
 
-                def fwd_bwd(backend=backend, kw=kw):
-                    out = attnkit.attention(q, k, v, backend=backend, **kw)
-                    torch.autograd.grad(out, (q, k, v), g)
+                def fwd_bwd(backend=backend, kw=spec["kw"], kw_of=kw_of, learn=learn):
+                    out = attnkit.attention(q, k, v, backend=backend, **(kw_of() if kw_of else kw))
+                    torch.autograd.grad(out, (q, k, v, *learn), g)
 
                 with _env("ATTNKIT_TRITON_IV_SKIP", "1" if "SKIP" in name else "0"):
                     try:
@@ -107,7 +161,8 @@ def mask_rows(shape, modes, on_gpu: bool, dtype, names=BACKENDS, keep=None) -> l
                     except Exception as e:  # a backend that cannot serve a row: say why, go on
                         row["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:110]}"
                 if backend == "auto":
-                    row["backend"] = f"auto ({attnkit.explain(q, k, v, **kw).chosen})"
+                    row["backend"] = f"auto ({attnkit.explain(q, k, v, **spec['kw']).chosen})"
+                print(f"  {case} | {row['backend']} | {mode} | {row['ms'] or row['error']}", flush=True)
     return rows
 
 
@@ -145,6 +200,79 @@ def packing_rows(shape, on_gpu: bool, dtype, packings: int = 100, lengths: int =
     ]
 
 
+def metadata_rows(lengths, on_gpu: bool, dtype, heads: int = 16, D: int = 128) -> list[dict]:
+    """What a new packing of 8 documents costs before any attention runs, at each total length in
+    ``lengths`` (B=1): attnkit's lowering to column intervals (``masks._intervals.lower``, fresh doc ids
+    each time) against FlexAttention's ``create_block_mask`` eager and compiled; ms and the peak extra
+    device memory (MiB). Lowering is measured on a call's normalized view, as ``attention`` does it."""
+    gen = torch.Generator().manual_seed(2)
+    rows = []
+    for S in lengths:
+        rows += _metadata_at(S, on_gpu, dtype, heads, D, gen)
+    return rows
+
+
+def _metadata_at(S: int, on_gpu: bool, dtype, heads: int, D: int, gen) -> list[dict]:
+    from attnkit._call import normalize
+    from attnkit.masks import _intervals
+
+    dev = "cuda" if on_gpu else "cpu"
+    timer = functools.partial(_timing.median_ms, on_gpu=on_gpu, budget_ms=50.0)
+    q = torch.empty(1, heads, S, D, device=dev, dtype=dtype)
+    ids = [doc_ids(S, 8, gen, dev) for _ in range(8)]
+    it = iter(ids * 100000)
+    call = normalize(q, q, q, mask=M.document(ids[0]) & M.causal())
+
+    def ours():
+        _intervals.lower(M.document(next(it)) & M.causal(), call)
+
+    def flex(build):
+        def run():
+            d = next(it)
+            build(lambda b, h, qi, ki: (d[qi] == d[ki]) & (qi >= ki), 1, None, S, S, device=dev)
+
+        return run
+
+    builders = [("attnkit (intervals)", ours)]
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        builders.append(("create_block_mask eager", flex(create_block_mask)))
+        if on_gpu:  # (on a CPU, inductor's C++ build would dominate a smoke run)
+            builders.append(("create_block_mask compiled", flex(torch.compile(create_block_mask))))
+    except ImportError:
+        pass
+    rows = []
+    for name, fn in builders:
+        row = {"case": f"new packing metadata S={S}", "backend": name, "mode": "build", "ms": None}
+        rows.append(row)
+        try:
+            fn()  # warm-up (compilation for the compiled builder)
+            base = _peak_reset(on_gpu)
+            row["ms"] = timer(fn)
+            row["peak_mib"] = _peak_mib(on_gpu, base)
+        except Exception as e:  # out of memory at long S (flex eager), or a builder that cannot run
+            row["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:110]}"
+        if on_gpu:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _peak_reset(on_gpu: bool) -> int:
+    if not on_gpu:
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _peak_mib(on_gpu: bool, base: int) -> float | None:
+    if not on_gpu:
+        return None
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attnkit bench masks", description=__doc__.splitlines()[0])
     p.add_argument("--shape", default=None, help="B,H,S,D (default 2,16,8192,128 on a GPU)")
@@ -152,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma list to keep")
     p.add_argument("--cases", default=None, help="first words of the cases to keep (document,prefix-lm,...)")
     p.add_argument("--no-packing", action="store_true", help="skip the new-packing-per-call rows")
+    p.add_argument(
+        "--metadata",
+        default=None,
+        help="lengths of the new-packing metadata rows (GPU default 8192,32768,131072; 0: none)",
+    )
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     on_gpu = torch.cuda.is_available()
@@ -171,7 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = mask_rows(shape, modes, on_gpu, dtype, names, keep)
     if not args.no_packing and (on_gpu or os.environ.get("TRITON_INTERPRET") == "1"):
         rows += packing_rows(shape, on_gpu, dtype, *((100, 20) if on_gpu else (3, 2)))
-    cols = [(k, k) for k in ("case", "backend", "mode", "ms", "compiles", "error")]
+    lengths = args.metadata or ("8192,32768,131072" if on_gpu else "0")
+    lengths = [int(x) for x in lengths.split(",") if int(x) > 0]
+    if lengths:
+        rows += metadata_rows(lengths, on_gpu, dtype)
+    cols = [(k, k) for k in ("case", "backend", "mode", "ms", "peak_mib", "compiles", "error")]
     print(_report.table(rows, cols))
     csv_path, json_path = _report.write(rows, _report.environment(), args.out, "masks")
     print(f"wrote {csv_path} and {json_path}")
