@@ -541,3 +541,50 @@ def test_lowerable_masks_stay_data_and_unlowerable_ops_are_refused():
     bad = masks.from_mask_mod(lambda b, h, qi, kv: torch.sort(qi.float(), dim=-1).values > kv)
     reasons = attnkit.dispatch.get("triton").why_not(attnkit._call.normalize(q, q, q, mask=bad))
     assert reasons and "as a score mod" in reasons[0] and "sort" in reasons[0], reasons
+
+
+def test_jit_hooks_are_off_only_around_a_launch_with_a_score_mod():
+    """Triton's JIT hooks serialize every constexpr to JSON and fail on the score mod's function (seen on
+    the H200 once another library had set one): launches that take a score mod run with the hooks off,
+    and get them back after; launches without one leave them alone."""
+    triton = pytest.importorskip("triton")
+    from attnkit.backends.triton.ops import common
+
+    rt = triton.knobs.runtime
+    saved = rt.jit_cache_hook, rt.jit_post_compile_hook
+
+    def hook(*a, **k):
+        return None
+
+    rt.jit_cache_hook = rt.jit_post_compile_hook = hook
+    try:
+        with common.jit_hooks_off(object()):
+            assert rt.jit_cache_hook is None and rt.jit_post_compile_hook is None
+        assert rt.jit_cache_hook is hook and rt.jit_post_compile_hook is hook
+        with common.jit_hooks_off(None):
+            assert rt.jit_cache_hook is hook
+        with pytest.raises(KeyError), common.jit_hooks_off(object()):
+            raise KeyError
+        assert rt.jit_post_compile_hook is hook
+    finally:
+        rt.jit_cache_hook, rt.jit_post_compile_hook = saved
+
+
+@pytest.mark.cuda
+def test_cuda_score_mod_runs_with_a_jit_hook_set():
+    """Run 1 on the H200: every compiled score mod failed ("JITFunction is not JSON serializable") once
+    another library in the process had set Triton's JIT hooks; a hook set here must not break it, and
+    must still see the other launches."""
+    import triton
+
+    rt = triton.knobs.runtime
+    saved = rt.jit_cache_hook
+    rt.jit_cache_hook = lambda *a, **k: None
+    try:
+        q, k, v, kw = oracle.make_inputs(
+            B=1, Hq=2, Hk=2, Sq=130, Sk=130, D=64, dtype=torch.bfloat16, device="cuda", requires_grad=True
+        )
+        slopes = torch.rand(2, device="cuda")
+        oracle.check_against_oracle(tri, q, k, v, score_mod=M.alibi(slopes), causal=True, **kw)
+    finally:
+        rt.jit_cache_hook = saved

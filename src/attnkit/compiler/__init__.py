@@ -109,7 +109,7 @@ def compile_score_mod(mod) -> Compiled:
         fn, bwd, name, grad_slots, slot_map = hit
         return Compiled(fn, bwd, name, tuple([found[j] for j in slot_map]), grad_slots)
     try:
-        traced = trace(mod)
+        traced = trace(mod, found[0].device if found else None)
         src, tensors = lower(traced, mod)
         grad_slots = tuple(i for i, t in enumerate(tensors) if t.requires_grad and t.is_floating_point())
         bwd = lower_grads(traced, mod, set(grad_slots)) if grad_slots else None

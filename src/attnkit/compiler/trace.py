@@ -54,18 +54,22 @@ def source_line(fn, tb=None) -> str:
         return f"{getattr(fn, '__qualname__', fn)} (no source)"
 
 
-def examples() -> list[torch.Tensor]:
-    """Fresh example inputs: score float32 (1,), b, h, q_idx, kv_idx, off int32 (1,) (distinct objects)."""
-    return [torch.zeros(1, dtype=torch.float32)] + [torch.zeros(1, dtype=torch.int32) for _ in range(5)]
+def examples(device=None) -> list[torch.Tensor]:
+    """Fresh example inputs: score float32 (1,), b, h, q_idx, kv_idx, off int32 (1,) (distinct objects), on
+    ``device`` (that of the tensors the mod captures: an index on another device than the table it reads
+    fails to trace)."""
+    score = torch.zeros(1, dtype=torch.float32, device=device)
+    return [score] + [torch.zeros(1, dtype=torch.int32, device=device) for _ in range(5)]
 
 
-def trace(mod) -> Traced:
-    """Trace ``mod`` (a ScoreMod) into aten ops; raises :class:`Unlowerable` where it cannot be traced."""
+def trace(mod, device=None) -> Traced:
+    """Trace ``mod`` (a ScoreMod) into aten ops, with example inputs on ``device``; raises
+    :class:`Unlowerable` where it cannot be traced."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     fn = mod._fn
     try:
-        gm = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples())
+        gm = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples(device))
     except Exception as e:  # noqa: BLE001 (any failure to trace is a refusal with its reason)
         what = type(e).__name__
         if "DataDependent" in what or "data-dependent" in str(e) or "data dependent" in str(e):

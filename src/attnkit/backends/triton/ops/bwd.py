@@ -148,27 +148,29 @@ def body(p: BwdParams, keep=None):
         BM, BN, warps, stages = cfg
         grid = (c.cdiv(max(Sk, 1), BN), B * Hk)
         one_loop = _tuning.one_loop_dkdv(flags["HAS_LEFT"], flags["HAS_RIGHT"])
-        attn_bwd_dkdv[grid](
-            *dkdv_args,
-            BLOCK_M=BM,
-            BLOCK_N=BN,
-            BIAS_GRAD=bias_grad,
-            ONE_LOOP=one_loop,
-            SMOD_GRAD=p.smod_grad != 0,
-            SCORE_MOD_BWD=c.score_mod_bwd_fn(p) if p.smod_grad else None,
-            num_warps=warps,
-            num_stages=stages,
-            **common,
-        )
+        with c.jit_hooks_off(common["SCORE_MOD"]):
+            attn_bwd_dkdv[grid](
+                *dkdv_args,
+                BLOCK_M=BM,
+                BLOCK_N=BN,
+                BIAS_GRAD=bias_grad,
+                ONE_LOOP=one_loop,
+                SMOD_GRAD=p.smod_grad != 0,
+                SCORE_MOD_BWD=c.score_mod_bwd_fn(p) if p.smod_grad else None,
+                num_warps=warps,
+                num_stages=stages,
+                **common,
+            )
 
     def launch_dq(cfg, stream=None):
         BM, BN, warps, stages = cfg
         grid = (c.cdiv(max(Sq, 1), BM), B * Hq)
         reverse = flags["HAS_RIGHT"] and not flags["HAS_LEFT"]
-        attn_bwd_dq[grid](
-            *dq_args, BLOCK_M=BM, BLOCK_N=BN, REVERSE=reverse, num_warps=warps, num_stages=stages,
-            stream=stream, **common,
-        )  # fmt: skip
+        with c.jit_hooks_off(common["SCORE_MOD"]):
+            attn_bwd_dq[grid](
+                *dq_args, BLOCK_M=BM, BLOCK_N=BN, REVERSE=reverse, num_warps=warps, num_stages=stages,
+                stream=stream, **common,
+            )  # fmt: skip
 
     gluon_bwd = views = None
     if (

@@ -7,6 +7,8 @@ read through (batch, head, row) strides; for ``thd`` the batch stride is 0 and e
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 Tensor = torch.Tensor
@@ -88,6 +90,29 @@ def constexprs(p, q: Tensor, v: Tensor, Hq: int, Hk: int, features: dict) -> dic
     shape = dict(GROUP=Hq // Hk, D=D, DV=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv))
     fn = score_mod_fn(p)
     return {**shape, **features, "DEFER": defer(p), "PRECISION": precision(q.dtype), "SCORE_MOD": fn}
+
+
+@contextlib.contextmanager
+def jit_hooks_off(fn):
+    """Around a launch that takes the compiled score mod ``fn`` (a ``@triton.jit`` function) as a constexpr:
+    Triton's JIT hooks (``triton.knobs.runtime.jit_cache_hook`` / ``jit_post_compile_hook``, which other
+    libraries in the process may set) serialize every constexpr to JSON and fail on a function, so they are
+    off for that launch (and back after it). Without ``fn``, nothing changes."""
+    if fn is None:
+        yield
+        return
+    import triton
+
+    rt = triton.knobs.runtime
+    saved = rt.jit_cache_hook, rt.jit_post_compile_hook
+    if saved == (None, None):
+        yield
+        return
+    rt.jit_cache_hook = rt.jit_post_compile_hook = None
+    try:
+        yield
+    finally:
+        rt.jit_cache_hook, rt.jit_post_compile_hook = saved
 
 
 def score_mod_fn(p):

@@ -114,7 +114,8 @@ def body(p: FwdParams, keep=None):
     def launch(cfg):
         BM, BN, warps, stages = cfg
         grid = (c.cdiv(max(Sq, 1), BM), B * Hq)
-        attn_fwd[grid](*args, BLOCK_M=BM, BLOCK_N=BN, **constexprs, num_warps=warps, num_stages=stages)
+        with c.jit_hooks_off(constexprs["SCORE_MOD"]):
+            attn_fwd[grid](*args, BLOCK_M=BM, BLOCK_N=BN, **constexprs, num_warps=warps, num_stages=stages)
 
     cfg = _tuning.pick(
         "fwd", D, Dv, q.dtype, FwdParams.tune_key(flags), Sq, Sk, q.device, launch, _tuning.hints(flags)
