@@ -90,6 +90,12 @@ def attention(
         AttentionInputError: a malformed argument (named in the message).
         UnsupportedError: the named backend cannot serve this call (the message lists why).
     """
+    if type(q) is not torch.Tensor:  # DTensors sharded on the sequence: context parallelism
+        args = dict(locals())
+        from attnkit.distributed import _torch_cp
+
+        if _torch_cp.is_dtensor(q, k, v):
+            return _torch_cp.attention_on_dtensors(attention, args)
     q, k, v = _autocast(q, k, v)
     call = normalize(
         q,
