@@ -7,11 +7,18 @@
     full = akd.unshard(out_local, dim=1, group=g, sharding="zigzag")
 
 Inside PyTorch's ``context_parallel``, ``use_with_torch_context_parallel()`` makes SDPA calls run attnkit's
-ring, and ``attnkit.attention`` takes DTensor shards. See ``docs/distributed.md`` for the methods (ring, all-gather) and what was run.
+ring, and ``attnkit.attention`` takes DTensor shards. See ``docs/distributed.md`` for the methods (ring,
+all-gather) and what was run.
 """
 
 from attnkit.distributed._cp import context_parallel_attention
 from attnkit.distributed._sharding import position_ids, shard, unshard
 from attnkit.distributed._torch_cp import use_with_torch_context_parallel
 
-__all__ = ["context_parallel_attention", "position_ids", "shard", "unshard", "use_with_torch_context_parallel"]
+__all__ = [
+    "context_parallel_attention",
+    "position_ids",
+    "shard",
+    "unshard",
+    "use_with_torch_context_parallel",
+]

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 import attnkit
-from attnkit.distributed._torch_cp import local_sdpa
 from attnkit.masks import Mask, document, from_mask_mod
 from attnkit.merge import merge_attention
 
@@ -142,10 +141,9 @@ def attend_block(q, k, v, plan: Plan, rest, *, qo, ko, Sq, Sk, seq_dim, layout, 
     mask = None
     for p in parts:
         mask = p if mask is None else mask & p
-    with local_sdpa():  # a block stays one local call, even inside torch's context_parallel
-        return attnkit.attention(
-            q, k, v, layout=layout, causal=plan.causal, window=plan.window, mask=mask, return_lse=True, **opts
-        )
+    return attnkit.attention(
+        q, k, v, layout=layout, causal=plan.causal, window=plan.window, mask=mask, return_lse=True, **opts
+    )
 
 
 # -- the per-chunk loop pieces shared by both methods -------------------------------------------------

@@ -1,4 +1,4 @@
-"""attnkit inside PyTorch's own context parallelism (``torch.distributed.tensor.experimental.context_parallel``).
+"""attnkit inside PyTorch's context parallelism (``torch.distributed.tensor.experimental.context_parallel``).
 
 How torch's CP reaches attention (read from torch 2.13, ``_context_parallel/_attention.py``):
 ``context_parallel(mesh, buffers=..., buffer_seq_dims=...)`` shards the buffers in place (head-tail order
@@ -16,13 +16,15 @@ What this module adds (one intercept above all of that, public torch API only, n
   and torch's sharding order; autograd runs through attnkit's ring, so torch's aten handlers are never
   reached, forward or backward, on any device.
 - :func:`attention_on_dtensors`: what ``attnkit.attention`` does when it is given DTensors.
-- :func:`local_sdpa`: around each block of attnkit's own ring, SDPA calls that torch's patch turned into
-  DTensors run on their local tensors (a block must never become a ring of its own).
 
-Sharding order (torch's DTensor ``Shard`` alone means contiguous chunks, ``torch.chunk``): inside torch's CP
-(its dispatcher enabled) the order is head-tail = attnkit's ``zigzag`` when ``_cp_options.enable_load_balance``
-is set, else ``contiguous``; outside it, ``contiguous``. torch's own SDPA ring makes the same assumption, so
-a custom ``_LoadBalancer`` (round-robin, per-document) cannot be read back: pass ``sharding=`` explicitly.
+attnkit's own blocks are never caught by torch's patched SDPA: every block asks for its lse, which no
+SDPA-based backend returns, so the blocks run on backends that do not call SDPA.
+
+Sharding order (torch's DTensor ``Shard`` alone means contiguous chunks, ``torch.chunk``): inside torch's
+CP (its dispatcher enabled) the order is head-tail = attnkit's ``zigzag`` when
+``_cp_options.enable_load_balance`` is set, else ``contiguous``; outside it, ``contiguous``. torch's own
+SDPA ring makes the same assumption, so a custom ``_LoadBalancer`` (round-robin, per-document) cannot be
+read back: pass ``sharding=`` explicitly.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import inspect
 import threading
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from attnkit.errors import AttentionInputError, UnsupportedError
@@ -68,9 +69,13 @@ def is_dtensor(*xs) -> bool:
 
 
 def torch_cp_active() -> bool:
-    """True while torch's CP dispatcher is on (``context_parallel`` or ``_enable_context_parallel_dispatcher``)."""
+    """True while torch's CP dispatcher is on (in ``context_parallel`` or after
+    ``_enable_context_parallel_dispatcher``): torch's SDPA handlers are in DTensor's handler table."""
     DTensor, _, _ = _torch_parts()
-    return torch.ops.aten._scaled_dot_product_flash_attention.default in DTensor._op_dispatcher._custom_op_handlers
+    return (
+        torch.ops.aten._scaled_dot_product_flash_attention.default
+        in DTensor._op_dispatcher._custom_op_handlers
+    )
 
 
 def torch_sharding(sharding: str = "auto") -> str:
@@ -258,31 +263,3 @@ def use_with_torch_context_parallel(*, sharding: str = "auto", backend: str = "a
             yield
     finally:
         stack.pop()
-
-
-class _LocalSDPA(TorchFunctionMode):
-    """SDPA on DTensors made by torch's patched SDPA from plain tensors -> SDPA on the plain tensors."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not _SDPA or not is_dtensor(*args, *kwargs.values()):
-            return func(*args, **kwargs)
-        DTensor, _, _ = _torch_parts()
-        mesh, placements = None, None
-        for x in (*args, *kwargs.values()):
-            if isinstance(x, DTensor):
-                mesh, placements = x.device_mesh, x.placements
-                break
-
-        def local(x):
-            return x.to_local() if isinstance(x, DTensor) else x
-
-        out = func(*(local(a) for a in args), **{n: local(a) for n, a in kwargs.items()})
-        return DTensor.from_local(out, mesh, placements, run_check=False)  # torch's wrapper unwraps it
-
-
-def local_sdpa():
-    """A context for one block of attnkit's ring: plain SDPA even where torch's CP has patched it."""
-    if F.scaled_dot_product_attention is _SDPA:
-        return contextlib.nullcontext()
-    return _LocalSDPA()
