@@ -11,6 +11,7 @@ SDPA handler: without attnkit this raises), and ``attnkit.attention`` on DTensor
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 
 import pytest
@@ -38,6 +39,9 @@ _CASES = {
         {"causal": True, "window": (5, -1)},
         True,
     ),
+    # torch's module style (_context_parallel_shard + _ContextParallel on the attention module)
+    "module_causal_balanced_gqa": ("module", "bhsd", True, (1, 4, 2, 8, 8), {"causal": True}, True),
+    "module_full_unbalanced": ("module", "bhsd", False, (1, 2, 2, 8, 8), {}, True),
     # without use_with_torch_context_parallel(): attnkit.attention reads torch's order by itself
     "attnkit_bshd_document_unbalanced": ("attnkit", "bshd", False, (1, 2, 1, 8, 8), {"mask": "doc"}, False),
     "attnkit_bshd_document_causal_balanced": (
@@ -66,10 +70,47 @@ def _expected(q, k, v, dout, layout, kw):
     return [out64, lse64, *(t.grad for t in ref)], [outb, lseb, *(t.grad for t in base)]
 
 
-def _run_case(name, spec, seed, mesh, cfg):
-    from torch.distributed.tensor import DTensor, Shard
+@contextlib.contextmanager
+def _torch_sharded(entry, balance, bufs, dims, mesh):
+    """torch's CP on: ``context_parallel`` (SDPA patched, buffers sharded in place), or for the module
+    entry torch's newer style (``_context_parallel_shard`` + its dispatcher, the module wrapped by
+    ``_ContextParallel``, as torchtitan does). Yields the local buffers (copies, valid after exit)."""
     from torch.distributed.tensor.experimental import _attention as tcp
     from torch.distributed.tensor.experimental import context_parallel
+
+    old = tcp._cp_options.enable_load_balance
+    tcp._cp_options.enable_load_balance = balance
+    try:
+        if entry != "module":
+            with context_parallel(mesh, buffers=bufs, buffer_seq_dims=dims):
+                local = [t.clone() for t in bufs]
+                yield local
+            return
+        S = bufs[0].shape[dims[0]]
+        lb = tcp._HeadTailLoadBalancer(S, mesh.size(), bufs[0].device) if balance else None
+        local = tcp._context_parallel_shard(mesh, bufs, dims, load_balancer=lb)
+        tcp._enable_context_parallel_dispatcher()
+        try:
+            yield local
+        finally:
+            tcp._disable_context_parallel_dispatcher()
+    finally:
+        tcp._cp_options.enable_load_balance = old
+
+
+class _SDPAModule(torch.nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, **self.kw)
+
+
+def _run_case(name, spec, seed, mesh, cfg):
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.experimental._attention import _ContextParallel
+    from torch.distributed.tensor.parallel import parallelize_module
 
     import attnkit
     from attnkit import distributed as akd
@@ -84,44 +125,33 @@ def _run_case(name, spec, seed, mesh, cfg):
     bufs = [t.detach().clone() for t in (q, k, v, dout, *want, *base)]
     dims = [sd] * 4 + [sd, 2, sd, sd, sd] * 2  # lse is (B, H, S) in both layouts
     backend = cfg["backend"]
-    old = tcp._cp_options.enable_load_balance
-    tcp._cp_options.enable_load_balance = balance
-    try:
-        with context_parallel(mesh, buffers=bufs, buffer_seq_dims=dims):
-            assert akd._torch_cp.torch_sharding() == ("zigzag" if balance else "contiguous")
-            mine = [t.clone().requires_grad_() for t in bufs[:3]]
-            ctx = akd.use_with_torch_context_parallel(backend=backend) if ours else _nothing()
-            with ctx:
-                if entry == "sdpa":
-                    out = F.scaled_dot_product_attention(
-                        *mine, is_causal=kw.get("causal", False), scale=kw.get("scale"), enable_gqa=True
-                    )
-                    assert type(out) is torch.Tensor, type(out)  # torch's wrapper hands back the local shard
-                    lse = None
-                else:
-                    dts = [DTensor.from_local(t, mesh, [Shard(sd)], run_check=False) for t in mine]
-                    out, lse = attnkit.attention(*dts, layout=layout, return_lse=True, backend=backend, **kw)
-                    assert isinstance(out, DTensor) and out.placements == (Shard(sd),), out.placements
-                    assert out.shape == want[0].shape and lse.shape == want[1].shape
-                    out, lse = out.to_local(), lse.to_local()
-            out.backward(bufs[3])
-            w, b = [t.clone() for t in bufs[4:9]], [t.clone() for t in bufs[9:14]]  # restored on exit
-    finally:
-        tcp._cp_options.enable_load_balance = old
+    sdpa_kw = {"is_causal": kw.get("causal", False), "scale": kw.get("scale"), "enable_gqa": True}
+    lse = None
+    with _torch_sharded(entry, balance, bufs, dims, mesh) as local:
+        assert akd._torch_cp.torch_sharding() == ("zigzag" if balance else "contiguous")
+        mine = [t.clone().requires_grad_() for t in local[:3]]
+        ctx = akd.use_with_torch_context_parallel(backend=backend) if ours else contextlib.nullcontext()
+        with ctx:
+            if entry == "sdpa":
+                out = F.scaled_dot_product_attention(*mine, **sdpa_kw)
+                assert type(out) is torch.Tensor, type(out)  # torch's wrapper hands back the local shard
+            elif entry == "module":
+                style = _ContextParallel(seq_dim=2, attention_type=_ContextParallel.AttentionType.SDPA)
+                out = parallelize_module(_SDPAModule(**sdpa_kw), mesh, style)(*mine)
+            else:
+                dts = [DTensor.from_local(t, mesh, [Shard(sd)], run_check=False) for t in mine]
+                out, lse = attnkit.attention(*dts, layout=layout, return_lse=True, backend=backend, **kw)
+                assert isinstance(out, DTensor) and out.placements == (Shard(sd),), out.placements
+                assert out.shape == want[0].shape and lse.shape == want[1].shape
+                out, lse = out.to_local(), lse.to_local()
+        out.backward(local[3])
+    w, b = local[4:9], local[9:14]
     oracle.assert_close(out, w[0], b[0], name="out")
     if lse is not None:
         oracle.assert_close(lse, w[1], b[1], dtype=q.dtype, name="lse")
     terms = float(dout.float().norm(dim=-1).max() * v.float().norm(dim=-1).max())
     for n, a, r, bl in zip("qkv", mine, w[2:], b[2:]):
         oracle.assert_close(a.grad, r, bl, name=f"grad {n}", term_scale=terms)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _run_refusals(mesh, cfg):
