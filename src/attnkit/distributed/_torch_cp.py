@@ -53,7 +53,10 @@ def _torch_parts():
     except (ImportError, AttributeError) as e:
         raise UnsupportedError(
             "torch context parallelism",
-            [f"torch {torch.__version__} lacks DTensor or experimental context_parallel ({e}); needs >= 2.6"],
+            [
+                f"torch {torch.__version__} lacks DTensor or experimental context_parallel ({e}); "
+                "torch 2.11 and 2.13 have both"
+            ],
         ) from None
     return DTensor, Shard, cp._cp_options
 
