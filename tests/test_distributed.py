@@ -275,7 +275,8 @@ def _run_roundtrip(rank, W):
     return res
 
 
-def _worker(rank, W, store, out_dir, cfg=CPU):
+def init_group(rank, W, store, cfg=CPU):
+    """One rank's process group (gloo on the CPU, NCCL on GPU ``rank``), through a file:// store."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -288,6 +289,30 @@ def _worker(rank, W, store, out_dir, cfg=CPU):
         world_size=W,
         timeout=datetime.timedelta(seconds=20),
     )
+
+
+def finish_group(rank, out_dir, results: dict, failed: bool):
+    """Write this rank's records (``rank{r}.json``) and leave the group."""
+    import torch.distributed as dist
+
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    if failed:
+        os._exit(0)  # peers may still be blocked in a collective: do not wait for a clean shutdown
+    dist.barrier()  # no rank closes its connections while a peer still reads from them
+    dist.destroy_process_group()
+
+
+def spawn_ranks(worker, W, d, *args) -> list[dict]:
+    """``worker(rank, W, store, out_dir, *args)`` in W processes; every rank's records, in rank order."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(W, str(d / "store"), str(d), *args), nprocs=W, join=True)
+    return [json.loads((d / f"rank{r}.json").read_text()) for r in range(W)]
+
+
+def _worker(rank, W, store, out_dir, cfg=CPU):
+    init_group(rank, W, store, cfg)
     results, failed = {}, False
     for i, (name, spec) in enumerate(_cases(cfg["device"]).items()):
         if failed:  # the ranks may be out of step now: stop rather than wait on timeouts case after case
@@ -303,12 +328,7 @@ def _worker(rank, W, store, out_dir, cfg=CPU):
         results.update(_run_thd(rank, W))
         results.update(_run_errors(rank, W))
         results.update(_run_roundtrip(rank, W))
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    if failed:
-        os._exit(0)  # peers may still be blocked in a collective: do not wait for a clean shutdown
-    dist.barrier()  # no rank closes its connections while a peer still reads from them
-    dist.destroy_process_group()
+    finish_group(rank, out_dir, results, failed)
 
 
 _RESULTS: dict = {}
@@ -316,11 +336,7 @@ _RESULTS: dict = {}
 
 def _results(W, tmp_path_factory):
     if W not in _RESULTS:
-        import torch.multiprocessing as mp
-
-        d = tmp_path_factory.mktemp(f"cp{W}")
-        mp.spawn(_worker, args=(W, str(d / "store"), str(d)), nprocs=W, join=True)
-        _RESULTS[W] = [json.loads((d / f"rank{r}.json").read_text()) for r in range(W)]
+        _RESULTS[W] = spawn_ranks(_worker, W, tmp_path_factory.mktemp(f"cp{W}"))
     return _RESULTS[W]
 
 
@@ -380,13 +396,10 @@ def test_bench_cp_smoke(tmp_path):
 @pytest.mark.cuda
 def test_context_parallel_nccl(tmp_path):
     """The same cases with NCCL on every GPU of the machine (2 or more), bf16, backend="auto"."""
-    import torch.multiprocessing as mp
-
     W = min(torch.cuda.device_count(), 4)
     if W < 2:
         pytest.skip("needs 2 or more GPUs")
-    mp.spawn(_worker, args=(W, str(tmp_path / "store"), str(tmp_path), GPU), nprocs=W, join=True)
-    per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(W)]
+    per_rank = spawn_ranks(_worker, W, tmp_path, GPU)
     bad = {(r, c): m for r, res in enumerate(per_rank) for c, m in res.items() if m != "ok"}
     assert not bad, "\n".join(f"rank {r} {c}: {m}" for (r, c), m in bad.items())
 

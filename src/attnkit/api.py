@@ -75,6 +75,11 @@ def attention(
     A query row with no visible key (the top rows of the middle picture) gives ``out = 0`` and
     ``lse = -inf``, never NaN, forward and backward.
 
+    q, k and v may be DTensors sharded on the sequence dimension of a 1-D mesh (``Shard(2)`` for bhsd,
+    ``Shard(1)`` for bshd), as under torch's ``context_parallel``: the call then runs
+    ``attnkit.distributed.context_parallel_attention`` on the local shards, in torch's sharding order, and
+    returns DTensors (docs/distributed.md, "With PyTorch's context_parallel").
+
     Args:
         mask: an :class:`attnkit.masks.Mask`, a ``mask_mod(b, h, q_idx, kv_idx) -> bool`` callable, or a
             torch ``BlockMask`` (its ``mask_mod`` is used).
@@ -90,6 +95,12 @@ def attention(
         AttentionInputError: a malformed argument (named in the message).
         UnsupportedError: the named backend cannot serve this call (the message lists why).
     """
+    if type(q) is not torch.Tensor:  # DTensors sharded on the sequence: context parallelism
+        args = dict(locals())
+        from attnkit.distributed import _torch_cp
+
+        if _torch_cp.is_dtensor(q, k, v):
+            return _torch_cp.attention_on_dtensors(attention, args)
     q, k, v = _autocast(q, k, v)
     call = normalize(
         q,
