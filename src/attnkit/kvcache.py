@@ -9,9 +9,10 @@ row's current length, then the new queries attend to everything the row holds. T
   logical key j at ``k_cache[block_table[b, j // page_size], j % page_size]`` (pages of any size >= 1,
   in any order; FlashAttention's / vLLM's ``block_table`` form).
 
-Backends: ``"triton"`` (the split-KV kernel, ``backends/triton/kernels/decode.py``), ``"reference"`` (the
-keys of each row gathered and packed, then the oracle), ``"auto"`` (the kernel on CUDA, the reference
-elsewhere and for ``score_mod``/``mask``).
+Backends: ``"triton"`` (the split-KV kernel, ``backends/triton/kernels/decode.py``, with ``score_mod`` /
+``mask`` compiled into it), ``"reference"`` (the keys of each row gathered and packed, then the oracle),
+``"auto"`` (the kernel on CUDA where it serves the call, the gathered keys elsewhere and for calls that want
+gradients or hold a mod the compiler cannot lower).
 """
 
 from __future__ import annotations
@@ -315,11 +316,18 @@ def attention_with_kvcache(
                 █ █ █ █ █ ·
                 █ █ █ █ █ █
 
-            ``score_mod`` and ``mask`` run on the gathered keys of each row (``attention(layout="thd")``;
-            the Triton decode kernel does not compile them yet): correct, not fast.
+            ``score_mod`` and ``mask`` (a Mask, a ``mask_mod`` callable or a BlockMask) run compiled inside
+            the Triton decode kernel (``attnkit.compiler``; the mask as ``where(mask, score_mod(s),
+            -inf)``, per element) with ``b`` the row, ``h`` the query head, ``q_idx`` the query token
+            ``0 .. Sq-1`` and ``kv_idx`` the logical key position (paged or not). A mask's tensors are
+            checked against Sq and the capacity (S_max, or max_pages * page_size): ``document(doc_ids,
+            kv_doc_ids)`` takes ids (B, Sq) and (B, capacity). Mods the compiler cannot lower, and calls
+            that want gradients (q, the caches or a captured tensor requiring grad), run on the gathered
+            keys of each row (``attention(layout="thd")``).
         return_lse: also return the float32 log-sum-exp (B, Hq, Sq).
-        backend: ``"auto"`` (the Triton kernel on CUDA, else the keys gathered per row and
-            ``attention(layout="thd")`` on its own choice), ``"triton"`` (the decode kernel),
+        backend: ``"auto"`` (the Triton kernel on CUDA where it serves the call, else the keys gathered
+            per row and ``attention(layout="thd")`` on its own choice), ``"triton"`` (the decode kernel;
+            no backward),
             ``"reference"`` (gathered keys, the oracle), or any other name of :func:`attnkit.backends`
             (gathered keys, that backend). A named backend that cannot serve the call raises
             ``UnsupportedError``.
