@@ -248,15 +248,18 @@ def _triton_reasons(call, device) -> list[str]:
             "no backward (decode kernel): q, the caches or a tensor captured by score_mod / mask require "
             "grad (use backend='reference' for gradients, or torch.no_grad())"
         )
-    mod = _kernel_mod(call.score_mod, call.mask)
-    if mod is not None:
+    if call.score_mod is not None or call.mask is not None:
         import dataclasses
 
-        from attnkit.backends.triton.backend import _score_mod_check
-
-        why = _score_mod_check(dataclasses.replace(call, score_mod=mod, mask=None))[0]
-        if why is not None:
-            r.append(f"{'mask' if call.mask is not None else 'score_mod'} {mod.name}: {why}")
+        try:
+            from attnkit.backends.triton.backend import _score_mod_check
+        except ImportError:  # (no triton: said below)
+            pass
+        else:
+            mod = _kernel_mod(call.score_mod, call.mask)
+            why = _score_mod_check(dataclasses.replace(call, score_mod=mod, mask=None))[0]
+            if why is not None:
+                r.append(f"{'mask' if call.mask is not None else 'score_mod'} {mod.name}: {why}")
     if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         r.append(f"dtype {call.dtype} (float16, bfloat16, float32)")
     if max(call.D, call.Dv) > _MAX_HEAD_DIM:
