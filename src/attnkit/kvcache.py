@@ -9,16 +9,17 @@ row's current length, then the new queries attend to everything the row holds. T
   logical key j at ``k_cache[block_table[b, j // page_size], j % page_size]`` (pages of any size >= 1,
   in any order; FlashAttention's / vLLM's ``block_table`` form).
 
-Backends: ``"triton"`` (the split-KV kernel, ``backends/triton/kernels/decode.py``), ``"reference"`` (the
-keys of each row gathered and packed, then the oracle), ``"auto"`` (the kernel on CUDA, the reference
-elsewhere and for ``score_mod``/``mask``).
+Backends: ``"triton"`` (the split-KV kernel, ``backends/triton/kernels/decode.py``, with ``score_mod`` /
+``mask`` compiled into it), ``"reference"`` (the keys of each row gathered and packed, then the oracle),
+``"auto"`` (the kernel on CUDA where it serves the call, the gathered keys elsewhere and for calls that want
+gradients or hold a mod the compiler cannot lower).
 """
 
 from __future__ import annotations
 
 import torch
 
-from attnkit._call import DTYPES, normalize
+from attnkit._call import DTYPES, _validate_programmable, normalize
 from attnkit.errors import AttentionInputError, UnsupportedError
 
 _BACKENDS = ("auto", "triton", "reference")
@@ -229,10 +230,36 @@ def _gathered(c: _Cache, q, k_cache, v_cache, block_table, lens, flags, backend,
     return out.reshape(c.B, c.Sq, c.Hq, c.Dv), lse.reshape(c.Hq, c.B, c.Sq).transpose(0, 1).contiguous()
 
 
+def _kernel_mod(score_mod, mask):
+    """The one ScoreMod the decode kernel inlines for a validated (score_mod, mask) pair, or None: the mask
+    (no interval lowering in decode) folded in as ``where(mask, score_mod(s), -inf)`` (the triton
+    backend's ``_masked_mod``, memoized on the mask)."""
+    if mask is None:
+        return score_mod
+    from attnkit.backends.triton.backend import _masked_mod
+
+    return _masked_mod(mask, score_mod)
+
+
 def _triton_reasons(call, device) -> list[str]:
     r = []
+    if call.requires_grad:
+        r.append(
+            "no backward (decode kernel): q, the caches or a tensor captured by score_mod / mask require "
+            "grad (use backend='reference' for gradients, or torch.no_grad())"
+        )
     if call.score_mod is not None or call.mask is not None:
-        r.append("score_mod / mask are not compiled into the decode kernel yet (use backend='reference')")
+        import dataclasses
+
+        try:
+            from attnkit.backends.triton.backend import _score_mod_check
+        except ImportError:  # (no triton: said below)
+            pass
+        else:
+            mod = _kernel_mod(call.score_mod, call.mask)
+            why = _score_mod_check(dataclasses.replace(call, score_mod=mod, mask=None))[0]
+            if why is not None:
+                r.append(f"{'mask' if call.mask is not None else 'score_mod'} {mod.name}: {why}")
     if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         r.append(f"dtype {call.dtype} (float16, bfloat16, float32)")
     if max(call.D, call.Dv) > _MAX_HEAD_DIM:
@@ -292,11 +319,18 @@ def attention_with_kvcache(
                 █ █ █ █ █ ·
                 █ █ █ █ █ █
 
-            ``score_mod`` and ``mask`` run on the gathered keys of each row (``attention(layout="thd")``;
-            the Triton decode kernel does not compile them yet): correct, not fast.
+            ``score_mod`` and ``mask`` (a Mask, a ``mask_mod`` callable or a BlockMask) run compiled inside
+            the Triton decode kernel (``attnkit.compiler``; the mask as ``where(mask, score_mod(s),
+            -inf)``, per element) with ``b`` the row, ``h`` the query head, ``q_idx`` the query token
+            ``0 .. Sq-1`` and ``kv_idx`` the logical key position (paged or not). A mask's tensors are
+            checked against Sq and the capacity (S_max, or max_pages * page_size): ``document(doc_ids,
+            kv_doc_ids)`` takes ids (B, Sq) and (B, capacity). Mods the compiler cannot lower, and calls
+            that want gradients (q, the caches or a captured tensor requiring grad), run on the gathered
+            keys of each row (``attention(layout="thd")``).
         return_lse: also return the float32 log-sum-exp (B, Hq, Sq).
-        backend: ``"auto"`` (the Triton kernel on CUDA, else the keys gathered per row and
-            ``attention(layout="thd")`` on its own choice), ``"triton"`` (the decode kernel),
+        backend: ``"auto"`` (the Triton kernel on CUDA where it serves the call, else the keys gathered
+            per row and ``attention(layout="thd")`` on its own choice), ``"triton"`` (the decode kernel;
+            no backward),
             ``"reference"`` (gathered keys, the oracle), or any other name of :func:`attnkit.backends`
             (gathered keys, that backend). A named backend that cannot serve the call raises
             ``UnsupportedError``.
@@ -312,10 +346,10 @@ def attention_with_kvcache(
         row with no visible key gets 0 and -inf.
     """
     key = None
-    if score_mod is None and mask is None and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling():
         key = _plan_key(
             q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, alibi_slopes,
-            causal, window, softcap, scale, backend, validate,
+            causal, window, softcap, scale, backend, validate, score_mod, mask,
         )  # fmt: skip
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
@@ -347,7 +381,8 @@ def attention_with_kvcache(
         else:
             ops.append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)  # one launch
         args = (q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes)
-        out, lse = ops.decode(*args, *plan.decode_args)
+        mod_args = _mod_args(score_mod, mask, q.device) if plan.mods else ()
+        out, lse = ops.decode(*args, *plan.decode_args, *mod_args)
     else:
         if k_new is not None:
             _append(c, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
@@ -359,12 +394,27 @@ def attention_with_kvcache(
 
 class _Prepared:
     """A validated call's host-side facts: its shapes ``c`` (:class:`_Cache`), the Triton decode's
-    arguments after the tensors (None when another path serves the call), the flags for that path."""
+    arguments after the tensors (None when another path serves the call), the flags for that path,
+    ``mods``: whether the kernel inlines a compiled score_mod / mask (its tensors are the call's own:
+    :func:`_mod_args` takes them at every call)."""
 
-    __slots__ = ("c", "decode_args", "flags")
+    __slots__ = ("c", "decode_args", "flags", "mods")
 
-    def __init__(self, c, decode_args, flags):
-        self.c, self.decode_args, self.flags = c, decode_args, flags
+    def __init__(self, c, decode_args, flags, mods=False):
+        self.c, self.decode_args, self.flags, self.mods = c, decode_args, flags, mods
+
+
+def _mod_args(score_mod, mask, device) -> tuple:
+    """The decode op's arguments after ``bhsd`` for this call's score_mod / mask: (splits, bhsd, the
+    compiled mod's key, its captured tensors in slots, their strides/sizes table). Wrapped by attention()'s
+    own rules (``_validate_programmable``), compiled through the compiler's memo (by structure: a decode
+    loop with a mod traces once), the tensors read from this call's objects."""
+    from attnkit import compiler
+
+    score_mod, mask, *_ = _validate_programmable(score_mod, mask, False, None, device)
+    comp = compiler.compile_score_mod(_kernel_mod(score_mod, mask))
+    slots = list(comp.tensors) + [None] * (compiler.MAX_TENSORS - len(comp.tensors))
+    return (0, False, comp.key, *slots, compiler.meta(comp.tensors, device))
 
 
 _PLANS: dict = {}  # call signature -> _Prepared, for calls the Triton kernel serves
@@ -372,23 +422,56 @@ _MAX_PLANS = 1024  # distinct signatures before the memo starts over
 
 
 def _sig(t):
-    """A tensor argument's part of the key: type, shape, strides, dtype, device (never its values)."""
-    return None if t is None else (t.__class__, t.shape, t.stride(), t.dtype, t.device)
+    """A tensor argument's part of the key: type, shape, strides, dtype, device, requires_grad (never its
+    values)."""
+    return None if t is None else (t.__class__, t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+
+
+def _mods_key(score_mod, mask):
+    """The part of the plan key of a score_mod / mask: everything its validation and refusal read (and
+    what the compiler's memo keys on): its structure (``dispatch._structure``: code objects, tensors' dtype,
+    rank, device, requires_grad), the numbers and strings it holds (a sliding window's sizes become
+    flags), its tensors' shapes. Tensor values never. None (no plan kept) for an object known only by its
+    identity (a BlockMask, a callable instance), whose id a later object may reuse."""
+    from attnkit.compiler import _leaves
+    from attnkit.dispatch import _structure
+
+    if score_mod is None and mask is None:
+        return ()
+    struct = (_structure(score_mod), _structure(mask))
+    if _by_identity(struct):
+        return None
+    tensors: list = []
+    values: list = []
+    _leaves((score_mod, mask), tensors, values)
+    shapes = tuple([(t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in tensors])
+    return (struct, tuple([(type(v), v) for v in values]), shapes, torch.is_grad_enabled())
+
+
+def _by_identity(struct) -> bool:
+    if isinstance(struct, tuple):
+        if len(struct) == 3 and struct[0] == "object":
+            return True
+        return any(_by_identity(x) for x in struct)
+    return False
 
 
 def _plan_key(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, alibi_slopes, causal, window,
-              softcap, scale, backend, validate):  # fmt: skip
+              softcap, scale, backend, validate, score_mod=None, mask=None):  # fmt: skip
     """Everything :func:`_prepare` reads, as a hashable key, or None (then the call takes the full path).
     Scalars go in with their types (``1 == True`` and ``(1.0, 2) == (1, 2)`` in a dict): a key equal to an
     earlier call's is a call that earlier validation accepted, with the same outcome. Only validated calls
     are stored, so a bad argument always reaches the checks."""
     try:
         win = None if window is None else (window.__class__, tuple(map(type, window)), window)
+        mods = _mods_key(score_mod, mask)
+        if mods is None:
+            return None
         key = (
             _sig(q), _sig(k_cache), _sig(v_cache), _sig(cache_seqlens), _sig(k_new), _sig(v_new),
             _sig(block_table), _sig(alibi_slopes), win,
             causal.__class__, causal, softcap.__class__, softcap, scale.__class__, scale,
-            backend.__class__, backend, validate.__class__, validate,
+            backend.__class__, backend, validate.__class__, validate, torch.is_grad_enabled(), mods,
         )  # fmt: skip
         hash(key)
     except (AttributeError, TypeError):  # not a tensor, an unhashable flag: the full path says what is wrong
@@ -413,8 +496,8 @@ def _prepare(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, caus
     # the flags, validated by attention()'s own rules (a stand-in for the keys: their values are not read)
     call = normalize(
         q,
-        _stand_in(k_cache, c.B, c.Hk, c.D),
-        _stand_in(v_cache, c.B, c.Hk, c.Dv),
+        _stand_in(k_cache, c.B, c.capacity, c.Hk, c.D),
+        _stand_in(v_cache, c.B, c.capacity, c.Hk, c.Dv),
         layout="bshd",
         causal=causal,
         window=window,
@@ -439,15 +522,17 @@ def _prepare(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, caus
     if backend == "triton" or (backend == "auto" and not reasons and q.is_cuda):
         wl, wr = call.window if call.window is not None else (-1, -1)
         # (host values only: a kept plan holds no tensor of the call)
-        return _Prepared(c, (c.Sq_new, call.scale, call.causal, wl, wr, call.softcap or 0.0), None)
+        mods = call.score_mod is not None or call.mask is not None
+        return _Prepared(c, (c.Sq_new, call.scale, call.causal, wl, wr, call.softcap or 0.0), None, mods)
     return _Prepared(c, None, flags)
 
 
-def _stand_in(t: torch.Tensor, B: int, H: int, D: int) -> torch.Tensor:
-    """A (B, 1, H, D) tensor of t's dtype and device whose values are never read (a broadcast view)."""
-    if t.numel() == 0:
-        return t.new_zeros(1, 1, H, D).expand(B, 1, H, D)
-    return t[:1, :1].expand(B, 1, H, D)
+def _stand_in(t: torch.Tensor, B: int, S: int, H: int, D: int) -> torch.Tensor:
+    """A (B, S, H, D) tensor of t's dtype and device whose values are never read (a broadcast view): the
+    keys as attention() would see a cache that every row fills, so masks and mods are checked against Sq
+    and the capacity S (S_max, or max_pages * page_size)."""
+    base = t.new_zeros(1, 1, H, D) if t.numel() == 0 else t[:1, :1]
+    return base.expand(B, S, H, D)
 
 
 __all__ = ["attention_with_kvcache", "gather_rows"]

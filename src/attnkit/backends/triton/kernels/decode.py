@@ -12,6 +12,11 @@ causal, windows and ALiBi to the bottom right (docs/api.md §1, §4). Logical ke
 ``K[b, j]`` (contiguous) or ``K[table[b, j // PS], j % PS]`` (paged, one page-table load per key, so pages
 of any size work). Every index that comes from device data (the length, the table entries) is clamped into
 the cache tensors before it forms an address: a poisoned table or length computes garbage, never faults.
+
+HAS_SCORE_MOD inlines a ``score_mod`` compiled by :mod:`attnkit.compiler` (a mask arrives folded into it as
+``where(mask, mod(s), -inf)``), called on each tile as ``(score, b, h, q_idx, kv_idx, off)`` with ``h`` the
+query head of each packed row, ``q_idx`` the query token, ``kv_idx`` the logical key position and ``off``
+as above: the convention of the prefill kernels. Out-of-range reads of its captured tensors are masked.
 """
 
 import triton
@@ -41,6 +46,11 @@ def decode_fwd(
     Seqlens,  # int32 (B,): keys in the cache before the new ones (any tensor, unread, with FULL)
     Table,  # int32 (B, max_pages) (paged; any int32 tensor otherwise)
     Slopes,  # float32 (Hq,) or (B, Hq) (ALiBi; any float32 tensor otherwise)
+    SmC0,
+    SmC1,
+    SmC2,
+    SmC3,
+    SmMeta,  # score_mod: captured tensors and their int64 (4, 8) strides/sizes (attnkit.compiler)
     Out,  # (P, B, Sq, Hq, Dv): P = 1 writes the final output, P > 1 float32 partials
     Lse,  # float32 (P, B, Hq, Sq)
     stride_qb,
@@ -87,6 +97,8 @@ def decode_fwd(
     HAS_ALIBI: tl.constexpr,
     PRECISION: tl.constexpr,
     FULL: tl.constexpr,  # no Seqlens: every row's length is cap
+    HAS_SCORE_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr,  # the compiled score_mod(score, b, h, q_idx, kv_idx, off, SM) (or None)
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -133,6 +145,7 @@ def decode_fwd(
     if HAS_ALIBI:
         slope = tl.load(Slopes + b * stride_ab + h, mask=row_ok, other=0.0) * LOG2E  # (BLOCK_M,)
     pos = i + off  # key position of each query row
+    smod = (SmC0, SmC1, SmC2, SmC3, SmMeta, b, h)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -158,6 +171,9 @@ def decode_fwd(
             s = qk * qk_scale
         if HAS_ALIBI:
             s -= slope[:, None] * tl.abs(pos[:, None] - j[None, :]).to(tl.float32)
+        if HAS_SCORE_MOD:  # step 4 in natural units: row b, the QUERY head, query token i, logical key j
+            y, _ = SCORE_MOD(s * LN2, b, h[:, None], i[:, None], j[None, :], off, smod)
+            s = y * LOG2E
         vis = key_ok[None, :] & row_ok[:, None]
         if HAS_RIGHT:
             vis = vis & (j[None, :] <= pos[:, None] + win_right)

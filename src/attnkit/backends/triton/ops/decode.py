@@ -251,6 +251,12 @@ def decode_fwd(
     softcap: float,
     splits: int = 0,
     bhsd: bool = False,
+    score_mod: str = "",
+    smod_c0: Tensor | None = None,
+    smod_c1: Tensor | None = None,
+    smod_c2: Tensor | None = None,
+    smod_c3: Tensor | None = None,
+    smod_meta: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of q against the first ``cache_seqlens[b] + sq_new`` keys of each row (see the module
     docstring for shapes), or, with ``cache_seqlens=None``, against all the cache capacity holds (every row
@@ -259,19 +265,22 @@ def decode_fwd(
     Host work of a repeated call signature: one plan lookup, one ``torch.empty`` each for out and lse (and,
     with several splits, for the partial outputs and lses), one or two launches; no torch op besides."""
     scalars = (sq_new, scale, causal, window_left, window_right, softcap, splits, bhsd)
-    key = _plan_key(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, scalars)
+    smod = (score_mod, smod_c0, smod_c1, smod_c2, smod_c3, smod_meta)
+    key = _plan_key(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, scalars + (score_mod,))
     p = _PLANS.get(key)
     if p is None:
         if not (_unit_inner(q) and _unit_inner(k_cache) and _unit_inner(v_cache)):
             # the kernel reads the head dim with unit stride: copy, then the plan of the copies
             q, k_cache, v_cache = (t if _unit_inner(t) else t.contiguous() for t in (q, k_cache, v_cache))
-            return decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, *scalars)
+            return decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, *scalars, *smod)
         if not all(t is None or t.is_contiguous() for t in (cache_seqlens, block_table, alibi_slopes)):
             cache_seqlens, block_table, alibi_slopes = (
                 None if t is None else t.contiguous() for t in (cache_seqlens, block_table, alibi_slopes)
             )
-            return decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, *scalars)
+            return decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, *scalars, *smod)
         p = _make_plan(q, k_cache, v_cache, cache_seqlens is None, block_table, alibi_slopes, *scalars)
+        if p.consts is not None:
+            p.consts.update(HAS_SCORE_MOD=bool(score_mod), SCORE_MOD=_score_mod_fn(score_mod))
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = p
@@ -291,11 +300,21 @@ def decode_fwd(
     seqlens = lse if cache_seqlens is None else cache_seqlens  # (unread with FULL)
     table = block_table if p.paged else seqlens
     slopes = alibi_slopes if p.alibi else lse
-    args = (q, k_cache, v_cache, seqlens, table, slopes, part, part_lse)
+    sm = tuple([lse if t is None else t for t in (smod_c0, smod_c1, smod_c2, smod_c3, smod_meta)])
+    args = (q, k_cache, v_cache, seqlens, table, slopes, *sm, part, part_lse)
     _kernel()[p.grid](*args, *p.scalars, **p.consts)
     if p.combine is not None:
         launch_combine(p.combine, part, part_lse, out, lse)
     return out, lse
+
+
+def _score_mod_fn(key: str):
+    """The ``@triton.jit`` function of the compiled score mod ``key`` (``attnkit.compiler``), or None."""
+    if not key:
+        return None
+    from attnkit import compiler
+
+    return compiler.REGISTRY[key].score_mod
 
 
 _APPEND = None
@@ -379,6 +398,12 @@ def _(
     softcap,
     splits=0,
     bhsd=False,
+    score_mod="",
+    smod_c0=None,
+    smod_c1=None,
+    smod_c2=None,
+    smod_c3=None,
+    smod_meta=None,
 ):
     B, Sq, Hq, _ = q.transpose(1, 2).shape if bhsd else q.shape
     Dv = v_cache.shape[3]
