@@ -17,6 +17,7 @@ import torch
 
 from attnkit.compiler.cache import GENERATED, module_for
 from attnkit.compiler.lower import MAX_DIMS, MAX_TENSORS, lower, lower_grads
+from attnkit.compiler.masked import lower_masked
 from attnkit.compiler.trace import Unlowerable, trace
 
 __all__ = ["Compiled", "GENERATED", "MAX_TENSORS", "Unlowerable", "compile_score_mod", "meta"]
@@ -113,7 +114,9 @@ def compile_score_mod(mod) -> Compiled:
         src, tensors = lower(traced, mod)
         grad_slots = tuple(i for i, t in enumerate(tensors) if t.requires_grad and t.is_floating_point())
         bwd = lower_grads(traced, mod, set(grad_slots)) if grad_slots else None
-        module = module_for(src if bwd is None else src + "\n\n" + bwd)
+        # a mask folded into the mod (``kind="masked"``): its condition and inner mod apart, for tile states
+        split = lower_masked(traced, mod) if getattr(mod, "kind", None) == "masked" else None
+        module = module_for("\n\n".join(x for x in (src, bwd, split) if x is not None))
         name = module.__name__
         REGISTRY[name] = module
         fn_bwd = getattr(module, "score_mod_bwd", None)
