@@ -152,7 +152,9 @@ def test_masks_fwd_bwd(name, dtype):
 @pytest.mark.parametrize("Sq,Sk", [(23, 50), (50, 23)])
 def test_sq_ne_sk_gqa_per_head_and_empty_rows(Sq, Sk):
     B, Hq = 1, 4
-    q, k, v, kw = oracle.make_inputs("bshd", B=B, Hq=Hq, Hk=2, Sq=Sq, Sk=Sk, D=16, device=DEV, requires_grad=True)
+    q, k, v, kw = oracle.make_inputs(
+        "bshd", B=B, Hq=Hq, Hk=2, Sq=Sq, Sk=Sk, D=16, device=DEV, requires_grad=True
+    )
     masks = _masks(B, Hq, Sq, Sk)
     _check(q, k, v, masks["per_head_window"], **kw)
     res = _check(q, k, v, masks["rows_without_keys"], **kw)
@@ -183,7 +185,12 @@ def test_captured_tensor_gradient_through_a_score_mod_beside_the_mask():
     qi, ki, vi = (res["inputs"][n].detach() for n in "qkv")
     tri(qi, ki, vi, mask=mask, score_mod=mods.relative_bias(t32)).backward(g)
     out64 = attnkit.attention(
-        qi.double(), ki.double(), vi.double(), mask=mask, score_mod=mods.relative_bias(t64), backend="reference"
+        qi.double(),
+        ki.double(),
+        vi.double(),
+        mask=mask,
+        score_mod=mods.relative_bias(t64),
+        backend="reference",
     )
     out64.backward(g.double())
     err = (t32.grad.double() - t64.grad).abs().max()
@@ -224,7 +231,9 @@ def test_cost_model_sees_the_sparsity():
     assert pairs(M.sliding_window(1) | (lambda b, h, i, j: i >= 0)) == dense
     sparse = pairs(M.sliding_window(64) | (lambda b, h, i, j: j == 0))
     assert sparse < 0.4 * dense
-    report = str(attnkit.explain(q, k, v, mask=M.sliding_window(64) | (lambda b, h, i, j: j == 0), backend="triton"))
+    report = str(
+        attnkit.explain(q, k, v, mask=M.sliding_window(64) | (lambda b, h, i, j: j == 0), backend="triton")
+    )
     assert "per-tile states" in report, report
 
 

@@ -2,10 +2,11 @@
 a ``@triton.jit`` function the Triton backend's kernels inline, forward and backward.
 
 Steps, one module each: :mod:`.trace` (``make_fx`` in fake mode -> aten graph, captured tensors),
-:mod:`.lower` (graph -> Triton source of the value and its derivative in the score), :mod:`.cache` (source
--> imported module, on disk and in process). :func:`compile_score_mod` runs them, memoized per mod (by
-its structure and the identity of the tensors it captures: tracing costs milliseconds); :func:`meta`
-builds the int64 strides/sizes table the generated code reads.
+:mod:`.lower` (graph -> Triton source of the value and its derivative in the score; :mod:`.masked` adds,
+for a mask folded into a mod, its condition and inner mod apart: the Triton backend's tile states),
+:mod:`.cache` (source -> imported module, on disk and in process). :func:`compile_score_mod` runs them,
+memoized per mod (by its structure and the identity of the tensors it captures: tracing costs
+milliseconds); :func:`meta` builds the int64 strides/sizes table the generated code reads.
 """
 
 from __future__ import annotations

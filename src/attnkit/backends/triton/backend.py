@@ -279,7 +279,9 @@ def _mask_as_mod(call: AttentionCall) -> AttentionCall:
     """``call`` itself, or, when its mask does not lower to column intervals (a ``mask_mod`` callable,
     ``|``, ``~``, ``neighborhood_2d``, unsorted document ids, ...), the same call with the mask folded into
     the score mod: ``where(mask(b, h, q, kv, off), score_mod(s, ...), -inf)``, which the score-mod compiler
-    lowers into the kernels (docs/api.md's order: the mask after the score mod). Kept on the call."""
+    lowers into the kernels (docs/api.md's order: the mask after the score mod), with the mask's condition
+    apart for per-tile states (``ops/tiles.py``: empty tiles skipped, full ones unmasked). Kept on the
+    call."""
     if call.mask is None or _intervals.why_not(call.mask, call) is None:
         return call
     hit = call.__dict__.get("_mask_view")

@@ -117,7 +117,13 @@ def body(p: FwdParams, keep=None):
         grid = (c.cdiv(max(Sq, 1), BM), B * Hq)
         ts, ts_flags = _tiles.launch_args(p, B, Hq, BM, BN, dummy)  # (a mask evaluated per tile)
         attn_fwd[grid](
-            *args, *ts, BLOCK_M=BM, BLOCK_N=BN, **{**constexprs, **ts_flags}, num_warps=warps, num_stages=stages
+            *args,
+            *ts,
+            BLOCK_M=BM,
+            BLOCK_N=BN,
+            **{**constexprs, **ts_flags},
+            num_warps=warps,
+            num_stages=stages,
         )
 
     cfg = _tuning.pick(

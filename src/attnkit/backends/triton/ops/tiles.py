@@ -34,7 +34,8 @@ tile_states = Launch(_k.tile_states)
 
 MAX_STATES = 1 << 26  # int8 entries (64 MiB)
 _MEMO: dict = {}  # key -> ([(weakref, version)] of the tensors read, states)
-_MAX_MEMO = 64
+_MAX_MEMO = 32
+_MAX_MEMO_BYTES = 1 << 28  # what the memo may hold on the devices, all entries together
 
 
 def enabled() -> bool:
@@ -97,10 +98,19 @@ def states(p, B: int, Hq: int, BM: int, BN: int) -> torch.Tensor | None:
         return hit[1]
     st = compute(p, mod, dims, BM, BN)
     if keepable:
-        if len(_MEMO) >= _MAX_MEMO:
-            _MEMO.clear()
-        _MEMO[key] = ([(weakref.ref(t), v) for t, v in zip(tensors, versions)], st)
+        _remember(key, [(weakref.ref(t), v) for t, v in zip(tensors, versions)], st)
     return st
+
+
+def _remember(key, refs: list, st: torch.Tensor) -> None:
+    """Keep ``st`` under ``key``, first dropping entries whose tensors are gone (their states can never be
+    asked for again), then everything where the memo holds too many entries or bytes."""
+    for k in [k for k, (rs, _) in _MEMO.items() if any(r() is None for r, _ in rs)]:
+        del _MEMO[k]
+    held = sum(x.numel() for _, x in _MEMO.values())
+    if len(_MEMO) >= _MAX_MEMO or held + st.numel() > _MAX_MEMO_BYTES:
+        _MEMO.clear()
+    _MEMO[key] = (refs, st)
 
 
 def compute(p, mod, dims, BM: int, BN: int) -> torch.Tensor:
