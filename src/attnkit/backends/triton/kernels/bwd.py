@@ -36,7 +36,7 @@ from attnkit.backends.triton.kernels.common import (
     seq_bounds,
 )
 from attnkit.backends.triton.kernels.fwd import load_tile
-from attnkit.backends.triton.kernels.tiles import ts_apply, ts_state
+from attnkit.backends.triton.kernels.tiles import ts_apply, ts_narrow, ts_state
 
 
 @triton.jit(do_not_specialize=["SQ", "stride_lb", "stride_lh", "stride_db", "stride_dh"])
@@ -461,6 +461,9 @@ def attn_bwd_dkdv(
             iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
             ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[:, None], seqlen_k)
             lo2, hi2 = iv_narrow_q(sum_ptr, k_start + n0, k_start + n1, lo, hi, seqlen_q, BLOCK_M, BLOCK_N)
+            g_lo, g_full_lo, g_full_hi, g_hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
+        if HAS_TS:  # the query tiles from the first to the last whose state (this column) is not empty
+            lo2, hi2 = ts_narrow(ts_ptr, ts_cols, lo, hi, BLOCK_M)
             g_lo, g_full_lo, g_full_hi, g_hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
         # the tile schedule's three segments: masked head, unmasked body, masked tail; ONE_LOOP: every
         # visited tile in one masked loop, so the software pipeline runs through the diagonal without

@@ -21,7 +21,7 @@ from attnkit.backends.triton.kernels.common import (
     seq_bounds,
 )
 from attnkit.backends.triton.kernels.fwd import load_tile
-from attnkit.backends.triton.kernels.tiles import ts_apply, ts_state
+from attnkit.backends.triton.kernels.tiles import ts_apply, ts_narrow, ts_state
 
 
 @triton.jit
@@ -331,6 +331,9 @@ def attn_bwd_dq(
     )
     if HAS_IV:  # from the first to the last key tile the mask leaves non-empty for these rows
         lo2, hi2 = iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, m0, m1, BLOCK_N)
+        lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
+    if HAS_TS:  # from the first to the last key tile whose state is not empty
+        lo2, hi2 = ts_narrow(ts_ptr, 1, lo, hi, BLOCK_N)
         lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
     # the tile schedule's three segments: masked head, unmasked body, masked tail
     for seg in tl.static_range(3):

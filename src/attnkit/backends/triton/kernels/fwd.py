@@ -20,7 +20,7 @@ from attnkit.backends.triton.kernels.common import (
     scores,
     seq_bounds,
 )
-from attnkit.backends.triton.kernels.tiles import ts_apply, ts_state
+from attnkit.backends.triton.kernels.tiles import ts_apply, ts_narrow, ts_state
 
 
 @triton.jit
@@ -357,6 +357,9 @@ def attn_fwd(
     )
     if HAS_IV:  # from the first to the last key tile the mask leaves non-empty for these rows
         lo2, hi2 = iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, m0, m1, BLOCK_N)
+        lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
+    if HAS_TS:  # from the first to the last key tile whose state is not empty
+        lo2, hi2 = ts_narrow(ts_ptr, 1, lo, hi, BLOCK_N)
         lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
     # masked head, unmasked body, masked tail: the schedule decides, the pipeline applies
     for seg in tl.static_range(3):

@@ -71,3 +71,24 @@ def ts_state(ts_ptr):
 def ts_apply(s, rows, cols, off, smod, MASK_KEEP: tl.constexpr):
     """``s`` with -inf where the mask condition drops (row, col) (a partial tile; all broadcastable)."""
     return tl.where(MASK_KEEP(s, smod[5], smod[6], rows, cols, off, smod), s, float("-inf"))
+
+
+@triton.jit
+def ts_narrow(ts_ptr, stride, lo, hi, BLOCK: tl.constexpr):
+    """The range ``[lo, hi)`` (``lo`` a multiple of BLOCK) cut to its first and last non-empty tile: a
+    vectorized scan of the states (``ts_ptr`` tile 0's, ``stride`` between tiles), 64 tiles per step, so a
+    loop over a band of tiles starts and ends on it (empty tiles inside are still skipped one by one)."""
+    CH: tl.constexpr = 64
+    t_lo = lo // BLOCK
+    t_hi = (hi + BLOCK - 1) // BLOCK  # (exclusive)
+    first = t_hi
+    last = t_lo - 1
+    for t0 in range(t_lo, t_hi, CH):
+        idx = t0 + tl.arange(0, CH)
+        ok = idx < t_hi
+        seen = ok & (tl.load(ts_ptr + idx * stride, mask=ok, other=0) != EMPTY)
+        first = tl.minimum(first, tl.min(tl.where(seen, idx, t_hi), 0))
+        last = tl.maximum(last, tl.max(tl.where(seen, idx, -1), 0))
+    lo2 = tl.where(last < first, hi, first * BLOCK)
+    hi2 = tl.minimum((last + 1) * BLOCK, hi)
+    return lo2, tl.maximum(hi2, lo2)
