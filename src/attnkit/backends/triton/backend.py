@@ -176,8 +176,8 @@ class TritonBackend(Backend):
     def _flops_pairs(self, call: AttentionCall) -> tuple[float, float, float]:
         """(FLOPs, visible pairs, rate in FLOP/s) of a CUDA call on these kernels."""
         mode = "fwd_bwd" if call.requires_grad else "fwd"
-        masked = call.mask is not None or "_tile_mask" in call.__dict__
-        causal = call.causal or call.window is not None or masked  # (masked: the causal rates)
+        has_mask = call.mask is not None or "_tile_mask" in call.__dict__
+        causal = call.causal or call.window is not None or has_mask  # (masked: the causal rates)
         if mode == "fwd" and self._gluon(call):  # the Hopper kernel; short sequences run below its peak
             mode = "fwd_gluon_short" if call.Sk <= 1024 else "fwd_gluon"
         elif mode == "fwd_bwd" and self._gluon_bwd(call):  # the Hopper dK/dV kernel
