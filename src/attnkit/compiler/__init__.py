@@ -116,7 +116,7 @@ def compile_score_mod(mod) -> Compiled:
         grad_slots = tuple(i for i, t in enumerate(tensors) if t.requires_grad and t.is_floating_point())
         bwd = lower_grads(traced, mod, set(grad_slots)) if grad_slots else None
         # a mask folded into the mod (``kind="masked"``): its condition and inner mod apart, for tile states
-        split = lower_masked(traced, mod) if getattr(mod, "kind", None) == "masked" else None
+        split = _split(traced, mod) if getattr(mod, "kind", None) == "masked" else None
         module = module_for("\n\n".join(x for x in (src, bwd, split) if x is not None))
         name = module.__name__
         REGISTRY[name] = module
@@ -137,6 +137,14 @@ def compile_score_mod(mod) -> Compiled:
     if isinstance(result, Unlowerable):
         raise result
     return result
+
+
+def _split(traced, mod) -> str | None:
+    """:func:`lower_masked`'s source, or None where it fails (the mod then runs without tile states)."""
+    try:
+        return lower_masked(traced, mod)
+    except Exception:  # noqa: BLE001 (an optimization: never a reason to refuse a mod that compiles)
+        return None
 
 
 _META: dict = {}
