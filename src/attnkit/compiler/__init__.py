@@ -2,10 +2,11 @@
 a ``@triton.jit`` function the Triton backend's kernels inline, forward and backward.
 
 Steps, one module each: :mod:`.trace` (``make_fx`` in fake mode -> aten graph, captured tensors),
-:mod:`.lower` (graph -> Triton source of the value and its derivative in the score), :mod:`.cache` (source
--> imported module, on disk and in process). :func:`compile_score_mod` runs them, memoized per mod (by
-its structure and the identity of the tensors it captures: tracing costs milliseconds); :func:`meta`
-builds the int64 strides/sizes table the generated code reads.
+:mod:`.lower` (graph -> Triton source of the value and its derivative in the score; :mod:`.masked` adds,
+for a mask folded into a mod, its condition and inner mod apart: the Triton backend's tile states),
+:mod:`.cache` (source -> imported module, on disk and in process). :func:`compile_score_mod` runs them,
+memoized per mod (by its structure and the identity of the tensors it captures: tracing costs
+milliseconds); :func:`meta` builds the int64 strides/sizes table the generated code reads.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from attnkit.compiler.cache import GENERATED, module_for
 from attnkit.compiler.lower import MAX_DIMS, MAX_TENSORS, lower, lower_grads
+from attnkit.compiler.masked import lower_masked
 from attnkit.compiler.trace import Unlowerable, trace
 
 __all__ = ["Compiled", "GENERATED", "MAX_TENSORS", "Unlowerable", "compile_score_mod", "meta"]
@@ -113,7 +115,9 @@ def compile_score_mod(mod) -> Compiled:
         src, tensors = lower(traced, mod)
         grad_slots = tuple(i for i, t in enumerate(tensors) if t.requires_grad and t.is_floating_point())
         bwd = lower_grads(traced, mod, set(grad_slots)) if grad_slots else None
-        module = module_for(src if bwd is None else src + "\n\n" + bwd)
+        # a mask folded into the mod (``kind="masked"``): its condition and inner mod apart, for tile states
+        split = _split(traced, mod) if getattr(mod, "kind", None) == "masked" else None
+        module = module_for("\n\n".join(x for x in (src, bwd, split) if x is not None))
         name = module.__name__
         REGISTRY[name] = module
         fn_bwd = getattr(module, "score_mod_bwd", None)
@@ -133,6 +137,14 @@ def compile_score_mod(mod) -> Compiled:
     if isinstance(result, Unlowerable):
         raise result
     return result
+
+
+def _split(traced, mod) -> str | None:
+    """:func:`lower_masked`'s source, or None where it fails (the mod then runs without tile states)."""
+    try:
+        return lower_masked(traced, mod)
+    except Exception:  # noqa: BLE001 (an optimization: never a reason to refuse a mod that compiles)
+        return None
 
 
 _META: dict = {}

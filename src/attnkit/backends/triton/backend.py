@@ -29,7 +29,7 @@ from attnkit.backends.base import Backend, attention_flops, dense_pairs
 from attnkit.backends.triton.params import FwdParams
 from attnkit.backends.triton.runtime import capability as _cap
 from attnkit.errors import UnsupportedError
-from attnkit.masks import _intervals
+from attnkit.masks import _intervals, _tiles
 
 _INT32 = 2**31 - 1
 # A compiled score_mod's forward and backward are priced at this factor of the plain kernels' time: not
@@ -160,7 +160,13 @@ class TritonBackend(Backend):
     def _masked_pairs(self, call: AttentionCall) -> float | None:
         """Visible pairs of a call with a lowered mask (one read of a device scalar, where host reads are
         allowed: not under torch.compile or CUDA-graph capture); None without a mask or where unknown (the
-        flag-based bound then applies, an upper bound)."""
+        flag-based bound then applies, an upper bound). For a mask evaluated in the kernels (the view of
+        :func:`_mask_as_mod`), the pairs of the tiles it leaves non-empty, sampled (``masks._tiles``: the
+        kernels skip the empty ones)."""
+        tiled = call.__dict__.get("_tile_mask")
+        if tiled is not None and call.mask is None:
+            frac = _tiles.occupancy(tiled, call)
+            return None if frac is None else frac * dense_pairs(call)
         if call.mask is None or not _intervals._host_values_allowed(call.q):
             return None
         causal, window, iv = self._mask_flags(call)
@@ -170,7 +176,8 @@ class TritonBackend(Backend):
     def _flops_pairs(self, call: AttentionCall) -> tuple[float, float, float]:
         """(FLOPs, visible pairs, rate in FLOP/s) of a CUDA call on these kernels."""
         mode = "fwd_bwd" if call.requires_grad else "fwd"
-        causal = call.causal or call.window is not None or call.mask is not None  # (masked: the causal rates)
+        has_mask = call.mask is not None or "_tile_mask" in call.__dict__
+        causal = call.causal or call.window is not None or has_mask  # (masked: the causal rates)
         if mode == "fwd" and self._gluon(call):  # the Hopper kernel; short sequences run below its peak
             mode = "fwd_gluon_short" if call.Sk <= 1024 else "fwd_gluon"
         elif mode == "fwd_bwd" and self._gluon_bwd(call):  # the Hopper dK/dV kernel
@@ -179,7 +186,10 @@ class TritonBackend(Backend):
         if call.dtype == torch.float32:
             rate /= 12.0  # exact fp32 dots (no tf32) run on the CUDA cores
         masked = self._masked_pairs(call)
-        if masked is not None:  # a mask carried as data: the pairs it leaves visible (empty tiles skipped)
+        if masked is not None and call.mask is None:  # a mask evaluated per tile: its non-empty tiles' pairs
+            pairs = masked
+            flops = attention_flops(call, call.requires_grad) * masked / max(dense_pairs(call), 1.0)
+        elif masked is not None:  # a mask carried as data: the pairs it leaves visible (empty tiles skipped)
             pairs = masked
             flops = pairs * call.Hq * 2.0 * (call.D + call.Dv) * (3.5 if call.requires_grad else 1.0)
             # Measured (H200, bf16, B=2 H=16 S=8k D=128, 8 causal documents, 2026-12-02): the forward ran
@@ -235,8 +245,9 @@ class TritonBackend(Backend):
         view = _mask_as_mod(call)
         if view is not call:
             n.append(
-                f"mask {call.mask.name} evaluated per element inside the kernels, as a compiled score mod "
-                "(it has no interval lowering: no tile is skipped)"
+                f"mask {call.mask.name} evaluated inside the kernels, as a compiled score mod (it has no "
+                "interval lowering): per-tile states computed on the device (empty tiles skipped, full tiles "
+                "unmasked), partial tiles evaluated per element"
             )
             call = view
         if call.mask is not None:
@@ -268,13 +279,16 @@ def _mask_as_mod(call: AttentionCall) -> AttentionCall:
     """``call`` itself, or, when its mask does not lower to column intervals (a ``mask_mod`` callable,
     ``|``, ``~``, ``neighborhood_2d``, unsorted document ids, ...), the same call with the mask folded into
     the score mod: ``where(mask(b, h, q, kv, off), score_mod(s, ...), -inf)``, which the score-mod compiler
-    lowers into the kernels (docs/api.md's order: the mask after the score mod). Kept on the call."""
+    lowers into the kernels (docs/api.md's order: the mask after the score mod), with the mask's condition
+    apart for per-tile states (``ops/tiles.py``: empty tiles skipped, full ones unmasked). Kept on the
+    call."""
     if call.mask is None or _intervals.why_not(call.mask, call) is None:
         return call
     hit = call.__dict__.get("_mask_view")
     if hit is not None and hit[0] is call.mask and hit[1] is call.score_mod:
         return hit[2]
     view = dataclasses.replace(call, score_mod=_masked_mod(call.mask, call.score_mod), mask=None)
+    view.__dict__["_tile_mask"] = call.mask  # (the cost model's: how many tiles it leaves non-empty)
     if not torch.compiler.is_compiling():
         call.__dict__["_mask_view"] = (call.mask, call.score_mod, view)
     return view

@@ -36,6 +36,7 @@ from attnkit.backends.triton.kernels.common import (
     seq_bounds,
 )
 from attnkit.backends.triton.kernels.fwd import load_tile
+from attnkit.backends.triton.kernels.tiles import ts_apply, ts_narrow, ts_state
 
 
 @triton.jit(do_not_specialize=["SQ", "stride_lb", "stride_lh", "stride_db", "stride_dh"])
@@ -152,6 +153,8 @@ def _dkdv_inner(
     ic,
     id_,
     smod,
+    ts_ptr,
+    ts_cols,
     D: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -174,6 +177,8 @@ def _dkdv_inner(
     SCORE_MOD: tl.constexpr,
     SMOD_GRAD: tl.constexpr,
     SCORE_MOD_BWD: tl.constexpr,
+    HAS_TS: tl.constexpr,
+    MASK_KEEP: tl.constexpr,
 ):
     c = pending_scale(sm_scale, DEFER)
     # Transposed tiles: rows of these tiles are keys (offs_n), columns are queries (offs_m); in order.
@@ -185,6 +190,8 @@ def _dkdv_inner(
             empty, full = iv_classify(sum_ptr, p0, p1, start_m, r1, BLOCK_N)
             if not IV_SKIP:  # (no branch around the tile: the range was narrowed instead)
                 empty = False
+        if HAS_TS:  # tile states: this key tile's column of them (the forward's layout, transposed)
+            empty, full = ts_state(ts_ptr + (start_m // BLOCK_M) * ts_cols)
         if not empty:
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = load_tile(
@@ -239,6 +246,9 @@ def _dkdv_inner(
             if HAS_IV:  # noqa: SIM102 (constexpr, then a runtime branch)
                 if not full:
                     st = iv_apply(st, offs_m[None, :], ia, ib, ic, id_)
+            if HAS_TS:  # noqa: SIM102
+                if not full:
+                    st = ts_apply(st, offs_m[None, :], offs_n[:, None], off, smod, MASK_KEEP)
             lg = st * c - lse_hi[None, :]
             if exact:
                 lg -= lse_lo[None, :]
@@ -283,6 +293,9 @@ def _dkdv_inner(
         "stride_ih",
         "stride_sb",
         "stride_sh",
+        "stride_tb",
+        "stride_th",
+        "ts_cols",
     ]
 )
 def attn_bwd_dkdv(
@@ -359,6 +372,10 @@ def attn_bwd_dkdv(
     SmG1,
     SmG2,
     SmG3,  # float32 gradients of the captured tensors that want one (SMOD_GRAD; contiguous)
+    Ts,
+    stride_tb,
+    stride_th,
+    ts_cols,  # tile states int8 (B', H', query tiles, ts_cols) at this kernel's tiles (HAS_TS; see _fwd)
     GROUP: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -380,6 +397,8 @@ def attn_bwd_dkdv(
     IV_SKIP: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
+    HAS_TS: tl.constexpr,
+    MASK_KEEP: tl.constexpr,
     SMOD_GRAD: tl.constexpr = False,
     SCORE_MOD_BWD: tl.constexpr = None,
     ONE_LOOP: tl.constexpr = False,
@@ -435,12 +454,16 @@ def attn_bwd_dkdv(
             slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
         sum_ptr = IvSum + b * stride_sb + h * stride_sh
         smod = (SmC0, SmC1, SmC2, SmC3, SmMeta, b, h, SmG0, SmG1, SmG2, SmG3)
+        ts_ptr = Ts + b * stride_tb + h * stride_th + pid_n  # (this key tile's column of states)
         ia, ib, ic, id_ = 0, 0, 0, 0
         g_lo, g_full_lo, g_full_hi, g_hi = lo, full_lo, full_hi, hi
         if HAS_IV:  # this key tile's column intervals, (BN, 1) each, and the query tiles that see any
             iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
             ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[:, None], seqlen_k)
             lo2, hi2 = iv_narrow_q(sum_ptr, k_start + n0, k_start + n1, lo, hi, seqlen_q, BLOCK_M, BLOCK_N)
+            g_lo, g_full_lo, g_full_hi, g_hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
+        if HAS_TS:  # the query tiles from the first to the last whose state (this column) is not empty
+            lo2, hi2 = ts_narrow(ts_ptr, ts_cols, lo, hi, BLOCK_M)
             g_lo, g_full_lo, g_full_hi, g_hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
         # the tile schedule's three segments: masked head, unmasked body, masked tail; ONE_LOOP: every
         # visited tile in one masked loop, so the software pipeline runs through the diagonal without
@@ -498,6 +521,8 @@ def attn_bwd_dkdv(
                 ic,
                 id_,
                 smod,
+                ts_ptr,
+                ts_cols,
                 D,
                 DV,
                 BLOCK_D,
@@ -520,6 +545,8 @@ def attn_bwd_dkdv(
                 SCORE_MOD,
                 SMOD_GRAD,
                 SCORE_MOD_BWD,
+                HAS_TS,
+                MASK_KEEP,
             )
     row_mask = offs_n[:, None] < seqlen_k
     dk_ptrs = (

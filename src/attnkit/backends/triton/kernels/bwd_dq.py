@@ -21,6 +21,7 @@ from attnkit.backends.triton.kernels.common import (
     seq_bounds,
 )
 from attnkit.backends.triton.kernels.fwd import load_tile
+from attnkit.backends.triton.kernels.tiles import ts_apply, ts_narrow, ts_state
 
 
 @triton.jit
@@ -60,6 +61,7 @@ def _dq_inner(
     r0,
     r1,
     smod,
+    ts_ptr,
     D: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -78,6 +80,8 @@ def _dq_inner(
     IV_SKIP: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
+    HAS_TS: tl.constexpr,
+    MASK_KEEP: tl.constexpr,
 ):
     c = pending_scale(sm_scale, DEFER)
     for start_n in range(lo, hi, BLOCK_N):
@@ -88,6 +92,8 @@ def _dq_inner(
             empty, full = iv_classify(sum_ptr, k_start + start_n, k_start + last, r0, r1, BLOCK_N)
             if not IV_SKIP:
                 empty = False
+        if HAS_TS:  # tile states: skip empty key tiles, no mask work on full ones
+            empty, full = ts_state(ts_ptr + start_n // BLOCK_N)
         if not empty:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             kt = load_tile(
@@ -139,6 +145,9 @@ def _dq_inner(
                 ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[None, :], seqlen_k)
                 if not full:
                     s = iv_apply(s, offs_m[:, None], ia, ib, ic, id_)
+            if HAS_TS:  # noqa: SIM102
+                if not full:
+                    s = ts_apply(s, offs_m[:, None], offs_n[None, :], off, smod, MASK_KEEP)
             lg = s * c - lse_hi[:, None]
             if q.dtype == tl.float32:
                 lg -= lse_lo[:, None]
@@ -168,6 +177,9 @@ def _dq_inner(
         "stride_ih",
         "stride_sb",
         "stride_sh",
+        "stride_tb",
+        "stride_th",
+        "ts_cols",
     ]
 )
 def attn_bwd_dq(
@@ -230,6 +242,10 @@ def attn_bwd_dq(
     SmC2,
     SmC3,
     SmMeta,  # score_mod: captured tensors and their int64 (4, 8) strides/sizes (attnkit.compiler)
+    Ts,
+    stride_tb,
+    stride_th,
+    ts_cols,  # tile states int8 (B', H', query tiles, ts_cols) at this kernel's tiles (HAS_TS; see _fwd)
     GROUP: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -251,6 +267,8 @@ def attn_bwd_dq(
     IV_SKIP: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
+    HAS_TS: tl.constexpr,
+    MASK_KEEP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if REVERSE:
@@ -307,11 +325,15 @@ def attn_bwd_dq(
     m1 = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
     iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
     sum_ptr = IvSum + b * stride_sb + h * stride_sh
+    ts_ptr = Ts + b * stride_tb + h * stride_th + pid_m * ts_cols  # (this query tile's row of states)
     lo, full_lo, full_hi, hi = kv_tiles(
         m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
     )
     if HAS_IV:  # from the first to the last key tile the mask leaves non-empty for these rows
         lo2, hi2 = iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, m0, m1, BLOCK_N)
+        lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
+    if HAS_TS:  # from the first to the last key tile whose state is not empty
+        lo2, hi2 = ts_narrow(ts_ptr, 1, lo, hi, BLOCK_N)
         lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
     # the tile schedule's three segments: masked head, unmasked body, masked tail
     for seg in tl.static_range(3):
@@ -357,6 +379,7 @@ def attn_bwd_dq(
             m0,
             m1,
             smod,
+            ts_ptr,
             D,
             DV,
             BLOCK_D,
@@ -375,6 +398,8 @@ def attn_bwd_dq(
             IV_SKIP,
             HAS_SCORE_MOD,
             SCORE_MOD,
+            HAS_TS,
+            MASK_KEEP,
         )
     dq_ptrs = (
         DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqs + offs_d[None, :]

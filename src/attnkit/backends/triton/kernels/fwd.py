@@ -20,6 +20,7 @@ from attnkit.backends.triton.kernels.common import (
     scores,
     seq_bounds,
 )
+from attnkit.backends.triton.kernels.tiles import ts_apply, ts_narrow, ts_state
 
 
 @triton.jit
@@ -81,6 +82,7 @@ def _fwd_inner(
     r0,
     r1,
     smod,
+    ts_ptr,
     D: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -99,6 +101,8 @@ def _fwd_inner(
     IV_SKIP: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
+    HAS_TS: tl.constexpr,
+    MASK_KEEP: tl.constexpr,
 ):
     c = pending_scale(sm_scale, DEFER)  # scores * c = scores in log2 units
     for start_n in range(lo, hi, BLOCK_N):
@@ -112,7 +116,16 @@ def _fwd_inner(
                 seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
                 stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, empty, full, smod, D, DV, BLOCK_D,
                 BLOCK_DV, BLOCK_N, MASK, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
-                PRECISION, True, HAS_SCORE_MOD, SCORE_MOD,
+                PRECISION, True, HAS_SCORE_MOD, SCORE_MOD, False, MASK_KEEP,
+            )  # fmt: skip
+        elif HAS_TS:  # tile states (a mask evaluated per tile): empty tiles skipped, full ones unmasked
+            empty, full = ts_state(ts_ptr + start_n // BLOCK_N)
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n,
+                seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
+                stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, empty, full, smod, D, DV, BLOCK_D,
+                BLOCK_DV, BLOCK_N, MASK, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
+                PRECISION, False, HAS_SCORE_MOD, SCORE_MOD, True, MASK_KEEP,
             )  # fmt: skip
         else:
             acc, l_i, m_i = _fwd_tile(
@@ -120,7 +133,7 @@ def _fwd_inner(
                 seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
                 stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, False, True, smod, D, DV, BLOCK_D,
                 BLOCK_DV, BLOCK_N, MASK, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
-                PRECISION, False, HAS_SCORE_MOD, SCORE_MOD,
+                PRECISION, False, HAS_SCORE_MOD, SCORE_MOD, False, MASK_KEEP,
             )  # fmt: skip
     return acc, l_i, m_i
 
@@ -134,8 +147,10 @@ def _fwd_tile(
     MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DEFER: tl.constexpr,
     PRECISION: tl.constexpr, HAS_IV: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
+    HAS_TS: tl.constexpr, MASK_KEEP: tl.constexpr,
 ):  # fmt: skip
-    """One key tile of the forward loop (``empty`` / ``full``: the interval classification, HAS_IV only)."""
+    """One key tile of the forward loop (``empty`` / ``full``: the interval classification (HAS_IV) or the
+    tile's state (HAS_TS))."""
     if not empty:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         # K^T tile (BLOCK_D, BLOCK_N), V tile (BLOCK_N, BLOCK_DV)
@@ -179,6 +194,9 @@ def _fwd_tile(
             ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[None, :], seqlen_k)  # (loads outside the branch)
             if not full:  # a partial tile: the masked rows of each column
                 s = iv_apply(s, offs_m[:, None], ia, ib, ic, id_)
+        if HAS_TS:  # noqa: SIM102 (constexpr, then a runtime branch)
+            if not full:  # a partial tile: the mask condition per element
+                s = ts_apply(s, offs_m[:, None], offs_n[None, :], off, smod, MASK_KEEP)
         m_new = tl.maximum(m_i, tl.max(s, 1) * c)  # log2 units (c > 0)
         # rows that have seen no visible key yet keep m = -inf; subtract 0 there so exp2 gives 0, not NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -214,6 +232,9 @@ def _fwd_tile(
         "stride_ih",
         "stride_sb",
         "stride_sh",
+        "stride_tb",
+        "stride_th",
+        "ts_cols",
     ]
 )
 def attn_fwd(
@@ -269,6 +290,10 @@ def attn_fwd(
     SmC2,
     SmC3,
     SmMeta,  # score_mod: captured tensors and their int64 (4, 8) strides/sizes (attnkit.compiler)
+    Ts,
+    stride_tb,
+    stride_th,
+    ts_cols,  # tile states int8 (B', H', query tiles, ts_cols) (ops/tiles.py; HAS_TS); 0 = broadcast dim
     GROUP: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -290,6 +315,8 @@ def attn_fwd(
     IV_SKIP: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
+    HAS_TS: tl.constexpr,
+    MASK_KEEP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if REVERSE:  # causal load balance: the longest rows (last tiles) start first
@@ -324,11 +351,15 @@ def attn_fwd(
     m1 = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
     iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
     sum_ptr = IvSum + b * stride_sb + h * stride_sh
+    ts_ptr = Ts + b * stride_tb + h * stride_th + pid_m * ts_cols  # (this query tile's row of states)
     lo, full_lo, full_hi, hi = kv_tiles(
         m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
     )
     if HAS_IV:  # from the first to the last key tile the mask leaves non-empty for these rows
         lo2, hi2 = iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, m0, m1, BLOCK_N)
+        lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
+    if HAS_TS:  # from the first to the last key tile whose state is not empty
+        lo2, hi2 = ts_narrow(ts_ptr, 1, lo, hi, BLOCK_N)
         lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
     # masked head, unmasked body, masked tail: the schedule decides, the pipeline applies
     for seg in tl.static_range(3):
@@ -372,6 +403,7 @@ def attn_fwd(
             m0,
             m1,
             smod,
+            ts_ptr,
             D,
             DV,
             BLOCK_D,
@@ -390,6 +422,8 @@ def attn_fwd(
             IV_SKIP,
             HAS_SCORE_MOD,
             SCORE_MOD,
+            HAS_TS,
+            MASK_KEEP,
         )
 
     has_key = l_i > 0.0

@@ -13,6 +13,7 @@ import torch
 from attnkit.backends.triton.kernels import bwd as _bwd
 from attnkit.backends.triton.kernels import bwd_dq as _bwd_dq
 from attnkit.backends.triton.ops import common as c
+from attnkit.backends.triton.ops import tiles as _tiles
 from attnkit.backends.triton.params import BwdParams
 from attnkit.backends.triton.runtime import capability as _cap
 from attnkit.backends.triton.runtime import tuning as _tuning
@@ -148,9 +149,11 @@ def body(p: BwdParams, keep=None):
         BM, BN, warps, stages = cfg
         grid = (c.cdiv(max(Sk, 1), BN), B * Hk)
         one_loop = _tuning.one_loop_dkdv(flags["HAS_LEFT"], flags["HAS_RIGHT"])
+        ts, ts_flags = _tiles.launch_args(p, B, Hq, BM, BN, dummy)  # (a mask evaluated per tile)
         with c.jit_hooks_off(common["SCORE_MOD"]):
             attn_bwd_dkdv[grid](
                 *dkdv_args,
+                *ts,
                 BLOCK_M=BM,
                 BLOCK_N=BN,
                 BIAS_GRAD=bias_grad,
@@ -159,17 +162,19 @@ def body(p: BwdParams, keep=None):
                 SCORE_MOD_BWD=c.score_mod_bwd_fn(p) if p.smod_grad else None,
                 num_warps=warps,
                 num_stages=stages,
-                **common,
+                **{**common, **ts_flags},
             )
 
-    def launch_dq(cfg, stream=None):
+    def launch_dq(cfg, stream=None, ts=None):
         BM, BN, warps, stages = cfg
         grid = (c.cdiv(max(Sq, 1), BM), B * Hq)
         reverse = flags["HAS_RIGHT"] and not flags["HAS_LEFT"]
+        # (a mask evaluated per tile: its states, made on the current stream before a side stream reads them)
+        ts, ts_flags = _tiles.launch_args(p, B, Hq, BM, BN, dummy) if ts is None else ts
         with c.jit_hooks_off(common["SCORE_MOD"]):
             attn_bwd_dq[grid](
-                *dq_args, BLOCK_M=BM, BLOCK_N=BN, REVERSE=reverse, num_warps=warps, num_stages=stages,
-                stream=stream, **common,
+                *dq_args, *ts, BLOCK_M=BM, BLOCK_N=BN, REVERSE=reverse, num_warps=warps, num_stages=stages,
+                stream=stream, **{**common, **ts_flags},
             )  # fmt: skip
 
     gluon_bwd = views = None
@@ -198,9 +203,10 @@ def body(p: BwdParams, keep=None):
         # (the launch takes the side stream's handle: no stream switch on the host)
         main = torch.cuda.current_stream(q.device)
         side = _side_stream(q.device)
+        ts_dq = _tiles.launch_args(p, B, Hq, cfg_dq[0], cfg_dq[1], dummy)
         side.wait_stream(main)
         run_dkdv()
-        launch_dq(cfg_dq, side.cuda_stream)
+        launch_dq(cfg_dq, side.cuda_stream, ts_dq)
         main.wait_stream(side)
     else:
         run_dkdv()

@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from attnkit.backends.triton.ops import common as c
 from attnkit.backends.triton.ops.combine import combine_plan, launch_combine
 from attnkit.backends.triton.runtime import capability as _cap
 from attnkit.backends.triton.runtime import launch as _launch
@@ -302,7 +303,8 @@ def decode_fwd(
     slopes = alibi_slopes if p.alibi else lse
     sm = tuple([lse if t is None else t for t in (smod_c0, smod_c1, smod_c2, smod_c3, smod_meta)])
     args = (q, k_cache, v_cache, seqlens, table, slopes, *sm, part, part_lse)
-    _kernel()[p.grid](*args, *p.scalars, **p.consts)
+    with c.jit_hooks_off(p.consts.get("SCORE_MOD")):
+        _kernel()[p.grid](*args, *p.scalars, **p.consts)
     if p.combine is not None:
         launch_combine(p.combine, part, part_lse, out, lse)
     return out, lse

@@ -11,6 +11,7 @@ import torch
 
 from attnkit.backends.triton.kernels import fwd as _fwd
 from attnkit.backends.triton.ops import common as c
+from attnkit.backends.triton.ops import tiles as _tiles
 from attnkit.backends.triton.params import FwdParams
 from attnkit.backends.triton.runtime import capability as _cap
 from attnkit.backends.triton.runtime import tuning as _tuning
@@ -114,8 +115,17 @@ def body(p: FwdParams, keep=None):
     def launch(cfg):
         BM, BN, warps, stages = cfg
         grid = (c.cdiv(max(Sq, 1), BM), B * Hq)
+        ts, ts_flags = _tiles.launch_args(p, B, Hq, BM, BN, dummy)  # (a mask evaluated per tile)
         with c.jit_hooks_off(constexprs["SCORE_MOD"]):
-            attn_fwd[grid](*args, BLOCK_M=BM, BLOCK_N=BN, **constexprs, num_warps=warps, num_stages=stages)
+            attn_fwd[grid](
+                *args,
+                *ts,
+                BLOCK_M=BM,
+                BLOCK_N=BN,
+                **{**constexprs, **ts_flags},
+                num_warps=warps,
+                num_stages=stages,
+            )
 
     cfg = _tuning.pick(
         "fwd", D, Dv, q.dtype, FwdParams.tune_key(flags), Sq, Sk, q.device, launch, _tuning.hints(flags)
