@@ -431,3 +431,30 @@ def test_lowering_is_memoized_per_mask_and_data():
     a = I.lower(tmask, normalize(t, t, t, mask=tmask, cu_seqlens_q=cu1, cu_seqlens_k=cu1, layout="thd"))
     b = I.lower(tmask, normalize(t, t, t, mask=tmask, cu_seqlens_q=cu2, cu_seqlens_k=cu2, layout="thd"))
     assert a is not b and not torch.equal(a.startend, b.startend)
+
+
+def test_the_empty_tile_skip_is_chosen_per_mask(monkeypatch):
+    """The branch that skips empty key tiles inside a row's range is on where the mask can leave such tiles
+    (shared prefix, global+window, FlashMask) and off elsewhere (documents, prefix-LM: it cost there on the
+    H200), unless ``ATTNKIT_TRITON_IV_SKIP`` forces it."""
+    from attnkit._call import normalize
+    from attnkit.backends.triton.params import _iv_skip
+    from attnkit.masks import _intervals
+
+    q = torch.randn(1, 2, 64, 16)
+    holes = {
+        "shared": M.shared_prefix(8, [20, 30]),
+        "global": M.global_sliding(4, 8),
+        "flashmask": M.flashmask(torch.full((1, 1, 64, 2), 64, dtype=torch.int32), causal=False),
+        "document": M.document(_sorted_ids(1, 64, 3)[0]) & M.causal(),
+        "prefix": M.prefix_lm(10),
+        "chunked": M.chunked(16) & M.causal(),
+    }
+    got = {name: _intervals.lower(m, normalize(q, q, q, mask=m)).holes for name, m in holes.items()}
+    assert {n for n, h in got.items() if h} == {"shared", "global", "flashmask"}, got
+    monkeypatch.delenv("ATTNKIT_TRITON_IV_SKIP", raising=False)
+    assert _iv_skip(True) and not _iv_skip(False)
+    monkeypatch.setenv("ATTNKIT_TRITON_IV_SKIP", "0")
+    assert not _iv_skip(True)
+    monkeypatch.setenv("ATTNKIT_TRITON_IV_SKIP", "1")
+    assert _iv_skip(False)

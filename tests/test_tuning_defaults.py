@@ -39,3 +39,44 @@ def test_short_causal_dq_tiles():
     long = tuning.fitting_default("dq", 128, 128, torch.bfloat16, dev, causal, 4096)
     assert long == tuning.default_config("dq", 128, 128)
     assert tuning.fitting_default("dq", 128, 128, torch.bfloat16, dev, frozenset(), 512) == long
+
+
+def test_a_tile_shape_the_gpu_refuses_falls_back_to_smaller_tiles_and_is_remembered():
+    """On the H200 a compiled score mod that gathers from a table needed 480 KB of shared memory at the
+    default forward tiles (the estimate counts K/V only): the launch retries the largest smaller tiles that
+    compile, remembers them for that key, and other errors still raise."""
+    import torch
+
+    from attnkit.backends.triton.runtime import tuning
+
+    class OutOfResources(Exception):
+        pass
+
+    tried = []
+
+    def launch(cfg):
+        tried.append(cfg)
+        if cfg[0] * cfg[1] > 64 * 64:
+            raise OutOfResources("out of resource: shared memory")
+        return cfg
+
+    key = ("test-key", object())
+    big = (128, 128, 8, 3)
+    got = tuning.launch_fitting("fwd", big, key, launch, 128, 128, torch.bfloat16)
+    assert got[0] * got[1] <= 64 * 64 and tried[0] == big and len(tried) > 1
+    assert tuning.shrunk("fwd", big, key) == got
+    tried.clear()
+    assert tuning.launch_fitting("fwd", big, key, launch, 128, 128, torch.bfloat16) == got
+    assert tried == [got]  # remembered: no retry of the refused shape
+
+    def broken(cfg):
+        raise ValueError("not a resource problem")
+
+    with pytest.raises(ValueError):
+        tuning.launch_fitting("fwd", big, ("other",), broken, 128, 128, torch.bfloat16)
+
+    def never(cfg):
+        raise OutOfResources("out of resource: shared memory")
+
+    with pytest.raises(OutOfResources):
+        tuning.launch_fitting("dq", (128, 64, 8, 2), ("third",), never, 128, 128, torch.bfloat16)

@@ -42,6 +42,7 @@ class Intervals:
     summary: torch.Tensor
     causal: bool = False
     window: tuple[int, int] | None = None
+    holes: bool = False  # a row's visible keys may have gaps inside its range (see _HOLES)
 
 
 @dataclass
@@ -179,6 +180,12 @@ _LOWER = {
 _SLOTS = {"prefix_lm": 1, "shared_prefix": 1}
 _WELL_FORMED = {"document"}  # kinds whose bounds need no clamping (0 <= a <= b <= INF, empty as [0, 0))
 _CAUSAL = {"shared_prefix"}
+# kinds under which a query row's visible keys can have gaps inside the range the kernels narrow it to (a
+# response skips the other responses; global keys then the window; FlashMask's inner intervals): the kernels
+# then skip empty key tiles by a branch (on the H200, B=2 H=16 S=8k D=128, forward: shared prefix 2.38 ->
+# 1.68 ms, global_sliding 2.75 -> 1.16), which costs where there are no gaps (documents 0.71 -> 0.83,
+# prefix-LM 2.25 -> 2.85: docs/results/2026-12-02-h200-c/sweep.txt)
+_HOLES = {"shared_prefix", "global_sliding", "flashmask"}
 
 
 def _check_document(params, call) -> str | None:
@@ -330,6 +337,7 @@ def _lower(mask: Mask, call) -> Intervals | None:
         return None
     causal, window, pairs = False, None, []
     c = None
+    holes = False
     for m in _conjuncts(mask):
         if m.native is not None:
             causal = causal or m.native.get("causal", False)
@@ -340,6 +348,7 @@ def _lower(mask: Mask, call) -> Intervals | None:
         if m.kind == "full":
             continue
         c = _coords(call) if c is None else c
+        holes = holes or m.kind in _HOLES
         got = _LOWER[m.kind](m.params, c, call)
         pairs += got if m.kind in _WELL_FORMED else [_norm(a, b) for a, b in got]
         causal = causal or m.kind in _CAUSAL or (m.kind == "flashmask" and m.params["causal"])
@@ -357,7 +366,7 @@ def _lower(mask: Mask, call) -> Intervals | None:
         se = se.unsqueeze(0)
     window = None if window == (-1, -1) else window
     se = se.contiguous()
-    return Intervals(se, summarize(se), causal, window)
+    return Intervals(se, summarize(se), causal, window, holes)
 
 
 def summarize(startend: torch.Tensor) -> torch.Tensor:

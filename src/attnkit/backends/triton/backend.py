@@ -131,6 +131,7 @@ class TritonBackend(Backend):
             bool(call.deterministic),
             iv.startend if iv is not None else None,
             iv.summary if iv is not None else None,
+            bool(iv is not None and iv.holes),
             *_score_mod_args(call),
         )
         out, lse, _, _ = ops.attention(p)

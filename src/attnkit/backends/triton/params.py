@@ -60,6 +60,7 @@ class FwdParams:
     # key column and their (B', H', ceil(K / 16), 8) summary, or None
     startend: Tensor | None
     iv_summary: Tensor | None
+    iv_skip: bool  # the mask can leave empty key tiles inside a row's range: skip them by a branch
     # a compiled score_mod (``attnkit.compiler``): its generated function's key ("" = none), the tensors it
     # captured (up to 4, any strides; None past their count) and their int64 (4, 8) strides/sizes table
     score_mod: str
@@ -113,7 +114,7 @@ class FwdParams:
             "HAS_RIGHT": has_right,
             "DROPOUT": self.dropout_p > 0,
             "HAS_IV": self.startend is not None,
-            "IV_SKIP": self.startend is not None and _iv_skip(),
+            "IV_SKIP": self.startend is not None and _iv_skip(self.iv_skip),
             "HAS_SCORE_MOD": bool(self.score_mod),
         }
 
@@ -167,13 +168,15 @@ class BwdParams(FwdParams):
         return FwdParams(*_GET[FwdParams](self))
 
 
-def _iv_skip() -> bool:
-    """Masks as data: ``ATTNKIT_TRITON_IV_SKIP=1`` puts a branch around every key tile that skips the empty
-    ones inside the narrowed range (default 0: no branch, so the software pipeline stays; empty tiles at the
-    ends of a row's range are cut off either way). For A/B runs on the GPU."""
+def _iv_skip(holes: bool) -> bool:
+    """Masks as data: skip the empty key tiles inside a row's narrowed range by a branch around every key
+    tile, where the mask can leave such tiles (``holes``: ``masks._intervals._HOLES``, measured there);
+    elsewhere no branch, so the software pipeline stays (empty tiles at the ends of a row's range are cut
+    off either way). ``ATTNKIT_TRITON_IV_SKIP=1`` / ``=0`` forces it on / off for A/B runs on the GPU."""
     import os
 
-    return os.environ.get("ATTNKIT_TRITON_IV_SKIP", "0") not in ("", "0")
+    forced = os.environ.get("ATTNKIT_TRITON_IV_SKIP", "")
+    return holes if forced == "" else forced != "0"
 
 
 def _is_tensor(annotation) -> bool:

@@ -143,6 +143,7 @@ def body(p: BwdParams, keep=None):
     features = {n: f for n, f in flags.items() if n != "BIAS_GRAD"}  # (BIAS_GRAD: the dK/dV kernel's alone)
     common = c.constexprs(p, q, v, Hq, Hk, features)
     tune_key = BwdParams.tune_key(flags)
+    fit_key = (tune_key, p.score_mod)  # (what a tile shape's resources depend on besides the tiles)
     hint = _tuning.hints(flags)
 
     def launch_dkdv(cfg):
@@ -194,7 +195,7 @@ def body(p: BwdParams, keep=None):
         cfg_dkdv = _tuning.pick("dkdv", D, Dv, q.dtype, tune_key, Sq, Sk, q.device, launch_dkdv, hint)
 
         def run_dkdv():
-            launch_dkdv(cfg_dkdv)
+            _tuning.launch_fitting("dkdv", cfg_dkdv, fit_key, launch_dkdv, D, Dv, q.dtype)
 
     cfg_dq = _tuning.pick("dq", D, Dv, q.dtype, tune_key, Sq, Sk, q.device, launch_dq, hint)
     if q.is_cuda and _tuning.concurrent_backward(B * Hq * Sq * Sk):
@@ -203,14 +204,23 @@ def body(p: BwdParams, keep=None):
         # (the launch takes the side stream's handle: no stream switch on the host)
         main = torch.cuda.current_stream(q.device)
         side = _side_stream(q.device)
+        cfg_dq = _tuning.shrunk("dq", cfg_dq, fit_key)
         ts_dq = _tiles.launch_args(p, B, Hq, cfg_dq[0], cfg_dq[1], dummy)
         side.wait_stream(main)
         run_dkdv()
-        launch_dq(cfg_dq, side.cuda_stream, ts_dq)
+
+        def dq_on_side(cfg):
+            ts = ts_dq
+            if cfg != cfg_dq:  # (smaller tiles than planned: their states, made before the side stream reads)
+                ts = _tiles.launch_args(p, B, Hq, cfg[0], cfg[1], dummy)
+                side.wait_stream(main)
+            launch_dq(cfg, side.cuda_stream, ts)
+
+        _tuning.launch_fitting("dq", cfg_dq, fit_key, dq_on_side, D, Dv, q.dtype)
         main.wait_stream(side)
     else:
         run_dkdv()
-        launch_dq(cfg_dq)
+        _tuning.launch_fitting("dq", cfg_dq, fit_key, launch_dq, D, Dv, q.dtype)
     return dq, dk, dv, _reduce_dbias(dbias, bias) if bias_grad else dbias, dsmod
 
 

@@ -127,8 +127,7 @@ def body(p: FwdParams, keep=None):
                 num_stages=stages,
             )
 
-    cfg = _tuning.pick(
-        "fwd", D, Dv, q.dtype, FwdParams.tune_key(flags), Sq, Sk, q.device, launch, _tuning.hints(flags)
-    )
-    launch(cfg)
+    tune_key = FwdParams.tune_key(flags)
+    cfg = _tuning.pick("fwd", D, Dv, q.dtype, tune_key, Sq, Sk, q.device, launch, _tuning.hints(flags))
+    _tuning.launch_fitting("fwd", cfg, (tune_key, p.score_mod), launch, D, Dv, q.dtype)
     return outputs(tensors)

@@ -244,6 +244,46 @@ def pick(
 
 
 _fast: dict = {}
+_SHRUNK: dict = {}  # (kind, key, cfg) -> the smaller tiles that launched where cfg ran out of resources
+
+
+def _out_of_resources(e: Exception) -> bool:
+    """Triton's refusal to compile a tile shape for this GPU (shared memory, registers)."""
+    return type(e).__name__ == "OutOfResources" or "out of resource" in str(e)
+
+
+def shrunk(kind: str, cfg: Config, key) -> Config:
+    """The tiles :func:`launch_fitting` found to launch in place of ``cfg`` for ``key`` (else ``cfg``)."""
+    return _SHRUNK.get((kind, key, cfg), cfg)
+
+
+def launch_fitting(kind: str, cfg: Config, key, launch, D: int, Dv: int, dtype: torch.dtype):
+    """``launch(cfg)``; where the compiled kernel needs more shared memory than this GPU has (a compiled
+    score mod that gathers from a captured table needs more than :func:`_smem_estimate` counts: seen on
+    the H200, 480 KB at (128, 128)), the largest smaller tiles that launch, remembered for ``(kind, key,
+    cfg)`` so later calls go straight to them. ``key``: what the kernel's resources depend on besides the
+    tiles (the tuning key and the score mod's module)."""
+    use = _SHRUNK.get((kind, key, cfg), cfg)
+    try:
+        return launch(use)
+    except Exception as e:  # noqa: BLE001 (only a refusal of the tile shape is retried)
+        if not _out_of_resources(e):
+            raise
+        first = e
+    elem = torch.empty((), dtype=dtype).element_size()
+    have = _smem_estimate(kind, use, D, Dv, elem)
+    pool = dict.fromkeys(_CANDIDATES[kind].get(dim_class(max(D, Dv)), []) + _SMALL)
+    smaller = [c for c in pool if _usable(kind, c) and _smem_estimate(kind, c, D, Dv, elem) < have]
+    for c2 in sorted(smaller, key=lambda c: (-c[0] * c[1], -c[3])):
+        try:
+            out = launch(c2)
+        except Exception as e:  # noqa: BLE001
+            if not _out_of_resources(e):
+                raise
+            continue
+        _SHRUNK[(kind, key, cfg)] = c2
+        return out
+    raise first
 TUNED = [0]  # autotuning runs in this process (ops' replays must not record their trial launches)
 
 
