@@ -32,10 +32,12 @@ from attnkit.errors import UnsupportedError
 from attnkit.masks import _intervals, _tiles
 
 _INT32 = 2**31 - 1
-# A compiled score_mod's forward and backward are priced at this factor of the plain kernels' time: not
-# measured on a GPU yet, so set high enough that ``auto`` keeps FlexAttention for score_mod calls on CUDA
-# until the lead measures them (then replace it by the measured ratio).
-SCORE_MOD_COST = 4.0
+# A compiled score_mod's time over the plain Triton kernels' (no Gluon: mods run on the Triton kernels), per
+# mode. Measured on the H200 (bf16, B=2 H=16 S=8k D=128, causal, docs/results/2026-12-02-h200-c/
+# masks_triton_mods.csv): a tanh softcap mod 1.82 ms forward against 1.21 for causal flags (1.50), 7.90 ms
+# forward+backward against the rates' 4.97 (1.59); an ALiBi mod 1.19 and 1.20. The dearer of the two is
+# used. Mods that gather from captured tables (T5, relative bias) did not run in that session.
+SCORE_MOD_COST = {"fwd": 1.5, "fwd_bwd": 1.6}
 
 
 def _rates() -> dict:
@@ -87,7 +89,7 @@ class TritonBackend(Backend):
         if view.score_mod is not None:
             why = _score_mod_why_not(view)
             if why is not None:
-                if view is not call:
+                if call.mask is not None and view.mask is None:
                     lowering = _intervals.why_not(call.mask, call)
                     why = f"mask {call.mask.name}: {lowering}; as a score mod: {why}"
                 r.append(f"{why} (use backend='flex' or 'reference')")
@@ -212,7 +214,9 @@ class TritonBackend(Backend):
             return 1e6 + call.batch * call.Hq * call.Sq * call.Sk * (call.D + call.Dv) / 1e6
         flops, _, rate = self._flops_pairs(call)
         t = flops / rate * (1.3 if call.dropout_p > 0 else 1.0)
-        return t * (SCORE_MOD_COST if call.score_mod is not None else 1.0)
+        if call.score_mod is not None:
+            t *= SCORE_MOD_COST["fwd_bwd" if call.requires_grad else "fwd"]
+        return t
 
     def memory_traffic(self, call: AttentionCall) -> tuple[int | None, float, float]:
         # One program per (batch, query head, query tile), each reading its KV head's K/V: a GQA call reads
@@ -244,7 +248,9 @@ class TritonBackend(Backend):
     def notes(self, call: AttentionCall) -> list[str]:
         n = ["backward: dK/dV kernel and a separate dQ pass beside it (no atomics: deterministic)"]
         view = _mask_as_mod(call)
-        if view is not call:
+        if call.score_mod is not None and view.score_mod is None:
+            n.append(f"score_mod {call.score_mod.name}: the kernels' own softcap / ALiBi (no compiled mod)")
+        if call.mask is not None and view.mask is None:
             n.append(
                 f"mask {call.mask.name} evaluated inside the kernels, as a compiled score mod (it has no "
                 "interval lowering): per-tile states computed on the device (empty tiles skipped, full tiles "
@@ -277,22 +283,50 @@ BACKEND = TritonBackend()
 
 
 def _mask_as_mod(call: AttentionCall) -> AttentionCall:
-    """``call`` itself, or, when its mask does not lower to column intervals (a ``mask_mod`` callable,
-    ``|``, ``~``, ``neighborhood_2d``, unsorted document ids, ...), the same call with the mask folded into
-    the score mod: ``where(mask(b, h, q, kv, off), score_mod(s, ...), -inf)``, which the score-mod compiler
-    lowers into the kernels (docs/api.md's order: the mask after the score mod), with the mask's condition
-    apart for per-tile states (``ops/tiles.py``: empty tiles skipped, full ones unmasked). Kept on the
-    call."""
-    if call.mask is None or _intervals.why_not(call.mask, call) is None:
-        return call
+    """The call as the kernels run it: ``call`` itself; or the library's ``mods.softcap`` / ``mods.alibi``
+    as the kernels' own softcap / ALiBi flags where that is the same function (:func:`_mods_as_flags`); or,
+    when its mask does not lower to column intervals (a ``mask_mod`` callable, ``|``, ``~``,
+    ``neighborhood_2d``, unsorted document ids, ...), the same call with the mask folded into the score mod:
+    ``where(mask(b, h, q, kv, off), score_mod(s, ...), -inf)``, which the score-mod compiler lowers into the
+    kernels (docs/api.md's order: the mask after the score mod), with the mask's condition apart for
+    per-tile states (``ops/tiles.py``: empty tiles skipped, full ones unmasked). Kept on the call."""
     hit = call.__dict__.get("_mask_view")
     if hit is not None and hit[0] is call.mask and hit[1] is call.score_mod:
         return hit[2]
-    view = dataclasses.replace(call, score_mod=_masked_mod(call.mask, call.score_mod), mask=None)
-    view.__dict__["_tile_mask"] = call.mask  # (the cost model's: how many tiles it leaves non-empty)
-    if not torch.compiler.is_compiling():
+    view = _mods_as_flags(call)
+    if call.mask is not None and _intervals.why_not(call.mask, call) is not None:
+        view = dataclasses.replace(view, score_mod=_masked_mod(call.mask, view.score_mod), mask=None)
+        view.__dict__["_tile_mask"] = call.mask  # (the cost model's: how many tiles it leaves non-empty)
+    if view is not call and not torch.compiler.is_compiling():
         call.__dict__["_mask_view"] = (call.mask, call.score_mod, view)
     return view
+
+
+def _mods_as_flags(call: AttentionCall) -> AttentionCall:
+    """``mods.softcap(cap)``, ``mods.alibi(slopes)`` and ``compose(softcap, alibi)`` as the call's softcap /
+    ``alibi_slopes`` (no compiled mod: the kernels' own code for them), where that is the same function of
+    the scores (docs/api.md's pipeline: softcap, then bias and ALiBi, then the score mod): a softcap mod only
+    without a softcap flag, bias or ALiBi; an ALiBi mod only without ALiBi slopes, with float32 slopes on
+    the call's device that want no gradient. Anything else: ``call`` itself."""
+    m = call.score_mod
+    if m is None:
+        return call
+    parts = list(m.parts) if m.kind == "compose" else [m]
+    if [p.kind for p in parts] not in (["softcap"], ["alibi"], ["softcap", "alibi"]):
+        return call
+    changes: dict = {"score_mod": None}
+    for p in parts:
+        if p.kind == "softcap":
+            if call.softcap or call.bias is not None or call.alibi_slopes is not None:
+                return call
+            changes["softcap"] = float(p.params["cap"])
+        else:
+            slopes = p.params["slopes"]
+            ok = slopes.dtype == torch.float32 and slopes.device == call.device
+            if not ok or call.alibi_slopes is not None or (slopes.requires_grad and torch.is_grad_enabled()):
+                return call
+            changes["alibi_slopes"] = slopes
+    return dataclasses.replace(call, **changes)
 
 
 def _masked_mod(mask, score_mod):
