@@ -195,10 +195,11 @@ class TritonBackend(Backend):
         elif masked is not None:  # a mask carried as data: the pairs it leaves visible (empty tiles skipped)
             pairs = masked
             flops = pairs * call.Hq * 2.0 * (call.D + call.Dv) * (3.5 if call.requires_grad else 1.0)
-            # Measured (H200, bf16, B=2 H=16 S=8k D=128, 8 causal documents, 2026-12-02): the forward ran
-            # 0.510 ms, 135 TFLOP/s of visible pairs, about flex's 0.507 ms; the masked backward is not
-            # measured yet: priced at half that until it is, so that auto keeps flex for masked training.
-            rate = min(rate, 135e12) * (0.5 if call.requires_grad else 1.0)
+            # Measured (H200, bf16, B=2 H=16 S=8k D=128, 2026-12-02 run C, TFLOP/s of visible pairs, forward
+            # / forward+backward): 8 causal documents 180 / 172, prefix-LM 260 / 236, shared prefix 190 (with
+            # the empty-tile skip) / 154, global+window 124 (skip) / 46 (no skip); FlexAttention 218-390 on
+            # the same rows, so auto keeps flex for masks as data where it is installed.
+            rate = min(rate, 180e12 if not call.requires_grad else 160e12)
         elif call.layout == "thd" and call.seqlens_q is None:  # lengths unknown (compile, capture)
             pairs = float(call.batch * call.Sq * call.Sk)
             flops = pairs * call.Hq * 2.0 * (call.D + call.Dv) * (3.5 if call.requires_grad else 1.0)
