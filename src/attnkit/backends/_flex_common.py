@@ -86,7 +86,9 @@ def outputs(call: AttentionCall, out: torch.Tensor, lse):
 
 
 def mask_block_density(call: AttentionCall) -> float | None:
-    """Fraction of (query block, key block) pairs a user mask leaves visible, or None if not known."""
+    """Fraction of (query block, key block) pairs a user mask leaves visible, read off the call's cached
+    BlockMask; None if not known (no mask, thd, compile, or no BlockMask built for it yet: an estimate does
+    not build one, which takes milliseconds, see :func:`block_mask_seconds`)."""
     if (
         call.mask is None
         or call.layout == "thd"
@@ -94,13 +96,53 @@ def mask_block_density(call: AttentionCall) -> float | None:
         or torch.compiler.is_compiling()
     ):
         return None
-    _, mask_mod = dense_mods(call)
-    bm = block_mask(call, mask_mod, call.batch, call.Sq, call.Sk)
+    key = _block_key(call, call.batch, call.Sq, call.Sk)
+    if key is None or key not in _BLOCK_CACHE:
+        return None
+    if key in _DENSITY:
+        return _DENSITY[key]
+    bm = _BLOCK_CACHE[key][1]
     visible = bm.kv_num_blocks.sum() + (
         0 if bm.full_kv_num_blocks is None else bm.full_kv_num_blocks.sum()
     )
     total = bm.kv_num_blocks.numel() * -(-call.Sk // bm.BLOCK_SIZE[1])
-    return float(visible) / max(total, 1)
+    if len(_DENSITY) > _BLOCK_CACHE_SIZE:
+        _DENSITY.clear()
+    _DENSITY[key] = float(visible) / max(total, 1)  # (one host read per BlockMask, not per call)
+    return _DENSITY[key]
+
+
+_DENSITY: dict = {}
+
+
+def _block_key(call: AttentionCall, B: int, Q: int, K: int):
+    """The BlockMask cache's key for a call (None: never cached). Block structure is cached per shape for
+    causal/window, and per mask object for user masks: the key holds the mask's identity and the in-place
+    version of every tensor it captures, so editing doc ids in place, or passing a new mask, builds a new
+    BlockMask. thd masks depend on cu_seqlens."""
+    if call.layout == "thd" or torch.compiler.is_compiling():
+        return None
+    if call.mask is None:
+        return (call.device, Q, K, call.causal, call.window)
+    src = getattr(call.mask, "source", call.mask)
+    versions = tuple((id(t), t._version) for t in captured_tensors(src))
+    return (call.device, B, call.Hq, Q, K, call.causal, call.window, id(src), versions)
+
+
+def block_mask_seconds(call: AttentionCall) -> float:
+    """What building this call's BlockMask costs where none is cached for it (a new mask, a new packing, any
+    thd call), else 0. Measured on the H200 (2026-12-02 run C, ``attnkit bench masks``: a causal document
+    mask, B=1 H=1): ``create_block_mask`` 8.2 ms at 8k tokens, 11.1 ms at 32k, eager and compiled alike, out
+    of memory at 128k; fit: 8 ms + 1 s per 3.5e11 mask elements (B and H count where the mask is per b, h,
+    as attnkit builds user masks)."""
+    if call.mask is None and call.layout != "thd":
+        return 0.0
+    Q, K = (call.q.shape[0], call.k.shape[0]) if call.layout == "thd" else (call.Sq, call.Sk)
+    B = 1 if call.layout == "thd" else call.batch
+    key = _block_key(call, B, Q, K)
+    if key is not None and key in _BLOCK_CACHE:
+        return 0.0
+    return 8e-3 + B * call.Hq * Q * K / 3.5e11
 
 
 def block_mask(call: AttentionCall, mask_mod, B: int, Q: int, K: int):
@@ -112,17 +154,7 @@ def block_mask(call: AttentionCall, mask_mod, B: int, Q: int, K: int):
         bm = call.block_mask  # the caller's own BlockMask, when it fits this call, keeps its sparsity
         if tuple(bm.seq_lengths) == (Q, K) and bm.shape[0] in (1, B) and bm.shape[1] in (1, call.Hq):
             return bm
-    # Block structure is cached per shape for causal/window, and per mask object for user masks: the
-    # key holds the mask's identity and the in-place version of every tensor it captures, so editing
-    # doc ids in place, or passing a new mask, builds a new BlockMask. thd masks depend on cu_seqlens.
-    if call.layout == "thd" or torch.compiler.is_compiling():
-        key = None
-    elif call.mask is None:
-        key = (call.device, Q, K, call.causal, call.window)
-    else:
-        src = getattr(call.mask, "source", call.mask)
-        versions = tuple((id(t), t._version) for t in captured_tensors(src))
-        key = (call.device, B, call.Hq, Q, K, call.causal, call.window, id(src), versions)
+    key = _block_key(call, B, Q, K)
     if key is not None and key in _BLOCK_CACHE:
         _BLOCK_CACHE.move_to_end(key)
         return _BLOCK_CACHE[key][1]

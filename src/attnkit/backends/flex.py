@@ -95,7 +95,9 @@ class FlexBackend(Backend):
     def overhead_seconds(self, call: AttentionCall) -> float:
         t = 60e-6 if call.device.type == "cuda" else 1e-3
         if call.mask is not None or call.layout == "thd":
-            t += 50e-6  # building a block mask
+            t += 50e-6  # looking the block mask up
+        if call.device.type == "cuda":
+            t += common.block_mask_seconds(call)  # (a new mask: its BlockMask is built first)
         return t
 
     def _mask_block_density(self, call: AttentionCall) -> float | None:

@@ -175,7 +175,9 @@ class FlexFlashBackend(Backend):
     def overhead_seconds(self, call: AttentionCall) -> float:
         t = _LAUNCH_S
         if call.mask is not None or call.layout == "thd":
-            t += 50e-6  # building a block mask
+            t += 50e-6  # looking the block mask up
+        if call.device.type == "cuda":
+            t += common.block_mask_seconds(call)  # (a new mask: its BlockMask is built first)
         extras = ("mask", "block_mask", "score_mod", "bias", "alibi_slopes")
         plain = all(getattr(call, n) is None for n in extras)
         return t + (_PLAIN_S if plain else 0.0)
