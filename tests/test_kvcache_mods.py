@@ -217,3 +217,25 @@ def test_gpu_bf16_mods_auto_takes_the_kernel(page_size, Sq):
     assert len(plans) == 1 and plans[0].decode_args is not None and plans[0].mods
     tri = attnkit.attention_with_kvcache(q, c.k, c.v, backend="triton", **kw, **flags)
     assert torch.equal(auto, tri)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(score_mod=lambda s, b, h, q, kv: 2.0 * torch.tanh(s / 2.0), causal=True),
+        dict(mask=lambda b, h, q, kv: (kv + h + q) % 3 != 1),
+        dict(mask=M.sliding_window(5), score_mod=lambda s, b, h, q, kv: s - 0.1 * (q - kv).abs()),
+    ],
+    ids=["tanh_causal", "mask_mod_heads", "window_and_mod"],
+)
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_attention_short_queries_take_mods_on_the_decode_kernel(kw, layout):
+    """``attention()`` with a few query rows runs score_mod / mask on the split-KV decode kernel
+    (``backend="triton_decode"``), equal to the oracle, GQA query heads, Sq != Sk aligned bottom-right."""
+    import oracle
+
+    q, k, v, extra = oracle.make_inputs(
+        layout, B=2, Hq=4, Hk=2, Sq=3, Sk=37, D=16, dtype=torch.float32, device=DEV
+    )
+    tri = lambda *a, **k2: attnkit.attention(*a, backend="triton_decode", **k2)  # noqa: E731
+    oracle.check_against_oracle(tri, q, k, v, **kw, **extra)

@@ -230,17 +230,6 @@ def _gathered(c: _Cache, q, k_cache, v_cache, block_table, lens, flags, backend,
     return out.reshape(c.B, c.Sq, c.Hq, c.Dv), lse.reshape(c.Hq, c.B, c.Sq).transpose(0, 1).contiguous()
 
 
-def _kernel_mod(score_mod, mask):
-    """The one ScoreMod the decode kernel inlines for a validated (score_mod, mask) pair, or None: the mask
-    (no interval lowering in decode) folded in as ``where(mask, score_mod(s), -inf)`` (the triton
-    backend's ``_masked_mod``, memoized on the mask)."""
-    if mask is None:
-        return score_mod
-    from attnkit.backends.triton.backend import _masked_mod
-
-    return _masked_mod(mask, score_mod)
-
-
 def _triton_reasons(call, device) -> list[str]:
     r = []
     if call.requires_grad:
@@ -249,17 +238,14 @@ def _triton_reasons(call, device) -> list[str]:
             "grad (use backend='reference' for gradients, or torch.no_grad())"
         )
     if call.score_mod is not None or call.mask is not None:
-        import dataclasses
-
         try:
-            from attnkit.backends.triton.backend import _score_mod_check
+            from attnkit.backends.triton.decode import mod_why_not
+
+            why = mod_why_not(call)
         except ImportError:  # (no triton: said below)
-            pass
-        else:
-            mod = _kernel_mod(call.score_mod, call.mask)
-            why = _score_mod_check(dataclasses.replace(call, score_mod=mod, mask=None))[0]
-            if why is not None:
-                r.append(f"{'mask' if call.mask is not None else 'score_mod'} {mod.name}: {why}")
+            why = None
+        if why is not None:
+            r.append(why)
     if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         r.append(f"dtype {call.dtype} (float16, bfloat16, float32)")
     if max(call.D, call.Dv) > _MAX_HEAD_DIM:
@@ -409,12 +395,10 @@ def _mod_args(score_mod, mask, device) -> tuple:
     compiled mod's key, its captured tensors in slots, their strides/sizes table). Wrapped by attention()'s
     own rules (``_validate_programmable``), compiled through the compiler's memo (by structure: a decode
     loop with a mod traces once), the tensors read from this call's objects."""
-    from attnkit import compiler
+    from attnkit.backends.triton.decode import kernel_mod, mod_args
 
     score_mod, mask, *_ = _validate_programmable(score_mod, mask, False, None, device)
-    comp = compiler.compile_score_mod(_kernel_mod(score_mod, mask))
-    slots = list(comp.tensors) + [None] * (compiler.MAX_TENSORS - len(comp.tensors))
-    return (0, False, comp.key, *slots, compiler.meta(comp.tensors, device))
+    return (0, False, *mod_args(kernel_mod(score_mod, mask), device))
 
 
 _PLANS: dict = {}  # call signature -> _Prepared, for calls the Triton kernel serves

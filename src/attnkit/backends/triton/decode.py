@@ -5,10 +5,14 @@ does little arithmetic, so its time is the bytes of K and V over the memory band
 kernel's query tiles would sit mostly empty and its grid would not fill the GPU. This backend views the
 keys as a contiguous cache that every row fills (no ``cache_seqlens``: the kernel's ``FULL``) and runs
 ``ops/decode.py``: GQA heads packed into one tile, the key range split over programs, one combine.
-Forward only (no gradient), dense layouts, the flags the kernel has (causal, window, softcap, ALiBi).
+Forward only (no gradient), dense layouts, the flags the kernel has (causal, window, softcap, ALiBi), and
+a ``score_mod`` / ``mask`` compiled into the kernel (:func:`kernel_mod`: the mask per element as
+``where(mask, score_mod(s), -inf)``; ``attention_with_kvcache`` takes the same path).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -55,9 +59,11 @@ class TritonDecodeBackend(Backend):
             r.append(f"tensors on {call.device.type}: needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
         elif call.dtype == torch.bfloat16:
             r.append("bfloat16 in the Triton interpreter (its bf16 tl.dot is wrong): CUDA only")
-        for name in ("bias", "score_mod", "mask"):
-            if getattr(call, name) is not None:
-                r.append(f"{name} is not supported by the decode kernel")
+        if call.bias is not None:
+            r.append("bias is not supported by the decode kernel")
+        why = mod_why_not(call)
+        if why is not None:
+            r.append(why)
         if call.dropout_p > 0:
             r.append("dropout is not supported by the decode kernel")
         if call.alibi_slopes is not None and call.alibi_slopes.requires_grad:
@@ -89,6 +95,7 @@ class TritonDecodeBackend(Backend):
             call.softcap or 0.0,
             0,
             call.layout == "bhsd",
+            *mod_args(kernel_mod(call.score_mod, call.mask), call.device),
         )
         return out, (lse if call.return_lse else None)
 
@@ -106,6 +113,41 @@ class TritonDecodeBackend(Backend):
 
     def notes(self, call: AttentionCall) -> list[str]:
         return [f"GQA heads packed: {call.Sq * call.group} rows a tile; key range split to fill the GPU"]
+
+
+def kernel_mod(score_mod, mask):
+    """The one ScoreMod the decode kernel inlines for a validated (score_mod, mask) pair, or None: the mask
+    (no interval lowering in decode) folded in as ``where(mask, score_mod(s), -inf)`` (the triton
+    backend's ``_masked_mod``, memoized on the mask)."""
+    if mask is None:
+        return score_mod
+    from attnkit.backends.triton.backend import _masked_mod
+
+    return _masked_mod(mask, score_mod)
+
+
+def mod_why_not(call: AttentionCall) -> str | None:
+    """Why the call's score_mod / mask cannot be compiled into the decode kernel (None: it can, or none)."""
+    if call.score_mod is None and call.mask is None:
+        return None
+    from attnkit.backends.triton.backend import _score_mod_check
+
+    mod = kernel_mod(call.score_mod, call.mask)
+    why = _score_mod_check(dataclasses.replace(call, score_mod=mod, mask=None))[0]
+    return None if why is None else f"{'mask' if call.mask is not None else 'score_mod'} {mod.name}: {why}"
+
+
+def mod_args(mod, device) -> tuple:
+    """The decode op's score-mod arguments (its compiled key, captured tensors in slots, their strides/sizes
+    table) for ``mod`` (:func:`kernel_mod`'s), compiled through the compiler's memo (by structure: a decode
+    loop traces once), the tensors this call's; empty without a mod."""
+    if mod is None:
+        return ()
+    from attnkit import compiler
+
+    comp = compiler.compile_score_mod(mod)
+    slots = list(comp.tensors) + [None] * (compiler.MAX_TENSORS - len(comp.tensors))
+    return (comp.key, *slots, compiler.meta(comp.tensors, device))
 
 
 DECODE_BACKEND = TritonDecodeBackend()
