@@ -6,7 +6,8 @@ responses of 3S/16, global+window, a dilated window, chunked), the mods (softcap
 a learnable relative bias read twice: FlexAttention reads a clone the second time, which it needs), and
 ``mask_mod`` callables (a 2-D neighborhood on a grid of rows of 128 tokens, or of 8 when S is short, and a
 window | a global column). Backends in the same process, each timed in turn: attnkit ``triton`` (masks lowered
-to column intervals, :mod:`attnkit.masks._intervals`), the same with ``ATTNKIT_TRITON_IV_SKIP=1``, compiled
+to column intervals, :mod:`attnkit.masks._intervals`), the same with ``ATTNKIT_TRITON_IV_SKIP=1`` and with
+``ATTNKIT_TRITON_IV_BODY=0`` (every tile classified: no interval body), compiled
 FlexAttention (``flex``: its BlockMask built once per mask and cached), FlexAttention's FLASH backend
 (``flex_flash``, when ``flash_attn.cute`` imports) and attnkit ``auto``. A backend that cannot serve a row
 writes its reason in the ``error`` column. Then what training with a new packing every step costs: a call with
@@ -40,7 +41,8 @@ from attnkit.bench import _report, _timing
 
 GPU_SHAPE = (2, 16, 8192, 128)
 CPU_SHAPE = (1, 2, 64, 16)
-BACKENDS = ("triton", "triton IV_SKIP=1", "flex", "flex_flash", "auto")
+BACKENDS = ("triton", "triton IV_SKIP=1", "triton IV_BODY=0", "flex", "flex_flash", "auto")
+_SWITCHED = {"triton IV_SKIP=1": ("1", "1"), "triton IV_BODY=0": ("0", "0")}  # name -> (IV_SKIP, IV_BODY)
 
 
 def doc_ids(S: int, n: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -131,7 +133,7 @@ def mask_rows(shape, modes, on_gpu: bool, dtype, names=BACKENDS, keep=None) -> l
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=dtype, requires_grad=True) for _ in "qkv")
     g = torch.randn_like(q)
-    have = _available() | {"auto", "triton IV_SKIP=1"}
+    have = _available() | {"auto", *_SWITCHED}
     rows = []
     for case, spec in cases(S, H, gen, dev).items():
         if keep is not None and case.split()[0].lower() not in keep:
@@ -155,7 +157,8 @@ def mask_rows(shape, modes, on_gpu: bool, dtype, names=BACKENDS, keep=None) -> l
                     out = attnkit.attention(q, k, v, backend=backend, **(kw_of() if kw_of else kw))
                     torch.autograd.grad(out, (q, k, v, *learn), g)
 
-                with _env("ATTNKIT_TRITON_IV_SKIP", "1" if "SKIP" in name else "0"):
+                skip, body = _SWITCHED.get(name, ("0", "1"))
+                with _env("ATTNKIT_TRITON_IV_SKIP", skip), _env("ATTNKIT_TRITON_IV_BODY", body):
                     try:
                         row["ms"] = timer(fwd if mode == "fwd" else fwd_bwd)
                     except Exception as e:  # a backend that cannot serve a row: say why, go on
