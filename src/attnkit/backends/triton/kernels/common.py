@@ -329,34 +329,37 @@ def iv_full_run(sum_ptr, grid0, s_lo, s_hi, p0, p1, r0, r1, seqlen_q, KEYS: tl.c
     ``p0..p1`` of one key tile of BLOCK_E keys (dK/dV). "Last": for window- and causal-like masks the long
     run lies next to the diagonal. A vectorized scan of the summaries, CT tiles per step (no K/V loads)."""
     E: tl.constexpr = 2 * BLOCK_E // 16  # summary entries a tile of BLOCK_E keys touches, at any alignment
-    CT: tl.constexpr = 256 // E  # tiles per step (256 entries)
+    CT: tl.constexpr = 256 // E  # tiles per step
     g0 = grid0 + ((s_lo - grid0 + BLOCK - 1) // BLOCK) * BLOCK
     g1 = grid0 + ((s_hi - grid0) // BLOCK) * BLOCK  # (tiles [t, t + BLOCK) with t + BLOCK <= g1)
     run_s = g0 * 0 - 1
     run_e = g0 * 0 - 1
-    big = 1 << 30
+    big = 1 << 30  # (the bounds of entries outside a tile: neutral, full)
+    if not KEYS:  # one key tile: its entries, read once (1, E)
+        e = p0 // 16 + tl.arange(0, E)[None, :]
+        e_ok = e <= p1 // 16
+        k_lo_a = tl.load(sum_ptr + e * 8 + 0, mask=e_ok, other=big)
+        k_hi_b = tl.load(sum_ptr + e * 8 + 3, mask=e_ok, other=-big)
+        k_lo_c = tl.load(sum_ptr + e * 8 + 4, mask=e_ok, other=big)
+        k_hi_d = tl.load(sum_ptr + e * 8 + 7, mask=e_ok, other=-big)
     for t0 in range(g0, g1, CT * BLOCK):
         tiles = t0 + tl.arange(0, CT) * BLOCK  # (CT,) tile starts
         valid = tiles < g1
-        zero = tiles[:, None] * 0 + tl.arange(0, E)[None, :] * 0  # (CT, E)
-        if KEYS:
-            c0 = p0 + tiles[:, None] + zero
-            c1 = c0 + BLOCK - 1
-            q0 = r0
-            q1 = r1
-        else:
-            c0 = p0 + zero
-            c1 = p1 + zero
-            q0 = tiles[:, None]
-            q1 = tl.minimum(tiles[:, None] + BLOCK, seqlen_q) - 1
-        idx = c0 // 16 + tl.arange(0, E)[None, :]
-        ok = (idx <= c1 // 16) & valid[:, None]
-        p = sum_ptr + idx * 8
-        lo_a = tl.load(p + 0, mask=ok, other=big)  # (entries outside the tile: neutral, full)
-        hi_b = tl.load(p + 3, mask=ok, other=-big)
-        lo_c = tl.load(p + 4, mask=ok, other=big)
-        hi_d = tl.load(p + 7, mask=ok, other=-big)
-        full_e = ((hi_b <= q0) | (lo_a > q1)) & ((hi_d <= q0) | (lo_c > q1))
+        if KEYS:  # each key tile's entries (CT, E) against the rows r0..r1
+            c0 = p0 + tiles[:, None]
+            idx = c0 // 16 + tl.arange(0, E)[None, :]
+            ok = (idx <= (c0 + BLOCK - 1) // 16) & valid[:, None]
+            lo_a = tl.load(sum_ptr + idx * 8 + 0, mask=ok, other=big)
+            hi_b = tl.load(sum_ptr + idx * 8 + 3, mask=ok, other=-big)
+            lo_c = tl.load(sum_ptr + idx * 8 + 4, mask=ok, other=big)
+            hi_d = tl.load(sum_ptr + idx * 8 + 7, mask=ok, other=-big)
+            x0 = r0
+            x1 = r1
+        else:  # the key tile's entries against each query tile's rows (CT, 1)
+            lo_a, hi_b, lo_c, hi_d = k_lo_a, k_hi_b, k_lo_c, k_hi_d
+            x0 = tiles[:, None]
+            x1 = tl.minimum(tiles[:, None] + BLOCK, seqlen_q) - 1
+        full_e = ((hi_b <= x0) | (lo_a > x1)) & ((hi_d <= x0) | (lo_c > x1))  # (CT, E)
         full_t = valid & (tl.min(full_e.to(tl.int32), 1) > 0)
         last_full = tl.max(tl.where(full_t, tiles, -1), 0)
         last_bad = tl.max(tl.where(full_t, -1, tl.where(valid & (tiles < last_full), tiles, -1)), 0)
