@@ -6,7 +6,8 @@ responses of 3S/16, global+window, a dilated window, chunked), the mods (softcap
 a learnable relative bias read twice: FlexAttention reads a clone the second time, which it needs), and
 ``mask_mod`` callables (a 2-D neighborhood on a grid of rows of 128 tokens, or of 8 when S is short, and a
 window | a global column). Backends in the same process, each timed in turn: attnkit ``triton`` (masks lowered
-to column intervals, :mod:`attnkit.masks._intervals`), the same with ``ATTNKIT_TRITON_IV_SKIP=1``, compiled
+to column intervals, :mod:`attnkit.masks._intervals`; with ``--backends`` also its A/B variants ``"triton
+IV_SKIP=0|1"``, the empty-tile skip forced, and ``"triton IV_BODY=0"``, every tile classified), compiled
 FlexAttention (``flex``: its BlockMask built once per mask and cached), FlexAttention's FLASH backend
 (``flex_flash``, when ``flash_attn.cute`` imports) and attnkit ``auto``. A backend that cannot serve a row
 writes its reason in the ``error`` column. Then what training with a new packing every step costs: a call with
@@ -41,6 +42,10 @@ from attnkit.bench import _report, _timing
 GPU_SHAPE = (2, 16, 8192, 128)
 CPU_SHAPE = (1, 2, 64, 16)
 BACKENDS = ("triton", "flex", "flex_flash", "auto")
+# A/B variants of triton for --backends: "triton IV_SKIP=0|1" (the empty-tile skip forced off / on; plain
+# "triton" decides it per mask), "triton IV_BODY=0" (every tile of a row's range classified, no plain body);
+# several may be combined ("triton IV_SKIP=1 IV_BODY=0").
+_SWITCHES = ("IV_SKIP", "IV_BODY")
 
 
 def doc_ids(S: int, n: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -132,7 +137,7 @@ def mask_rows(shape, modes, on_gpu: bool, dtype, names=BACKENDS, keep=None) -> l
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=dtype, requires_grad=True) for _ in "qkv")
     g = torch.randn_like(q)
-    have = _available() | {"auto"}  # (and the forced variants of triton: "triton IV_SKIP=0", "=1")
+    have = _available() | {"auto"}  # (the A/B variants of triton: its first word is "triton")
     rows = []
     for case, spec in cases(S, H, gen, dev).items():
         if keep is not None and case.split()[0].lower() not in keep:
@@ -156,10 +161,10 @@ def mask_rows(shape, modes, on_gpu: bool, dtype, names=BACKENDS, keep=None) -> l
                     out = attnkit.attention(q, k, v, backend=backend, **(kw_of() if kw_of else kw))
                     torch.autograd.grad(out, (q, k, v, *learn), g)
 
-                ctx = contextlib.nullcontext()  # (plain "triton" decides the skip per mask)
-                if "IV_SKIP=" in name:
-                    ctx = _env("ATTNKIT_TRITON_IV_SKIP", name.split("=")[1])
-                with ctx:
+                with contextlib.ExitStack() as forced:
+                    for word in name.split()[1:]:  # (checked by main: VAR=0|1, VAR in _SWITCHES)
+                        var, _, value = word.partition("=")
+                        forced.enter_context(_env(f"ATTNKIT_TRITON_{var}", value))
                     try:
                         row["ms"] = timer(fwd if mode == "fwd" else fwd_bwd)
                     except Exception as e:  # a backend that cannot serve a row: say why, go on
@@ -302,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         shape = tuple(int(x) for x in args.shape.split(","))
     modes = [m for m in args.modes.split(",") if m]
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    for n in names:
+        for word in n.split()[1:]:
+            var, _, value = word.partition("=")
+            if not n.startswith("triton ") or var not in _SWITCHES or value not in ("0", "1"):
+                p.error(f"--backends: {n!r} (variants: 'triton IV_SKIP=0|1', 'triton IV_BODY=0|1')")
     if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":  # no kernels to run: the oracle stands in
         names = ["reference" if n.startswith("triton") else n for n in names]
         names = list(dict.fromkeys(names))

@@ -115,6 +115,7 @@ class FwdParams:
             "DROPOUT": self.dropout_p > 0,
             "HAS_IV": self.startend is not None,
             "IV_SKIP": self.startend is not None and _iv_skip(self.iv_skip),
+            "IV_BODY": self.startend is not None and _iv_body(),
             "HAS_SCORE_MOD": bool(self.score_mod),
         }
 
@@ -122,7 +123,7 @@ class FwdParams:
     def tune_key(flags: dict) -> tuple:
         """The tuning key's feature part: the flags' values, the interval and score-mod flags only where a
         mask is carried or a mod compiled (so that tuned caches of other calls stay valid)."""
-        key = tuple([v for n, v in flags.items() if n not in ("HAS_IV", "IV_SKIP", "HAS_SCORE_MOD")])
+        key = tuple([v for n, v in flags.items() if n not in _UNKEYED])
         key = key + (True,) if flags.get("HAS_IV") else key
         return key + ("score_mod",) if flags.get("HAS_SCORE_MOD") else key
 
@@ -168,6 +169,9 @@ class BwdParams(FwdParams):
         return FwdParams(*_GET[FwdParams](self))
 
 
+_UNKEYED = ("HAS_IV", "IV_SKIP", "IV_BODY", "HAS_SCORE_MOD")  # (tune_key: one flag for these, or none)
+
+
 def _iv_skip(holes: bool) -> bool:
     """Masks as data: skip the empty key tiles inside a row's narrowed range by a branch around every key
     tile, where the mask can leave such tiles (``holes``: ``masks._intervals._HOLES``, measured there);
@@ -177,6 +181,15 @@ def _iv_skip(holes: bool) -> bool:
 
     forced = os.environ.get("ATTNKIT_TRITON_IV_SKIP", "")
     return holes if forced == "" else forced != "0"
+
+
+def _iv_body() -> bool:
+    """Masks as data: ``ATTNKIT_TRITON_IV_BODY=1`` (the default) runs the last run of tiles that the mask
+    leaves full for a whole tile as the plain body (no mask, no interval classification or loads:
+    ``kernels/common.iv_full_run``); ``0`` classifies every tile of the range. For A/B runs on the GPU."""
+    import os
+
+    return os.environ.get("ATTNKIT_TRITON_IV_BODY", "1") not in ("", "0")
 
 
 def _is_tensor(annotation) -> bool:

@@ -26,7 +26,9 @@ from attnkit.backends.triton.kernels.common import (
     dscore_dqk,
     dscore_mod,
     iv_apply,
+    iv_bounds,
     iv_classify,
+    iv_full_run,
     iv_load,
     iv_narrow_q,
     iv_segments,
@@ -395,6 +397,7 @@ def attn_bwd_dkdv(
     PRECISION: tl.constexpr,
     HAS_IV: tl.constexpr,
     IV_SKIP: tl.constexpr,
+    IV_BODY: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
     HAS_TS: tl.constexpr,
@@ -439,6 +442,7 @@ def attn_bwd_dkdv(
     lo, full_lo, full_hi, hi = q_tiles(
         n0, n1, seqlen_q, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_M
     )
+    BODY: tl.constexpr = HAS_IV and IV_BODY
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * Hq + h
@@ -465,89 +469,98 @@ def attn_bwd_dkdv(
         if HAS_TS:  # the query tiles from the first to the last whose state (this column) is not empty
             lo2, hi2 = ts_narrow(ts_ptr, ts_cols, lo, hi, BLOCK_M)
             g_lo, g_full_lo, g_full_hi, g_hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
-        # the tile schedule's three segments: masked head, unmasked body, masked tail; ONE_LOOP: every
-        # visited tile in one masked loop, so the software pipeline runs through the diagonal without
-        # draining and refilling (_tuning.one_loop_dkdv)
-        for seg in tl.static_range(1 if ONE_LOOP else 3):
-            if ONE_LOOP:
-                seg_lo, seg_hi = g_lo, g_hi
-            elif seg == 0:
-                seg_lo, seg_hi = g_lo, g_full_lo
-            elif seg == 1:
-                seg_lo, seg_hi = g_full_lo, g_full_hi
-            else:
-                seg_lo, seg_hi = g_full_hi, g_hi
-            dk, dv = _dkdv_inner(
-                dk,
-                dv,
-                k,
-                v,
-                q_base,
-                do_base,
-                hi_base,
-                lo_base,
-                d_base,
-                db_ptr,
-                stride_qs,
-                stride_dos,
-                stride_ls,
-                stride_ds,
-                stride_dbm,
-                stride_dbn,
-                offs_n,
-                offs_d,
-                offs_dv,
-                seg_lo,
-                seg_hi,
-                seqlen_q,
-                seqlen_k,
-                off,
-                sm_scale,
-                softcap,
-                win_left,
-                win_right,
-                bias_ptr,
-                stride_bm,
-                stride_bn,
-                slope,
-                Rng,
-                bh,
-                dropout_p,
-                sum_ptr,
-                k_start + n0,
-                k_start + n1,
-                ia,
-                ib,
-                ic,
-                id_,
-                smod,
-                ts_ptr,
-                ts_cols,
-                D,
-                DV,
-                BLOCK_D,
-                BLOCK_DV,
-                BLOCK_M,
-                ONE_LOOP or seg != 1,
-                SOFTCAP,
-                HAS_BIAS,
-                BIAS_GRAD,
-                HAS_ALIBI,
-                HAS_LEFT,
-                HAS_RIGHT,
-                DROPOUT,
-                DEFER,
-                PRECISION,
-                HAS_IV,
-                IV_SKIP,
+        b0 = g_hi if ONE_LOOP else g_full_hi
+        b1 = b0
+        if BODY:  # the last run of query tiles full for this key tile's columns: no interval work there
+            b0, b1 = iv_full_run(
+                sum_ptr, lo, g_full_lo, g_full_hi, k_start + n0, k_start + n1, 0, 0, seqlen_q, False, BLOCK_M,
                 BLOCK_N,
-                HAS_SCORE_MOD,
-                SCORE_MOD,
-                SMOD_GRAD,
-                SCORE_MOD_BWD,
-                HAS_TS,
-                MASK_KEEP,
-            )
+            )  # fmt: skip
+            if ONE_LOOP:  # (no run: the one loop, as without a body)
+                none = b1 <= b0
+                b0 = tl.where(none, g_hi, b0)
+                b1 = tl.where(none, g_hi, b1)
+        # the tile schedule's segments (iv_bounds): masked head, unmasked body, masked tail; ONE_LOOP: every
+        # visited tile but the interval body in one masked loop, so the software pipeline runs through the
+        # diagonal without draining and refilling (_tuning.one_loop_dkdv)
+        for seg in tl.static_range(5):
+            if ONE_LOOP:  # (segments 0 and 4 empty)
+                seg_lo, seg_hi = iv_bounds(seg, g_lo, g_lo, b0, b1, g_hi, g_hi)
+            else:
+                seg_lo, seg_hi = iv_bounds(seg, g_lo, g_full_lo, b0, b1, g_full_hi, g_hi)
+            # (which segments exist, a constexpr: no empty loops compiled)
+            if (seg == 1 or (BODY and seg % 4 != 0)) if ONE_LOOP else (BODY or seg < 2 or seg == 4):
+                dk, dv = _dkdv_inner(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    q_base,
+                    do_base,
+                    hi_base,
+                    lo_base,
+                    d_base,
+                    db_ptr,
+                    stride_qs,
+                    stride_dos,
+                    stride_ls,
+                    stride_ds,
+                    stride_dbm,
+                    stride_dbn,
+                    offs_n,
+                    offs_d,
+                    offs_dv,
+                    seg_lo,
+                    seg_hi,
+                    seqlen_q,
+                    seqlen_k,
+                    off,
+                    sm_scale,
+                    softcap,
+                    win_left,
+                    win_right,
+                    bias_ptr,
+                    stride_bm,
+                    stride_bn,
+                    slope,
+                    Rng,
+                    bh,
+                    dropout_p,
+                    sum_ptr,
+                    k_start + n0,
+                    k_start + n1,
+                    ia,
+                    ib,
+                    ic,
+                    id_,
+                    smod,
+                    ts_ptr,
+                    ts_cols,
+                    D,
+                    DV,
+                    BLOCK_D,
+                    BLOCK_DV,
+                    BLOCK_M,
+                    (seg != 2) if ONE_LOOP else (seg == 0 or seg == 4),
+                    SOFTCAP,
+                    HAS_BIAS,
+                    BIAS_GRAD,
+                    HAS_ALIBI,
+                    HAS_LEFT,
+                    HAS_RIGHT,
+                    DROPOUT,
+                    DEFER,
+                    PRECISION,
+                    HAS_IV and seg != 2,
+                    IV_SKIP,
+                    BLOCK_N,
+                    HAS_SCORE_MOD,
+                    SCORE_MOD,
+                    SMOD_GRAD,
+                    SCORE_MOD_BWD,
+                    HAS_TS,
+                    MASK_KEEP,
+                )
     row_mask = offs_n[:, None] < seqlen_k
     dk_ptrs = (
         DK + b * stride_dkb + hk * stride_dkh + (k_start + offs_n[:, None]) * stride_dks + offs_d[None, :]

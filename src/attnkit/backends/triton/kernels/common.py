@@ -12,7 +12,9 @@
 
 * ``iv_*``: masks carried as data (``attnkit.masks._intervals``): per key column the masked query rows
   ``[a, b) U [c, d)``; 16-key summaries classify a tile pair as empty / full / partial, narrow each loop's
-  range to its non-empty tiles, and partial tiles apply the intervals elementwise (constexpr HAS_IV).
+  range to its non-empty tiles, and partial tiles apply the intervals elementwise (constexpr HAS_IV). With
+  IV_BODY, :func:`iv_full_run` finds the run of tiles that are full for the whole tile, and the kernels run
+  it as the plain body (no mask, no interval loads or classification: the flag path's body loop).
 
 Indices are positions inside the sequence (``i`` query row, ``j`` key row); ``off = Sk - Sq`` aligns
 causal and windows to the bottom right. Row and column index arrays come in already shaped for
@@ -312,6 +314,80 @@ def iv_segments(lo, full_lo, full_hi, hi, lo2, hi2):
     full_lo = tl.minimum(tl.maximum(full_lo, lo2), hi2)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi2)
     return lo2, full_lo, full_hi, hi2
+
+
+@triton.jit
+def iv_full_run(sum_ptr, grid0, s_lo, s_hi, p0, p1, r0, r1, seqlen_q, KEYS: tl.constexpr, BLOCK: tl.constexpr,
+                BLOCK_E: tl.constexpr):  # fmt: skip
+    """The last maximal run ``[b0, b1)`` of tiles (of BLOCK, on ``grid0``'s grid, inside ``[s_lo, s_hi)``,
+    the start rounded up and the end down) that are FULL: no column of theirs masks any of their rows, each
+    16-key summary entry tested on its own (:func:`iv_state`'s full test; a tile is full iff all the entries
+    it touches are). ``(s_hi, s_hi)`` if there is none. The caller runs ``[b0, b1)`` with no interval work.
+
+    KEYS: the tiles are key tiles (packed first column ``p0`` + the tile's start) against query rows
+    ``r0..r1`` (forward, dQ); else query tiles (rows capped at ``seqlen_q``) against the packed key columns
+    ``p0..p1`` of one key tile of BLOCK_E keys (dK/dV). "Last": for window- and causal-like masks the long
+    run lies next to the diagonal. A vectorized scan of the summaries, CT tiles per step (no K/V loads)."""
+    E: tl.constexpr = 2 * BLOCK_E // 16  # summary entries a tile of BLOCK_E keys touches, at any alignment
+    CT: tl.constexpr = 256 // E  # tiles per step
+    g0 = grid0 + ((s_lo - grid0 + BLOCK - 1) // BLOCK) * BLOCK
+    g1 = grid0 + ((s_hi - grid0) // BLOCK) * BLOCK  # (tiles [t, t + BLOCK) with t + BLOCK <= g1)
+    run_s = g0 * 0 - 1
+    run_e = g0 * 0 - 1
+    big = 1 << 30  # (the bounds of entries outside a tile: neutral, full)
+    if not KEYS:  # one key tile: its entries, read once (1, E)
+        e = p0 // 16 + tl.arange(0, E)[None, :]
+        e_ok = e <= p1 // 16
+        k_lo_a = tl.load(sum_ptr + e * 8 + 0, mask=e_ok, other=big)
+        k_hi_b = tl.load(sum_ptr + e * 8 + 3, mask=e_ok, other=-big)
+        k_lo_c = tl.load(sum_ptr + e * 8 + 4, mask=e_ok, other=big)
+        k_hi_d = tl.load(sum_ptr + e * 8 + 7, mask=e_ok, other=-big)
+    for t0 in range(g0, g1, CT * BLOCK):
+        tiles = t0 + tl.arange(0, CT) * BLOCK  # (CT,) tile starts
+        valid = tiles < g1
+        if KEYS:  # each key tile's entries (CT, E) against the rows r0..r1
+            c0 = p0 + tiles[:, None]
+            idx = c0 // 16 + tl.arange(0, E)[None, :]
+            ok = (idx <= (c0 + BLOCK - 1) // 16) & valid[:, None]
+            lo_a = tl.load(sum_ptr + idx * 8 + 0, mask=ok, other=big)
+            hi_b = tl.load(sum_ptr + idx * 8 + 3, mask=ok, other=-big)
+            lo_c = tl.load(sum_ptr + idx * 8 + 4, mask=ok, other=big)
+            hi_d = tl.load(sum_ptr + idx * 8 + 7, mask=ok, other=-big)
+            x0 = r0
+            x1 = r1
+        else:  # the key tile's entries against each query tile's rows (CT, 1)
+            lo_a, hi_b, lo_c, hi_d = k_lo_a, k_hi_b, k_lo_c, k_hi_d
+            x0 = tiles[:, None]
+            x1 = tl.minimum(tiles[:, None] + BLOCK, seqlen_q) - 1
+        full_e = ((hi_b <= x0) | (lo_a > x1)) & ((hi_d <= x0) | (lo_c > x1))  # (CT, E)
+        full_t = valid & (tl.min(full_e.to(tl.int32), 1) > 0)
+        last_full = tl.max(tl.where(full_t, tiles, -1), 0)
+        last_bad = tl.max(tl.where(full_t, -1, tl.where(valid & (tiles < last_full), tiles, -1)), 0)
+        # the run ends at this step's last full tile; it starts after the last tile that is not full before
+        # it, or continues the previous step's run if that ended right here
+        start = tl.where(last_bad >= 0, last_bad + BLOCK, tl.where(run_e == t0, run_s, t0))
+        run_s = tl.where(last_full >= 0, start, run_s)
+        run_e = tl.where(last_full >= 0, last_full + BLOCK, run_e)
+    none = run_e <= run_s
+    return tl.where(none, s_hi, run_s), tl.where(none, s_hi, run_e)
+
+
+@triton.jit
+def iv_bounds(seg: tl.constexpr, lo, full_lo, b0, b1, full_hi, hi):
+    """Segment ``seg`` (0..4) of the schedule with an interval body: masked head ``[lo, full_lo)``, unmasked
+    ``[full_lo, b0)``, the body ``[b0, b1)`` (no mask, no interval work), unmasked ``[b1, full_hi)``, masked
+    tail ``[full_hi, hi)``. Without a body (``b0 == b1 == full_hi``) segments 2 and 3 are empty."""
+    if seg == 0:
+        seg_lo, seg_hi = lo, full_lo
+    elif seg == 1:
+        seg_lo, seg_hi = full_lo, b0
+    elif seg == 2:
+        seg_lo, seg_hi = b0, b1
+    elif seg == 3:
+        seg_lo, seg_hi = b1, full_hi
+    else:
+        seg_lo, seg_hi = full_hi, hi
+    return seg_lo, seg_hi
 
 
 @triton.jit

@@ -11,7 +11,9 @@ from attnkit.backends.triton.kernels.common import (
     LN2,
     dropout_keep,
     iv_apply,
+    iv_bounds,
     iv_classify,
+    iv_full_run,
     iv_load,
     iv_narrow_kv,
     iv_segments,
@@ -313,6 +315,7 @@ def attn_fwd(
     PRECISION: tl.constexpr,
     HAS_IV: tl.constexpr,
     IV_SKIP: tl.constexpr,
+    IV_BODY: tl.constexpr,
     HAS_SCORE_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,
     HAS_TS: tl.constexpr,
@@ -361,70 +364,72 @@ def attn_fwd(
     if HAS_TS:  # from the first to the last key tile whose state is not empty
         lo2, hi2 = ts_narrow(ts_ptr, 1, lo, hi, BLOCK_N)
         lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
-    # masked head, unmasked body, masked tail: the schedule decides, the pipeline applies
-    for seg in tl.static_range(3):
-        if seg == 0:
-            seg_lo, seg_hi = lo, full_lo
-        elif seg == 1:
-            seg_lo, seg_hi = full_lo, full_hi
-        else:
-            seg_lo, seg_hi = full_hi, hi
-        acc, l_i, m_i = _fwd_inner(
-            acc,
-            l_i,
-            m_i,
-            q,
-            k_base,
-            v_base,
-            stride_ks,
-            stride_vs,
-            offs_m,
-            offs_d,
-            offs_dv,
-            seg_lo,
-            seg_hi,
-            seqlen_q,
-            seqlen_k,
-            off,
-            sm_scale,
-            softcap,
-            win_left,
-            win_right,
-            bias_ptr,
-            stride_bm,
-            stride_bn,
-            slope,
-            Rng,
-            bh,
-            dropout_p,
-            iv_ptr,
-            sum_ptr,
-            k_start,
-            m0,
-            m1,
-            smod,
-            ts_ptr,
-            D,
-            DV,
-            BLOCK_D,
-            BLOCK_DV,
-            BLOCK_N,
-            seg != 1,
-            SOFTCAP,
-            HAS_BIAS,
-            HAS_ALIBI,
-            HAS_LEFT,
-            HAS_RIGHT,
-            DROPOUT,
-            DEFER,
-            PRECISION,
-            HAS_IV,
-            IV_SKIP,
-            HAS_SCORE_MOD,
-            SCORE_MOD,
-            HAS_TS,
-            MASK_KEEP,
-        )
+    BODY: tl.constexpr = HAS_IV and IV_BODY
+    b0 = full_hi
+    b1 = full_hi
+    if BODY:  # the last run of key tiles full for every row: the plain body, no interval work
+        b0, b1 = iv_full_run(sum_ptr, lo, full_lo, full_hi, k_start, 0, m0, m1, 0, True, BLOCK_N, BLOCK_N)
+    # masked head, unmasked body, masked tail: the schedule decides, the pipeline applies (iv_bounds; without
+    # a body segments 2 and 3 are empty and not compiled)
+    for seg in tl.static_range(5):
+        seg_lo, seg_hi = iv_bounds(seg, lo, full_lo, b0, b1, full_hi, hi)
+        if BODY or (seg != 2 and seg != 3):
+            acc, l_i, m_i = _fwd_inner(
+                acc,
+                l_i,
+                m_i,
+                q,
+                k_base,
+                v_base,
+                stride_ks,
+                stride_vs,
+                offs_m,
+                offs_d,
+                offs_dv,
+                seg_lo,
+                seg_hi,
+                seqlen_q,
+                seqlen_k,
+                off,
+                sm_scale,
+                softcap,
+                win_left,
+                win_right,
+                bias_ptr,
+                stride_bm,
+                stride_bn,
+                slope,
+                Rng,
+                bh,
+                dropout_p,
+                iv_ptr,
+                sum_ptr,
+                k_start,
+                m0,
+                m1,
+                smod,
+                ts_ptr,
+                D,
+                DV,
+                BLOCK_D,
+                BLOCK_DV,
+                BLOCK_N,
+                seg == 0 or seg == 4,
+                SOFTCAP,
+                HAS_BIAS,
+                HAS_ALIBI,
+                HAS_LEFT,
+                HAS_RIGHT,
+                DROPOUT,
+                DEFER,
+                PRECISION,
+                HAS_IV and seg != 2,
+                IV_SKIP,
+                HAS_SCORE_MOD,
+                SCORE_MOD,
+                HAS_TS,
+                MASK_KEEP,
+            )
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
