@@ -534,7 +534,8 @@ def test_compiled_mod_estimates_follow_the_measured_rows(h200):
     """The rows the H200 measured for compiled score mods on our kernels (B=2 H=16 S=8k D=128 causal,
     docs/results/2026-12-02-h200-c: a tanh softcap mod as a user function, then the masks bench): the
     triton estimate lands within 15% of the time, forward and forward+backward, and below FlexAttention's
-    (which measured slower: 2.94 / 10.24 ms)."""
+    (which measured slower: 2.94 / 10.24 ms; in call 2 of the same session on the same machine, our rows in
+    call 3, a new process after the fixes: not one process)."""
     import dataclasses
 
     from attnkit import mods
