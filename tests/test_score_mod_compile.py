@@ -10,7 +10,8 @@ import torch
 
 import attnkit
 import oracle
-from attnkit import compiler, masks
+from attnkit import compiler, dispatch, masks
+from attnkit._call import normalize
 from attnkit import mods as M
 
 HAS_CUDA = torch.cuda.is_available()
@@ -130,7 +131,7 @@ def test_mod_masks_with_minus_inf():
 
 
 def _sorting(score, b, h, q_idx, kv_idx):
-    return torch.sort(score).values  # unsupported: a reduction over the score
+    return torch.sort(score).values  # unsupported: a reduction over the score (and not elementwise)
 
 
 def _branching(score, b, h, q_idx, kv_idx):
@@ -139,18 +140,44 @@ def _branching(score, b, h, q_idx, kv_idx):
     return score
 
 
+def _erf(score, b, h, q_idx, kv_idx):
+    return score + torch.erf(score)  # elementwise, but no lowering rule for it
+
+
 @pytest.mark.parametrize(
     "mod,what,line",
-    [(_sorting, "aten::sort", "torch.sort(score)"), (_branching, "data-dependent", "if score.max() > 1e9")],
+    [
+        (_sorting, "aten::sort", "torch.sort(score)"),
+        (_branching, "data-dependent", "if score.max() > 1e9"),
+        (_erf, "aten::erf", "torch.erf(score)"),
+    ],
 )
 def test_refusal_names_op_and_line(mod, what, line):
     q, k, v, _ = oracle.make_inputs(B=1, Hq=1, Sq=8, D=16, device=DEV)
     with pytest.raises(attnkit.UnsupportedError) as e:
         tri(q, k, v, score_mod=mod)
     assert what in str(e.value) and line in str(e.value) and "test_score_mod_compile.py" in str(e.value)
-    out = attnkit.attention(q, k, v, score_mod=mod)  # auto: another backend serves it
+
+
+@pytest.mark.parametrize("mod", [_branching, _erf])
+def test_auto_serves_what_triton_refuses(mod):
+    """auto runs the mod on a backend that can (flex on a GPU for erf; not flex for the branch, which it
+    cannot vmap). (A reduction such as sort is not an elementwise mod: backends that apply a mod to the score
+    matrix and those that apply it per score disagree on it, so it is not compared here.)"""
+    q, k, v, _ = oracle.make_inputs(B=1, Hq=1, Sq=8, D=16, device=DEV)
+    out = attnkit.attention(q, k, v, score_mod=mod)
     ref = attnkit.attention(q, k, v, score_mod=mod, backend="reference")
     torch.testing.assert_close(out, ref)
+
+
+def test_flex_refuses_what_it_cannot_vmap():
+    """FlexAttention applies a mod under torch.vmap, where a data-dependent branch fails: the flex backends
+    refuse it up front, naming the line, instead of raising inside the call."""
+    q, k, v, _ = oracle.make_inputs(B=1, Hq=1, Sq=8, D=16, device=DEV)
+    call = normalize(q, k, v, score_mod=_branching)
+    why = " ".join(dispatch.get("flex").why_not(call))
+    assert "vmap" in why and "if score.max() > 1e9" in why, why
+    assert not dispatch.get("flex").why_not(normalize(q, k, v, score_mod=_erf))
 
 
 def check_captured(make, tables, q, k, v, **kw):
@@ -191,7 +218,11 @@ def check_captured(make, tables, q, k, v, **kw):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_captured_grads_read_twice(dtype):
     """Learnable tables: a relative bias read twice (two index expressions), a per-head scale, a per-batch
-    bias; GQA, causal. Gradients by atomic adds in the dK/dV kernel."""
+    bias on even keys; GQA, causal. Gradients by atomic adds in the dK/dV kernel.
+
+    (The per-batch bias is not added to every key: a constant over a whole row leaves the softmax unchanged,
+    so its exact gradient is 0 and what a kernel returns is the rounding of dS's row sums, whose size is
+    set by O stored in the input dtype (dS = P (dP - rowsum(dO O))), not by anything this test checks.)"""
 
     def make(t):
         rel, scale, per_b = t
@@ -199,7 +230,7 @@ def test_captured_grads_read_twice(dtype):
         def mod(score, b, h, q_idx, kv_idx):
             d = (q_idx - kv_idx).clamp(-4, 4) + 4
             x = score * scale[h] + rel[h, d] + 0.5 * rel[h, (kv_idx * 3) % 9]
-            return x + torch.tanh(per_b[b, h])
+            return x + torch.where(kv_idx % 2 == 0, torch.tanh(per_b[b, h]), 0.0)
 
         return mod
 

@@ -91,11 +91,11 @@ def test_full_run_matches_brute_force(keys):
         BLOCK, BLOCK_E, K, rows = 128, 128, 6000, 400
     else:  # dK/dV: query tiles of 16 against one key tile of 128 (16 per step)
         BLOCK, BLOCK_E, K, rows = 16, 128, 300, 900
-    out = torch.empty(2, dtype=torch.int32)
+    out = torch.empty(2, dtype=torch.int32, device=DEV)
     for trial in range(12):
         se = _random_startend(K, rows, gen, 0.2 if trial % 2 else 0.03)
         summary = I.summarize(se.view(1, 1, K, 4))[0, 0]  # (ceil(K/16), 8)
-        flat = summary.contiguous().view(-1)
+        flat = summary.contiguous().view(-1).to(DEV)
         start = int(torch.randint(0, 40, (1,), generator=gen))  # an unaligned first packed key (thd)
         if keys:
             seqlen_k = K - start

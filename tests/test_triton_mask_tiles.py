@@ -204,20 +204,23 @@ def test_captured_tensor_gradient_through_a_score_mod_beside_the_mask():
 
 def test_empty_tiles_are_skipped():
     """Keys only empty tiles see are NaN in K and V: a kernel that visited those tiles would give NaN
-    (0 * NaN in P V, and NaN scores), forward and backward; with tile states off, it does. Key tile 16..31
-    lies between two non-empty tiles of query tile 32..47 (skipped inside the loop, not cut off its ends)."""
-    S = 64
+    (0 * NaN in P V, and NaN scores), forward and backward; with tile states off, it does. The NaN keys fill
+    whole key tiles at any tile size up to ``T`` (16 in the interpreter, 128 on a GPU), between two non-empty
+    tiles of the last query tiles (skipped inside the loop, not cut off its ends)."""
+    T = 16 if DEV == "cpu" else 128
+    S = 4 * T
     q, k, v, kw = oracle.make_inputs("bhsd", B=1, Hq=2, Sq=S, D=16, device=DEV, requires_grad=True)
-    mask = M.full() & (lambda b, h, i, j: (j < 2) | ((j >= 32) & ((i - j).abs() <= 4)))  # keys 2..27 unseen
+    mask = M.full() & (lambda b, h, i, j: (j < 2) | ((j >= 2 * T) & ((i - j).abs() <= 4)))  # keys 2..2T-1 unseen
     want = _check(q, k, v, mask, **kw)
     kn, vn = (t.detach().clone() for t in (k, v))
-    kn[:, :, 16:32], vn[:, :, 16:32] = float("nan"), float("nan")
+    kn[:, :, T : 2 * T], vn[:, :, T : 2 * T] = float("nan"), float("nan")
     qn, kn, vn = (t.requires_grad_(True) for t in (q.detach().clone(), kn, vn))
     out = tri(qn, kn, vn, mask=mask)
     assert torch.equal(out, want["out"].detach())
     out.backward(torch.randn_like(out))
     assert all(bool(t.grad.isfinite().all()) for t in (qn, kn, vn))
-    assert bool((kn.grad[:, :, 2:28] == 0).all()) and bool((vn.grad[:, :, 2:28] == 0).all())
+    unseen = slice(2, 2 * T)
+    assert bool((kn.grad[:, :, unseen] == 0).all()) and bool((vn.grad[:, :, unseen] == 0).all())
     with pytest.MonkeyPatch.context() as mp:  # (the per-element path visits them: the test can fail)
         mp.setenv("ATTNKIT_TRITON_TILE_STATES", "0")
         assert bool(tri(qn, kn, vn, mask=mask).isnan().any())

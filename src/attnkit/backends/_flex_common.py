@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -22,6 +23,7 @@ from attnkit.backends.base import to_bhsd
 
 _BLOCK_CACHE: OrderedDict = OrderedDict()
 _BLOCK_CACHE_SIZE = 32
+_VMAP_REFUSALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # user ScoreMod/Mask -> reason or None
 
 
 @functools.cache
@@ -43,6 +45,59 @@ def recompile_headroom(dynamic: bool = True):
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     return cfg.patch(**{name: max(getattr(cfg, name), 256), "automatic_dynamic_shapes": dynamic})
+
+
+def vmap_refusals(call: AttentionCall) -> list[str]:
+    """Why FlexAttention cannot run the call's user-written ``score_mod`` / ``mask_mod`` callables: it applies
+    them under ``torch.vmap`` over (b, h, q_idx, kv_idx), one score at a time, where a data-dependent Python
+    branch or a value read (``if score.max() > 0``, ``.item()``) fails; without this check the call itself
+    would raise. Each callable is tried once (remembered while it lives), on one score on the call's
+    device; library mods and masks need no try."""
+    if torch.compiler.is_compiling():
+        return []
+    reasons = []
+    for what, obj in _user_callables(call):
+        if obj not in _VMAP_REFUSALS:
+            _VMAP_REFUSALS[obj] = _vmap_refusal(what, obj.source, call.device)
+        if _VMAP_REFUSALS[obj] is not None:
+            reasons.append(_VMAP_REFUSALS[obj])
+    return reasons
+
+
+def _user_callables(call: AttentionCall):
+    """(argument name, ScoreMod/Mask) for each wrapped user callable in the call's score_mod and mask."""
+    todo = [("score_mod", call.score_mod), ("mask", call.mask)]
+    while todo:
+        what, m = todo.pop()
+        if m is None:
+            continue
+        if m.kind in ("score_mod", "mask_mod") and callable(m.source) and m.source is not m:
+            yield what, m
+        todo.extend((what, p) for p in m.parts)
+
+
+def _vmap_refusal(what: str, fn, device) -> str | None:
+    from attnkit.compiler.trace import source_line
+
+    lead = 1 if what == "score_mod" else 0  # (the score comes first)
+    f = fn
+    for pos in (3, 2, 1, 0):  # kv_idx innermost, b outermost, as FlexAttention nests them
+        dims = [0] * lead + [None] * 4
+        dims[lead + pos] = 0
+        f = torch.vmap(f, in_dims=tuple(dims))
+    idx = torch.zeros(1, dtype=torch.int32, device=device)
+    args = [torch.zeros(1, 1, 1, 1, device=device)] * lead + [idx] * 4
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            f(*args)
+    except Exception as e:  # noqa: BLE001 (any failure under vmap is the reason)
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        return (
+            f"FlexAttention runs {what} one score at a time under torch.vmap, where it fails "
+            f"({type(e).__name__}: {first}) at {source_line(fn, e.__traceback__)}"
+        )
+    return None
 
 
 def call_flex(fn, q, k, v, return_lse: bool, kwargs: dict, dynamic: bool = True):

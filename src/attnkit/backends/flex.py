@@ -69,7 +69,7 @@ class FlexBackend(Backend):
             and (call.bias is not None or call.score_mod is not None)
         ):
             r.append("deterministic=True: gradients of captured tensors (bias, score_mod) use atomics")
-        return r
+        return r + common.vmap_refusals(call)
 
     def compute_seconds(self, call: AttentionCall) -> float:
         rates = _CUDA_RATES if call.device.type == "cuda" else _CPU_RATES
@@ -136,7 +136,7 @@ class FlexBackend(Backend):
         except Exception as e:
             if not compiled:
                 raise
-            if "out of resource" in str(e) and "kernel_options" not in kwargs:
+            if _tiles_too_big(e) and "kernel_options" not in kwargs:
                 _SMALL_TILES.add(key)  # inductor's default tiles overflow shared memory: smaller tiles
                 kwargs["kernel_options"] = _SMALL_TILE_OPTIONS
             elif not dynamic:
@@ -151,6 +151,12 @@ class FlexBackend(Backend):
 
     def _block_mask(self, call, mask_mod, B, Q, K):
         return common.block_mask(call, mask_mod, B, Q, K)
+
+
+def _tiles_too_big(e: Exception) -> bool:
+    """Inductor's default flex tiles did not fit: a kernel ran out of shared memory, or every autotuning
+    choice did (float32 at D=80 with causal: "NoValidChoicesError: No choices to select", H200)."""
+    return "out of resource" in str(e) or "No choices to select" in str(e)
 
 
 BACKEND = FlexBackend()

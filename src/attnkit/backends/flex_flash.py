@@ -149,7 +149,7 @@ class FlexFlashBackend(Backend):
         r = _cute.common_reasons(call)
         if call.device.type != "cuda":
             return r
-        r += feature_reasons(call)
+        r += feature_reasons(call) + common.vmap_refusals(call)
         failed = _FAILED.get(_family(call))
         return r + ([f"an earlier FLASH compile of this call family failed: {failed}"] if failed else [])
 
