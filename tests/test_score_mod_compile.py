@@ -11,8 +11,8 @@ import torch
 import attnkit
 import oracle
 from attnkit import compiler, dispatch, masks
-from attnkit._call import normalize
 from attnkit import mods as M
+from attnkit._call import normalize
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"

@@ -210,7 +210,8 @@ def test_empty_tiles_are_skipped():
     T = 16 if DEV == "cpu" else 128
     S = 4 * T
     q, k, v, kw = oracle.make_inputs("bhsd", B=1, Hq=2, Sq=S, D=16, device=DEV, requires_grad=True)
-    mask = M.full() & (lambda b, h, i, j: (j < 2) | ((j >= 2 * T) & ((i - j).abs() <= 4)))  # keys 2..2T-1 unseen
+    # keys 2..2T-1 unseen
+    mask = M.full() & (lambda b, h, i, j: (j < 2) | ((j >= 2 * T) & ((i - j).abs() <= 4)))
     want = _check(q, k, v, mask, **kw)
     kn, vn = (t.detach().clone() for t in (k, v))
     kn[:, :, T : 2 * T], vn[:, :, T : 2 * T] = float("nan"), float("nan")

@@ -23,7 +23,8 @@ from attnkit.backends.base import to_bhsd
 
 _BLOCK_CACHE: OrderedDict = OrderedDict()
 _BLOCK_CACHE_SIZE = 32
-_VMAP_REFUSALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # user ScoreMod/Mask -> reason or None
+# a user ScoreMod / Mask -> why FlexAttention cannot vmap it, or None
+_VMAP_REFUSALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @functools.cache
@@ -157,9 +158,7 @@ def mask_block_density(call: AttentionCall) -> float | None:
     if key in _DENSITY:
         return _DENSITY[key]
     bm = _BLOCK_CACHE[key][1]
-    visible = bm.kv_num_blocks.sum() + (
-        0 if bm.full_kv_num_blocks is None else bm.full_kv_num_blocks.sum()
-    )
+    visible = bm.kv_num_blocks.sum() + (0 if bm.full_kv_num_blocks is None else bm.full_kv_num_blocks.sum())
     total = bm.kv_num_blocks.numel() * -(-call.Sk // bm.BLOCK_SIZE[1])
     if len(_DENSITY) > _BLOCK_CACHE_SIZE:
         _DENSITY.clear()
@@ -225,6 +224,7 @@ def block_mask(call: AttentionCall, mask_mod, B: int, Q: int, K: int):
             _BLOCK_CACHE.popitem(last=False)
     return bm
 
+
 def dense_mods(call: AttentionCall):
     """(score_mod, mask_mod) for a bhsd/bshd call: softcap, bias, ALiBi and the user's mod as one score_mod;
     causal, window and the user's mask as one mask_mod (None where there is nothing to do)."""
@@ -268,6 +268,7 @@ def dense_mods(call: AttentionCall):
         )
 
     return (score_mod if has_score else None), (mask_mod if has_mask else None)
+
 
 def packed_mods(call: AttentionCall):
     """Mods over one packed sequence: map packed rows to (sequence, position inside it)."""
@@ -324,5 +325,3 @@ def packed_mods(call: AttentionCall):
         return same if vis is None else same & vis
 
     return (score_mod if has_score else None), mask_mod
-
-

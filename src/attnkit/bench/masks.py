@@ -7,7 +7,8 @@ a learnable relative bias read twice: FlexAttention reads a clone the second tim
 ``mask_mod`` callables (a 2-D neighborhood on a grid of rows of 128 tokens, or of 8 when S is short, and a
 window | a global column). Backends in the same process, each timed in turn: attnkit ``triton`` (masks lowered
 to column intervals, :mod:`attnkit.masks._intervals`; with ``--backends`` also its A/B variants ``"triton
-IV_SKIP=0|1"``, the empty-tile skip forced, and ``"triton IV_BODY=0"``, every tile classified), compiled
+IV_SKIP=0|1"``, the empty-tile skip forced, ``"triton IV_BODY=0"``, every tile classified, and ``"triton
+IV_LIST=1"``, the forward on tile lists), compiled
 FlexAttention (``flex``: its BlockMask built once per mask and cached), FlexAttention's FLASH backend
 (``flex_flash``, when ``flash_attn.cute`` imports) and attnkit ``auto``. A backend that cannot serve a row
 writes its reason in the ``error`` column. Then what training with a new packing every step costs: a call with
@@ -43,9 +44,10 @@ GPU_SHAPE = (2, 16, 8192, 128)
 CPU_SHAPE = (1, 2, 64, 16)
 BACKENDS = ("triton", "flex", "flex_flash", "auto")
 # A/B variants of triton for --backends: "triton IV_SKIP=0|1" (the empty-tile skip forced off / on; plain
-# "triton" decides it per mask), "triton IV_BODY=0" (every tile of a row's range classified, no plain body);
-# several may be combined ("triton IV_SKIP=1 IV_BODY=0").
-_SWITCHES = ("IV_SKIP", "IV_BODY")
+# "triton" decides it per mask), "triton IV_BODY=0" (every tile of a row's range classified, no plain body),
+# "triton IV_LIST=1" (the forward walks tile lists: ops/ivlists.py); several may be combined
+# ("triton IV_SKIP=1 IV_BODY=0").
+_SWITCHES = ("IV_SKIP", "IV_BODY", "IV_LIST")
 
 
 def doc_ids(S: int, n: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -311,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         for word in n.split()[1:]:
             var, _, value = word.partition("=")
             if not n.startswith("triton ") or var not in _SWITCHES or value not in ("0", "1"):
-                p.error(f"--backends: {n!r} (variants: 'triton IV_SKIP=0|1', 'triton IV_BODY=0|1')")
+                p.error(f"--backends: {n!r} (variants: 'triton IV_SKIP=0|1', 'triton IV_BODY=0|1', "
+                        "'triton IV_LIST=0|1')")
     if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":  # no kernels to run: the oracle stands in
         names = ["reference" if n.startswith("triton") else n for n in names]
         names = list(dict.fromkeys(names))

@@ -141,6 +141,33 @@ def _fwd_inner(
 
 
 @triton.jit
+def _fwd_listed(
+    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, lst, n, seqlen_q,
+    seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, rng_ptr,
+    bh, dropout_p, iv_ptr, smod,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DEFER: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
+):  # fmt: skip
+    """The key tiles of list ``lst`` (``n`` tile starts, kernels/ivlists.py): PARTIAL ones masked (flags and
+    intervals), full ones as the plain body. The next start is loaded a tile ahead."""
+    c = pending_scale(sm_scale, DEFER)
+    start_n = tl.load(lst, mask=n > 0, other=0)
+    for i in range(0, n):
+        nxt = tl.load(lst + i + 1, mask=i + 1 < n, other=0)
+        acc, l_i, m_i = _fwd_tile(
+            acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n,
+            seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
+            stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, False, False, smod, D, DV, BLOCK_D,
+            BLOCK_DV, BLOCK_N, PARTIAL, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
+            PRECISION, PARTIAL, HAS_SCORE_MOD, SCORE_MOD, False, None,
+        )  # fmt: skip
+        start_n = nxt
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_tile(
     acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n, seqlen_q,
     seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, rng_ptr,
@@ -237,6 +264,9 @@ def _fwd_tile(
         "stride_tb",
         "stride_th",
         "ts_cols",
+        "ivl_b",
+        "ivl_h",
+        "ivl_n",
     ]
 )
 def attn_fwd(
@@ -296,6 +326,12 @@ def attn_fwd(
     stride_tb,
     stride_th,
     ts_cols,  # tile states int8 (B', H', query tiles, ts_cols) (ops/tiles.py; HAS_TS); 0 = broadcast dim
+    IvL,
+    IvC,
+    ivl_b,
+    ivl_h,
+    ivl_n,  # IV_LIST: tile lists (rows of 2 x ivl_n) and counts (rows of 2) of kernels/ivlists.py; row
+    # b * ivl_b + h * ivl_h + query tile (0 = broadcast dim)
     GROUP: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -320,6 +356,7 @@ def attn_fwd(
     SCORE_MOD: tl.constexpr,
     HAS_TS: tl.constexpr,
     MASK_KEEP: tl.constexpr,
+    IV_LIST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if REVERSE:  # causal load balance: the longest rows (last tiles) start first
@@ -355,81 +392,94 @@ def attn_fwd(
     iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
     sum_ptr = IvSum + b * stride_sb + h * stride_sh
     ts_ptr = Ts + b * stride_tb + h * stride_th + pid_m * ts_cols  # (this query tile's row of states)
-    lo, full_lo, full_hi, hi = kv_tiles(
-        m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
-    )
-    if HAS_IV:  # from the first to the last key tile the mask leaves non-empty for these rows
-        lo2, hi2 = iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, m0, m1, BLOCK_N)
-        lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
-    if HAS_TS:  # from the first to the last key tile whose state is not empty
-        lo2, hi2 = ts_narrow(ts_ptr, 1, lo, hi, BLOCK_N)
-        lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
-    BODY: tl.constexpr = HAS_IV and IV_BODY
-    b0 = full_hi
-    b1 = full_hi
-    if BODY:  # the last run of key tiles full for every row: the plain body, no interval work
-        b0, b1 = iv_full_run(sum_ptr, lo, full_lo, full_hi, k_start, 0, m0, m1, 0, True, BLOCK_N, BLOCK_N)
-    # masked head, unmasked body, masked tail: the schedule decides, the pipeline applies (iv_bounds; without
-    # a body segments 2 and 3 are empty and not compiled)
-    for seg in tl.static_range(5):
-        seg_lo, seg_hi = iv_bounds(seg, lo, full_lo, b0, b1, full_hi, hi)
-        if BODY or (seg != 2 and seg != 3):
-            acc, l_i, m_i = _fwd_inner(
-                acc,
-                l_i,
-                m_i,
-                q,
-                k_base,
-                v_base,
-                stride_ks,
-                stride_vs,
-                offs_m,
-                offs_d,
-                offs_dv,
-                seg_lo,
-                seg_hi,
-                seqlen_q,
-                seqlen_k,
-                off,
-                sm_scale,
-                softcap,
-                win_left,
-                win_right,
-                bias_ptr,
-                stride_bm,
-                stride_bn,
-                slope,
-                Rng,
-                bh,
-                dropout_p,
-                iv_ptr,
-                sum_ptr,
-                k_start,
-                m0,
-                m1,
-                smod,
-                ts_ptr,
-                D,
-                DV,
-                BLOCK_D,
-                BLOCK_DV,
-                BLOCK_N,
-                seg == 0 or seg == 4,
-                SOFTCAP,
-                HAS_BIAS,
-                HAS_ALIBI,
-                HAS_LEFT,
-                HAS_RIGHT,
-                DROPOUT,
-                DEFER,
-                PRECISION,
-                HAS_IV and seg != 2,
-                IV_SKIP,
-                HAS_SCORE_MOD,
-                SCORE_MOD,
-                HAS_TS,
-                MASK_KEEP,
-            )
+    if IV_LIST:  # masks as data, listed: the partial key tiles (masked), then the full ones (plain body)
+        row = b * ivl_b + h * ivl_h + pid_m
+        for part in tl.static_range(2):
+            n = tl.load(IvC + row * 2 + part)
+            lst = IvL + (row * 2 + part) * ivl_n
+            acc, l_i, m_i = _fwd_listed(
+                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, lst, n,
+                seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
+                stride_bn, slope, Rng, bh, dropout_p, iv_ptr, smod, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
+                part == 0, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER, PRECISION,
+                HAS_SCORE_MOD, SCORE_MOD,
+            )  # fmt: skip
+    else:
+        lo, full_lo, full_hi, hi = kv_tiles(
+            m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
+        )
+        if HAS_IV:  # from the first to the last key tile the mask leaves non-empty for these rows
+            lo2, hi2 = iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, m0, m1, BLOCK_N)
+            lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
+        if HAS_TS:  # from the first to the last key tile whose state is not empty
+            lo2, hi2 = ts_narrow(ts_ptr, 1, lo, hi, BLOCK_N)
+            lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
+        BODY: tl.constexpr = HAS_IV and IV_BODY
+        b0 = full_hi
+        b1 = full_hi
+        if BODY:  # the last run of key tiles full for every row: the plain body, no interval work
+            b0, b1 = iv_full_run(sum_ptr, lo, full_lo, full_hi, k_start, 0, m0, m1, 0, True, BLOCK_N, BLOCK_N)
+        # masked head, unmasked body, masked tail: the schedule decides, the pipeline applies (iv_bounds;
+        # without a body segments 2 and 3 are empty and not compiled)
+        for seg in tl.static_range(5):
+            seg_lo, seg_hi = iv_bounds(seg, lo, full_lo, b0, b1, full_hi, hi)
+            if BODY or (seg != 2 and seg != 3):
+                acc, l_i, m_i = _fwd_inner(
+                    acc,
+                    l_i,
+                    m_i,
+                    q,
+                    k_base,
+                    v_base,
+                    stride_ks,
+                    stride_vs,
+                    offs_m,
+                    offs_d,
+                    offs_dv,
+                    seg_lo,
+                    seg_hi,
+                    seqlen_q,
+                    seqlen_k,
+                    off,
+                    sm_scale,
+                    softcap,
+                    win_left,
+                    win_right,
+                    bias_ptr,
+                    stride_bm,
+                    stride_bn,
+                    slope,
+                    Rng,
+                    bh,
+                    dropout_p,
+                    iv_ptr,
+                    sum_ptr,
+                    k_start,
+                    m0,
+                    m1,
+                    smod,
+                    ts_ptr,
+                    D,
+                    DV,
+                    BLOCK_D,
+                    BLOCK_DV,
+                    BLOCK_N,
+                    seg == 0 or seg == 4,
+                    SOFTCAP,
+                    HAS_BIAS,
+                    HAS_ALIBI,
+                    HAS_LEFT,
+                    HAS_RIGHT,
+                    DROPOUT,
+                    DEFER,
+                    PRECISION,
+                    HAS_IV and seg != 2,
+                    IV_SKIP,
+                    HAS_SCORE_MOD,
+                    SCORE_MOD,
+                    HAS_TS,
+                    MASK_KEEP,
+                )
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)

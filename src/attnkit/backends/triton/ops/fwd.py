@@ -11,6 +11,7 @@ import torch
 
 from attnkit.backends.triton.kernels import fwd as _fwd
 from attnkit.backends.triton.ops import common as c
+from attnkit.backends.triton.ops import ivlists as _ivlists
 from attnkit.backends.triton.ops import tiles as _tiles
 from attnkit.backends.triton.params import FwdParams
 from attnkit.backends.triton.runtime import capability as _cap
@@ -116,13 +117,15 @@ def body(p: FwdParams, keep=None):
         BM, BN, warps, stages = cfg
         grid = (c.cdiv(max(Sq, 1), BM), B * Hq)
         ts, ts_flags = _tiles.launch_args(p, B, Hq, BM, BN, dummy)  # (a mask evaluated per tile)
+        ivl, ivl_flags = _ivlists.launch_args(p, Hq, BM, BN, dummy)  # (a mask as data, listed)
         with c.jit_hooks_off(constexprs["SCORE_MOD"]):
             attn_fwd[grid](
                 *args,
                 *ts,
+                *ivl,
                 BLOCK_M=BM,
                 BLOCK_N=BN,
-                **{**constexprs, **ts_flags},
+                **{**constexprs, **ts_flags, **ivl_flags},
                 num_warps=warps,
                 num_stages=stages,
             )

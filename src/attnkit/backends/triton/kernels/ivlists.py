@@ -1,0 +1,83 @@
+"""Tile lists of a mask carried as data (pure ``@triton.jit``): per query tile, the key tiles it must visit,
+partial ones apart from full ones, so that the forward loops over two lists with no classification, no
+branch and no interval loads in its full loop (``ATTNKIT_TRITON_IV_LIST``; ``ops/ivlists.py``).
+
+:func:`iv_lists`: one program = one query tile (BLOCK_M rows) of one (B', H') row of the mask's data. It
+takes the tiles that the call's flags (causal, window) leave, narrows them to the mask's non-empty range
+(``iv_narrow_kv``) and classifies CT key tiles per step from the 16-key summaries (``iv_state``): a tile is
+full when both the flags and the mask leave all of its elements visible and it lies inside the keys, empty
+when the mask hides all of it; the rest are partial. Lists (B', H', query tiles, 2, key tiles) int32 (tile
+starts; partial then full), counts (B', H', query tiles, 2) int32. O(tiles) work and memory.
+"""
+
+import triton
+import triton.language as tl
+
+from attnkit.backends.triton.kernels.common import iv_narrow_kv, iv_segments, iv_state, kv_tiles
+
+
+@triton.jit(do_not_specialize=["SQ", "SK", "n_m", "n_n", "win_left", "win_right", "stride_sb", "stride_sh"])
+def iv_lists(
+    Lst,
+    Cnt,
+    IvSum,
+    stride_sb,
+    stride_sh,  # summary (B', H', K/16, 8) int32; 0 = broadcast dim
+    HS,  # heads of the lists (H' of the mask's data)
+    SQ,
+    SK,
+    n_m,
+    n_n,  # query and key tiles
+    win_left,
+    win_right,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HS
+    h = bh % HS
+    m0 = pid_m * BLOCK_M
+    m1 = tl.minimum(m0 + BLOCK_M, SQ) - 1
+    off = SK - SQ
+    sum_ptr = IvSum + b * stride_sb + h * stride_sh
+    lo, full_lo, full_hi, hi = kv_tiles(m0, m1, SK, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    lo2, hi2 = iv_narrow_kv(sum_ptr, 0, lo, hi, SK, m0, m1, BLOCK_N)
+    lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
+    row = bh * n_m + pid_m
+    part_ptr = Lst + row * 2 * n_n
+    full_ptr = part_ptr + n_n
+    E: tl.constexpr = 2 * BLOCK_N // 16  # summary entries a key tile touches
+    CT: tl.constexpr = 256 // E  # key tiles per step
+    big = 1 << 30
+    n_part = lo * 0
+    n_full = lo * 0
+    for t0 in range(lo, hi, CT * BLOCK_N):
+        tiles = t0 + tl.arange(0, CT) * BLOCK_N  # (CT,)
+        valid = tiles < hi
+        last = tl.minimum(tiles + BLOCK_N, SK) - 1
+        idx = tiles[:, None] // 16 + tl.arange(0, E)[None, :]  # (CT, E)
+        ok = (idx <= last[:, None] // 16) & valid[:, None]
+        p = sum_ptr + idx * 8
+        lo_a = tl.min(tl.load(p + 0, mask=ok, other=big), 1)
+        hi_a = tl.max(tl.load(p + 1, mask=ok, other=-big), 1)
+        lo_b = tl.min(tl.load(p + 2, mask=ok, other=big), 1)
+        hi_b = tl.max(tl.load(p + 3, mask=ok, other=-big), 1)
+        lo_c = tl.min(tl.load(p + 4, mask=ok, other=big), 1)
+        hi_c = tl.max(tl.load(p + 5, mask=ok, other=-big), 1)
+        lo_d = tl.min(tl.load(p + 6, mask=ok, other=big), 1)
+        hi_d = tl.max(tl.load(p + 7, mask=ok, other=-big), 1)
+        empty, full = iv_state(lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d, m0, m1)
+        flags_full = (tiles >= full_lo) & (tiles + BLOCK_N <= full_hi)  # (inside the keys, unmasked)
+        is_full = valid & (~empty) & full & flags_full
+        is_part = valid & (~empty) & (~is_full)
+        pf = is_full.to(tl.int32)
+        pp = is_part.to(tl.int32)
+        tl.store(full_ptr + n_full + tl.cumsum(pf, 0) - pf, tiles, mask=is_full)
+        tl.store(part_ptr + n_part + tl.cumsum(pp, 0) - pp, tiles, mask=is_part)
+        n_full += tl.sum(pf, 0)
+        n_part += tl.sum(pp, 0)
+    tl.store(Cnt + row * 2, n_part)
+    tl.store(Cnt + row * 2 + 1, n_full)

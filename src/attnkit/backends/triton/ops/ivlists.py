@@ -1,0 +1,78 @@
+"""Tile lists for masks carried as data (``kernels/ivlists.py``): the forward visits, per query tile, a list
+of partial key tiles (masked) and a list of full ones (the plain body), instead of classifying every tile of
+its range inside the loop. ``ATTNKIT_TRITON_IV_LIST=1`` turns them on (an A/B switch: the default stays the
+classified loop until the GPU measures the lists faster; docs/backends.md).
+
+Used for ``bhsd`` / ``bshd`` forwards with a mask as data; not for ``thd`` (per-sequence tiles), the
+backward, or inside a CUDA-graph capture or a compile (no host decisions there; they take the classified
+loop). Memoized per summary tensor (weak identity and in-place version), shapes, tiles and flags, like
+``ops/tiles.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+
+from attnkit.backends.triton.kernels import ivlists as _k
+from attnkit.backends.triton.runtime.launch import Launch
+
+iv_lists = Launch(_k.iv_lists)
+
+MAX_ENTRIES = 1 << 26  # int32 list entries (256 MiB)
+_MEMO: dict = {}  # key -> (weakref to the summary, its version, (lists, counts))
+_MAX_MEMO = 16
+
+
+def enabled() -> bool:
+    return os.environ.get("ATTNKIT_TRITON_IV_LIST", "0") not in ("", "0")
+
+
+def _usable(p) -> bool:
+    if p.iv_summary is None or p.layout == "thd" or not enabled() or torch.compiler.is_compiling():
+        return False
+    return not (p.q.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def lists(p, BM: int, BN: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(lists, counts) of ``p``'s mask at tiles BM x BN (``kernels/ivlists.py``), or None where not used."""
+    if not _usable(p):
+        return None
+    summ = p.iv_summary
+    Bs, Hs = summ.shape[0], summ.shape[1]
+    Sq, Sk = p.max_seqlen_q, p.max_seqlen_k
+    n_m, n_n = -(-max(Sq, 1) // BM), -(-max(Sk, 1) // BN)
+    if Bs * Hs * n_m * 2 * n_n > MAX_ENTRIES:
+        return None
+    has_left, has_right, wl, wr = p.window()
+    key = (id(summ), Sq, Sk, BM, BN, has_left, has_right, wl, wr, summ.device)
+    version = summ._version
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0]() is summ and hit[1] == version:
+        return hit[2]
+    lst = torch.empty((Bs, Hs, n_m, 2, n_n), device=summ.device, dtype=torch.int32)
+    cnt = torch.empty((Bs, Hs, n_m, 2), device=summ.device, dtype=torch.int32)
+    if cnt.numel():
+        iv_lists[(n_m, Bs * Hs)](
+            lst, cnt, summ,
+            summ.stride(0) if Bs > 1 else 0, summ.stride(1) if Hs > 1 else 0,
+            Hs, Sq, Sk, n_m, n_n, wl, wr,
+            HAS_LEFT=has_left, HAS_RIGHT=has_right, BLOCK_M=BM, BLOCK_N=BN,
+        )  # fmt: skip
+    if len(_MEMO) >= _MAX_MEMO:
+        _MEMO.clear()
+    _MEMO[key] = (weakref.ref(summ), version, (lst, cnt))
+    return lst, cnt
+
+
+def launch_args(p, Hq: int, BM: int, BN: int, dummy: torch.Tensor) -> tuple[tuple, dict]:
+    """(runtime arguments ``IvL, IvC, ivl_b, ivl_h, ivl_n``, constexpr ``IV_LIST``) of a forward launched
+    at tiles BM x BN; the batch / head strides (in list rows) are 0 on the mask's broadcast dims."""
+    got = lists(p, BM, BN)
+    if got is None:
+        return (dummy, dummy, 0, 0, 0), {"IV_LIST": False}
+    lst, cnt = got
+    Bs, Hs, n_m, _, n_n = lst.shape
+    return (lst, cnt, Hs * n_m if Bs > 1 else 0, n_m if Hs > 1 else 0, n_n), {"IV_LIST": True}
