@@ -26,6 +26,13 @@ from attnkit.backends.triton.runtime import tuning  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 pytestmark = pytest.mark.usefixtures("poison_triton_outputs")  # (conftest.py)
+
+
+@pytest.fixture(autouse=True)
+def _classified_forward(monkeypatch):
+    """The forward's classified loop (the body is what it runs; dense forwards take tile lists by default,
+    tests/test_triton_iv_lists.py): thd, CUDA-graph capture and the backward still take it."""
+    monkeypatch.setenv("ATTNKIT_TRITON_IV_LIST", "0")
 tri = oracle.tri
 BIG = 1 << 30
 

@@ -1,10 +1,10 @@
-"""Masks as data, listed (``ATTNKIT_TRITON_IV_LIST=1``): the forward visits per query tile a list of partial
-key tiles and a list of full ones (``kernels/ivlists.py``, ``ops/ivlists.py``).
+"""Masks as data, listed (``ATTNKIT_TRITON_IV_LIST``, on by default): the forward visits per query tile a list
+of partial key tiles and a list of full ones (``kernels/ivlists.py``, ``ops/ivlists.py``).
 
 * the lists against the dense mask: every tile with a visible element is listed once, and every tile listed
   full has all of its elements visible and inside the keys;
-* the listed forward (and the backward after it) against the float64 oracle over the lowerable masks, with
-  and without flags, Sq != Sk, GQA, fully masked rows; ``thd`` takes the classified loop;
+* the listed forward (and the backward after it) against the float64 oracle over the lowerable masks, with and
+  without flags, Sq != Sk, GQA, fully masked rows; ``thd`` takes the classified loop;
 * on the GPU, bf16 at the default tiles.
 
 Interpreter on the CPU (fp16/fp32, tiny shapes, forced small tiles so that every dimension has several)."""

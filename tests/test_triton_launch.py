@@ -124,10 +124,10 @@ def test_fast_path_launches_the_kernel_triton_would(fake_cuda, seq):
 
 def _kernels():
     """The plain-Triton kernels (compiled or interpreted: both keep the decorator's arguments)."""
-    from attnkit.backends.triton.kernels import bwd, bwd_dq, fwd, tiles
+    from attnkit.backends.triton.kernels import bwd, bwd_dq, fwd, ivlists, tiles
 
     fns = (fwd.attn_fwd, fwd.dropout_mask_kernel, bwd.bwd_preprocess, bwd.attn_bwd_dkdv, bwd_dq.attn_bwd_dq,
-           tiles.tile_states)  # fmt: skip
+           tiles.tile_states, ivlists.iv_lists)  # fmt: skip
     return {getattr(f, "__name__", None) or f.fn.__name__: f for f in fns}
 
 
@@ -149,6 +149,7 @@ def _real_params(jit) -> list:
 _LENGTHS = {"SQ", "SK", "rows", "cols", "stride_lb", "stride_lh", "stride_db", "stride_dh"}
 _LENGTHS |= {"stride_ib", "stride_ih", "stride_sb", "stride_sh"}  # mask intervals (B', H', Sk, 4) and summary
 _LENGTHS |= {"stride_tb", "stride_th", "ts_cols", "n_m", "n_n"}  # tile states (B', H', Sq / BM, Sk / BN)
+_LENGTHS |= {"ivl_b", "ivl_h", "ivl_n"}  # tile lists (B', H', Sq / BM, 2, Sk / BN)
 _RUNTIME_ONLY = _LENGTHS | {"win_left", "win_right", "bh", "r0"}
 
 

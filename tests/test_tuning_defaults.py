@@ -18,6 +18,21 @@ def _h200(monkeypatch):
 def test_hints_read_the_flags():
     assert tuning.hints({"HAS_IV": True, "HAS_RIGHT": True, "HAS_LEFT": False}) == {"iv", "causal"}
     assert tuning.hints({"HAS_IV": False, "HAS_RIGHT": True, "HAS_LEFT": True}) == frozenset()
+    assert tuning.hints({}, gathers=True) == {"gather"}
+
+
+def test_score_mods_that_gather_take_narrow_key_tiles():
+    """A forward whose score mod reads a captured table: (64, 32, 4, 2), measured 2x the fitting retry of
+    the default for a learnable T5 bias (tuning.py); the dQ and dK/dV defaults do not move."""
+    dev = torch.device("cuda", 0)
+    gather = frozenset({"gather"})
+    assert tuning.fitting_default("fwd", 128, 128, torch.bfloat16, dev, gather, 8192) == (64, 32, 4, 2)
+    masked = tuning.fitting_default("fwd", 128, 128, torch.bfloat16, dev, gather | {"iv"}, 8192)
+    assert masked == (64, 32, 4, 2)
+    for kind in ("dkdv", "dq"):
+        assert tuning.fitting_default(kind, 128, 128, torch.bfloat16, dev, gather, 8192) == (
+            tuning.fitting_default(kind, 128, 128, torch.bfloat16, dev, frozenset(), 8192)
+        )
 
 
 def test_masked_forward_takes_tiles_that_fit():

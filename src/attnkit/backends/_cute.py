@@ -120,7 +120,7 @@ _RATES = {
     ("long", False, False): (661e12, 615e12),
     ("long", False, True): (614e12, 576e12),
     ("long", True, False): (539e12, 520e12),
-    ("long", True, True): (444e12, 455e12),  # (4, 32, 4096, 64) only: the S=16384 causal row was cut
+    ("long", True, True): (465e12, 461e12),  # (the 20:20 UTC run, docs/results/2026-12-02-h200-d/)
     ("short", False, False): (457e12, 274e12),
     ("short", False, True): (268e12, 140e12),
     ("short", True, False): (326e12, 277e12),

@@ -19,8 +19,16 @@ from attnkit.backends import _flex_common as common
 from attnkit.backends._roofline import tile_programs
 from attnkit.backends.base import Backend, attention_flops
 
-# Measured TFLOP/s (forward, forward+backward) of compiled FlexAttention on an H200, bf16 (docs/anchors.md).
-_CUDA_RATES = (470e12, 410e12)
+# Compiled FlexAttention TFLOP/s (visible-pair FLOPs; forward, forward+backward) on an H200, bf16, by
+# (D <= 64, causal): the means of the S=4096 and S=16384 rows of `attnkit bench kernels --quick`, one run with
+# FA4 and our kernels (2026-12-02 20:20 UTC, docs/results/2026-12-02-h200-d/). One D=128 rate for all (470)
+# made auto pick flex over FA4 for a causal D=64 forward (376 against 503 TFLOP/s).
+_CUDA_RATES = {
+    (False, False): (462e12, 413e12),
+    (False, True): (384e12, 367e12),
+    (True, False): (395e12, 336e12),
+    (True, True): (361e12, 303e12),
+}
 _CPU_RATES = (5e9, 2.5e9)
 # Some mods (e.g. a learnable relative-bias table) make inductor's default flex tiles overflow shared
 # memory ("out of resource"); such call families are retried, and then run, with these smaller tiles.
@@ -72,7 +80,10 @@ class FlexBackend(Backend):
         return r + common.vmap_refusals(call)
 
     def compute_seconds(self, call: AttentionCall) -> float:
-        rates = _CUDA_RATES if call.device.type == "cuda" else _CPU_RATES
+        if call.device.type == "cuda":
+            rates = _CUDA_RATES[(max(call.D, call.Dv) <= 64, call.causal or call.window is not None)]
+        else:
+            rates = _CPU_RATES
         rate = rates[1 if call.requires_grad else 0]
         if call.softcap is not None or call.score_mod is not None or call.bias is not None:
             rate *= 0.45  # a softcap score_mod ran at 214 vs 476 TFLOP/s (docs/anchors.md)

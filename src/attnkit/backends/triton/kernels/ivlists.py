@@ -1,19 +1,20 @@
 """Tile lists of a mask carried as data (pure ``@triton.jit``): per query tile, the key tiles it must visit,
-partial ones apart from full ones, so that the forward loops over two lists with no classification, no
-branch and no interval loads in its full loop (``ATTNKIT_TRITON_IV_LIST``; ``ops/ivlists.py``).
+partial ones apart from full ones, so that the forward loops over two lists with no classification, no branch
+and no interval loads in its full loop (``ops/ivlists.py``).
 
-:func:`iv_lists`: one program = one query tile (BLOCK_M rows) of one (B', H') row of the mask's data. It
-takes the tiles that the call's flags (causal, window) leave, narrows them to the mask's non-empty range
-(``iv_narrow_kv``) and classifies CT key tiles per step from the 16-key summaries (``iv_state``): a tile is
-full when both the flags and the mask leave all of its elements visible and it lies inside the keys, empty
-when the mask hides all of it; the rest are partial. Lists (B', H', query tiles, 2, key tiles) int32 (tile
-starts; partial then full), counts (B', H', query tiles, 2) int32. O(tiles) work and memory.
+:func:`iv_lists`: one program = one query tile (BLOCK_M rows) of one (B', H') row of the mask's data. It takes
+the tiles that the call's flags (causal, window) leave, narrows them to the mask's non-empty range
+(``iv_narrow_kv``) and classifies CT key tiles per step from the 16-key summaries, each entry tested on its
+own (``iv_state``'s tests, as ``iv_full_run``): a tile is full when the flags and every entry leave all of its
+elements visible and it lies inside the keys, empty when every entry hides all of it; the rest are partial.
+Lists (B', H', query tiles, 2, key tiles) int32 (tile starts; partial then full), counts (B', H', query tiles,
+2) int32. O(tiles) work and memory.
 """
 
 import triton
 import triton.language as tl
 
-from attnkit.backends.triton.kernels.common import iv_narrow_kv, iv_segments, iv_state, kv_tiles
+from attnkit.backends.triton.kernels.common import iv_narrow_kv, iv_segments, kv_tiles
 
 
 @triton.jit(do_not_specialize=["SQ", "SK", "n_m", "n_n", "win_left", "win_right", "stride_sb", "stride_sh"])
@@ -60,16 +61,20 @@ def iv_lists(
         last = tl.minimum(tiles + BLOCK_N, SK) - 1
         idx = tiles[:, None] // 16 + tl.arange(0, E)[None, :]  # (CT, E)
         ok = (idx <= last[:, None] // 16) & valid[:, None]
-        p = sum_ptr + idx * 8
-        lo_a = tl.min(tl.load(p + 0, mask=ok, other=big), 1)
-        hi_a = tl.max(tl.load(p + 1, mask=ok, other=-big), 1)
-        lo_b = tl.min(tl.load(p + 2, mask=ok, other=big), 1)
-        hi_b = tl.max(tl.load(p + 3, mask=ok, other=-big), 1)
-        lo_c = tl.min(tl.load(p + 4, mask=ok, other=big), 1)
-        hi_c = tl.max(tl.load(p + 5, mask=ok, other=-big), 1)
-        lo_d = tl.min(tl.load(p + 6, mask=ok, other=big), 1)
-        hi_d = tl.max(tl.load(p + 7, mask=ok, other=-big), 1)
-        empty, full = iv_state(lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d, m0, m1)
+        p = sum_ptr + idx * 8  # (entries outside the tile: neutral, empty and full)
+        hi_a = tl.load(p + 1, mask=ok, other=-big)
+        lo_b = tl.load(p + 2, mask=ok, other=big)
+        hi_c = tl.load(p + 5, mask=ok, other=-big)
+        lo_d = tl.load(p + 6, mask=ok, other=big)
+        lo_a = tl.load(p + 0, mask=ok, other=big)
+        hi_b = tl.load(p + 3, mask=ok, other=-big)
+        lo_c = tl.load(p + 4, mask=ok, other=big)
+        hi_d = tl.load(p + 7, mask=ok, other=-big)
+        # each 16-key entry tested on its own (iv_state): a tile is empty / full iff its entries all are
+        empty_e = ((hi_a <= m0) & (m1 < lo_b)) | ((hi_c <= m0) & (m1 < lo_d))
+        full_e = ((hi_b <= m0) | (lo_a > m1)) & ((hi_d <= m0) | (lo_c > m1))
+        empty = tl.min(empty_e.to(tl.int32), 1) > 0
+        full = tl.min(full_e.to(tl.int32), 1) > 0
         flags_full = (tiles >= full_lo) & (tiles + BLOCK_N <= full_hi)  # (inside the keys, unmasked)
         is_full = valid & (~empty) & full & flags_full
         is_part = valid & (~empty) & (~is_full)

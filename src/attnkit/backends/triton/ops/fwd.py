@@ -131,6 +131,7 @@ def body(p: FwdParams, keep=None):
             )
 
     tune_key = FwdParams.tune_key(flags)
-    cfg = _tuning.pick("fwd", D, Dv, q.dtype, tune_key, Sq, Sk, q.device, launch, _tuning.hints(flags))
+    hint = _tuning.hints(flags, gathers=p.smod_c0 is not None)
+    cfg = _tuning.pick("fwd", D, Dv, q.dtype, tune_key, Sq, Sk, q.device, launch, hint)
     _tuning.launch_fitting("fwd", cfg, (tune_key, p.score_mod), launch, D, Dv, q.dtype)
     return outputs(tensors)

@@ -1,12 +1,13 @@
 """Tile lists for masks carried as data (``kernels/ivlists.py``): the forward visits, per query tile, a list
 of partial key tiles (masked) and a list of full ones (the plain body), instead of classifying every tile of
-its range inside the loop. ``ATTNKIT_TRITON_IV_LIST=1`` turns them on (an A/B switch: the default stays the
-classified loop until the GPU measures the lists faster; docs/backends.md).
+its range inside the loop. On by default: on the H200 (bf16, B=2 H=16 S=8k D=128, 2026-12-02, run D in
+docs/benchmarks.md) the listed forward ran a causal document mask in 0.564 ms against 0.637 classified,
+prefix-LM 1.505 / 1.600, a shared prefix 0.859 / 1.551, global+window 0.560 / 0.960.
+``ATTNKIT_TRITON_IV_LIST=0`` takes the classified loop (A/B runs).
 
-Used for ``bhsd`` / ``bshd`` forwards with a mask as data; not for ``thd`` (per-sequence tiles), the
-backward, or inside a CUDA-graph capture or a compile (no host decisions there; they take the classified
-loop). Memoized per summary tensor (weak identity and in-place version), shapes, tiles and flags, like
-``ops/tiles.py``.
+Used for ``bhsd`` / ``bshd`` forwards with a mask as data; not for ``thd`` (per-sequence tiles), the backward,
+or inside a CUDA-graph capture or a compile (no host decisions there; they take the classified loop). Memoized
+per summary tensor (weak identity and in-place version), shapes, tiles and flags, like ``ops/tiles.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ _MAX_MEMO = 16
 
 
 def enabled() -> bool:
-    return os.environ.get("ATTNKIT_TRITON_IV_LIST", "0") not in ("", "0")
+    return os.environ.get("ATTNKIT_TRITON_IV_LIST", "1") not in ("", "0")
 
 
 def _usable(p) -> bool:

@@ -213,7 +213,9 @@ def pick(
     hint: frozenset = frozenset(),
 ) -> Config:
     """The configuration for one launch; ``launch(cfg)`` runs the kernel with ``cfg`` (used to autotune).
-    ``hint``: :func:`hints` of the launch's flags (they are in ``flags`` too, so the caches stay right).
+    ``hint``: :func:`hints` of the launch's flags (they are in ``flags`` too, so the caches stay right;
+    ``"gather"`` only sets the untuned default: with the autotuner on, its cache keeps one entry for mods
+    with and without gathers, as it does for every mod and mask).
     ``flags``: the op's feature constexprs (``FwdParams.flags()`` values); Sq and Sk count per power-of-two
     bucket (:func:`_bucket`), so new lengths in a tuned bucket reuse its result, in this process and, from
     the disk cache, in the next."""
@@ -313,10 +315,11 @@ def _smem_limit(device) -> int:
 _SMALL: list[Config] = [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)]
 
 
-def hints(flags: dict) -> frozenset:
+def hints(flags: dict, gathers: bool = False) -> frozenset:
     """What the defaults need to know of a launch's feature constexprs (``FwdParams.flags()``): ``"iv"`` for
-    masks carried as data (their bounds take shared memory too), ``"causal"`` for a right-bounded call."""
-    out = set()
+    masks carried as data (their bounds take shared memory too), ``"causal"`` for a right-bounded call;
+    ``"gather"`` for a score mod that reads captured tensors (``gathers``)."""
+    out = {"gather"} if gathers else set()
     if flags.get("HAS_IV"):
         out.add("iv")
     if flags.get("HAS_RIGHT") and not flags.get("HAS_LEFT"):
@@ -330,7 +333,12 @@ def hints(flags: dict) -> frozenset:
 #   (128, 64, 8, 2) 0.511, (128, 64, 4, 2) 0.886;
 # - dQ of a causal call at D=128 and Sq <= 512 (B=32 H=16): the autotuner picked (64, 32, 4, 3), and the
 #   whole forward+backward ran 0.694 ms against 1.097 with the default (128, 64, 8, 3).
+# - a forward with a score mod reading a captured table (a learnable T5 bias, B=2 H=16 S=8k D=128 causal,
+#   2026-12-02 20:20 UTC, docs/results/2026-12-02-h200-d/t5.txt): the default (128, 128, 8, 3) ran out of
+#   shared memory and its retry (64, 64, 4, 3) ran 18.3 ms; (64, 32, 4, 2) 8.7, (128, 64, 8, 2) 12.1,
+#   (32, 32, 4, 2) 14.5.
 _MASKED_FWD = {128: (64, 64, 4, 2), 256: (64, 64, 4, 2)}
+_GATHER_FWD = {128: (64, 32, 4, 2), 256: (64, 32, 4, 2)}
 _SHORT_CAUSAL_DQ = {128: (64, 32, 4, 3)}
 
 
@@ -344,7 +352,9 @@ def fitting_default(
     inside CUDA-graph capture or compile)."""
     default = default_config(kind, D, Dv)
     dc = dim_class(max(D, Dv))
-    if kind == "fwd" and "iv" in hint and dc in _MASKED_FWD:
+    if kind == "fwd" and "gather" in hint and dc in _GATHER_FWD:
+        default = _GATHER_FWD[dc]
+    elif kind == "fwd" and "iv" in hint and dc in _MASKED_FWD:
         default = _MASKED_FWD[dc]
     elif kind == "dq" and "causal" in hint and "iv" not in hint and 0 < _bucket(Sq) <= 512:
         default = _SHORT_CAUSAL_DQ.get(dc, default)
