@@ -480,18 +480,23 @@ def test_a_cached_choice_whose_mask_data_refuses_it_is_not_reused(device):
         dispatch._CHOICES.pop(key, None)
 
 
-# -- the cost model against the last measured H200 table (docs/results/2026-12-02-h200-b/) ----------------
-_MEASURED = Path(__file__).resolve().parents[1] / "docs" / "results" / "2026-12-02-h200-b"
-_BENCH_NAMES = {
+# -- the cost model against the last measured H200 tables (docs/results/2026-12-02-h200-d/, -b/ for decode) --
+_RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+_MEASURED = _RESULTS / "2026-12-02-h200-b"  # (decode)
+_KERNELS = _RESULTS / "2026-12-02-h200-d"
+_BENCH_NAMES = {  # (the peers as auto runs them: through attnkit's adapters)
     "sdpa_cudnn": "sdpa_cudnn",
+    "sdpa_flash": "sdpa_flash",
+    "flex": "flex",
     "attnkit:triton": "triton",
-    "fa4 (flash_attn.cute)": "flash_attn4",
+    "attnkit:flash_attn4": "flash_attn4",
+    "attnkit:flex_flash": "flex_flash",
 }
 
 
 def _measured_kernel_rows() -> dict:
     rows: dict = {}
-    with open(_MEASURED / "kernels.csv") as f:
+    with open(_KERNELS / "kernels.csv") as f:
         for r in csv.DictReader(f):
             if r["backend"] in _BENCH_NAMES:
                 key = (int(r["B"]), int(r["H"]), int(r["S"]), int(r["D"]), r["mode"], r["causal"] == "True")
@@ -500,15 +505,20 @@ def _measured_kernel_rows() -> dict:
 
 
 def test_estimates_pick_within_3_percent_of_the_measured_best(h200):
-    """On every row of the last H200 kernels table (cuDNN, our kernels and FA4 in one run), the backend
-    with the lowest estimate measured within 3% of the fastest: auto's choice, given those backends."""
+    """On every row of the last H200 kernels table (SDPA, flex, our kernels and the peers through our
+    adapters, in one run), the backend with the lowest estimate measured within 3% of the fastest: auto's
+    choice, given those backends. (On these dense calls flash_attn4 and flex_flash run the same FA4 kernels
+    through two wrappers, whose rows differ by up to 3% from run noise alone: a pick of either is timed at
+    the faster of the two.)"""
     rows = _measured_kernel_rows()
-    assert len(rows) >= 20
+    assert len(rows) >= 24
     off = {}
+    same = ("flash_attn4", "flex_flash")
     for (B, H, S, D, mode, causal), ms in rows.items():
         call = _cuda_call(B, H, H, S, S, D, requires_grad=mode == "fwd_bwd", causal=causal)
         pick = min(ms, key=lambda n: h200[n].cost(call))
-        if ms[pick] > 1.03 * min(ms.values()):
+        took = min(ms[n] for n in same) if pick in same else ms[pick]
+        if took > 1.03 * min(ms.values()):
             off[(B, H, S, D, mode, causal)] = (pick, ms)
     assert not off, off
 

@@ -114,8 +114,10 @@ def common_reasons(call) -> list[str]:
 
 
 # FA4 TFLOP/s (visible-pair FLOPs) on an H200, bf16, measured by `attnkit bench kernels --quick` in one run
-# with our kernels and cuDNN (2026-12-02 15:20 UTC, docs/results/2026-12-02-h200-b/): (fwd, fwd+bwd) by (long
-# or short sequence, D <= 64, causal). Long: the mean of the S=4096 and S=16384 rows; short: S=512, B=32.
+# with our kernels and cuDNN (2026-12-02 15:20 UTC; git show
+# e8f5ec7:docs/results/2026-12-02-h200-b/kernels.csv; tests/test_dispatch.py holds them to run D's table,
+# docs/results/2026-12-02-h200-d/): (fwd, fwd+bwd) by (long or short sequence, D <= 64, causal). Long: the
+# mean of the S=4096 and S=16384 rows; short: S=512, B=32.
 _RATES = {
     ("long", False, False): (661e12, 615e12),
     ("long", False, True): (614e12, 576e12),

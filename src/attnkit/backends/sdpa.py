@@ -58,7 +58,8 @@ _CUDA_RATES = {
 _CUDNN_SHORT_FWD = {64: 375e12, 128: 495e12}
 # cuDNN at D <= 64 on long sequences (S = 4096 and 16384), (forward, forward+backward) by causal: the same
 # H200, 2026-12-02, `attnkit bench kernels --quick` with FA4 and our kernels in the run
-# (docs/results/2026-12-02-h200-b/): 460-467 / 440-456 TFLOP/s, causal 430 / 401; 560 / 500 over-rated it.
+# (git show e8f5ec7:docs/results/2026-12-02-h200-b/kernels.csv): 460-467 / 440-456 TFLOP/s, causal 430 / 401;
+# 560 / 500 over-rated it.
 _CUDNN_LONG_D64 = {False: (463e12, 448e12), True: (430e12, 401e12)}
 # Rough CPU rates (2-core machine); only the ranking matters.
 _CPU_RATES = {"flash": (30e9, 15e9), "math": (15e9, 8e9)}
