@@ -245,6 +245,20 @@ def test_captured_grads_read_twice(dtype):
     check_captured(make, tables, q, k, v, causal=True, **kw)
 
 
+@pytest.mark.parametrize("copies", [1, 3])
+def test_captured_grads_with_few_copies(copies, monkeypatch):
+    """The dK/dV programs add the captured tensors' gradients into copies of the buffer (program index mod
+    the copies; ops/bwd.smod_grads): with one copy (the fallback for large tables) and with fewer copies than
+    programs, the sums are still right."""
+    from attnkit.backends.triton.ops import bwd as _bwd
+
+    assert _bwd.smod_copies(512) == _bwd.SMOD_COPIES and _bwd.smod_copies(1 << 23) == 1
+    monkeypatch.setattr(_bwd, "SMOD_COPIES", copies)
+    tables = [torch.randn(2, 9, device=DEV, requires_grad=True)]
+    q, k, v, kw = oracle.make_inputs(B=2, Hq=2, Sq=40, D=16, device=DEV, requires_grad=True)
+    check_captured(lambda t: M.relative_bias(t[0]), tables, q, k, v, causal=True, **kw)
+
+
 def test_captured_grads_library_thd():
     """Library mods (relative_bias, t5_bias) with learnable tables on ragged thd, Sq != Sk."""
     q, k, v, kw = oracle.make_inputs(

@@ -150,6 +150,7 @@ _LENGTHS = {"SQ", "SK", "rows", "cols", "stride_lb", "stride_lh", "stride_db", "
 _LENGTHS |= {"stride_ib", "stride_ih", "stride_sb", "stride_sh"}  # mask intervals (B', H', Sk, 4) and summary
 _LENGTHS |= {"stride_tb", "stride_th", "ts_cols", "n_m", "n_n"}  # tile states (B', H', Sq / BM, Sk / BN)
 _LENGTHS |= {"ivl_b", "ivl_h", "ivl_n"}  # tile lists (B', H', Sq / BM, 2, Sk / BN)
+_LENGTHS |= {"smg_stride", "smg_copies"}  # copies of the captured tensors' gradients (n entries each)
 _RUNTIME_ONLY = _LENGTHS | {"win_left", "win_right", "bh", "r0"}
 
 

@@ -298,6 +298,8 @@ def _dkdv_inner(
         "stride_tb",
         "stride_th",
         "ts_cols",
+        "smg_stride",
+        "smg_copies",
     ]
 )
 def attn_bwd_dkdv(
@@ -373,7 +375,9 @@ def attn_bwd_dkdv(
     SmG0,
     SmG1,
     SmG2,
-    SmG3,  # float32 gradients of the captured tensors that want one (SMOD_GRAD; contiguous)
+    SmG3,  # float32 gradients of the captured tensors that want one (SMOD_GRAD; contiguous; in copy 0)
+    smg_stride,
+    smg_copies,  # copies of those gradients (ops/bwd.smod_grads): this program adds into its own
     Ts,
     stride_tb,
     stride_th,
@@ -457,7 +461,8 @@ def attn_bwd_dkdv(
         if HAS_ALIBI:
             slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
         sum_ptr = IvSum + b * stride_sb + h * stride_sh
-        smod = (SmC0, SmC1, SmC2, SmC3, SmMeta, b, h, SmG0, SmG1, SmG2, SmG3)
+        g_at = ((bhk * tl.num_programs(0) + pid_n) % smg_copies).to(tl.int64) * smg_stride
+        smod = (SmC0, SmC1, SmC2, SmC3, SmMeta, b, h, SmG0 + g_at, SmG1 + g_at, SmG2 + g_at, SmG3 + g_at)
         ts_ptr = Ts + b * stride_tb + h * stride_th + pid_n  # (this key tile's column of states)
         ia, ib, ic, id_ = 0, 0, 0, 0
         g_lo, g_full_lo, g_full_hi, g_hi = lo, full_lo, full_hi, hi
