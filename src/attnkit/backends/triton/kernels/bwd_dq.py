@@ -96,72 +96,121 @@ def _dq_inner(
                 empty = False
         if HAS_TS:  # tile states: skip empty key tiles, no mask work on full ones
             empty, full = ts_state(ts_ptr + start_n // BLOCK_N)
-        if not empty:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            kt = load_tile(
-                k_base + offs_n[None, :] * stride_ks + offs_d[:, None],
-                offs_n[None, :],
-                seqlen_k,
-                offs_d[:, None],
-                D,
-                MASK,
-                BLOCK_D != D,
-            )  # (BD, BN)
-            vt = load_tile(
-                v_base + offs_n[None, :] * stride_vs + offs_dv[:, None],
-                offs_n[None, :],
-                seqlen_k,
-                offs_dv[:, None],
-                DV,
-                MASK,
-                BLOCK_DV != DV,
-            )  # (BDV, BN)
-            qk = tl.dot(q, kt, input_precision=PRECISION)
-            s, t, g, _ = scores(
-                qk,
-                offs_m[:, None],
-                offs_n[None, :],
-                seqlen_q,
-                seqlen_k,
-                off,
-                sm_scale,
-                softcap,
-                win_left,
-                win_right,
-                bias_ptr,
-                stride_bm,
-                stride_bn,
-                slope,
-                smod,
-                MASK,
-                SOFTCAP,
-                HAS_BIAS,
-                HAS_ALIBI,
-                HAS_LEFT,
-                HAS_RIGHT,
-                DEFER,
-                HAS_SCORE_MOD,
-                SCORE_MOD,
-            )
-            if HAS_IV:
-                ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[None, :], seqlen_k)
-                if not full:
-                    s = iv_apply(s, offs_m[:, None], ia, ib, ic, id_)
-            if HAS_TS:  # noqa: SIM102
-                if not full:
-                    s = ts_apply(s, offs_m[:, None], offs_n[None, :], off, smod, MASK_KEEP)
-            lg = s * c - lse_hi[:, None]
-            if q.dtype == tl.float32:
-                lg -= lse_lo[:, None]
-            p = tl.exp2(lg)
-            dp = tl.dot(do, vt, input_precision=PRECISION)  # (BM, BN)
-            if DROPOUT:
-                keep = dropout_keep(rng_ptr, bh, offs_m[:, None], offs_n[None, :], dropout_p)
-                dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-            ds = p * (dp - delta[:, None])
-            ds = dscore_mod(ds, p, g, HAS_SCORE_MOD)
-            dqk = dscore_dqk(ds, t, sm_scale, SOFTCAP)
-            dq += tl.dot(dqk.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+        dq = _dq_tile(
+            dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv,
+            start_n, seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
+            stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, empty, full, smod, ts_ptr, D, DV, BLOCK_D,
+            BLOCK_DV, BLOCK_N, MASK, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
+            PRECISION, HAS_IV, HAS_SCORE_MOD, SCORE_MOD, HAS_TS, MASK_KEEP,
+        )  # fmt: skip
+    return dq
+
+
+@triton.jit
+def _dq_listed(
+    dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, lst, n,
+    seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope,
+    rng_ptr, bh, dropout_p, iv_ptr, smod,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DEFER: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
+):  # fmt: skip
+    """The key tiles of list ``lst`` (``n`` tile starts, kernels/ivlists.py, at this kernel's tiles): PARTIAL
+    ones masked (flags and intervals), full ones as the plain body (as the forward's ``_fwd_listed``)."""
+    c = pending_scale(sm_scale, DEFER)
+    start_n = tl.load(lst, mask=n > 0, other=0)
+    for i in range(0, n):
+        nxt = tl.load(lst + i + 1, mask=i + 1 < n, other=0)
+        dq = _dq_tile(
+            dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv,
+            start_n, seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
+            stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, False, False, smod, iv_ptr, D, DV, BLOCK_D,
+            BLOCK_DV, BLOCK_N, PARTIAL, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
+            PRECISION, PARTIAL, HAS_SCORE_MOD, SCORE_MOD, False, None,
+        )  # fmt: skip
+        start_n = nxt
+    return dq
+
+
+@triton.jit
+def _dq_tile(
+    dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n,
+    seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope,
+    rng_ptr, bh, dropout_p, c, iv_ptr, empty, full, smod, ts_ptr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DEFER: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_IV: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
+    HAS_TS: tl.constexpr, MASK_KEEP: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the dQ loop (``empty`` / ``full``: the interval classification or the tile state)."""
+    if not empty:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kt = load_tile(
+            k_base + offs_n[None, :] * stride_ks + offs_d[:, None],
+            offs_n[None, :],
+            seqlen_k,
+            offs_d[:, None],
+            D,
+            MASK,
+            BLOCK_D != D,
+        )  # (BD, BN)
+        vt = load_tile(
+            v_base + offs_n[None, :] * stride_vs + offs_dv[:, None],
+            offs_n[None, :],
+            seqlen_k,
+            offs_dv[:, None],
+            DV,
+            MASK,
+            BLOCK_DV != DV,
+        )  # (BDV, BN)
+        qk = tl.dot(q, kt, input_precision=PRECISION)
+        s, t, g, _ = scores(
+            qk,
+            offs_m[:, None],
+            offs_n[None, :],
+            seqlen_q,
+            seqlen_k,
+            off,
+            sm_scale,
+            softcap,
+            win_left,
+            win_right,
+            bias_ptr,
+            stride_bm,
+            stride_bn,
+            slope,
+            smod,
+            MASK,
+            SOFTCAP,
+            HAS_BIAS,
+            HAS_ALIBI,
+            HAS_LEFT,
+            HAS_RIGHT,
+            DEFER,
+            HAS_SCORE_MOD,
+            SCORE_MOD,
+        )
+        if HAS_IV:
+            ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[None, :], seqlen_k)
+            if not full:
+                s = iv_apply(s, offs_m[:, None], ia, ib, ic, id_)
+        if HAS_TS:  # noqa: SIM102
+            if not full:
+                s = ts_apply(s, offs_m[:, None], offs_n[None, :], off, smod, MASK_KEEP)
+        lg = s * c - lse_hi[:, None]
+        if q.dtype == tl.float32:
+            lg -= lse_lo[:, None]
+        p = tl.exp2(lg)
+        dp = tl.dot(do, vt, input_precision=PRECISION)  # (BM, BN)
+        if DROPOUT:
+            keep = dropout_keep(rng_ptr, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        ds = dscore_mod(ds, p, g, HAS_SCORE_MOD)
+        dqk = dscore_dqk(ds, t, sm_scale, SOFTCAP)
+        dq += tl.dot(dqk.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
     return dq
 
 
@@ -182,6 +231,9 @@ def _dq_inner(
         "stride_tb",
         "stride_th",
         "ts_cols",
+        "ivl_b",
+        "ivl_h",
+        "ivl_n",
     ]
 )
 def attn_bwd_dq(
@@ -248,6 +300,11 @@ def attn_bwd_dq(
     stride_tb,
     stride_th,
     ts_cols,  # tile states int8 (B', H', query tiles, ts_cols) at this kernel's tiles (HAS_TS; see _fwd)
+    IvL,
+    IvC,
+    ivl_b,
+    ivl_h,
+    ivl_n,  # IV_LIST: tile lists at this kernel's tiles (see _fwd.attn_fwd)
     GROUP: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -272,6 +329,7 @@ def attn_bwd_dq(
     SCORE_MOD: tl.constexpr,
     HAS_TS: tl.constexpr,
     MASK_KEEP: tl.constexpr,
+    IV_LIST: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     if REVERSE:
@@ -329,82 +387,95 @@ def attn_bwd_dq(
     iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
     sum_ptr = IvSum + b * stride_sb + h * stride_sh
     ts_ptr = Ts + b * stride_tb + h * stride_th + pid_m * ts_cols  # (this query tile's row of states)
-    lo, full_lo, full_hi, hi = kv_tiles(
-        m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
-    )
-    if HAS_IV:  # from the first to the last key tile the mask leaves non-empty for these rows
-        lo2, hi2 = iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, m0, m1, BLOCK_N)
-        lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
-    if HAS_TS:  # from the first to the last key tile whose state is not empty
-        lo2, hi2 = ts_narrow(ts_ptr, 1, lo, hi, BLOCK_N)
-        lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
-    BODY: tl.constexpr = HAS_IV and IV_BODY
-    b0 = full_hi
-    b1 = full_hi
-    if BODY:  # the last run of key tiles full for every row: the plain body, no interval work
-        b0, b1 = iv_full_run(sum_ptr, lo, full_lo, full_hi, k_start, 0, m0, m1, 0, True, BLOCK_N, BLOCK_N)
-    # the tile schedule's segments: masked head, unmasked body, masked tail (as the forward's)
-    for seg in tl.static_range(5):
-        seg_lo, seg_hi = iv_bounds(seg, lo, full_lo, b0, b1, full_hi, hi)
-        if BODY or (seg != 2 and seg != 3):
-            dq = _dq_inner(
-                dq,
-                q,
-                do,
-                lse_hi,
-                lse_lo,
-                delta,
-                k_base,
-                v_base,
-                stride_ks,
-                stride_vs,
-                offs_m,
-                offs_d,
-                offs_dv,
-                seg_lo,
-                seg_hi,
-                seqlen_q,
-                seqlen_k,
-                off,
-                sm_scale,
-                softcap,
-                win_left,
-                win_right,
-                bias_ptr,
-                stride_bm,
-                stride_bn,
-                slope,
-                Rng,
-                bh,
-                dropout_p,
-                iv_ptr,
-                sum_ptr,
-                k_start,
-                m0,
-                m1,
-                smod,
-                ts_ptr,
-                D,
-                DV,
-                BLOCK_D,
-                BLOCK_DV,
-                BLOCK_N,
-                seg == 0 or seg == 4,
-                SOFTCAP,
-                HAS_BIAS,
-                HAS_ALIBI,
-                HAS_LEFT,
-                HAS_RIGHT,
-                DROPOUT,
-                DEFER,
-                PRECISION,
-                HAS_IV and seg != 2,
-                IV_SKIP,
-                HAS_SCORE_MOD,
-                SCORE_MOD,
-                HAS_TS,
-                MASK_KEEP,
-            )
+    if IV_LIST:  # masks as data, listed: the partial key tiles (masked), then the full ones (plain body)
+        row = b * ivl_b + h * ivl_h + pid_m
+        for part in tl.static_range(2):
+            n = tl.load(IvC + row * 2 + part)
+            lst = IvL + (row * 2 + part) * ivl_n
+            dq = _dq_listed(
+                dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
+                offs_dv, lst, n, seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr,
+                stride_bm, stride_bn, slope, Rng, bh, dropout_p, iv_ptr, smod, D, DV, BLOCK_D, BLOCK_DV,
+                BLOCK_N, part == 0, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
+                PRECISION, HAS_SCORE_MOD, SCORE_MOD,
+            )  # fmt: skip
+    else:
+        lo, full_lo, full_hi, hi = kv_tiles(
+            m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
+        )
+        if HAS_IV:  # from the first to the last key tile the mask leaves non-empty for these rows
+            lo2, hi2 = iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, m0, m1, BLOCK_N)
+            lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
+        if HAS_TS:  # from the first to the last key tile whose state is not empty
+            lo2, hi2 = ts_narrow(ts_ptr, 1, lo, hi, BLOCK_N)
+            lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
+        BODY: tl.constexpr = HAS_IV and IV_BODY
+        b0 = full_hi
+        b1 = full_hi
+        if BODY:  # the last run of key tiles full for every row: the plain body, no interval work
+            b0, b1 = iv_full_run(sum_ptr, lo, full_lo, full_hi, k_start, 0, m0, m1, 0, True, BLOCK_N, BLOCK_N)
+        # the tile schedule's segments: masked head, unmasked body, masked tail (as the forward's)
+        for seg in tl.static_range(5):
+            seg_lo, seg_hi = iv_bounds(seg, lo, full_lo, b0, b1, full_hi, hi)
+            if BODY or (seg != 2 and seg != 3):
+                dq = _dq_inner(
+                    dq,
+                    q,
+                    do,
+                    lse_hi,
+                    lse_lo,
+                    delta,
+                    k_base,
+                    v_base,
+                    stride_ks,
+                    stride_vs,
+                    offs_m,
+                    offs_d,
+                    offs_dv,
+                    seg_lo,
+                    seg_hi,
+                    seqlen_q,
+                    seqlen_k,
+                    off,
+                    sm_scale,
+                    softcap,
+                    win_left,
+                    win_right,
+                    bias_ptr,
+                    stride_bm,
+                    stride_bn,
+                    slope,
+                    Rng,
+                    bh,
+                    dropout_p,
+                    iv_ptr,
+                    sum_ptr,
+                    k_start,
+                    m0,
+                    m1,
+                    smod,
+                    ts_ptr,
+                    D,
+                    DV,
+                    BLOCK_D,
+                    BLOCK_DV,
+                    BLOCK_N,
+                    seg == 0 or seg == 4,
+                    SOFTCAP,
+                    HAS_BIAS,
+                    HAS_ALIBI,
+                    HAS_LEFT,
+                    HAS_RIGHT,
+                    DROPOUT,
+                    DEFER,
+                    PRECISION,
+                    HAS_IV and seg != 2,
+                    IV_SKIP,
+                    HAS_SCORE_MOD,
+                    SCORE_MOD,
+                    HAS_TS,
+                    MASK_KEEP,
+                )
     dq_ptrs = (
         DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqs + offs_d[None, :]
     )

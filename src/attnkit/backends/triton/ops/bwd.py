@@ -13,6 +13,7 @@ import torch
 from attnkit.backends.triton.kernels import bwd as _bwd
 from attnkit.backends.triton.kernels import bwd_dq as _bwd_dq
 from attnkit.backends.triton.ops import common as c
+from attnkit.backends.triton.ops import ivlists as _ivlists
 from attnkit.backends.triton.ops import tiles as _tiles
 from attnkit.backends.triton.params import BwdParams
 from attnkit.backends.triton.runtime import capability as _cap
@@ -186,16 +187,20 @@ def body(p: BwdParams, keep=None):
                 **{**common, **ts_flags},
             )
 
-    def launch_dq(cfg, stream=None, ts=None):
+    def dq_extras(BM, BN):
+        """The dQ launch's tile states and tile lists at BM x BN (made on the current stream: a side stream
+        that reads them waits on it after)."""
+        return _tiles.launch_args(p, B, Hq, BM, BN, dummy), _ivlists.launch_args(p, Hq, BM, BN, dummy)
+
+    def launch_dq(cfg, stream=None, extras=None):
         BM, BN, warps, stages = cfg
         grid = (c.cdiv(max(Sq, 1), BM), B * Hq)
         reverse = flags["HAS_RIGHT"] and not flags["HAS_LEFT"]
-        # (a mask evaluated per tile: its states, made on the current stream before a side stream reads them)
-        ts, ts_flags = _tiles.launch_args(p, B, Hq, BM, BN, dummy) if ts is None else ts
+        (ts, ts_flags), (ivl, ivl_flags) = dq_extras(BM, BN) if extras is None else extras
         with c.jit_hooks_off(common["SCORE_MOD"]):
             attn_bwd_dq[grid](
-                *dq_args, *ts, BLOCK_M=BM, BLOCK_N=BN, REVERSE=reverse, num_warps=warps, num_stages=stages,
-                stream=stream, **{**common, **ts_flags},
+                *dq_args, *ts, *ivl, BLOCK_M=BM, BLOCK_N=BN, REVERSE=reverse, num_warps=warps,
+                num_stages=stages, stream=stream, **{**common, **ts_flags, **ivl_flags},
             )  # fmt: skip
 
     gluon_bwd = views = None
@@ -225,16 +230,16 @@ def body(p: BwdParams, keep=None):
         main = torch.cuda.current_stream(q.device)
         side = _side_stream(q.device)
         cfg_dq = _tuning.shrunk("dq", cfg_dq, fit_key)
-        ts_dq = _tiles.launch_args(p, B, Hq, cfg_dq[0], cfg_dq[1], dummy)
+        extras_dq = dq_extras(cfg_dq[0], cfg_dq[1])
         side.wait_stream(main)
         run_dkdv()
 
         def dq_on_side(cfg):
-            ts = ts_dq
+            extras = extras_dq
             if cfg != cfg_dq:  # (smaller tiles than planned: their states, made before the side stream reads)
-                ts = _tiles.launch_args(p, B, Hq, cfg[0], cfg[1], dummy)
+                extras = dq_extras(cfg[0], cfg[1])
                 side.wait_stream(main)
-            launch_dq(cfg, side.cuda_stream, ts)
+            launch_dq(cfg, side.cuda_stream, extras)
 
         _tuning.launch_fitting("dq", cfg_dq, fit_key, dq_on_side, D, Dv, q.dtype)
         main.wait_stream(side)

@@ -1,12 +1,14 @@
-"""Tile lists for masks carried as data (``kernels/ivlists.py``): the forward visits, per query tile, a list
-of partial key tiles (masked) and a list of full ones (the plain body), instead of classifying every tile of
-its range inside the loop. On by default: on the H200 (bf16, B=2 H=16 S=8k D=128, 2026-12-02, run D in
-docs/benchmarks.md) the listed forward ran a causal document mask in 0.564 ms against 0.637 classified,
-prefix-LM 1.505 / 1.600, a shared prefix 0.859 / 1.551, global+window 0.560 / 0.960.
-``ATTNKIT_TRITON_IV_LIST=0`` takes the classified loop (A/B runs).
+"""Tile lists for masks carried as data (``kernels/ivlists.py``): the forward and the dQ pass visit, per query
+tile, a list of partial key tiles (masked) and a list of full ones (the plain body), instead of classifying
+every tile of their range inside the loop. On by default: on the H200 (bf16, B=2 H=16 S=8k D=128, 2026-12-02,
+run D in docs/benchmarks.md) the listed forward ran a causal document mask in 0.564 ms against 0.637
+classified, prefix-LM 1.505 / 1.600, a shared prefix 0.859 / 1.551, global+window 0.560 / 0.960. The dQ pass
+took the lists after that run: not measured yet. ``ATTNKIT_TRITON_IV_LIST=0`` takes the classified loop in
+both (A/B runs).
 
-Used for ``bhsd`` / ``bshd`` forwards with a mask as data; not for ``thd`` (per-sequence tiles), the backward,
-or inside a CUDA-graph capture or a compile (no host decisions there; they take the classified loop). Memoized
+Used for ``bhsd`` / ``bshd`` calls with a mask as data; not for ``thd`` (per-sequence tiles), dK/dV (it walks
+the query tiles of a key tile: that needs the transposed lists, not built yet), or inside a CUDA-graph capture
+or a compile (no host decisions there; they take the classified loop). Memoized
 per summary tensor (weak identity and in-place version), shapes, tiles and flags, like ``ops/tiles.py``.
 """
 
