@@ -52,6 +52,30 @@ def _bind_mod(score_mod, Sq, Sk):
     return score_mod
 
 
+def visibility(B, Hq, Sq, Sk, b_idx=None, *, causal=False, window=None, mask_mod=None, device=None):
+    """(B, Hq, Sq, Sk) bool: which keys each query sees (flags bottom-right aligned, then ``mask_mod(b, h,
+    i, j)`` on broadcast index grids); ``b_idx`` (B,) the batch (or sequence) index of each row, default
+    0..B-1."""
+    b_idx = torch.arange(B) if b_idx is None else b_idx
+    b = b_idx.to(device).view(B, 1, 1, 1)
+    h = torch.arange(Hq, device=device).view(1, Hq, 1, 1)
+    i = torch.arange(Sq, device=device).view(1, 1, Sq, 1)
+    j = torch.arange(Sk, device=device).view(1, 1, 1, Sk)
+    pos = i + (Sk - Sq)  # bottom-right alignment
+    vis = torch.ones(B, Hq, Sq, Sk, dtype=torch.bool, device=device)
+    if causal:
+        vis = vis & (j <= pos)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            vis = vis & (j >= pos - left)
+        if right >= 0:
+            vis = vis & (j <= pos + right)
+    if mask_mod is not None:
+        vis = vis & torch.as_tensor(mask_mod(b, h, i, j), device=device).to(torch.bool)
+    return vis
+
+
 def dense_bhsd64(
     q,
     k,
@@ -99,17 +123,7 @@ def dense_bhsd64(
         r = score_mod(s, b, h, i, j)
         r = r.to(F64) if isinstance(r, torch.Tensor) else torch.tensor(float(r), dtype=F64, device=dev)
         s = r.expand(B, Hq, Sq, Sk)
-    vis = torch.ones(B, Hq, Sq, Sk, dtype=torch.bool, device=dev)
-    if causal:
-        vis = vis & (j <= pos)
-    if window is not None:
-        left, right = window
-        if left >= 0:
-            vis = vis & (j >= pos - left)
-        if right >= 0:
-            vis = vis & (j <= pos + right)
-    if mask_mod is not None:
-        vis = vis & torch.as_tensor(mask_mod(b, h, i, j), device=dev).to(torch.bool)
+    vis = visibility(B, Hq, Sq, Sk, b_idx, causal=causal, window=window, mask_mod=mask_mod, device=dev)
     any_vis = vis.any(dim=-1, keepdim=True)
     s = torch.where(vis, s, torch.tensor(-math.inf, dtype=F64, device=dev))
     s = torch.where(any_vis, s, torch.zeros((), dtype=F64, device=dev))  # dummy finite row, zeroed below

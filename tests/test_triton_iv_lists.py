@@ -44,19 +44,9 @@ def _record(monkeypatch) -> list:
 
 
 def _visible(mask, B, H, Sq, Sk, causal=False, window=None) -> torch.Tensor:
-    """(B, H, Sq, Sk) bool: the mask and the flags, bottom-right aligned."""
-    vis = mask.to_dense(B, H, Sq, Sk).cpu()
-    i = torch.arange(Sq).view(-1, 1) + (Sk - Sq)
-    j = torch.arange(Sk).view(1, -1)
-    if causal:
-        vis = vis & (j <= i)
-    if window is not None:
-        left, right = window
-        if left >= 0:
-            vis = vis & (j >= i - left)
-        if right >= 0:
-            vis = vis & (j <= i + right)
-    return vis
+    """(B, H, Sq, Sk) bool on the CPU: the mask and the flags (the oracle's definition)."""
+    mod = mask.bind(Sq, Sk)
+    return oracle.visibility(B, H, Sq, Sk, causal=causal, window=window, mask_mod=mod, device=DEV).cpu()
 
 
 def _check_lists(seen, vis):
