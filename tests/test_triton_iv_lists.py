@@ -28,15 +28,15 @@ tri = oracle.tri
 
 
 def _record(monkeypatch) -> list:
-    """Turn the lists on and keep each (lists, counts, BM, BN) the forward builds."""
+    """Turn the lists on and keep each (lists, counts, BM, BN, transposed) the kernels build."""
     monkeypatch.setenv("ATTNKIT_TRITON_IV_LIST", "1")
     seen = []
     real = ivlists.lists
 
-    def lists(p, BM, BN):
-        got = real(p, BM, BN)
+    def lists(p, BM, BN, transposed=False):
+        got = real(p, BM, BN, transposed)
         if got is not None:
-            seen.append((got[0].cpu(), got[1].cpu(), BM, BN))
+            seen.append((got[0].cpu(), got[1].cpu(), BM, BN, transposed))
         return got
 
     monkeypatch.setattr(ivlists, "lists", lists)
@@ -49,24 +49,31 @@ def _visible(mask, B, H, Sq, Sk, causal=False, window=None) -> torch.Tensor:
     return oracle.visibility(B, H, Sq, Sk, causal=causal, window=window, mask_mod=mod, device=DEV).cpu()
 
 
-def _check_lists(seen, vis):
-    assert seen, "the forward built no lists"
-    lst, cnt, BM, BN = seen[-1]
+def _check_lists(seen, vis, backward=True):
+    """The last lists of each orientation against ``vis`` (B, H, Sq, Sk): each row's (query tile's, or
+    transposed key tile's) tiles listed once; full ones all visible and inside; unlisted ones hidden.
+    ``backward``: the dK/dV (transposed) lists were built too."""
+    kinds = {t: x for x in seen for t in (x[4],)}
+    assert set(kinds) == ({False, True} if backward else {False}), f"lists built: {sorted(kinds)}"
     B, H, Sq, Sk = vis.shape
-    for b in range(B):
-        for h in range(H):
-            L, C = lst[b % lst.shape[0], h % lst.shape[1]], cnt[b % cnt.shape[0], h % cnt.shape[1]]
-            for m in range(L.shape[0]):
-                part = L[m, 0, : C[m, 0]].tolist()
-                full = L[m, 1, : C[m, 1]].tolist()
-                assert len(set(part + full)) == len(part) + len(full), (b, h, m, part, full)
-                rows = vis[b, h, m * BM : (m + 1) * BM]
-                for t in range(0, Sk, BN):
-                    tile = rows[:, t : t + BN]
-                    if t in full:
-                        assert t + BN <= Sk and bool(tile.all()), (b, h, m, t)
-                    elif t not in part:
-                        assert not bool(tile.any()), (b, h, m, t, "a visible tile is not listed")
+    for lst, cnt, BM, BN, transposed in kinds.values():
+        grid = vis.transpose(2, 3) if transposed else vis  # (rows of the lists, their tiles' axis)
+        R, T = (BN, BM) if transposed else (BM, BN)
+        n_other = grid.shape[3]
+        for b in range(B):
+            for h in range(H):
+                L, C = lst[b % lst.shape[0], h % lst.shape[1]], cnt[b % cnt.shape[0], h % cnt.shape[1]]
+                for m in range(L.shape[0]):
+                    part = L[m, 0, : C[m, 0]].tolist()
+                    full = L[m, 1, : C[m, 1]].tolist()
+                    assert len(set(part + full)) == len(part) + len(full), (b, h, m, part, full)
+                    rows = grid[b, h, m * R : (m + 1) * R]
+                    for t in range(0, n_other, T):
+                        tile = rows[:, t : t + T]
+                        if t in full:
+                            assert t + T <= n_other and bool(tile.all()), (transposed, b, h, m, t)
+                        elif t not in part:
+                            assert not bool(tile.any()), (transposed, b, h, m, t, "visible, unlisted")
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -124,7 +131,7 @@ def test_new_mask_data_new_lists(monkeypatch):
     for n in (8, 40):
         prefix.fill_(n)
         oracle.check_against_oracle(tri, q, k, v, mask=mask, **kw)
-        _check_lists(seen, _visible(mask, 1, 2, S, S))
+        _check_lists(seen, _visible(mask, 1, 2, S, S), backward=False)
 
 
 # -- natively, at the tuned tile shapes --------------------------------------------------------------------

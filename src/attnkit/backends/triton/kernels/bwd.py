@@ -112,76 +112,17 @@ def _load_row_stats(hi_base, lo_base, d_base, stride_ls, stride_ds, offs, seqlen
 
 @triton.jit
 def _dkdv_inner(
-    dk,
-    dv,
-    k,
-    v,
-    q_base,
-    do_base,
-    hi_base,
-    lo_base,
-    d_base,
-    db_ptr,
-    stride_qs,
-    stride_dos,
-    stride_ls,
-    stride_ds,
-    stride_dbm,
-    stride_dbn,
-    offs_n,
-    offs_d,
-    offs_dv,
-    lo,
-    hi,
-    seqlen_q,
-    seqlen_k,
-    off,
-    sm_scale,
-    softcap,
-    win_left,
-    win_right,
-    bias_ptr,
-    stride_bm,
-    stride_bn,
-    slope,
-    rng_ptr,
-    bh,
-    dropout_p,
-    sum_ptr,
-    p0,
-    p1,
-    ia,
-    ib,
-    ic,
-    id_,
-    smod,
-    ts_ptr,
-    ts_cols,
-    D: tl.constexpr,
-    DV: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    MASK: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BIAS_GRAD: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DEFER: tl.constexpr,
-    PRECISION: tl.constexpr,
-    HAS_IV: tl.constexpr,
-    IV_SKIP: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HAS_SCORE_MOD: tl.constexpr,
-    SCORE_MOD: tl.constexpr,
-    SMOD_GRAD: tl.constexpr,
-    SCORE_MOD_BWD: tl.constexpr,
-    HAS_TS: tl.constexpr,
+    dk, dv, k, v, q_base, do_base, hi_base, lo_base, d_base, db_ptr, stride_qs, stride_dos, stride_ls,
+    stride_ds, stride_dbm, stride_dbn, offs_n, offs_d, offs_dv, lo, hi, seqlen_q, seqlen_k, off, sm_scale,
+    softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, rng_ptr, bh, dropout_p, sum_ptr, p0,
+    p1, ia, ib, ic, id_, smod, ts_ptr, ts_cols, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DEFER: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_IV: tl.constexpr, IV_SKIP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr, SMOD_GRAD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, HAS_TS: tl.constexpr,
     MASK_KEEP: tl.constexpr,
-):
+):  # fmt: skip
     c = pending_scale(sm_scale, DEFER)
     # Transposed tiles: rows of these tiles are keys (offs_n), columns are queries (offs_m); in order.
     for start_m in range(lo, hi, BLOCK_M):
@@ -194,90 +135,146 @@ def _dkdv_inner(
                 empty = False
         if HAS_TS:  # tile states: this key tile's column of them (the forward's layout, transposed)
             empty, full = ts_state(ts_ptr + (start_m // BLOCK_M) * ts_cols)
-        if not empty:
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = load_tile(
-                q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
-                offs_m[:, None],
-                seqlen_q,
-                offs_d[None, :],
-                D,
-                MASK,
-                BLOCK_D != D,
-            )  # (BM, BD)
-            do = load_tile(
-                do_base + offs_m[:, None] * stride_dos + offs_dv[None, :],
-                offs_m[:, None],
-                seqlen_q,
-                offs_dv[None, :],
-                DV,
-                MASK,
-                BLOCK_DV != DV,
-            )  # (BM, BDV)
-            exact: tl.constexpr = k.dtype == tl.float32
-            lse_hi, lse_lo, delta = _load_row_stats(
-                hi_base, lo_base, d_base, stride_ls, stride_ds, offs_m, seqlen_q, exact
+        dk, dv = _dkdv_tile(
+            dk, dv, k, v, q_base, do_base, hi_base, lo_base, d_base, db_ptr, stride_qs, stride_dos, stride_ls,
+            stride_ds, stride_dbm, stride_dbn, offs_n, offs_d, offs_dv, start_m, seqlen_q, seqlen_k, off,
+            sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, rng_ptr, bh,
+            dropout_p, c, empty, full, ia, ib, ic, id_, smod, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, MASK,
+            SOFTCAP, HAS_BIAS, BIAS_GRAD, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER, PRECISION, HAS_IV,
+            BLOCK_N, HAS_SCORE_MOD, SCORE_MOD, SMOD_GRAD, SCORE_MOD_BWD, HAS_TS, MASK_KEEP, ts_ptr,
+        )  # fmt: skip
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_listed(
+    dk, dv, k, v, q_base, do_base, hi_base, lo_base, d_base, db_ptr, stride_qs, stride_dos, stride_ls,
+    stride_ds, stride_dbm, stride_dbn, offs_n, offs_d, offs_dv, lst, n, seqlen_q, seqlen_k, off, sm_scale,
+    softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, rng_ptr, bh, dropout_p, ia, ib, ic,
+    id_, smod,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
+    DEFER: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
+    SCORE_MOD: tl.constexpr, SMOD_GRAD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr,
+):  # fmt: skip
+    """The query tiles of list ``lst`` (``n`` tile starts, the transposed lists of kernels/ivlists.py):
+    PARTIAL ones masked (flags and this key tile's intervals ``ia..id_``), full ones as the plain body."""
+    c = pending_scale(sm_scale, DEFER)
+    start_m = tl.load(lst, mask=n > 0, other=0)
+    for i in range(0, n):
+        nxt = tl.load(lst + i + 1, mask=i + 1 < n, other=0)
+        dk, dv = _dkdv_tile(
+            dk, dv, k, v, q_base, do_base, hi_base, lo_base, d_base, db_ptr, stride_qs, stride_dos, stride_ls,
+            stride_ds, stride_dbm, stride_dbn, offs_n, offs_d, offs_dv, start_m, seqlen_q, seqlen_k, off,
+            sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, rng_ptr, bh,
+            dropout_p, c, False, False, ia, ib, ic, id_, smod, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, PARTIAL,
+            SOFTCAP, HAS_BIAS, BIAS_GRAD, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER, PRECISION, PARTIAL,
+            BLOCK_N, HAS_SCORE_MOD, SCORE_MOD, SMOD_GRAD, SCORE_MOD_BWD, False, None, lst,
+        )  # fmt: skip
+        start_m = nxt
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, q_base, do_base, hi_base, lo_base, d_base, db_ptr, stride_qs, stride_dos, stride_ls,
+    stride_ds, stride_dbm, stride_dbn, offs_n, offs_d, offs_dv, start_m, seqlen_q, seqlen_k, off, sm_scale,
+    softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, rng_ptr, bh, dropout_p, c, empty,
+    full, ia, ib, ic, id_, smod,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
+    DEFER: tl.constexpr, PRECISION: tl.constexpr, HAS_IV: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SCORE_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SMOD_GRAD: tl.constexpr,
+    SCORE_MOD_BWD: tl.constexpr, HAS_TS: tl.constexpr, MASK_KEEP: tl.constexpr, ts_ptr,
+):  # fmt: skip
+    """One query tile of the dK/dV loop, transposed (``empty`` / ``full``: the interval classification or
+    the tile state)."""
+    if not empty:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = load_tile(
+            q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+            offs_m[:, None],
+            seqlen_q,
+            offs_d[None, :],
+            D,
+            MASK,
+            BLOCK_D != D,
+        )  # (BM, BD)
+        do = load_tile(
+            do_base + offs_m[:, None] * stride_dos + offs_dv[None, :],
+            offs_m[:, None],
+            seqlen_q,
+            offs_dv[None, :],
+            DV,
+            MASK,
+            BLOCK_DV != DV,
+        )  # (BM, BDV)
+        exact: tl.constexpr = k.dtype == tl.float32
+        lse_hi, lse_lo, delta = _load_row_stats(
+            hi_base, lo_base, d_base, stride_ls, stride_ds, offs_m, seqlen_q, exact
+        )
+        qkt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BN, BM)
+        st, tt, gt, xt = scores(
+            qkt,
+            offs_m[None, :],
+            offs_n[:, None],
+            seqlen_q,
+            seqlen_k,
+            off,
+            sm_scale,
+            softcap,
+            win_left,
+            win_right,
+            bias_ptr,
+            stride_bm,
+            stride_bn,
+            slope,
+            smod,
+            MASK,
+            SOFTCAP,
+            HAS_BIAS,
+            HAS_ALIBI,
+            HAS_LEFT,
+            HAS_RIGHT,
+            DEFER,
+            HAS_SCORE_MOD,
+            SCORE_MOD,
+        )
+        if HAS_IV:  # noqa: SIM102 (constexpr, then a runtime branch)
+            if not full:
+                st = iv_apply(st, offs_m[None, :], ia, ib, ic, id_)
+        if HAS_TS:  # noqa: SIM102
+            if not full:
+                st = ts_apply(st, offs_m[None, :], offs_n[:, None], off, smod, MASK_KEEP)
+        lg = st * c - lse_hi[None, :]
+        if exact:
+            lg -= lse_lo[None, :]
+        pt = tl.exp2(lg)  # (BN, BM) softmax probabilities, transposed
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM) = (dO V^T)^T
+        if DROPOUT:
+            keep = dropout_keep(rng_ptr, bh, offs_m[None, :], offs_n[:, None], dropout_p)
+            scale_keep = 1.0 / (1.0 - dropout_p)
+            pdt = tl.where(keep, pt * scale_keep, 0.0)
+            dpt = tl.where(keep, dpt * scale_keep, 0.0)
+        else:
+            pdt = pt
+        dv += tl.dot(pdt.to(do.dtype), do, input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])  # dL/ds (natural units), transposed
+        if SMOD_GRAD:  # the captured tensors' gradients (atomic adds; this kernel visits each pair once)
+            inside = (offs_m[None, :] < seqlen_q) & (offs_n[:, None] < seqlen_k)  # (unmasked tiles pad)
+            dsx = tl.where(inside, dst, 0.0)
+            SCORE_MOD_BWD(xt, smod[5], smod[6], offs_m[None, :], offs_n[:, None], off, smod, dsx)
+        dst = dscore_mod(dst, pt, gt, HAS_SCORE_MOD)  # (before the score mod: bias, softcap see this)
+        if BIAS_GRAD:
+            tl.store(
+                db_ptr + offs_m[None, :] * stride_dbm + offs_n[:, None] * stride_dbn,
+                dst,
+                mask=(offs_m[None, :] < seqlen_q) & (offs_n[:, None] < seqlen_k),
             )
-            qkt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BN, BM)
-            st, tt, gt, xt = scores(
-                qkt,
-                offs_m[None, :],
-                offs_n[:, None],
-                seqlen_q,
-                seqlen_k,
-                off,
-                sm_scale,
-                softcap,
-                win_left,
-                win_right,
-                bias_ptr,
-                stride_bm,
-                stride_bn,
-                slope,
-                smod,
-                MASK,
-                SOFTCAP,
-                HAS_BIAS,
-                HAS_ALIBI,
-                HAS_LEFT,
-                HAS_RIGHT,
-                DEFER,
-                HAS_SCORE_MOD,
-                SCORE_MOD,
-            )
-            if HAS_IV:  # noqa: SIM102 (constexpr, then a runtime branch)
-                if not full:
-                    st = iv_apply(st, offs_m[None, :], ia, ib, ic, id_)
-            if HAS_TS:  # noqa: SIM102
-                if not full:
-                    st = ts_apply(st, offs_m[None, :], offs_n[:, None], off, smod, MASK_KEEP)
-            lg = st * c - lse_hi[None, :]
-            if exact:
-                lg -= lse_lo[None, :]
-            pt = tl.exp2(lg)  # (BN, BM) softmax probabilities, transposed
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM) = (dO V^T)^T
-            if DROPOUT:
-                keep = dropout_keep(rng_ptr, bh, offs_m[None, :], offs_n[:, None], dropout_p)
-                scale_keep = 1.0 / (1.0 - dropout_p)
-                pdt = tl.where(keep, pt * scale_keep, 0.0)
-                dpt = tl.where(keep, dpt * scale_keep, 0.0)
-            else:
-                pdt = pt
-            dv += tl.dot(pdt.to(do.dtype), do, input_precision=PRECISION)
-            dst = pt * (dpt - delta[None, :])  # dL/ds (natural units), transposed
-            if SMOD_GRAD:  # the captured tensors' gradients (atomic adds; this kernel visits each pair once)
-                inside = (offs_m[None, :] < seqlen_q) & (offs_n[:, None] < seqlen_k)  # (unmasked tiles pad)
-                dsx = tl.where(inside, dst, 0.0)
-                SCORE_MOD_BWD(xt, smod[5], smod[6], offs_m[None, :], offs_n[:, None], off, smod, dsx)
-            dst = dscore_mod(dst, pt, gt, HAS_SCORE_MOD)  # (before the score mod: bias, softcap see this)
-            if BIAS_GRAD:
-                tl.store(
-                    db_ptr + offs_m[None, :] * stride_dbm + offs_n[:, None] * stride_dbn,
-                    dst,
-                    mask=(offs_m[None, :] < seqlen_q) & (offs_n[:, None] < seqlen_k),
-                )
-            dqkt = dscore_dqk(dst, tt, sm_scale, SOFTCAP).to(q.dtype)  # (BN, BM) dL/d(qk), transposed
-            dk += tl.dot(dqkt, q, input_precision=PRECISION)
+        dqkt = dscore_dqk(dst, tt, sm_scale, SOFTCAP).to(q.dtype)  # (BN, BM) dL/d(qk), transposed
+        dk += tl.dot(dqkt, q, input_precision=PRECISION)
     return dk, dv
 
 
@@ -300,6 +297,9 @@ def _dkdv_inner(
         "ts_cols",
         "smg_stride",
         "smg_copies",
+        "ivl_b",
+        "ivl_h",
+        "ivl_n",
     ]
 )
 def attn_bwd_dkdv(
@@ -382,6 +382,12 @@ def attn_bwd_dkdv(
     stride_tb,
     stride_th,
     ts_cols,  # tile states int8 (B', H', query tiles, ts_cols) at this kernel's tiles (HAS_TS; see _fwd)
+    IvL,
+    IvC,
+    ivl_b,
+    ivl_h,
+    ivl_n,  # IV_LIST: the transposed tile lists (rows of 2 x ivl_n query tile starts per key tile) and
+    # counts; row b * ivl_b + h * ivl_h + key tile (0 = broadcast dim)
     GROUP: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -409,6 +415,7 @@ def attn_bwd_dkdv(
     SMOD_GRAD: tl.constexpr = False,
     SCORE_MOD_BWD: tl.constexpr = None,
     ONE_LOOP: tl.constexpr = False,
+    IV_LIST: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -463,109 +470,67 @@ def attn_bwd_dkdv(
         sum_ptr = IvSum + b * stride_sb + h * stride_sh
         g_at = ((bhk * tl.num_programs(0) + pid_n) % smg_copies).to(tl.int64) * smg_stride
         smod = (SmC0, SmC1, SmC2, SmC3, SmMeta, b, h, SmG0 + g_at, SmG1 + g_at, SmG2 + g_at, SmG3 + g_at)
-        ts_ptr = Ts + b * stride_tb + h * stride_th + pid_n  # (this key tile's column of states)
-        ia, ib, ic, id_ = 0, 0, 0, 0
-        g_lo, g_full_lo, g_full_hi, g_hi = lo, full_lo, full_hi, hi
-        if HAS_IV:  # this key tile's column intervals, (BN, 1) each, and the query tiles that see any
+        if IV_LIST:  # masks as data, listed: this key tile's partial query tiles (masked), then full ones
             iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
             ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[:, None], seqlen_k)
-            lo2, hi2 = iv_narrow_q(sum_ptr, k_start + n0, k_start + n1, lo, hi, seqlen_q, BLOCK_M, BLOCK_N)
-            g_lo, g_full_lo, g_full_hi, g_hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
-        if HAS_TS:  # the query tiles from the first to the last whose state (this column) is not empty
-            lo2, hi2 = ts_narrow(ts_ptr, ts_cols, lo, hi, BLOCK_M)
-            g_lo, g_full_lo, g_full_hi, g_hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
-        b0 = g_hi if ONE_LOOP else g_full_hi
-        b1 = b0
-        if BODY:  # the last run of query tiles full for this key tile's columns: no interval work there
-            b0, b1 = iv_full_run(
-                sum_ptr, lo, g_full_lo, g_full_hi, k_start + n0, k_start + n1, 0, 0, seqlen_q, False, BLOCK_M,
-                BLOCK_N,
-            )  # fmt: skip
-            if ONE_LOOP:  # (no run: the one loop, as without a body)
-                none = b1 <= b0
-                b0 = tl.where(none, g_hi, b0)
-                b1 = tl.where(none, g_hi, b1)
-        # the tile schedule's segments (iv_bounds): masked head, unmasked body, masked tail; ONE_LOOP: every
-        # visited tile but the interval body in one masked loop, so the software pipeline runs through the
-        # diagonal without draining and refilling (_tuning.one_loop_dkdv)
-        for seg in tl.static_range(5):
-            if ONE_LOOP:  # (segments 0 and 4 empty)
-                seg_lo, seg_hi = iv_bounds(seg, g_lo, g_lo, b0, b1, g_hi, g_hi)
-            else:
-                seg_lo, seg_hi = iv_bounds(seg, g_lo, g_full_lo, b0, b1, g_full_hi, g_hi)
-            # (which segments exist, a constexpr: no empty loops compiled)
-            if (seg == 1 or (BODY and seg % 4 != 0)) if ONE_LOOP else (BODY or seg < 2 or seg == 4):
-                dk, dv = _dkdv_inner(
-                    dk,
-                    dv,
-                    k,
-                    v,
-                    q_base,
-                    do_base,
-                    hi_base,
-                    lo_base,
-                    d_base,
-                    db_ptr,
-                    stride_qs,
-                    stride_dos,
-                    stride_ls,
-                    stride_ds,
-                    stride_dbm,
-                    stride_dbn,
-                    offs_n,
-                    offs_d,
-                    offs_dv,
-                    seg_lo,
-                    seg_hi,
-                    seqlen_q,
-                    seqlen_k,
-                    off,
-                    sm_scale,
-                    softcap,
-                    win_left,
-                    win_right,
-                    bias_ptr,
-                    stride_bm,
-                    stride_bn,
-                    slope,
-                    Rng,
-                    bh,
-                    dropout_p,
-                    sum_ptr,
-                    k_start + n0,
-                    k_start + n1,
-                    ia,
-                    ib,
-                    ic,
-                    id_,
-                    smod,
-                    ts_ptr,
-                    ts_cols,
-                    D,
-                    DV,
-                    BLOCK_D,
-                    BLOCK_DV,
-                    BLOCK_M,
-                    (seg != 2) if ONE_LOOP else (seg == 0 or seg == 4),
-                    SOFTCAP,
-                    HAS_BIAS,
-                    BIAS_GRAD,
-                    HAS_ALIBI,
-                    HAS_LEFT,
-                    HAS_RIGHT,
-                    DROPOUT,
-                    DEFER,
-                    PRECISION,
-                    HAS_IV and seg != 2,
-                    IV_SKIP,
-                    BLOCK_N,
-                    HAS_SCORE_MOD,
-                    SCORE_MOD,
-                    SMOD_GRAD,
-                    SCORE_MOD_BWD,
-                    HAS_TS,
-                    MASK_KEEP,
+            row = b * ivl_b + h * ivl_h + pid_n
+            for part in tl.static_range(2):
+                n = tl.load(IvC + row * 2 + part)
+                lst = IvL + (row * 2 + part) * ivl_n
+                dk, dv = _dkdv_listed(
+                    dk, dv, k, v, q_base, do_base, hi_base, lo_base, d_base, db_ptr, stride_qs, stride_dos,
+                    stride_ls, stride_ds, stride_dbm, stride_dbn, offs_n, offs_d, offs_dv, lst, n, seqlen_q,
+                    seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn,
+                    slope, Rng, bh, dropout_p, ia, ib, ic, id_, smod, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M,
+                    part == 0, SOFTCAP, HAS_BIAS, BIAS_GRAD, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
+                    PRECISION, BLOCK_N, HAS_SCORE_MOD, SCORE_MOD, SMOD_GRAD, SCORE_MOD_BWD,
+                )  # fmt: skip
+        else:
+            ts_ptr = Ts + b * stride_tb + h * stride_th + pid_n  # (this key tile's column of states)
+            ia, ib, ic, id_ = 0, 0, 0, 0
+            g_lo, g_full_lo, g_full_hi, g_hi = lo, full_lo, full_hi, hi
+            if HAS_IV:  # this key tile's column intervals, (BN, 1) each, and the query tiles that see any
+                iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
+                ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[:, None], seqlen_k)
+                lo2, hi2 = iv_narrow_q(
+                    sum_ptr, k_start + n0, k_start + n1, lo, hi, seqlen_q, BLOCK_M, BLOCK_N
                 )
+                g_lo, g_full_lo, g_full_hi, g_hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
+            if HAS_TS:  # the query tiles from the first to the last whose state (this column) is not empty
+                lo2, hi2 = ts_narrow(ts_ptr, ts_cols, lo, hi, BLOCK_M)
+                g_lo, g_full_lo, g_full_hi, g_hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
+            b0 = g_hi if ONE_LOOP else g_full_hi
+            b1 = b0
+            if BODY:  # the last run of query tiles full for this key tile's columns: no interval work there
+                b0, b1 = iv_full_run(
+                    sum_ptr, lo, g_full_lo, g_full_hi, k_start + n0, k_start + n1, 0, 0, seqlen_q, False,
+                    BLOCK_M, BLOCK_N,
+                )  # fmt: skip
+                if ONE_LOOP:  # (no run: the one loop, as without a body)
+                    none = b1 <= b0
+                    b0 = tl.where(none, g_hi, b0)
+                    b1 = tl.where(none, g_hi, b1)
+            # the tile schedule's segments (iv_bounds): masked head, unmasked body, masked tail; ONE_LOOP:
+            # every visited tile but the interval body in one masked loop, so the software pipeline runs
+            # through the diagonal without draining and refilling (_tuning.one_loop_dkdv)
+            for seg in tl.static_range(5):
+                if ONE_LOOP:  # (segments 0 and 4 empty)
+                    seg_lo, seg_hi = iv_bounds(seg, g_lo, g_lo, b0, b1, g_hi, g_hi)
+                else:
+                    seg_lo, seg_hi = iv_bounds(seg, g_lo, g_full_lo, b0, b1, g_full_hi, g_hi)
+                # (which segments exist, a constexpr: no empty loops compiled)
+                if (seg == 1 or (BODY and seg % 4 != 0)) if ONE_LOOP else (BODY or seg < 2 or seg == 4):
+                    dk, dv = _dkdv_inner(
+                        dk, dv, k, v, q_base, do_base, hi_base, lo_base, d_base, db_ptr, stride_qs,
+                        stride_dos, stride_ls, stride_ds, stride_dbm, stride_dbn, offs_n, offs_d, offs_dv,
+                        seg_lo, seg_hi, seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right,
+                        bias_ptr, stride_bm, stride_bn, slope, Rng, bh, dropout_p, sum_ptr, k_start + n0,
+                        k_start + n1, ia, ib, ic, id_, smod, ts_ptr, ts_cols, D, DV, BLOCK_D, BLOCK_DV,
+                        BLOCK_M, (seg != 2) if ONE_LOOP else (seg == 0 or seg == 4), SOFTCAP, HAS_BIAS,
+                        BIAS_GRAD, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER, PRECISION,
+                        HAS_IV and seg != 2, IV_SKIP, BLOCK_N, HAS_SCORE_MOD, SCORE_MOD, SMOD_GRAD,
+                        SCORE_MOD_BWD, HAS_TS, MASK_KEEP,
+                    )  # fmt: skip
     row_mask = offs_n[:, None] < seqlen_k
     dk_ptrs = (
         DK + b * stride_dkb + hk * stride_dkh + (k_start + offs_n[:, None]) * stride_dks + offs_d[None, :]

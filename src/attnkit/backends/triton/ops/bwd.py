@@ -172,10 +172,12 @@ def body(p: BwdParams, keep=None):
         grid = (c.cdiv(max(Sk, 1), BN), B * Hk)
         one_loop = _tuning.one_loop_dkdv(flags["HAS_LEFT"], flags["HAS_RIGHT"])
         ts, ts_flags = _tiles.launch_args(p, B, Hq, BM, BN, dummy)  # (a mask evaluated per tile)
+        ivl, ivl_flags = _ivlists.launch_args(p, BM, BN, dummy, transposed=True)  # (a mask as data, listed)
         with c.jit_hooks_off(common["SCORE_MOD"]):
             attn_bwd_dkdv[grid](
                 *dkdv_args,
                 *ts,
+                *ivl,
                 BLOCK_M=BM,
                 BLOCK_N=BN,
                 BIAS_GRAD=bias_grad,
@@ -184,13 +186,13 @@ def body(p: BwdParams, keep=None):
                 SCORE_MOD_BWD=c.score_mod_bwd_fn(p) if p.smod_grad else None,
                 num_warps=warps,
                 num_stages=stages,
-                **{**common, **ts_flags},
+                **{**common, **ts_flags, **ivl_flags},
             )
 
     def dq_extras(BM, BN):
         """The dQ launch's tile states and tile lists at BM x BN (made on the current stream: a side stream
         that reads them waits on it after)."""
-        return _tiles.launch_args(p, B, Hq, BM, BN, dummy), _ivlists.launch_args(p, Hq, BM, BN, dummy)
+        return _tiles.launch_args(p, B, Hq, BM, BN, dummy), _ivlists.launch_args(p, BM, BN, dummy)
 
     def launch_dq(cfg, stream=None, extras=None):
         BM, BN, warps, stages = cfg

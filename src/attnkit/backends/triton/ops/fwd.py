@@ -117,7 +117,7 @@ def body(p: FwdParams, keep=None):
         BM, BN, warps, stages = cfg
         grid = (c.cdiv(max(Sq, 1), BM), B * Hq)
         ts, ts_flags = _tiles.launch_args(p, B, Hq, BM, BN, dummy)  # (a mask evaluated per tile)
-        ivl, ivl_flags = _ivlists.launch_args(p, Hq, BM, BN, dummy)  # (a mask as data, listed)
+        ivl, ivl_flags = _ivlists.launch_args(p, BM, BN, dummy)  # (a mask as data, listed)
         with c.jit_hooks_off(constexprs["SCORE_MOD"]):
             attn_fwd[grid](
                 *args,
