@@ -8,7 +8,7 @@ a learnable relative bias read twice: FlexAttention reads a clone the second tim
 window | a global column). Backends in the same process, each timed in turn: attnkit ``triton`` (masks lowered
 to column intervals, :mod:`attnkit.masks._intervals`; with ``--backends`` also its A/B variants ``"triton
 IV_SKIP=0|1"``, the empty-tile skip forced, ``"triton IV_BODY=0"``, every tile classified, and ``"triton
-IV_LIST=0"``, the forward's classified loop instead of tile lists), compiled
+IV_LIST=0"``, the classified loops instead of tile lists), compiled
 FlexAttention (``flex``: its BlockMask built once per mask and cached), FlexAttention's FLASH backend
 (``flex_flash``, when ``flash_attn.cute`` imports) and attnkit ``auto``. A backend that cannot serve a row
 writes its reason in the ``error`` column. Then what training with a new packing every step costs: a call with
@@ -45,7 +45,7 @@ CPU_SHAPE = (1, 2, 64, 16)
 BACKENDS = ("triton", "flex", "flex_flash", "auto")
 # A/B variants of triton for --backends: "triton IV_SKIP=0|1" (the empty-tile skip forced off / on; plain
 # "triton" decides it per mask), "triton IV_BODY=0" (every tile of a row's range classified, no plain body),
-# "triton IV_LIST=0" (the forward's classified loop instead of tile lists: ops/ivlists.py); several may be
+# "triton IV_LIST=0" (the classified loops instead of tile lists: ops/ivlists.py); several may be
 # combined ("triton IV_SKIP=1 IV_BODY=0").
 _SWITCHES = ("IV_SKIP", "IV_BODY", "IV_LIST")
 
