@@ -568,6 +568,33 @@ def test_compiled_mod_estimates_follow_the_measured_rows(h200):
         assert ours[mode] < flex[mode] and h200["triton"].cost(call) < h200["flex"].cost(call), mode
 
 
+def test_masks_as_data_rates_follow_run_d():
+    """The masks bench rows of run D (docs/results/2026-12-02-h200-d/masks.txt: B=2 H=16 S=8k D=128, the
+    listed forward and that run's forward+backward): each mask's visible pairs (counted on the bench's own
+    masks, rebuilt with its seed) at the rate the triton backend prices it (by the mask's data kind through
+    its composition with causal) give the measured time within 5%."""
+    from attnkit.backends.triton import backend
+    from attnkit.bench.masks import cases
+
+    measured = {}
+    for line in (_KERNELS / "masks.txt").read_text().splitlines():
+        parts = [x.strip() for x in line.split("|")]
+        if len(parts) == 4 and parts[1] == "triton IV_LIST=1":
+            measured[(parts[0], parts[2])] = float(parts[3])
+    S, H, B, D = 8192, 16, 2, 128
+    rows = cases(S, H, torch.Generator().manual_seed(0), "cpu")
+    names = [n for n in rows if n.split()[0] in ("document", "prefix-LM", "shared")]
+    assert len(names) == 3
+    for name in names:
+        mask = rows[name]["kw"]["mask"]
+        pairs = float(mask.to_dense(1, 1, S, S).sum())
+        for mode in ("fwd", "fwd_bwd"):
+            grad = mode == "fwd_bwd"
+            flops = B * H * pairs * 2 * (D + D) * (3.5 if grad else 1.0)
+            ms = flops / backend._masked_rate(mask, grad) * 1e3
+            assert abs(ms / measured[(name, mode)] - 1) < 0.05, (name, mode, ms, measured[(name, mode)])
+
+
 def test_flex_prices_building_a_block_mask_for_a_new_mask(h200):
     """A new mask (a new packing every step) makes FlexAttention build a BlockMask first: 8.2 ms at 8k
     tokens on the H200 (create_block_mask, run C), 16x the attention. Its estimate says so, and drops it

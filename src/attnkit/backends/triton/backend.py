@@ -50,6 +50,35 @@ def _rates() -> dict:
 
 _RATES = None
 
+# Masks carried as data: TFLOP/s of visible pairs, (forward, forward+backward), by the mask's data kind.
+# Measured on the H200 (bf16, B=2 H=16 S=8k D=128, 2026-12-02 run D, docs/results/2026-12-02-h200-d/): the
+# forward on tile lists (documents 0.564 ms for 7.8M visible pairs a head, prefix-LM 1.505 for 35.7M, shared
+# prefix 0.859 for 19.4M, global+window 0.560 for 8.9M), the forward+backward before the backward's lists
+# (2.242, 6.488, 4.698, 3.859 ms). FlexAttention on the same rows: documents 253 / 256, prefix-LM 390 / 378.
+# Other kinds (chunked, FlashMask, compositions of several) take the lowest of each.
+_MASKED_RATES = {
+    "document": (227e12, 200e12),
+    "prefix_lm": (388e12, 316e12),
+    "shared_prefix": (370e12, 237e12),
+    "global_sliding": (259e12, 132e12),
+}
+
+
+def _masked_rate(mask, grad: bool) -> float:
+    """The rate of a mask carried as data (``_MASKED_RATES``): its one data kind besides causal, else the
+    lowest measured."""
+    kinds, todo = set(), [mask]
+    while todo:
+        m = todo.pop()
+        if m.kind in ("and", "or", "not"):
+            todo.extend(m.parts)
+        elif m.kind not in ("causal", "full"):
+            kinds.add(m.kind)
+    rates = _MASKED_RATES.get(kinds.pop()) if len(kinds) == 1 else None
+    if rates is None:
+        return min(r[1 if grad else 0] for r in _MASKED_RATES.values())
+    return rates[1 if grad else 0]
+
 
 def _rate(mode: str, head_dim: int, causal: bool) -> float:
     global _RATES
@@ -195,11 +224,7 @@ class TritonBackend(Backend):
         elif masked is not None:  # a mask carried as data: the pairs it leaves visible (empty tiles skipped)
             pairs = masked
             flops = pairs * call.Hq * 2.0 * (call.D + call.Dv) * (3.5 if call.requires_grad else 1.0)
-            # Measured (H200, bf16, B=2 H=16 S=8k D=128, 2026-12-02 run C, TFLOP/s of visible pairs, forward
-            # / forward+backward): 8 causal documents 180 / 172, prefix-LM 260 / 236, shared prefix 190 (with
-            # the empty-tile skip) / 154, global+window 124 (skip) / 46 (no skip); FlexAttention 218-390 on
-            # the same rows, so auto keeps flex for masks as data where it is installed.
-            rate = min(rate, 180e12 if not call.requires_grad else 160e12)
+            rate = min(rate, _masked_rate(call.mask, call.requires_grad))
         elif call.layout == "thd" and call.seqlens_q is None:  # lengths unknown (compile, capture)
             pairs = float(call.batch * call.Sq * call.Sk)
             flops = pairs * call.Hq * 2.0 * (call.D + call.Dv) * (3.5 if call.requires_grad else 1.0)
