@@ -15,7 +15,48 @@ Lists (B', H', query tiles, 2, key tiles) int32 (tile starts; partial then full)
 import triton
 import triton.language as tl
 
-from attnkit.backends.triton.kernels.common import iv_narrow_kv, iv_narrow_q, iv_segments, kv_tiles, q_tiles
+from attnkit.backends.triton.kernels.common import (
+    iv_narrow_kv,
+    iv_narrow_q,
+    iv_segments,
+    iv_state,
+    kv_tiles,
+    q_tiles,
+)
+
+
+@triton.jit
+def _entries(p, ok):
+    """The 8 bounds (lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d) of the summary entries at ``p`` (any
+    shape); entries outside (``ok`` False) are neutral: empty and full for every row."""
+    big = 1 << 30
+    lo_a = tl.load(p + 0, mask=ok, other=big)
+    hi_a = tl.load(p + 1, mask=ok, other=-big)
+    lo_b = tl.load(p + 2, mask=ok, other=big)
+    hi_b = tl.load(p + 3, mask=ok, other=-big)
+    lo_c = tl.load(p + 4, mask=ok, other=big)
+    hi_c = tl.load(p + 5, mask=ok, other=-big)
+    lo_d = tl.load(p + 6, mask=ok, other=big)
+    hi_d = tl.load(p + 7, mask=ok, other=-big)
+    return lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d
+
+
+@triton.jit
+def _tile_states(lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d, x0, x1):
+    """(empty, full) per tile (CT,) from (CT, E) entries against rows x0..x1: each entry tested on its own
+    (``iv_state``); a tile is empty / full iff its entries all are."""
+    empty_e, full_e = iv_state(lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d, x0, x1)
+    return tl.min(empty_e.to(tl.int32), 1) > 0, tl.min(full_e.to(tl.int32), 1) > 0
+
+
+@triton.jit
+def _append(part_ptr, full_ptr, n_part, n_full, tiles, is_part, is_full):
+    """Append the tiles marked partial / full to their lists (compacted in order); the new counts."""
+    pp = is_part.to(tl.int32)
+    pf = is_full.to(tl.int32)
+    tl.store(part_ptr + n_part + tl.cumsum(pp, 0) - pp, tiles, mask=is_part)
+    tl.store(full_ptr + n_full + tl.cumsum(pf, 0) - pf, tiles, mask=is_full)
+    return n_part + tl.sum(pp, 0), n_full + tl.sum(pf, 0)
 
 
 @triton.jit(do_not_specialize=["SQ", "SK", "n_m", "n_n", "win_left", "win_right", "stride_sb", "stride_sh"])
@@ -50,41 +91,23 @@ def iv_lists(
     lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
     row = bh * n_m + pid_m
     part_ptr = Lst + row * 2 * n_n
-    full_ptr = part_ptr + n_n
     E: tl.constexpr = 2 * BLOCK_N // 16  # summary entries a key tile touches
     CT: tl.constexpr = 256 // E  # key tiles per step
-    big = 1 << 30
     n_part = lo * 0
     n_full = lo * 0
     for t0 in range(lo, hi, CT * BLOCK_N):
         tiles = t0 + tl.arange(0, CT) * BLOCK_N  # (CT,)
         valid = tiles < hi
         last = tl.minimum(tiles + BLOCK_N, SK) - 1
-        idx = tiles[:, None] // 16 + tl.arange(0, E)[None, :]  # (CT, E)
-        ok = (idx <= last[:, None] // 16) & valid[:, None]
-        p = sum_ptr + idx * 8  # (entries outside the tile: neutral, empty and full)
-        hi_a = tl.load(p + 1, mask=ok, other=-big)
-        lo_b = tl.load(p + 2, mask=ok, other=big)
-        hi_c = tl.load(p + 5, mask=ok, other=-big)
-        lo_d = tl.load(p + 6, mask=ok, other=big)
-        lo_a = tl.load(p + 0, mask=ok, other=big)
-        hi_b = tl.load(p + 3, mask=ok, other=-big)
-        lo_c = tl.load(p + 4, mask=ok, other=big)
-        hi_d = tl.load(p + 7, mask=ok, other=-big)
-        # each 16-key entry tested on its own (iv_state): a tile is empty / full iff its entries all are
-        empty_e = ((hi_a <= m0) & (m1 < lo_b)) | ((hi_c <= m0) & (m1 < lo_d))
-        full_e = ((hi_b <= m0) | (lo_a > m1)) & ((hi_d <= m0) | (lo_c > m1))
-        empty = tl.min(empty_e.to(tl.int32), 1) > 0
-        full = tl.min(full_e.to(tl.int32), 1) > 0
+        idx = tiles[:, None] // 16 + tl.arange(0, E)[None, :]  # (CT, E): each key tile's entries
+        lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d = _entries(
+            sum_ptr + idx * 8, (idx <= last[:, None] // 16) & valid[:, None]
+        )
+        empty, full = _tile_states(lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d, m0, m1)
         flags_full = (tiles >= full_lo) & (tiles + BLOCK_N <= full_hi)  # (inside the keys, unmasked)
         is_full = valid & (~empty) & full & flags_full
         is_part = valid & (~empty) & (~is_full)
-        pf = is_full.to(tl.int32)
-        pp = is_part.to(tl.int32)
-        tl.store(full_ptr + n_full + tl.cumsum(pf, 0) - pf, tiles, mask=is_full)
-        tl.store(part_ptr + n_part + tl.cumsum(pp, 0) - pp, tiles, mask=is_part)
-        n_full += tl.sum(pf, 0)
-        n_part += tl.sum(pp, 0)
+        n_part, n_full = _append(part_ptr, part_ptr + n_n, n_part, n_full, tiles, is_part, is_full)
     tl.store(Cnt + row * 2, n_part)
     tl.store(Cnt + row * 2 + 1, n_full)
 
@@ -124,40 +147,20 @@ def iv_lists_t(
     lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
     row = bh * n_n + pid_n
     part_ptr = Lst + row * 2 * n_m
-    full_ptr = part_ptr + n_m
     E: tl.constexpr = 2 * BLOCK_N // 16
     CT: tl.constexpr = 256 // E  # query tiles per step
-    big = 1 << 30
     idx = n0 // 16 + tl.arange(0, E)[None, :]  # (1, E): this key tile's entries
-    ok = idx <= n1 // 16
-    p = sum_ptr + idx * 8
-    lo_a = tl.load(p + 0, mask=ok, other=big)
-    hi_a = tl.load(p + 1, mask=ok, other=-big)
-    lo_b = tl.load(p + 2, mask=ok, other=big)
-    hi_b = tl.load(p + 3, mask=ok, other=-big)
-    lo_c = tl.load(p + 4, mask=ok, other=big)
-    hi_c = tl.load(p + 5, mask=ok, other=-big)
-    lo_d = tl.load(p + 6, mask=ok, other=big)
-    hi_d = tl.load(p + 7, mask=ok, other=-big)
+    lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d = _entries(sum_ptr + idx * 8, idx <= n1 // 16)
     n_part = lo * 0
     n_full = lo * 0
     for t0 in range(lo, hi, CT * BLOCK_M):
         tiles = t0 + tl.arange(0, CT) * BLOCK_M  # (CT,)
         valid = tiles < hi
-        x0 = tiles[:, None]
         x1 = tl.minimum(tiles[:, None] + BLOCK_M, SQ) - 1
-        empty_e = ((hi_a <= x0) & (x1 < lo_b)) | ((hi_c <= x0) & (x1 < lo_d))  # (CT, E)
-        full_e = ((hi_b <= x0) | (lo_a > x1)) & ((hi_d <= x0) | (lo_c > x1))
-        empty = tl.min(empty_e.to(tl.int32), 1) > 0
-        full = tl.min(full_e.to(tl.int32), 1) > 0
+        empty, full = _tile_states(lo_a, hi_a, lo_b, hi_b, lo_c, hi_c, lo_d, hi_d, tiles[:, None], x1)
         flags_full = (tiles >= full_lo) & (tiles + BLOCK_M <= full_hi)  # (inside the queries, unmasked)
         is_full = valid & (~empty) & full & flags_full & (n0 + BLOCK_N <= SK)
         is_part = valid & (~empty) & (~is_full)
-        pf = is_full.to(tl.int32)
-        pp = is_part.to(tl.int32)
-        tl.store(full_ptr + n_full + tl.cumsum(pf, 0) - pf, tiles, mask=is_full)
-        tl.store(part_ptr + n_part + tl.cumsum(pp, 0) - pp, tiles, mask=is_part)
-        n_full += tl.sum(pf, 0)
-        n_part += tl.sum(pp, 0)
+        n_part, n_full = _append(part_ptr, part_ptr + n_m, n_part, n_full, tiles, is_part, is_full)
     tl.store(Cnt + row * 2, n_part)
     tl.store(Cnt + row * 2 + 1, n_full)
