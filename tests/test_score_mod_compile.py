@@ -180,10 +180,10 @@ def test_flex_refuses_what_it_cannot_vmap():
     assert not dispatch.get("flex").why_not(normalize(q, k, v, score_mod=_erf))
 
 
-def check_captured(make, tables, q, k, v, **kw):
-    """``make(tables) -> score_mod``: the Triton backend's gradients of q, k, v and of every table against the
-    float64 oracle (tables in float64) and the plain-PyTorch baseline (``reference_forward`` without upcast),
-    by the oracle rule."""
+def check_captured(make, tables, q, k, v, run=tri, **kw):
+    """``make(tables) -> score_mod``: ``run``'s (default: the Triton backend's) gradients of q, k, v and of
+    every table against the float64 oracle (tables in float64) and the plain-PyTorch baseline
+    (``reference_forward`` without upcast), by the oracle rule."""
     from attnkit.backends.reference import reference_forward
 
     runs = {}
@@ -192,7 +192,7 @@ def check_captured(make, tables, q, k, v, **kw):
         tabs = [oracle.clone_leaf(t, dt if t.is_floating_point() else None) for t in tables]
         mod = make(tabs)
         if name == "mine":
-            out = tri(*qkv, score_mod=mod, **kw)
+            out = run(*qkv, score_mod=mod, **kw)
         elif name == "ref":
             out, _ = oracle.attention64(*qkv, score_mod=mod, **kw)
         else:
@@ -243,6 +243,44 @@ def test_captured_grads_read_twice(dtype):
         B=2, Hq=2, Hk=1, Sq=20, D=16, dtype=dtype, device=DEV, requires_grad=True
     )
     check_captured(make, tables, q, k, v, causal=True, **kw)
+
+
+@pytest.mark.cuda
+def test_flex_learnable_t5_backward_at_head_dim_128():
+    """A learnable T5 bias at D=128 bf16: inductor's default flex backward tiles overflow shared memory
+    (H200: "No valid triton configs ... out of resource", raised at ``backward()``). The flex backend compiles
+    the backward inside the call, retries with smaller tiles, and its gradients match the oracle's."""
+    tables = [torch.randn(2, 32, device=DEV, requires_grad=True)]
+    q, k, v, kw = oracle.make_inputs(
+        B=1, Hq=2, Sq=256, D=128, dtype=torch.bfloat16, device=DEV, requires_grad=True
+    )
+
+    def flex(*a, **k2):
+        return attnkit.attention(*a, backend="flex", **k2)
+
+    check_captured(lambda t: M.t5_bias(t[0], 32, 128), tables, q, k, v, run=flex, causal=True, **kw)
+
+
+def test_flex_compiles_its_backward_inside_the_call():
+    """With gradients on, a flex call lowers its backward with the forward (so a backward that cannot compile
+    fails where the retry is); without gradients it does not."""
+    import torch._functorch.config as cfg
+
+    from attnkit.backends import _flex_common
+
+    seen = []
+
+    def fn(q, k, v, **kwargs):
+        seen.append(bool(cfg.force_non_lazy_backward_lowering))
+        return q
+
+    q = torch.randn(1, 1, 4, 8, requires_grad=True)
+    _flex_common.call_flex(fn, q, q, q, False, {})
+    with torch.no_grad():
+        _flex_common.call_flex(fn, q, q, q, False, {})
+    _flex_common.call_flex(fn, q.detach(), q.detach(), q.detach(), False, {})
+    assert seen == [True, False, False]
+    assert not cfg.force_non_lazy_backward_lowering
 
 
 @pytest.mark.parametrize("copies", [1, 3])

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 import weakref
@@ -46,6 +47,15 @@ def recompile_headroom(dynamic: bool = True):
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     return cfg.patch(**{name: max(getattr(cfg, name), 256), "automatic_dynamic_shapes": dynamic})
+
+
+def eager_backward(on: bool):
+    """AOTAutograd lowers (compiles) the backward with the forward inside the block when ``on``."""
+    import torch._functorch.config as cfg
+
+    if not on or not hasattr(cfg, "force_non_lazy_backward_lowering"):
+        return contextlib.nullcontext()
+    return cfg.patch(force_non_lazy_backward_lowering=True)
 
 
 def vmap_refusals(call: AttentionCall) -> list[str]:
@@ -102,10 +112,14 @@ def _vmap_refusal(what: str, fn, device) -> str | None:
 
 
 def call_flex(fn, q, k, v, return_lse: bool, kwargs: dict, dynamic: bool = True):
-    """fn(q, k, v, **kwargs) -> (out, lse or None); q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv)."""
+    """fn(q, k, v, **kwargs) -> (out, lse or None); q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv).
+    With gradients on, the backward kernel is compiled now rather than at the first ``backward()``, so that
+    a backward whose tiles do not fit fails inside this call, where the backends retry with smaller tiles
+    (H200, bf16 D=128, a learnable T5 bias: "No valid triton configs. ... out of resource" at backward)."""
     fa = flex_module()
     # (compile_count(): the torch.compile graphs these calls compile are attnkit's)
-    with warnings.catch_warnings(), recompile_headroom(dynamic), _compile.counting_dynamo():
+    backward = eager_backward(torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    with warnings.catch_warnings(), recompile_headroom(dynamic), _compile.counting_dynamo(), backward:
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         if not return_lse:
             return fn(q, k, v, **kwargs), None

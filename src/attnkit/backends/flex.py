@@ -31,7 +31,9 @@ _CUDA_RATES = {
 }
 _CPU_RATES = (5e9, 2.5e9)
 # Some mods (e.g. a learnable relative-bias table) make inductor's default flex tiles overflow shared
-# memory ("out of resource"); such call families are retried, and then run, with these smaller tiles.
+# memory ("out of resource"); such call families are retried, and then run, with these smaller tiles. Where
+# only the backward overflowed (a learnable T5 bias at D=128, bf16, H200), only its tiles shrink ("bwd_"
+# options), so the forward keeps inductor's tuned tiles.
 _SMALL_TILE_OPTIONS = {
     "BLOCK_M": 64,
     "BLOCK_N": 64,
@@ -41,7 +43,14 @@ _SMALL_TILE_OPTIONS = {
     "BLOCK_N2": 32,
     "num_stages": 1,
 }
-_SMALL_TILES: set = set()
+_SMALL_BWD_TILE_OPTIONS = {
+    "BLOCK_M1": 32,
+    "BLOCK_N1": 64,
+    "BLOCK_M2": 64,
+    "BLOCK_N2": 32,
+    "bwd_num_stages": 1,
+}
+_SMALL_TILES: dict = {}  # call family -> the kernel_options it runs with
 
 
 class FlexBackend(Backend):
@@ -137,7 +146,7 @@ class FlexBackend(Backend):
         )
         key = (call.D, call.Dv, call.dtype, score_mod is not None, call.requires_grad)
         if compiled and key in _SMALL_TILES:
-            kwargs["kernel_options"] = _SMALL_TILE_OPTIONS
+            kwargs["kernel_options"] = _SMALL_TILES[key]
         # Dense calls compile per shape (inductor's dynamic-shape lowering of some score_mods fails,
         # e.g. softcap: "unbacked_bindings"); thd calls let lengths go dynamic so new batches reuse the
         # kernel, and fall back to a static compile if the dynamic one fails.
@@ -148,12 +157,26 @@ class FlexBackend(Backend):
             if not compiled:
                 raise
             if _tiles_too_big(e) and "kernel_options" not in kwargs:
-                _SMALL_TILES.add(key)  # inductor's default tiles overflow shared memory: smaller tiles
-                kwargs["kernel_options"] = _SMALL_TILE_OPTIONS
+                out, lse = self._smaller_tiles(fn, q, k, v, call, kwargs, key, e)
             elif not dynamic:
                 raise
-            out, lse = self._call(fn, q, k, v, call.return_lse, kwargs, False)
+            else:
+                out, lse = self._call(fn, q, k, v, call.return_lse, kwargs, False)
         return common.outputs(call, out, lse)
+
+    def _smaller_tiles(self, fn, q, k, v, call, kwargs, key, e):
+        """Inductor's default tiles overflowed shared memory: the backward's tiles alone shrunk where only
+        the backward overflowed, else (or if that still overflows) every tile; the family keeps what ran."""
+        tries = (_SMALL_BWD_TILE_OPTIONS, _SMALL_TILE_OPTIONS) if _in_backward(e) else (_SMALL_TILE_OPTIONS,)
+        for options in tries:
+            try:
+                got = self._call(fn, q, k, v, call.return_lse, {**kwargs, "kernel_options": options}, False)
+            except Exception as again:
+                if options is tries[-1] or not _tiles_too_big(again):
+                    raise
+                continue
+            _SMALL_TILES[key] = options
+            return got
 
     # the lowering lives in _flex_common (shared with flex_flash); kept here under the old names
     _call = staticmethod(common.call_flex)
@@ -168,6 +191,11 @@ def _tiles_too_big(e: Exception) -> bool:
     """Inductor's default flex tiles did not fit: a kernel ran out of shared memory, or every autotuning
     choice did (float32 at D=80 with causal: "NoValidChoicesError: No choices to select", H200)."""
     return "out of resource" in str(e) or "No choices to select" in str(e)
+
+
+def _in_backward(e: Exception) -> bool:
+    """The kernel that did not fit is the backward's (inductor's name: ``..._flex_attention_backward...``)."""
+    return "flex_attention_backward" in str(e)
 
 
 BACKEND = FlexBackend()

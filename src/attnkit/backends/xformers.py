@@ -189,11 +189,13 @@ class XFormersBackend(Backend):
         return import_error()
 
     def why_not(self, call: AttentionCall) -> list[str]:
-        if call.device.type != "cuda":
-            return [f"xFormers' kernels here are CUDA only (device {call.device.type})"]
+        # (the import first: a backend named explicitly that cannot run here says why, whatever the call;
+        # H200 with FA4 installed, CPU tensors, test_peers)
         err = import_error()
         if err is not None:
             return [err]
+        if call.device.type != "cuda":
+            return [f"xFormers' kernels here are CUDA only (device {call.device.type})"]
         r = []
         if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             r.append(f"dtype {call.dtype}: xFormers' CUDA kernels take float16, bfloat16 and float32")
