@@ -51,16 +51,16 @@ def _rates() -> dict:
 _RATES = None
 
 # Masks carried as data: TFLOP/s of visible pairs, (forward, forward+backward), by the mask's data kind.
-# Measured on the H200 (bf16, B=2 H=16 S=8k D=128, 2026-12-02 run D, docs/results/2026-12-02-h200-d/): the
-# forward on tile lists (documents 0.564 ms for 7.8M visible pairs a head, prefix-LM 1.505 for 35.7M, shared
-# prefix 0.859 for 19.4M, global+window 0.560 for 8.9M), the forward+backward before the backward's lists
-# (2.242, 6.488, 4.698, 3.859 ms). FlexAttention on the same rows: documents 253 / 256, prefix-LM 390 / 378.
+# Measured on the H200 (bf16, B=2 H=16 S=8k D=128, 2026-12-02 run E, docs/results/2026-12-02-h200-e/
+# masks.csv), forward and backward on tile lists: documents 0.562 / 1.999 ms for 7.8M visible pairs a head,
+# prefix-LM 1.476 / 5.777 for 35.7M, shared prefix 0.855 / 3.373 for 19.4M, global+window 0.555 / 2.341 for
+# 8.9M. FlexAttention on the same rows: 255 / 259, 393 / 382, 377 / 357, 219 / 229.
 # Other kinds (chunked, FlashMask, compositions of several) take the lowest of each.
 _MASKED_RATES = {
-    "document": (227e12, 200e12),
-    "prefix_lm": (388e12, 316e12),
-    "shared_prefix": (370e12, 237e12),
-    "global_sliding": (259e12, 132e12),
+    "document": (228e12, 224e12),
+    "prefix_lm": (396e12, 354e12),
+    "shared_prefix": (372e12, 330e12),
+    "global_sliding": (261e12, 217e12),
 }
 
 
