@@ -595,6 +595,43 @@ def test_masks_as_data_rates_follow_run_e():
             assert abs(ms / measured[(name, mode)] - 1) < 0.05, (name, mode, ms, measured[(name, mode)])
 
 
+def test_flex_mask_estimates_follow_run_e(h200, monkeypatch):
+    """The same rows for flex and flex FLASH (run E's masks.csv, one process with triton): at each mask's
+    block density (its 128 x 128 blocks with a visible pair, the BlockMask's count) the estimates give the
+    measured times within 5%, and the lowest estimate of triton, flex and flex FLASH measured within 3% of
+    the fastest (one FLASH rate for every mask had sent prefix-LM to flex, 1.5x slower)."""
+    import dataclasses
+
+    from attnkit.backends import _flex_common as common
+    from attnkit.backends.triton import backend
+    from attnkit.bench.masks import cases
+
+    measured = {}
+    with open(_RESULTS / "2026-12-02-h200-e" / "masks.csv") as f:
+        for r in csv.DictReader(f):
+            if r["ms"]:
+                measured[(r["case"], r["backend"], r["mode"])] = float(r["ms"])
+    S, H, B, D = 8192, 16, 2, 128
+    rows = cases(S, H, torch.Generator().manual_seed(0), "cpu")
+    names = [n for n in rows if n.split()[0] in ("document", "prefix-LM", "shared", "global_sliding")]
+    for name in names:
+        mask = rows[name]["kw"]["mask"]
+        dense = mask.to_dense(1, 1, S, S)[0, 0]
+        density = float(dense.view(S // 128, 128, S // 128, 128).any(3).any(1).float().mean())
+        monkeypatch.setattr(common, "mask_block_density", lambda call, d=density: d)
+        for mode in ("fwd", "fwd_bwd"):
+            grad = mode == "fwd_bwd"
+            call = dataclasses.replace(_cuda_call(B, H, H, S, S, D, requires_grad=grad), mask=mask)
+            est = {n: h200[n].compute_seconds(call) * 1e3 for n in ("flex", "flex_flash")}
+            for n, ms in est.items():
+                assert abs(ms / measured[(name, n, mode)] - 1) < 0.05, (name, n, mode, ms)
+            flops = B * H * float(dense.sum()) * 2 * (D + D) * (3.5 if grad else 1.0)
+            est["triton"] = flops / backend._masked_rate(mask, grad) * 1e3
+            took = {n: measured[(name, n, mode)] for n in est}
+            pick = min(est, key=est.get)
+            assert took[pick] <= 1.03 * min(took.values()), (name, mode, pick, took)
+
+
 def test_flex_prices_building_a_block_mask_for_a_new_mask(h200):
     """A new mask (a new packing every step) makes FlexAttention build a BlockMask first: 8.2 ms at 8k
     tokens on the H200 (create_block_mask, run C), 16x the attention. Its estimate says so, and drops it

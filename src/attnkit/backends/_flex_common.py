@@ -182,6 +182,39 @@ def mask_block_density(call: AttentionCall) -> float | None:
 
 _DENSITY: dict = {}
 
+# What the flex kernels ran over a mask's visible blocks (dense FLOPs x block density per second, forward and
+# forward+backward) by the mask's data kind (``Mask.kind_of_data``). H200, bf16, B=2 H=16 S=8k D=128, run E
+# (2026-12-02 23:24 UTC, docs/results/2026-12-02-h200-e/masks.csv): flex (Triton) documents 0.503 / 1.733 ms
+# at block density 0.139, prefix-LM 1.485 / 5.359 at 0.537, shared prefix 0.843 / 3.120 at 0.297,
+# global+window 0.663 / 2.220 at 0.161; FLASH 0.553 / 1.875, 0.991 / 3.761, 0.864 / 2.311, 0.466 / 1.729.
+# One rate per backend did not fit: FLASH ran prefix-LM at 2.2x its document rate.
+BLOCK_RATES = {
+    "flex": {
+        "document": (305e12, 310e12),
+        "prefix_lm": (398e12, 386e12),
+        "shared_prefix": (387e12, 366e12),
+        "global_sliding": (267e12, 278e12),
+    },
+    "flex_flash": {
+        "document": (277e12, 286e12),
+        "prefix_lm": (596e12, 550e12),
+        "shared_prefix": (378e12, 494e12),
+        "global_sliding": (379e12, 358e12),
+    },
+}
+
+
+def block_rate(backend: str, call: AttentionCall) -> float | None:
+    """``BLOCK_RATES``' rate of the call's mask for ``backend`` (None: not measured for its kind, dtype or
+    device, or with score mods besides the mask)."""
+    mods = (call.softcap, call.score_mod, call.bias, call.alibi_slopes)
+    if call.mask is None or call.device.type != "cuda" or any(m is not None for m in mods):
+        return None
+    if call.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    rates = BLOCK_RATES[backend].get(call.mask.kind_of_data())
+    return None if rates is None else rates[1 if call.requires_grad else 0]
+
 
 def _block_key(call: AttentionCall, B: int, Q: int, K: int):
     """The BlockMask cache's key for a call (None: never cached). Block structure is cached per shape for

@@ -94,6 +94,9 @@ class FlexBackend(Backend):
         else:
             rates = _CPU_RATES
         rate = rates[1 if call.requires_grad else 0]
+        density = self._mask_block_density(call)
+        if density is not None:  # its measured rate over the visible blocks of this kind of mask, if any
+            rate = common.block_rate(self.name, call) or rate
         if call.softcap is not None or call.score_mod is not None or call.bias is not None:
             rate *= 0.45  # a softcap score_mod ran at 214 vs 476 TFLOP/s (docs/anchors.md)
         if call.device.type == "cuda" and call.dtype == torch.float32:
@@ -101,7 +104,6 @@ class FlexBackend(Backend):
         # Block sparsity: causal/window pairs are skipped. A user mask's sparsity is read off its BlockMask
         # (built now and cached for the call that follows), except under torch.compile: then dense.
         flops = attention_flops(call, call.requires_grad, dense=call.device.type != "cuda")
-        density = self._mask_block_density(call)
         if density is not None:
             flops = attention_flops(call, call.requires_grad, dense=True) * density
         return flops / rate

@@ -155,12 +155,16 @@ class FlexFlashBackend(Backend):
 
     def compute_seconds(self, call: AttentionCall) -> float:
         grad = 1 if call.requires_grad else 0
-        t = _cute.compute_seconds(call)  # (softcap included)
+        mods = 1.0
         if call.score_mod is not None or call.bias is not None:
-            t /= _MOD_FACTOR[grad]
+            mods /= _MOD_FACTOR[grad]
         if call.alibi_slopes is not None:
-            t /= _MOD_FACTOR[grad]
+            mods /= _MOD_FACTOR[grad]
         density = common.mask_block_density(call)
+        measured = common.block_rate(self.name, call) if density is not None else None
+        if measured is not None:  # its measured rate over the visible blocks of this kind of mask (no mods)
+            return attention_flops(call, call.requires_grad, dense=True) * density / measured
+        t = _cute.compute_seconds(call) * mods  # (softcap included)
         if density is not None:
             dense = attention_flops(call, call.requires_grad, dense=True)
             t *= density * dense / max(attention_flops(call, call.requires_grad), 1.0)

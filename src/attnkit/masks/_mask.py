@@ -72,6 +72,19 @@ class Mask:
         self._check = check
         self.size = size if size is not None else next((p.size for p in self.parts if p.size), None)
 
+    def kind_of_data(self) -> str | None:
+        """The one factory kind under this mask's compositions besides causal and full (``document`` for
+        ``document(ids) & causal()``), or None when there are several or none: what the backends' measured
+        rates for masks are keyed by."""
+        kinds, todo = set(), [self]
+        while todo:
+            m = todo.pop()
+            if m.kind in ("and", "or", "not"):
+                todo.extend(m.parts)
+            elif m.kind not in ("causal", "full"):
+                kinds.add(m.kind)
+        return kinds.pop() if len(kinds) == 1 else None
+
     def check(self, B: int, H: int, Sq: int, Sk: int, layout: str = "bhsd", seqlens=None) -> None:
         """Raise :class:`AttentionInputError` (naming ``mask``) if the mask's data does not fit the call.
 

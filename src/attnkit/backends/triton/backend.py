@@ -67,14 +67,7 @@ _MASKED_RATES = {
 def _masked_rate(mask, grad: bool) -> float:
     """The rate of a mask carried as data (``_MASKED_RATES``): its one data kind besides causal, else the
     lowest measured."""
-    kinds, todo = set(), [mask]
-    while todo:
-        m = todo.pop()
-        if m.kind in ("and", "or", "not"):
-            todo.extend(m.parts)
-        elif m.kind not in ("causal", "full"):
-            kinds.add(m.kind)
-    rates = _MASKED_RATES.get(kinds.pop()) if len(kinds) == 1 else None
+    rates = _MASKED_RATES.get(mask.kind_of_data())
     if rates is None:
         return min(r[1 if grad else 0] for r in _MASKED_RATES.values())
     return rates[1 if grad else 0]
