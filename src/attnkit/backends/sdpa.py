@@ -306,9 +306,10 @@ class SDPABackend(Backend):
 
     def memory_traffic(self, call: AttentionCall) -> tuple[int | None, float, float]:
         # SDPA's kernels split the key range where queries are few (decode read K+V at 3.83 TB/s at B=1,
-        # H200, issue 15): they fill the device. efficient/cuDNN get GQA K/V expanded first: K/V read,
-        # group copies written, then read by the kernel. math writes and reads its fp32 scores.
-        kv_reads = 1.0 if call.group == 1 or self.kind in ("flash", "math") else 1.0 + 2.0 * call.group
+        # H200, issue 15): they fill the device. efficient/cuDNN get GQA K/V expanded first (by us), math
+        # by torch (``enable_gqa``: repeat_interleave of K and V): K/V read, group copies written, then
+        # read by the kernel. math writes and reads its fp32 scores.
+        kv_reads = 1.0 if call.group == 1 or self.kind == "flash" else 1.0 + 2.0 * call.group
         scores = 2 * 4 * dense_pairs(call) * call.Hq if self.kind == "math" else 0.0
         return None, kv_reads, scores
 
