@@ -573,31 +573,67 @@ def test_compiled_mod_estimates_follow_the_measured_rows(h200):
         assert ours[mode] < flex[mode] and h200["triton"].cost(call) < h200["flex"].cost(call), mode
 
 
-def test_masks_as_data_rates_follow_run_e():
-    """The masks bench rows of run E (docs/results/2026-12-02-h200-e/masks.csv: B=2 H=16 S=8k D=128, forward
-    and backward on tile lists): each mask's visible pairs (counted on the bench's own masks, rebuilt with
-    its seed) at the rate the triton backend prices it (by the mask's data kind through its composition with
-    causal) give the measured time within 5%."""
+# (run, backend column, Gluon forward, masks): the listed Triton forward of run E and run G, the Gluon listed
+# forward of run G (global+window is a band: the Triton kernel runs it, so run G's Gluon row is left out)
+_FOUR = ("document", "prefix-LM", "shared", "global_sliding")
+_MASK_RATE_ROWS = [
+    ("2026-12-02-h200-e", "triton", False, _FOUR),
+    ("2026-12-03-h200-g", "triton GLUON_LISTED=0", False, _FOUR),
+    ("2026-12-03-h200-g", "triton", True, _FOUR[:3]),
+]
+
+
+@pytest.mark.parametrize("run,column,gluon,kinds", _MASK_RATE_ROWS, ids=["e", "g-triton", "g-gluon"])
+def test_masks_as_data_rates_follow_the_runs(run, column, gluon, kinds):
+    """The masks bench rows (docs/results/<run>/masks.csv: B=2 H=16 S=8k D=128, forward and backward on tile
+    lists): each mask's visible pairs (counted on the bench's own masks, rebuilt with its seed) at the rate
+    the triton backend prices it (by the mask's data kind through its composition with causal, and whether
+    the Gluon forward runs it) give the measured time within 5%."""
     from attnkit.backends.triton import backend
     from attnkit.bench.masks import cases
 
     measured = {}
-    with open(_RESULTS / "2026-12-02-h200-e" / "masks.csv") as f:
+    with open(_RESULTS / run / "masks.csv") as f:
         for r in csv.DictReader(f):
-            if r["backend"] == "triton" and r["ms"]:
+            if r["backend"] == column and r["ms"]:
                 measured[(r["case"], r["mode"])] = float(r["ms"])
     S, H, B, D = 8192, 16, 2, 128
     rows = cases(S, H, torch.Generator().manual_seed(0), "cpu")
-    names = [n for n in rows if n.split()[0] in ("document", "prefix-LM", "shared", "global_sliding")]
-    assert len(names) == 4
+    names = [n for n in rows if n.split()[0] in kinds]
+    assert len(names) == len(kinds)
     for name in names:
         mask = rows[name]["kw"]["mask"]
         pairs = float(mask.to_dense(1, 1, S, S).sum())
         for mode in ("fwd", "fwd_bwd"):
             grad = mode == "fwd_bwd"
             flops = B * H * pairs * 2 * (D + D) * (3.5 if grad else 1.0)
-            ms = flops / backend._masked_rate(mask, grad) * 1e3
+            ms = flops / backend._masked_rate(mask, grad, gluon) * 1e3
             assert abs(ms / measured[(name, mode)] - 1) < 0.05, (name, mode, ms, measured[(name, mode)])
+
+
+def test_gluon_listed_rule_leaves_bands_to_the_triton_kernel():
+    """One rule for the launcher and the cost model (``capability.gluon_listed_eligible``): a mask as data
+    at D = 128, bf16, on sm_90 goes to the Gluon forward unless it is a band (a left window bound, or
+    global+window, whose lowering says ``band``); D = 64 and fp32 do not."""
+    from attnkit import masks as M
+    from attnkit.backends.triton.runtime import capability as cap
+    from attnkit.masks import _intervals
+
+    q, k, v, kw = oracle.make_inputs("bhsd", B=1, Hq=2, Sq=64, D=16)
+    call = oracle.make_call(q, k, v, **kw)
+    lowered = {
+        name: _intervals.lower(mask, call)
+        for name, mask in (("global", M.global_sliding(4, 16)), ("doc", M.document(torch.arange(64) // 20)),
+                           ("prefix", M.prefix_lm(8) & M.causal()), ("shared", M.shared_prefix(16, [24, 24])))
+    }  # fmt: skip
+    assert {n: iv.band for n, iv in lowered.items()} == {"global": True, "doc": False, "prefix": False,
+                                                         "shared": False}  # fmt: skip
+    args = ((9, 0), "bshd", 128, 128, torch.bfloat16, 8192, 0.08)
+    assert cap.gluon_listed_eligible(*args, False)
+    assert not cap.gluon_listed_eligible(*args, True)
+    assert not cap.gluon_listed_eligible((9, 0), "bshd", 64, 64, torch.bfloat16, 8192, 0.08, False)
+    assert not cap.gluon_listed_eligible((9, 0), "bshd", 128, 128, torch.float32, 8192, 0.08, False)
+    assert not cap.gluon_listed_eligible((8, 0), "bshd", 128, 128, torch.bfloat16, 8192, 0.08, False)
 
 
 def test_flex_mask_estimates_follow_run_e(h200, monkeypatch):

@@ -19,7 +19,7 @@ from attnkit import masks as M
 
 pytest.importorskip("triton")
 from attnkit.backends.triton.ops import ivlists  # noqa: E402
-from test_triton_iv_body import CASES, _force, _ids  # noqa: E402
+from test_triton_iv_body import CASES, _flashmask, _force, _ids  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -148,3 +148,123 @@ def test_cuda_bf16_lists(D, monkeypatch):
         mask = make(2, S, S)
         oracle.check_against_oracle(tri, q, k, v, mask=mask, **flags, **kw)
         _check_lists(seen, _visible(mask, 2, 4, S, S, flags.get("causal", False), flags.get("window")))
+
+
+# -- the Hopper Gluon forward on the same lists (``ops/gluon_fwd.try_listed``) -----------------------------
+def _gluon_cases(B, S):
+    """(name, mask, flags, on Gluon) at Sq = Sk = S (a multiple of 128): every kind of interval and flag; the
+    ones with a left window bound (sliding windows) stay on the listed Triton kernel
+    (``capability.gluon_listed_eligible``)."""
+    third = S // 3
+    causal = {"causal": True}
+    return [
+        ("prefix_lm", M.prefix_lm(S // 5), {}, True),
+        ("prefix_lm+causal_flag", M.prefix_lm(torch.tensor([S // 5, 3 * S // 4], device=DEV)), causal, True),
+        ("document_causal", M.document(_ids(B, S, 5, 1)) & M.causal(), {}, True),
+        ("document+right_window", M.document(_ids(B, S, 3, 2)), {"window": (-1, 40)}, True),
+        ("shared_prefix", M.shared_prefix(third, [third // 2, third, S - 5 * third // 2 - 7]), {}, True),
+        ("flashmask", _flashmask(S, 3), {}, True),
+        ("document+window_flag", M.document(_ids(B, S, 3, 2)), {"window": (300, 40)}, False),
+        ("global_sliding+causal_flag", M.global_sliding(4, 300, 8), causal, False),
+    ]
+
+
+def _record_gluon(monkeypatch) -> list:
+    """Keep whether each forward ran the Gluon listed kernel (try_listed gave its outputs)."""
+    from attnkit.backends.triton.ops import gluon_fwd
+
+    ran = []
+    real = gluon_fwd.try_listed
+
+    def try_listed(*a, **kw):
+        got = real(*a, **kw)
+        ran.append(got is not None)
+        return got
+
+    monkeypatch.setattr(gluon_fwd, "try_listed", try_listed)
+    return ran
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_cuda_gluon_listed_forward(layout, monkeypatch):
+    """Every library mask kind as data on the Gluon forward (D = 128, bf16, GQA; 64-key tiles, 128 where the
+    mask leaves holes), forward and the Triton backward after it, against the oracle; the kernel ran each
+    it takes, and none with a left window bound."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernels are sm_90 only")
+    ran = _record_gluon(monkeypatch)
+    S = 1024
+    q, k, v, kw = oracle.make_inputs(
+        layout, B=2, Hq=4, Hk=2, Sq=S, Sk=S, D=128, dtype=torch.bfloat16, device="cuda", requires_grad=True
+    )
+    for name, mask, flags, gluon in _gluon_cases(2, S):
+        ran.clear()
+        oracle.check_against_oracle(tri, q, k, v, mask=mask, **flags, **kw)
+        assert (bool(ran) and all(ran)) if gluon else not ran, (name, ran)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("Sq,Sk", [(640, 1024), (1024, 640)])
+def test_cuda_gluon_listed_sq_ne_sk(Sq, Sk, monkeypatch):
+    """Bottom-right alignment on the Gluon listed forward; Sq > Sk with causal leaves the first rows with no
+    key (out 0, lse -inf); per-batch prefix lengths (the mask's batch stride)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernels are sm_90 only")
+    ran = _record_gluon(monkeypatch)
+    q, k, v, kw = oracle.make_inputs(
+        "bshd", B=2, Hq=4, Hk=1, Sq=Sq, Sk=Sk, D=128, dtype=torch.bfloat16, device="cuda", requires_grad=True
+    )
+    prefix = torch.tensor([100, 500], device="cuda")
+    for mask, flags in ((M.prefix_lm(prefix), {}), (M.prefix_lm(prefix * 3 - 300), {"causal": True})):
+        ran.clear()
+        res = oracle.check_against_oracle(tri, q, k, v, mask=mask, **flags, **kw)
+        assert ran and all(ran), (mask, ran)
+        if Sq > Sk and flags:
+            assert torch.isneginf(res["lse"][..., : Sq - Sk]).all()
+
+
+_GLUON_PTX = r"""
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+from triton.experimental.gluon._runtime import GluonASTSource
+from attnkit.backends.triton.kernels.hopper.fwd import _attn_fwd_ws as fn
+from attnkit.backends.triton.ops import gluon_fwd as G
+
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+binder = create_function_from_signature(fn.signature, fn.params, backend)
+q = torch.empty(2, 4, 1024, 128, dtype=torch.bfloat16)
+out, lse, i32 = torch.empty_like(q), torch.empty(2, 4, 1024), torch.empty(16, dtype=torch.int32)
+for causal in (True, False):
+    block_n, stages, overlap, split, persistent = G.listed_cfg(1024, not causal)
+    descs = [G.descriptor(q, G.tma_rows(q, "bhsd"), rows) for rows in (128, block_n, block_n)]
+    args = (*descs, out, lse, lse, 3, 5, 7, 4, 4, 1, 1024, 1024, 8, 0.3, i32, i32, 3, 5, 7, i32, 11, 13, 0)
+    kw = dict(BSHD=False, CAUSAL=causal, LISTED=True, HAS_RIGHT=causal, BLOCK_M=128, BLOCK_N=block_n,
+              HEAD_D=128, NUM_STAGES=stages, OVERLAP=overlap, SPLIT=split, PERSISTENT=persistent,
+              num_warps=4, maxnreg=G.MAXNREG)
+    bound, spec, opts = binder(*args, **kw)
+    opts, sig, consts, attrs = fn._pack_args(backend, kw, bound, spec, opts)
+    src = GluonASTSource(fn, sig, consts, attrs)
+    ptx = triton.compile(src, target=target, options=opts.__dict__).asm["ptx"]
+    print("ok", causal, "wgmma" in ptx, "cp.async.bulk.tensor" in ptx)
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU compiles it for real")
+def test_gluon_listed_forward_compiles_for_sm90():
+    """The Gluon listed forward (causal with 64-key tiles, non-causal with 128) compiled to PTX for sm_90a,
+    offline, in a subprocess without the interpreter (Gluon has none): its frontend and lowering accept the
+    code the GPU runs; wgmma and TMA are in it."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.experimental.gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-c", _GLUON_PTX]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split("\n")[:2] == ["ok True True True", "ok False True True"], r.stdout

@@ -43,6 +43,7 @@ class Intervals:
     causal: bool = False
     window: tuple[int, int] | None = None
     holes: bool = False  # a row's visible keys may have gaps inside its range (see _HOLES)
+    band: bool = False  # the visible keys of a row are a band along the diagonal (see _BANDS)
 
 
 @dataclass
@@ -186,6 +187,11 @@ _CAUSAL = {"shared_prefix"}
 # 1.68 ms, global_sliding 2.75 -> 1.16), which costs where there are no gaps (documents 0.71 -> 0.83,
 # prefix-LM 2.25 -> 2.85: docs/results/2026-12-02-h200-c/sweep.txt)
 _HOLES = {"shared_prefix", "global_sliding", "flashmask"}
+# Kinds whose visible keys are a band along the diagonal (a sliding window as intervals): both edges of the
+# band cross every query tile's keys, so most visited tiles are partial; the Hopper Gluon forward (128-query
+# tiles) ran them slower than the Triton one (H200, global+window, B=2 H=16 S=8k D=128: 0.639 against 0.565
+# ms, 2026-12-03 run G): ``runtime/capability.gluon_listed_eligible``
+_BANDS = {"global_sliding"}
 
 
 def _check_document(params, call) -> str | None:
@@ -337,7 +343,7 @@ def _lower(mask: Mask, call) -> Intervals | None:
         return None
     causal, window, pairs = False, None, []
     c = None
-    holes = False
+    holes = band = False
     for m in _conjuncts(mask):
         if m.native is not None:
             causal = causal or m.native.get("causal", False)
@@ -349,6 +355,7 @@ def _lower(mask: Mask, call) -> Intervals | None:
             continue
         c = _coords(call) if c is None else c
         holes = holes or m.kind in _HOLES
+        band = band or m.kind in _BANDS
         got = _LOWER[m.kind](m.params, c, call)
         pairs += got if m.kind in _WELL_FORMED else [_norm(a, b) for a, b in got]
         causal = causal or m.kind in _CAUSAL or (m.kind == "flashmask" and m.params["causal"])
@@ -366,7 +373,7 @@ def _lower(mask: Mask, call) -> Intervals | None:
         se = se.unsqueeze(0)
     window = None if window == (-1, -1) else window
     se = se.contiguous()
-    return Intervals(se, summarize(se), causal, window, holes)
+    return Intervals(se, summarize(se), causal, window, holes, band)
 
 
 def summarize(startend: torch.Tensor) -> torch.Tensor:

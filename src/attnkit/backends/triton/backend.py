@@ -64,12 +64,25 @@ _MASKED_RATES = {
 }
 
 
-def _masked_rate(mask, grad: bool) -> float:
-    """The rate of a mask carried as data (``_MASKED_RATES``): its one data kind besides causal, else the
-    lowest measured."""
-    rates = _MASKED_RATES.get(mask.kind_of_data())
+# The same rows with the forward on the Hopper Gluon kernel's tile lists (``ops/gluon_fwd.try_listed``; not
+# for bands, so not global+window), 2026-12-03 run G (docs/results/2026-12-03-h200-g/masks.csv): documents
+# 0.456 / 1.907, prefix-LM 1.046 / 5.459, shared prefix 0.601 / 3.111 ms. The listed Triton forward in the
+# same run 0.569 / 1.986, 1.495 / 5.829, 0.841 / 3.298 (run E's rates above within 3%); flex FLASH 0.495 /
+# 1.901, 0.979 / 3.700, 0.592 / 2.334.
+_GLUON_MASKED_RATES = {
+    "document": (281e12, 235e12),
+    "prefix_lm": (558e12, 375e12),
+    "shared_prefix": (529e12, 358e12),
+}
+
+
+def _masked_rate(mask, grad: bool, gluon: bool = False) -> float:
+    """The rate of a mask carried as data (``_MASKED_RATES``, or ``_GLUON_MASKED_RATES`` where the Gluon
+    forward runs it): its one data kind besides causal, else the lowest measured."""
+    table = _GLUON_MASKED_RATES if gluon else _MASKED_RATES
+    rates = table.get(mask.kind_of_data())
     if rates is None:
-        return min(r[1 if grad else 0] for r in _MASKED_RATES.values())
+        return min(r[1 if grad else 0] for r in table.values())
     return rates[1 if grad else 0]
 
 
@@ -156,6 +169,7 @@ class TritonBackend(Backend):
             iv.startend if iv is not None else None,
             iv.summary if iv is not None else None,
             bool(iv is not None and iv.holes),
+            bool(iv is not None and iv.band),
             *_score_mod_args(call),
         )
         out, lse, _, _ = ops.attention(p)
@@ -217,7 +231,7 @@ class TritonBackend(Backend):
         elif masked is not None:  # a mask carried as data: the pairs it leaves visible (empty tiles skipped)
             pairs = masked
             flops = pairs * call.Hq * 2.0 * (call.D + call.Dv) * (3.5 if call.requires_grad else 1.0)
-            rate = min(rate, _masked_rate(call.mask, call.requires_grad))
+            rate = min(rate, _masked_rate(call.mask, call.requires_grad, self._gluon_listed(call)))
         elif call.layout == "thd" and call.seqlens_q is None:  # lengths unknown (compile, capture)
             pairs = float(call.batch * call.Sq * call.Sk)
             flops = pairs * call.Hq * 2.0 * (call.D + call.Dv) * (3.5 if call.requires_grad else 1.0)
@@ -259,6 +273,18 @@ class TritonBackend(Backend):
     @staticmethod
     def _gluon(call: AttentionCall) -> bool:
         return _cap.gluon_forward_for_call(call)
+
+    def _gluon_listed(self, call: AttentionCall) -> bool:
+        """Whether the forward of this call with a mask carried as data runs on the Gluon listed kernel."""
+        if call.device.type != "cuda" or call.score_mod is not None or call.layout == "thd":
+            return False
+        if not _cap.plain_features(call.bias, call.alibi_slopes, call.softcap, -1, -1, call.dropout_p):
+            return False
+        _, window, iv = self._mask_flags(call)
+        band = (window is not None and window[0] >= 0) or (iv is not None and iv.band)
+        return _cap.gluon_listed_eligible(
+            _cap.capability(call.device), call.layout, call.D, call.Dv, call.dtype, call.Sk, call.scale, band
+        )
 
     @staticmethod
     def _gluon_bwd(call: AttentionCall) -> bool:

@@ -61,6 +61,7 @@ class FwdParams:
     startend: Tensor | None
     iv_summary: Tensor | None
     iv_skip: bool  # the mask can leave empty key tiles inside a row's range: skip them by a branch
+    iv_band: bool  # the mask's visible keys are a band along the diagonal (``Intervals.band``)
     # a compiled score_mod (``attnkit.compiler``): its generated function's key ("" = none), the tensors it
     # captured (up to 4, any strides; None past their count) and their int64 (4, 8) strides/sizes table
     score_mod: str
@@ -92,6 +93,13 @@ class FwdParams:
         return plain_features(
             self.bias, self.alibi_slopes, self.softcap, self.window_left, self.window_right, self.dropout_p
         ) and (self.q.numel() > 0 and self.k.numel() > 0 and self.startend is None and not self.score_mod)
+
+    def data_mask_only(self) -> bool:
+        """A mask carried as data (``startend``) and the causal / window flags, nothing else (no bias, ALiBi,
+        softcap, dropout or score mod), nonempty q, k: what the Gluon forward runs on tile lists."""
+        return plain_features(self.bias, self.alibi_slopes, self.softcap, -1, -1, self.dropout_p) and (
+            self.q.numel() > 0 and self.k.numel() > 0 and self.startend is not None and not self.score_mod
+        )
 
     def window(self) -> tuple[bool, bool, int, int]:
         """(HAS_LEFT, HAS_RIGHT, left, right) with causal folded into the right bound."""

@@ -76,6 +76,16 @@ def body(p: FwdParams, keep=None):
         done = gluon.try_forward(q, k, v, layout, p.scale, p.causal, (out, lse, stats)) if gluon else None
         if done is not None:  # (strides or alignment a TMA descriptor cannot take: the Triton kernel)
             return outputs(tensors)
+    # a mask carried as data (and flags) on Hopper: the Gluon kernel on the mask's tile lists
+    if (
+        cap
+        and p.data_mask_only()
+        and _cap.gluon_listed_eligible(cap, layout, D, Dv, q.dtype, Sk, p.scale, p.window()[0] or p.iv_band)
+    ):
+        gluon = c.gluon()
+        done = gluon.try_listed(p, q, k, v, (out, lse, stats)) if gluon else None
+        if done is not None:
+            return outputs(tensors)
     if out.numel() == 0:
         stats[0].fill_(float("inf"))
         stats[1].fill_(0.0)

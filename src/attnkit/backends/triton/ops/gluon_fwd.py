@@ -33,6 +33,17 @@ def default_cfg(head_dim: int, seqlen_k: int, causal: bool) -> tuple[int, int, b
     return block_n, stages, True, True, persistent
 
 
+def listed_cfg(seqlen_k: int, holes: bool) -> tuple[int, int, bool, bool, bool]:
+    """(BLOCK_N, NUM_STAGES, OVERLAP, SPLIT, PERSISTENT) of the listed forward (never persistent: its items
+    differ in length). 64-key tiles 4 deep, or 128-key tiles 2 deep where the mask leaves holes inside a
+    row's range (``iv_skip``). H200, bf16, B=2 H=16 S=8k D=128, 2026-12-03 (run F's probe), ms at (64, 4)
+    against (128, 2): causal documents 0.453 / 0.540, prefix-LM 1.045 / 1.038, a shared prefix (holes: the
+    other responses) 0.671 / 0.621; (128, 3) 0.546 / 1.048 / 0.627, (64, 3) 0.457 / 1.156 / 0.669."""
+    if holes and seqlen_k % 128 == 0:
+        return 128, 2, True, True, False
+    return 64, 4, True, True, False
+
+
 def _full_cfg(cfg, head_dim: int, seqlen_k: int, causal: bool) -> tuple[int, int, bool, bool, bool]:
     """A cfg of 3 (BLOCK_N, NUM_STAGES, OVERLAP), 4 (+ SPLIT) or 5 (+ PERSISTENT) entries, or None for the
     default."""
@@ -215,7 +226,41 @@ def gluon_forward(q, k, v, layout: str, scale: float, causal: bool, cfg=None):
     return _launch(q, k, v, layout, scale, causal, _full_cfg(cfg, q.shape[3], Sk, causal), rows)
 
 
-def _launch(q, k, v, layout, scale, causal, cfg, rows, bufs=None):
+def try_listed(p, q, k, v, bufs):
+    """The Gluon forward of a call whose only features are a mask carried as data and the causal / window
+    flags (``runtime/capability.gluon_listed_eligible`` has judged the call): each query tile walks its
+    lists of full and partial key tiles (``ops/ivlists.py``, built at this kernel's tiles), applying the
+    mask's intervals and the flags to the partial ones only. None where the strides, the alignment or the
+    lists do not fit (then the Triton kernel runs it)."""
+    from attnkit.backends.triton.ops import common as c
+    from attnkit.backends.triton.ops import ivlists
+
+    layout = p.layout
+    hd = 1 if layout == "bhsd" else 2
+    Sq, Sk = q.shape[3 - hd], k.shape[3 - hd]
+    if Sq < 1 or Sk < 1:
+        return None
+    rows = (tma_rows(q, layout), tma_rows(k, layout), tma_rows(v, layout))
+    if None in rows:
+        return None
+    cfg = listed_cfg(Sk, bool(p.iv_skip))
+    got = ivlists.lists(p, BLOCK_M, cfg[0])
+    if got is None:
+        return None
+    lst, cnt = got
+    Bs, Hs, n_rows, _, n_cols = lst.shape
+    se = p.startend
+    sib, sih = c.iv_args(p, lst)[2:4]
+    has_left, has_right, _, wr = p.window()
+    if has_left:  # (capability.gluon_listed_eligible sends no left window bound here)
+        return None
+    listed = (lst, cnt, Hs * n_rows if Bs > 1 else 0, n_rows if Hs > 1 else 0, n_cols, se, sib, sih, wr)
+    return _launch(q, k, v, layout, p.scale, p.causal, cfg, rows, bufs, listed, has_right)
+
+
+def _launch(q, k, v, layout, scale, causal, cfg, rows, bufs=None, listed=None, has_right=False):
+    """The launch; ``listed``: (lists, counts, their batch / head row strides, list length, intervals, their
+    batch / head strides, right window bound) of :func:`try_listed`, ``has_right`` its HAS_RIGHT."""
     hd = 1 if layout == "bhsd" else 2
     sd = 3 - hd
     B, Hq, Sq, D = q.shape[0], q.shape[hd], q.shape[sd], q.shape[3]
@@ -253,8 +298,11 @@ def _launch(q, k, v, layout, scale, causal, cfg, rows, bufs=None):
         Sk,
         B * Hq,
         scale * LOG2E,
+        *(listed if listed is not None else (lse, lse, 0, 0, 0, lse, 0, 0, 0)),
         BSHD=layout == "bshd",
         CAUSAL=bool(causal),
+        LISTED=listed is not None,
+        HAS_RIGHT=has_right,
         BLOCK_M=BLOCK_M,
         BLOCK_N=block_n,
         HEAD_D=D,
@@ -270,4 +318,4 @@ def _launch(q, k, v, layout, scale, causal, cfg, rows, bufs=None):
 
 _FWD_LAUNCH = Launch(_attn_fwd_ws)  # the compiled kernel looked up without Triton's per-launch binding
 
-__all__ = ["default_cfg", "descriptor", "gluon_forward", "supported", "tma_rows", "try_forward"]
+__all__ = ["default_cfg", "descriptor", "gluon_forward", "supported", "tma_rows", "try_forward", "try_listed"]

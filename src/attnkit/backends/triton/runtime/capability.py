@@ -77,6 +77,13 @@ _GLUON = dict(
     dtypes=_HALF, layouts=("bhsd", "bshd"), capabilities=((9, 0),), same_dv=True, positive_scale=True
 )
 GLUON_FWD = Kernels(head_dims=(64, 128), sk_multiple=64, switches=("ATTNKIT_TRITON_GLUON",), **_GLUON)
+# the Gluon forward on the tile lists of a mask carried as data (``ops/gluon_fwd.try_listed``): head dim 128
+GLUON_LISTED = Kernels(
+    head_dims=(128,),
+    sk_multiple=64,
+    switches=("ATTNKIT_TRITON_GLUON", "ATTNKIT_TRITON_GLUON_LISTED"),
+    **_GLUON,
+)
 GLUON_BWD = Kernels(
     head_dims=(64, 128), switches=("ATTNKIT_TRITON_GLUON", "ATTNKIT_TRITON_GLUON_BWD"), **_GLUON
 )
@@ -111,6 +118,18 @@ def gluon_forward_eligible(cap, layout: str, D: int, Dv: int, dtype, Sk: int, ca
     509 against 299, causal 238 against 174), head dim 64 without a causal mask (S = 512, persistent: 381
     against 311; causal: 147 against 209). ``ATTNKIT_TRITON_GLUON=0`` turns it off."""
     return GLUON_FWD.takes(cap, layout, D, Dv, dtype, Sk, scale) and (D == 128 or not causal)
+
+
+def gluon_listed_eligible(cap, layout: str, D: int, Dv: int, dtype, Sk: int, scale, band: bool) -> bool:
+    """Whether a forward whose only features are a mask carried as data and the causal / window flags goes
+    to the Hopper Gluon kernel on its tile lists (``kernels/hopper/fwd.py`` with LISTED), judged from the
+    call alone; ``ops/gluon_fwd.try_listed`` then checks strides, alignment and the lists. Not for a band
+    (``band``: a left window bound, or a mask of ``masks._intervals._BANDS``): most of its tiles are
+    partial, and the listed Triton kernel at 64 x 64 tiles was faster (H200, bf16, B=2 H=16 S=8k D=128,
+    2026-12-03, run G: global + window 0.639 against 0.565 ms; documents, prefix-LM and a shared prefix
+    0.456 / 1.046 / 0.601 against 0.569 / 1.495 / 0.841). ``ATTNKIT_TRITON_GLUON_LISTED=0`` turns it off
+    (the listed Triton kernel then runs it)."""
+    return GLUON_LISTED.takes(cap, layout, D, Dv, dtype, Sk, scale) and not band
 
 
 def gluon_backward_eligible(cap, layout: str, D: int, Dv: int, dtype, scale) -> bool:

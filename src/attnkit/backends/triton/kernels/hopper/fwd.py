@@ -58,8 +58,13 @@ Tile schedule
     a K/V tile never crosses a sequence end; rows past Sq are computed (on whatever Q rows the TMA box
     covers, zero past the tensor's end) and never stored.
 
+LISTED (a mask carried as data, ``ops/gluon_fwd.try_listed``): an item's tiles are those of its row of tile
+lists (``kernels/ivlists.py``, built at this kernel's tiles): the full ones first (no mask arithmetic), then
+the partial ones with the mask's column intervals and the causal / right window bound applied per score;
+the producer loads K/V at each listed tile's start. Never persistent (items differ in length).
+
 Softmax in log2 units: ``p = exp2(s * c - m)`` with ``c = scale * log2(e)`` (one FMA per score), fp32
-statistics and accumulators.
+statistics and accumulators. One key tile's steps (softmax, FA3 overlap, plain order) are ``fwd_tile.py``.
 
 Device code only: the host side (descriptors, support checks, launches) is ``ops/gluon_fwd.py``.
 """
@@ -76,27 +81,21 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from attnkit.backends.triton.kernels.hopper.fwd_tile import overlap_step, serial_step, softmax_tile, two_sum
+
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
 PRODUCER_REGS: gl.constexpr = gl.constexpr(24)  # the TMA warp needs only scalars
 CONSUMER_REGS: gl.constexpr = gl.constexpr(240)  # the second consumer warpgroup when SPLIT
 
 
-
 @gluon.jit
-def two_sum(a, b):
-    """(hi, lo) with hi = fl(a + b) and hi + lo == a + b exactly (Knuth's TwoSum, as in ``_fwd.py``)."""
-    hi = a + b
-    bb = hi - a
-    lo = (a - (hi - bb)) + (b - bb)
-    return hi, lo
-
-
-@gluon.jit
-def _item(t, sched, CAUSAL: gl.constexpr, BSHD: gl.constexpr, BLOCK_M: gl.constexpr,
-          BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr):  # fmt: skip
+def _item(t, sched, lists, CAUSAL: gl.constexpr, LISTED: gl.constexpr, BSHD: gl.constexpr,
+          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr):  # fmt: skip
     """Work item ``t``: query tile ``t % n_m`` of (batch, query head) ``t // n_m``. Returns (bh, b, h, m0,
-    n_tiles, n_full, (q_row, q_col, k_row, k_col)): key tiles [0, n_tiles) have a visible key for some
-    row, [0, n_full) for every row; the 2D TMA coordinates of its Q tile and first K/V tile."""
+    n_tiles, n_full, lst, (q_row, q_col, k_row, k_col)): the item visits n_tiles key tiles, the first
+    n_full fully visible; the 2D TMA coordinates of its Q tile and of key 0. Unlisted, tile j starts at key
+    j * BLOCK_N; LISTED (a mask carried as data, ``kernels/ivlists.py``), tile j is entry j of the full list
+    ``lst + ivl_n`` for j < n_full, else entry j - n_full of the partial list ``lst`` (``_tile_start``)."""
     n_m, Hq, Hk, GROUP, SQ, SK = sched
     pid_m = t % n_m
     if CAUSAL:  # load balance: a head's longest rows (last query tiles) start first
@@ -107,31 +106,54 @@ def _item(t, sched, CAUSAL: gl.constexpr, BSHD: gl.constexpr, BLOCK_M: gl.conste
     hk = h // GROUP
     m0 = pid_m * BLOCK_M
     off = SK - SQ
-    if CAUSAL:
+    if LISTED:
+        IvL, IvC, ivl_b, ivl_h, ivl_n = lists
+        row = b * ivl_b + h * ivl_h + pid_m  # the item's row of lists (B', H', query tiles, 2, key tiles)
+        n_part = gl.load(IvC + row * 2)
+        n_full = gl.load(IvC + row * 2 + 1)
+        n_tiles = n_full + n_part
+        lst = IvL + row.to(gl.int64) * 2 * ivl_n
+    elif CAUSAL:
         m1 = gl.minimum(m0 + BLOCK_M, SQ) - 1  # last real row of the tile
         hi = gl.minimum(gl.maximum(m1 + off + 1, 0), SK)
         n_tiles = (hi + BLOCK_N - 1) // BLOCK_N
         n_full = gl.minimum(gl.maximum(m0 + off + 1, 0) // BLOCK_N, n_tiles)
+        lst = lists[0]
     else:
         n_tiles = SK // BLOCK_N
         n_full = n_tiles
+        lst = lists[0]
     # 2D TMA coordinates: bhsd flattens to (B*H*S, D) rows, bshd to (B*S, H*D) with column h*D
     if BSHD:
         coords = (b * SQ + m0, h * HEAD_D, b * SK, hk * HEAD_D)
     else:
         coords = (bh * SQ + m0, 0, (b * Hk + hk) * SK, 0)
-    return bh, b, h, m0, n_tiles, n_full, coords
+    return bh, b, h, m0, n_tiles, n_full, lst, coords
 
 
 @gluon.jit
-def _produce_item(descs, bufs, coords, n_tiles, i, g0, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  Q_BUFS: gl.constexpr):  # fmt: skip
+def _tile_start(j, n_full, lst, ivl_n, BLOCK_N: gl.constexpr, LISTED: gl.constexpr):
+    """The first key of the item's tile j (see :func:`_item`)."""
+    if LISTED:
+        if j < n_full:
+            start = gl.load(lst + ivl_n + j)
+        else:
+            start = gl.load(lst + (j - n_full))
+    else:
+        start = j * BLOCK_N
+    return start
+
+
+@gluon.jit
+def _produce_item(descs, bufs, coords, tiles, i, g0, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                  Q_BUFS: gl.constexpr, LISTED: gl.constexpr):  # fmt: skip
     """The TMA loads of one work item: its Q tile into Q buffer ``i % Q_BUFS`` once the consumers have
     released it, then K_j and V_j into ring slot ``(g0 + j) % NUM_STAGES`` (``g0``: key tiles this CTA
-    loaded before the item)."""
+    loaded before the item); ``tiles`` = (n_tiles, n_full, lst, ivl_n) as :func:`_item` gave them."""
     q_desc, k_desc, v_desc = descs
     q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bufs
     q_row, q_col, k_row, k_col = coords
+    n_tiles, n_full, lst, ivl_n = tiles
     qb = i % Q_BUFS
     mbarrier.wait(q_empty.index(qb), ((i // Q_BUFS) & 1) ^ 1)
     mbarrier.expect(q_ready.index(qb), q_desc.block_type.nbytes)
@@ -139,7 +161,7 @@ def _produce_item(descs, bufs, coords, n_tiles, i, g0, BLOCK_N: gl.constexpr, NU
     for j in range(n_tiles):
         s = (g0 + j) % NUM_STAGES
         phase = ((g0 + j) // NUM_STAGES) & 1
-        row = k_row + j * BLOCK_N
+        row = k_row + _tile_start(j, n_full, lst, ivl_n, BLOCK_N, LISTED)
         # the slot's previous tile must have been released by the consumers
         mbarrier.wait(k_empty.index(s), phase ^ 1)
         mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
@@ -150,138 +172,28 @@ def _produce_item(descs, bufs, coords, n_tiles, i, g0, BLOCK_N: gl.constexpr, NU
 
 
 @gluon.jit
-def _producer(descs, bufs, items, sched, CAUSAL: gl.constexpr, BSHD: gl.constexpr, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_STAGES: gl.constexpr,
-              Q_BUFS: gl.constexpr, PERSISTENT: gl.constexpr):  # fmt: skip
+def _producer(descs, bufs, items, sched, lists, CAUSAL: gl.constexpr, LISTED: gl.constexpr,
+              BSHD: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+              NUM_STAGES: gl.constexpr, Q_BUFS: gl.constexpr, PERSISTENT: gl.constexpr):  # fmt: skip
     """1 warp: every TMA load, item after item (one item unless PERSISTENT)."""
     t0, total, step = items
+    ivl_n = lists[4]
     if PERSISTENT:
         g0 = 0
         for t in range(t0, total, step):
-            _, _, _, _, n_tiles, _, coords = _item(t, sched, CAUSAL, BSHD, BLOCK_M, BLOCK_N, HEAD_D)
+            _, _, _, _, n_tiles, n_full, lst, coords = _item(
+                t, sched, lists, CAUSAL, LISTED, BSHD, BLOCK_M, BLOCK_N, HEAD_D
+            )
             i = (t - t0) // step  # the item's number in this CTA
-            _produce_item(descs, bufs, coords, n_tiles, i, g0, BLOCK_N, NUM_STAGES, Q_BUFS)
+            _produce_item(descs, bufs, coords, (n_tiles, n_full, lst, ivl_n), i, g0, BLOCK_N, NUM_STAGES,
+                          Q_BUFS, LISTED)  # fmt: skip
             g0 += n_tiles
     else:
-        _, _, _, _, n_tiles, _, coords = _item(t0, sched, CAUSAL, BSHD, BLOCK_M, BLOCK_N, HEAD_D)
-        _produce_item(descs, bufs, coords, n_tiles, 0, 0, BLOCK_N, NUM_STAGES, Q_BUFS)
-
-
-@gluon.jit
-def _softmax_tile(s, m_i, l_i, row_lim, col0, c, BLOCK_N: gl.constexpr, MASK: gl.constexpr):
-    """Online-softmax update with the raw scores ``s`` (BLOCK_M, BLOCK_N) of the key tile at ``col0``.
-
-    ``m_i`` (running max, log2 units) and ``l_i`` (running sum) are (BLOCK_M,) in the row slice of s's
-    layout; ``row_lim[r] = i_r + off`` is the last key row r sees (used only when MASK). Returns
-    (p fp32 (BLOCK_M, BLOCK_N), alpha = exp2(m_old - m_new) (BLOCK_M,), m_new, l_new).
-    """
-    if MASK:
-        cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))  # (BLOCK_N,)
-        s = gl.where(cols[None, :] <= row_lim[:, None], s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, axis=1) * c)  # c > 0: max of the scaled scores
-    if MASK:
-        # a row with no visible key so far keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_use = m_new  # every row of an unmasked tile has a finite score
-    p = gl.exp2(s * c - m_use[:, None])  # (BLOCK_M, BLOCK_N), one FMA + ex2 per score
-    alpha = gl.exp2(m_i - m_use)  # (BLOCK_M,), 0 on the first visited tile (m_i = -inf)
-    l_new = l_i * alpha + gl.sum(p, axis=1)
-    return p, alpha, m_new, l_new
-
-
-@gluon.jit
-def _overlap_step(
-    j,
-    g0,
-    o,
-    p,
-    m_i,
-    l_i,
-    row_lim,
-    c,
-    q_smem,
-    k_smem,
-    v_smem,
-    k_ready,
-    k_empty,
-    v_ready,
-    v_empty,
-    s_layout: gl.constexpr,
-    o_layout: gl.constexpr,
-    p_layout: gl.constexpr,
-    BLOCK_M: gl.constexpr,
-    BLOCK_N: gl.constexpr,
-    NUM_STAGES: gl.constexpr,
-    MASK: gl.constexpr,
-):
-    """One FA3 iteration: S_{j+1} = Q K_{j+1}^T and O += P_j V_j in flight, softmax(S_{j+1}) under PV_j.
-
-    In: O (BLOCK_M, D) and P_j (BLOCK_M, BLOCK_N) relative to the running max through tile j. Out: O
-    including tile j and P_{j+1}, both relative to the max through tile j + 1. MASK applies to tile j + 1.
-    The item's tile j sits in ring slot ``(g0 + j) % NUM_STAGES`` (``g0``: tiles before the item).
-    """
-    jn = j + 1
-    sn = (g0 + jn) % NUM_STAGES
-    sc = (g0 + j) % NUM_STAGES
-    mbarrier.wait(k_ready.index(sn), ((g0 + jn) // NUM_STAGES) & 1)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    s_tok = warpgroup_mma(q_smem, k_smem.index(sn).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    mbarrier.wait(v_ready.index(sc), ((g0 + j) // NUM_STAGES) & 1)
-    o_tok = warpgroup_mma(p, v_smem.index(sc), o, is_async=True)
-    s = warpgroup_mma_wait(1, deps=(s_tok,))  # (BLOCK_M, BLOCK_N); groups retire in order: S done
-    mbarrier.arrive(k_empty.index(sn))
-    p_new, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, row_lim, jn * BLOCK_N, c, BLOCK_N, MASK)
-    p_new = gl.convert_layout(p_new.to(q_smem.dtype), p_layout)  # registers: the next wgmma's A
-    o, p = warpgroup_mma_wait(0, deps=(o_tok, p))  # P_j stays live until its wgmma is done
-    mbarrier.arrive(v_empty.index(sc))
-    alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
-    o = o * alpha_o[:, None]
-    return o, p_new, m_i, l_i
-
-
-@gluon.jit
-def _serial_step(
-    j,
-    g0,
-    o,
-    m_i,
-    l_i,
-    row_lim,
-    c,
-    q_smem,
-    k_smem,
-    v_smem,
-    k_ready,
-    k_empty,
-    v_ready,
-    v_empty,
-    s_layout: gl.constexpr,
-    o_layout: gl.constexpr,
-    p_layout: gl.constexpr,
-    BLOCK_M: gl.constexpr,
-    BLOCK_N: gl.constexpr,
-    NUM_STAGES: gl.constexpr,
-    MASK: gl.constexpr,
-):
-    """Tile j (ring slot ``(g0 + j) % NUM_STAGES``) without overlap: S_j, softmax, O *= alpha, O += P_j V_j,
-    each waited for."""
-    sc = (g0 + j) % NUM_STAGES
-    phase = ((g0 + j) // NUM_STAGES) & 1
-    mbarrier.wait(k_ready.index(sc), phase)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    s_tok = warpgroup_mma(q_smem, k_smem.index(sc).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(0, deps=(s_tok,))  # (BLOCK_M, BLOCK_N)
-    mbarrier.arrive(k_empty.index(sc))
-    p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, row_lim, j * BLOCK_N, c, BLOCK_N, MASK)
-    p = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-    alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
-    o = o * alpha_o[:, None]
-    mbarrier.wait(v_ready.index(sc), phase)
-    o_tok = warpgroup_mma(p, v_smem.index(sc), o, is_async=True)
-    o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
-    mbarrier.arrive(v_empty.index(sc))
-    return o, m_i, l_i
+        _, _, _, _, n_tiles, n_full, lst, coords = _item(
+            t0, sched, lists, CAUSAL, LISTED, BSHD, BLOCK_M, BLOCK_N, HEAD_D
+        )
+        _produce_item(descs, bufs, coords, (n_tiles, n_full, lst, ivl_n), 0, 0, BLOCK_N, NUM_STAGES, Q_BUFS,
+                      LISTED)  # fmt: skip
 
 
 @gluon.jit
@@ -289,6 +201,7 @@ def _consume_item(
     bufs,
     out,
     item,
+    masks,
     i,
     g0,
     c,
@@ -298,11 +211,15 @@ def _consume_item(
     NUM_STAGES: gl.constexpr,
     Q_BUFS: gl.constexpr,
     OVERLAP: gl.constexpr,
+    LISTED: gl.constexpr,
+    HAS_RIGHT: gl.constexpr,
     WG: gl.constexpr,
     WARPS: gl.constexpr,
 ):
     """wgmma + online softmax over one work item's visited key tiles, then its epilogue (masked stores);
     ``i``: the item's number in this CTA (its Q buffer is ``i % Q_BUFS``), ``g0``: key tiles before it.
+    The first ``n_full`` tiles run unmasked; the rest are masked: causal (unlisted), or LISTED the partial
+    tiles of a mask carried as data (``masks`` = (Iv, stride_ib, stride_ih, ivl_n, right)).
 
     WARPS = 8: the only consumer, all BLOCK_M rows (each warpgroup 64 of them). WARPS = 4 (SPLIT): one of
     two consumer partitions, rows ``64 WG .. 64 WG + 63`` of the tile, synchronised with the other only
@@ -310,7 +227,8 @@ def _consume_item(
     """
     q_bufs, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty = bufs
     Out, Lse, Stats, stride_ob, stride_oh, stride_os, stats_stride, SQ, SK = out
-    bh, b, h, m0, n_tiles, n_full = item
+    bh, b, h, m0, n_tiles, n_full, lst = item
+    Iv, stride_ib, stride_ih, ivl_n, win_right = masks
     off = SK - SQ
     o_base = b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
     row_base = bh.to(gl.int64) * SQ  # lse (B, Hq, Sq) and stats (2, B, Hq, Sq), contiguous
@@ -334,7 +252,15 @@ def _consume_item(
     m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)  # (ROWS,) log2 units
     l_i = gl.zeros([ROWS], gl.float32, row_s)  # (ROWS,)
     rows = m0 + gl.arange(0, ROWS, layout=row_s)  # (ROWS,) query rows in the sequence
-    row_lim = rows + off  # (ROWS,) the last key row each query row sees (causal)
+    # the last key each query row sees (causal; LISTED with HAS_RIGHT, ``right`` past the diagonal) and the
+    # mask's column intervals of this (batch, head)
+    if LISTED:
+        iv = Iv + b.to(gl.int64) * stride_ib + h.to(gl.int64) * stride_ih
+        mk = (rows, rows + off + win_right, iv)
+        MASKED: gl.constexpr = 2
+    else:
+        mk = (rows, rows + off, Iv)
+        MASKED: gl.constexpr = 1
 
     mbarrier.wait(q_ready.index(qb), (i // Q_BUFS) & 1)  # always: no TMA may be in flight at exit
     if OVERLAP:
@@ -349,21 +275,23 @@ def _consume_item(
             s = warpgroup_mma_wait(0, deps=(s_tok,))  # (ROWS, BLOCK_N)
             mbarrier.arrive(k_empty.index(s0))
             if n_full > 0:
-                p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, row_lim, 0, c, BLOCK_N, False)
+                p, alpha, m_i, l_i = softmax_tile(s, m_i, l_i, mk, 0, c, BLOCK_N, 0, HAS_RIGHT)
             else:
-                p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, row_lim, 0, c, BLOCK_N, True)
+                col = _tile_start(0, n_full, lst, ivl_n, BLOCK_N, LISTED)
+                p, alpha, m_i, l_i = softmax_tile(s, m_i, l_i, mk, col, c, BLOCK_N, MASKED, HAS_RIGHT)
             p = gl.convert_layout(p.to(q_smem.dtype), p_layout)  # (ROWS, BLOCK_N) wgmma A operand
             # steady state: iteration j computes S_{j+1}; tiles 1 .. n_full - 1 unmasked, the rest masked
             split = gl.maximum(n_full - 1, 0)
             for j in range(0, split):
-                o, p, m_i, l_i = _overlap_step(
-                    j, g0, o, p, m_i, l_i, row_lim, c, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
-                    v_empty, s_layout, o_layout, p_layout, ROWS, BLOCK_N, NUM_STAGES, False,
+                o, p, m_i, l_i = overlap_step(
+                    j, g0, o, p, m_i, l_i, mk, 0, c, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
+                    v_empty, s_layout, o_layout, p_layout, ROWS, BLOCK_N, NUM_STAGES, 0, HAS_RIGHT,
                 )  # fmt: skip
             for j in range(split, n_tiles - 1):
-                o, p, m_i, l_i = _overlap_step(
-                    j, g0, o, p, m_i, l_i, row_lim, c, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
-                    v_empty, s_layout, o_layout, p_layout, ROWS, BLOCK_N, NUM_STAGES, True,
+                col = _tile_start(j + 1, n_full, lst, ivl_n, BLOCK_N, LISTED)
+                o, p, m_i, l_i = overlap_step(
+                    j, g0, o, p, m_i, l_i, mk, col, c, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
+                    v_empty, s_layout, o_layout, p_layout, ROWS, BLOCK_N, NUM_STAGES, MASKED, HAS_RIGHT,
                 )  # fmt: skip
             # drain: O += P_last V_last
             g_last = g0 + n_tiles - 1
@@ -374,14 +302,15 @@ def _consume_item(
             mbarrier.arrive(v_empty.index(sl))
     else:
         for j in range(0, n_full):
-            o, m_i, l_i = _serial_step(
-                j, g0, o, m_i, l_i, row_lim, c, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
-                s_layout, o_layout, p_layout, ROWS, BLOCK_N, NUM_STAGES, False,
+            o, m_i, l_i = serial_step(
+                j, g0, o, m_i, l_i, mk, 0, c, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                s_layout, o_layout, p_layout, ROWS, BLOCK_N, NUM_STAGES, 0, HAS_RIGHT,
             )  # fmt: skip
         for j in range(n_full, n_tiles):
-            o, m_i, l_i = _serial_step(
-                j, g0, o, m_i, l_i, row_lim, c, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
-                s_layout, o_layout, p_layout, ROWS, BLOCK_N, NUM_STAGES, True,
+            col = _tile_start(j, n_full, lst, ivl_n, BLOCK_N, LISTED)
+            o, m_i, l_i = serial_step(
+                j, g0, o, m_i, l_i, mk, col, c, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                s_layout, o_layout, p_layout, ROWS, BLOCK_N, NUM_STAGES, MASKED, HAS_RIGHT,
             )  # fmt: skip
 
     # ---- epilogue: normalise, stage O through Q's (now dead) shared tile for 16-byte row stores
@@ -417,8 +346,12 @@ def _consumer(
     out,
     items,
     sched,
+    lists,
+    masks,
     c,
     CAUSAL: gl.constexpr,
+    LISTED: gl.constexpr,
+    HAS_RIGHT: gl.constexpr,
     BSHD: gl.constexpr,
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
@@ -435,22 +368,27 @@ def _consumer(
     if PERSISTENT:
         g0 = 0
         for t in range(t0, total, step):
-            bh, b, h, m0, n_tiles, n_full, _ = _item(t, sched, CAUSAL, BSHD, BLOCK_M, BLOCK_N, HEAD_D)
+            bh, b, h, m0, n_tiles, n_full, lst, _ = _item(
+                t, sched, lists, CAUSAL, LISTED, BSHD, BLOCK_M, BLOCK_N, HEAD_D
+            )
             i = (t - t0) // step  # the item's number in this CTA
             _consume_item(
-                bufs, out, (bh, b, h, m0, n_tiles, n_full), i, g0, c, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES,
-                Q_BUFS, OVERLAP, WG, WARPS,
+                bufs, out, (bh, b, h, m0, n_tiles, n_full, lst), masks, i, g0, c, BLOCK_M, BLOCK_N, HEAD_D,
+                NUM_STAGES, Q_BUFS, OVERLAP, LISTED, HAS_RIGHT, WG, WARPS,
             )  # fmt: skip
             g0 += n_tiles
     else:
-        bh, b, h, m0, n_tiles, n_full, _ = _item(t0, sched, CAUSAL, BSHD, BLOCK_M, BLOCK_N, HEAD_D)
+        bh, b, h, m0, n_tiles, n_full, lst, _ = _item(
+            t0, sched, lists, CAUSAL, LISTED, BSHD, BLOCK_M, BLOCK_N, HEAD_D
+        )
         _consume_item(
-            bufs, out, (bh, b, h, m0, n_tiles, n_full), 0, 0, c, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES,
-            Q_BUFS, OVERLAP, WG, WARPS,
+            bufs, out, (bh, b, h, m0, n_tiles, n_full, lst), masks, 0, 0, c, BLOCK_M, BLOCK_N, HEAD_D,
+            NUM_STAGES, Q_BUFS, OVERLAP, LISTED, HAS_RIGHT, WG, WARPS,
         )  # fmt: skip
 
 
-@gluon.jit(do_not_specialize=["Hq", "Hk", "GROUP", "SQ", "SK", "BH"])  # one compile serves every shape
+@gluon.jit(do_not_specialize=["Hq", "Hk", "GROUP", "SQ", "SK", "BH", "ivl_b", "ivl_h", "ivl_n", "stride_ib",
+                              "stride_ih", "win_right"])  # one compile serves every shape
 def _attn_fwd_ws(
     q_desc,
     k_desc,
@@ -468,8 +406,19 @@ def _attn_fwd_ws(
     SK,
     BH,
     c,
+    IvL,  # LISTED: the tile lists (B', H', query tiles, 2, key tiles) int32 and counts (..., 2) of
+    IvC,  # kernels/ivlists.py at (BLOCK_M, BLOCK_N); list row of (b, h, tile) = b * ivl_b + h * ivl_h + tile
+    ivl_b,
+    ivl_h,
+    ivl_n,
+    Iv,  # LISTED: the mask's masked-row intervals (B', H', Sk, 4) int32 (0 strides on broadcast dims)
+    stride_ib,
+    stride_ih,
+    win_right,  # LISTED: the right window bound (causal: HAS_RIGHT with right = 0; no left bound here)
     BSHD: gl.constexpr,
     CAUSAL: gl.constexpr,
+    LISTED: gl.constexpr,
+    HAS_RIGHT: gl.constexpr,
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
     HEAD_D: gl.constexpr,
@@ -480,10 +429,14 @@ def _attn_fwd_ws(
 ):
     """A 1-D grid over the work items (query tile, (batch, query head)); CTA ``p`` takes items ``p``,
     ``p + G``, ... (G = the grid's size): one each, or, PERSISTENT, as many CTAs as the GPU runs at once,
-    each streaming its items through one ring (the next item's loads under this one's epilogue)."""
+    each streaming its items through one ring (the next item's loads under this one's epilogue). LISTED: a
+    mask carried as data, each item's key tiles from its lists (full ones unmasked, partial ones with the
+    intervals and flags applied per score) instead of the causal or full range."""
     n_m = (SQ + BLOCK_M - 1) // BLOCK_M
     items = (gl.program_id(0), n_m * BH, gl.num_programs(0))
     sched = (n_m, Hq, Hk, GROUP, SQ, SK)
+    lists = (IvL, IvC, ivl_b, ivl_h, ivl_n)
+    masks = (Iv, stride_ib, stride_ih, ivl_n, win_right)
     Q_BUFS: gl.constexpr = 2 if PERSISTENT else 1  # the next item's Q lands while this one's O drains
 
     dtype: gl.constexpr = q_desc.dtype
@@ -513,12 +466,12 @@ def _attn_fwd_ws(
     if SPLIT:  # two 4-warp consumers (launched with num_warps=4) + the TMA warp
         gl.warp_specialize(
             [
-                (_consumer, (bufs, out, items, sched, c, CAUSAL, BSHD, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES,
-                             Q_BUFS, OVERLAP, PERSISTENT, 0, 4)),
-                (_consumer, (bufs, out, items, sched, c, CAUSAL, BSHD, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES,
-                             Q_BUFS, OVERLAP, PERSISTENT, 1, 4)),
-                (_producer, (descs, bufs, items, sched, CAUSAL, BSHD, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES,
-                             Q_BUFS, PERSISTENT)),
+                (_consumer, (bufs, out, items, sched, lists, masks, c, CAUSAL, LISTED, HAS_RIGHT,
+                             BSHD, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES, Q_BUFS, OVERLAP, PERSISTENT, 0, 4)),
+                (_consumer, (bufs, out, items, sched, lists, masks, c, CAUSAL, LISTED, HAS_RIGHT,
+                             BSHD, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES, Q_BUFS, OVERLAP, PERSISTENT, 1, 4)),
+                (_producer, (descs, bufs, items, sched, lists, CAUSAL, LISTED, BSHD, BLOCK_M, BLOCK_N,
+                             HEAD_D, NUM_STAGES, Q_BUFS, PERSISTENT)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
@@ -526,10 +479,10 @@ def _attn_fwd_ws(
     else:  # one 8-warp consumer (num_warps=8) + the TMA warp
         gl.warp_specialize(
             [
-                (_consumer, (bufs, out, items, sched, c, CAUSAL, BSHD, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES,
-                             Q_BUFS, OVERLAP, PERSISTENT, 0, 8)),
-                (_producer, (descs, bufs, items, sched, CAUSAL, BSHD, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES,
-                             Q_BUFS, PERSISTENT)),
+                (_consumer, (bufs, out, items, sched, lists, masks, c, CAUSAL, LISTED, HAS_RIGHT,
+                             BSHD, BLOCK_M, BLOCK_N, HEAD_D, NUM_STAGES, Q_BUFS, OVERLAP, PERSISTENT, 0, 8)),
+                (_producer, (descs, bufs, items, sched, lists, CAUSAL, LISTED, BSHD, BLOCK_M, BLOCK_N,
+                             HEAD_D, NUM_STAGES, Q_BUFS, PERSISTENT)),
             ],
             [1],
             [PRODUCER_REGS],
