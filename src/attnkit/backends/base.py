@@ -66,9 +66,15 @@ class Backend:
         by default a grid that fills the device and reads K and V once."""
         return None, 1.0, 0.0
 
+    def bandwidth_share(self, call: AttentionCall) -> float:
+        """The share of the device's bandwidth this backend's kernel reaches with a full grid (measured; 1.0
+        by default)."""
+        return 1.0
+
     def memory_seconds(self, call: AttentionCall) -> float:
-        """Seconds to move the call's bytes with this backend's grid (one rule: ``_roofline``)."""
-        return _roofline.memory_seconds(call, *self.memory_traffic(call))
+        """Seconds to move the call's bytes with this backend's grid (one rule: ``_roofline``) at its
+        :meth:`bandwidth_share`."""
+        return _roofline.memory_seconds(call, *self.memory_traffic(call)) / self.bandwidth_share(call)
 
     def memory_notes(self, call: AttentionCall) -> list[str]:
         """``["memory-bound: reads X MB of K/V ..."]`` where the memory term wins, else []."""

@@ -9,7 +9,8 @@ Each forces one SDPA kernel with ``torch.nn.attention.sdpa_kernel``. What they s
 - Rows with no visible key: SDPA kernels may return NaN there, so such rows get one dummy visible key and
   their output is zeroed afterwards (their gradients are exactly zero).
 - ``thd`` runs one SDPA call per sequence (a Python loop; explain says so).
-- GQA: ``enable_gqa`` for flash and math; efficient and cuDNN get K/V expanded to Hq heads.
+- GQA: ``enable_gqa`` for flash and math, and for cuDNN where torch's check takes it (forward only, no
+  dense mask: :func:`cudnn_takes_gqa`); efficient, and cuDNN otherwise, get K/V expanded to Hq heads.
 - ``deterministic`` with gradients: only ``sdpa_math`` (the others' backward kernels use atomics).
 On CUDA, after attnkit's own rules, torch's own ``can_use_*`` checks run and their reasons are reported.
 """
@@ -115,6 +116,33 @@ class _OnlyKernel:
         for set_, old in self.changed:
             set_(old)
         return False
+
+
+_CUDNN_GQA: dict = {}
+
+
+def cudnn_takes_gqa(call: AttentionCall) -> bool:
+    """Whether torch's cuDNN kernel takes this GQA call's K/V as they are (``enable_gqa=True``, read once):
+    forward only, no dense mask, and torch's ``can_use_cudnn_attention`` says yes (torch 2.11, cuDNN 9 on an
+    H200 does; decode at B=16, 32/8 heads, 32k keys: 0.485 ms against 13.96 with K/V expanded and 0.548 for
+    SDPA's flash, 2026-12-03). Asked once per shape and strides; False off CUDA or where torch cannot say."""
+    if call.Hq == call.Hk or call.device.type != "cuda" or call.requires_grad or call.layout == "thd":
+        return False
+    if call.dropout_p > 0 or _dense_mask_reasons(call):
+        return False
+    q, k, v = (to_bhsd(t, call.layout) for t in (call.q, call.k, call.v))
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device, call.causal)
+    hit = _CUDNN_GQA.get(key)
+    if hit is None:
+        try:
+            params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, call.causal, True)
+            with _captured_stderr(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                hit = bool(torch.backends.cuda.can_use_cudnn_attention(params, False))
+        except (RuntimeError, TypeError, NotImplementedError):  # (meta tensors, an older torch)
+            hit = False
+        _CUDNN_GQA[key] = hit
+    return hit
 
 
 @contextlib.contextmanager
@@ -253,7 +281,8 @@ class SDPABackend(Backend):
                 if _TORCH_CHECKS[sig]:
                     return _TORCH_CHECKS[sig]
                 continue
-            if self.kind in ("efficient", "cudnn") and call.Hq != call.Hk:
+            native = self.kind == "flash" or (self.kind == "cudnn" and cudnn_takes_gqa(call))
+            if self.kind in ("efficient", "cudnn") and call.Hq != call.Hk and not native:
                 ks = ks[:, :1].expand(ks.shape[0], call.Hq, *ks.shape[2:])
                 vs = vs[:, :1].expand(vs.shape[0], call.Hq, *vs.shape[2:])
             mask = None
@@ -263,7 +292,7 @@ class SDPABackend(Backend):
                     mask = mask.detach().requires_grad_()
             causal = call.causal and not dense
             params = torch.backends.cuda.SDPAParams(
-                qs, ks, vs, mask, call.dropout_p, causal, self.kind == "flash" and call.Hq != call.Hk
+                qs, ks, vs, mask, call.dropout_p, causal, native and call.Hq != call.Hk
             )
             with _captured_stderr() as text, warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -306,12 +335,20 @@ class SDPABackend(Backend):
 
     def memory_traffic(self, call: AttentionCall) -> tuple[int | None, float, float]:
         # SDPA's kernels split the key range where queries are few (decode read K+V at 3.83 TB/s at B=1,
-        # H200, issue 15): they fill the device. efficient/cuDNN get GQA K/V expanded first (by us), math
+        # H200, issue 15): they fill the device. efficient gets GQA K/V expanded first (by us), cuDNN too
+        # where it cannot take them as they are (:func:`cudnn_takes_gqa`), math
         # by torch (``enable_gqa``: repeat_interleave of K and V): K/V read, group copies written, then
         # read by the kernel. math writes and reads its fp32 scores.
-        kv_reads = 1.0 if call.group == 1 or self.kind == "flash" else 1.0 + 2.0 * call.group
+        native = self.kind == "flash" or (self.kind == "cudnn" and cudnn_takes_gqa(call))
+        kv_reads = 1.0 if call.group == 1 or native else 1.0 + 2.0 * call.group
         scores = 2 * 4 * dense_pairs(call) * call.Hq if self.kind == "math" else 0.0
         return None, kv_reads, scores
+
+    def bandwidth_share(self, call: AttentionCall) -> float:
+        # Decode reads of K+V on the H200 (bf16, 32/8 heads, D=128, 2026-12-03, run F's probe): SDPA's flash
+        # kernel 3.42 / 3.92 / 3.87 TB/s at (B, L) = (1, 128k) / (16, 32k) / (16, 128k), cuDNN with native
+        # GQA 3.86 / 4.43 / 4.50: flash at 0.87 of cuDNN's (PEAK_BANDWIDTH is about cuDNN's).
+        return 0.87 if self.kind == "flash" and call.device.type == "cuda" else 1.0
 
     def overhead_seconds(self, call: AttentionCall) -> float:
         t = 20e-6
@@ -442,7 +479,7 @@ class SDPABackend(Backend):
             else:
                 attn_mask = add.masked_fill(~vis, float("-inf")).to(q.dtype)
         gqa = call.Hq != call.Hk
-        if gqa and self.kind in ("efficient", "cudnn"):
+        if gqa and (self.kind == "efficient" or (self.kind == "cudnn" and not cudnn_takes_gqa(call))):
             k = k.repeat_interleave(call.group, dim=1)
             v = v.repeat_interleave(call.group, dim=1)
             gqa = False
