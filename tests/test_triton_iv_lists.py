@@ -268,3 +268,25 @@ def test_gluon_listed_forward_compiles_for_sm90():
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split("\n")[:2] == ["ok True True True", "ok False True True"], r.stdout
+
+
+def test_gluon_per_call_checks_on_host_tensors(monkeypatch):
+    """The Gluon forward's per-call checks (``ops/gluon_fwd._tma_inputs``) run on the host alone: the launch
+    gets Sk's config and the TMA rows of aligned tensors; an empty sequence or a layout whose heads do not
+    flatten into TMA rows gives None (the Triton kernel then runs the call)."""
+    pytest.importorskip("triton.experimental.gluon")
+    from attnkit.backends.triton.ops import gluon_fwd
+
+    launched = []
+    monkeypatch.setattr(gluon_fwd, "_launch", lambda *a, **kw: launched.append(a) or "ran")
+    q = torch.empty(2, 4, 256, 128, dtype=torch.bfloat16)
+    k = torch.empty(2, 4, 1024, 128, dtype=torch.bfloat16)
+    assert gluon_fwd.try_forward(q, k, k, "bhsd", 0.1, True) == "ran"
+    cfg, rows = launched[-1][6], launched[-1][7]
+    assert cfg == gluon_fwd.default_cfg(128, 1024, True)
+    assert rows == ((2 * 4 * 256, 128, 128), (2 * 4 * 1024, 128, 128), (2 * 4 * 1024, 128, 128))
+    assert gluon_fwd._tma_inputs(q, k, k, "bhsd") == (1024, rows)
+    as_bshd = q.transpose(1, 2)  # (B, S, H, D) view of a bhsd tensor: its heads are not adjacent columns
+    assert gluon_fwd.try_forward(as_bshd, as_bshd, as_bshd, "bshd", 0.1, False) is None
+    assert gluon_fwd.try_forward(q[:, :, :0], k, k, "bhsd", 0.1, False) is None
+    assert len(launched) == 1

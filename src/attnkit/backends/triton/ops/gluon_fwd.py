@@ -201,14 +201,23 @@ def try_forward(q, k, v, layout: str, scale: float, causal: bool, bufs=None):
     :func:`supported` costs tens of microseconds a call. ``bufs``: (out, lse, stats) to write, as
     :func:`gluon_forward` would allocate them (contiguous, q's shape; float32 (B, Hq, Sq); float32
     (2, B, Hq, Sq)), or None to allocate."""
+    got = _tma_inputs(q, k, v, layout)
+    if got is None:
+        return None
+    Sk, rows = got
+    return _launch(q, k, v, layout, scale, causal, _full_cfg(None, q.shape[3], Sk, causal), rows, bufs)
+
+
+def _tma_inputs(q, k, v, layout: str):
+    """(Sk, the TMA rows of q, k, v) of a call the caller found eligible, or None where a sequence is empty
+    or :func:`tma_rows` refuses a tensor (the per-call checks of :func:`try_forward` and
+    :func:`try_listed`)."""
     hd = 1 if layout == "bhsd" else 2
     Sq, Sk = q.shape[3 - hd], k.shape[3 - hd]
     if Sq < 1 or Sk < 1:
         return None
     rows = (tma_rows(q, layout), tma_rows(k, layout), tma_rows(v, layout))
-    if None in rows:
-        return None
-    return _launch(q, k, v, layout, scale, causal, _full_cfg(None, q.shape[3], Sk, causal), rows, bufs)
+    return None if None in rows else (Sk, rows)
 
 
 def gluon_forward(q, k, v, layout: str, scale: float, causal: bool, cfg=None):
@@ -236,13 +245,10 @@ def try_listed(p, q, k, v, bufs):
     from attnkit.backends.triton.ops import ivlists
 
     layout = p.layout
-    hd = 1 if layout == "bhsd" else 2
-    Sq, Sk = q.shape[3 - hd], k.shape[3 - hd]
-    if Sq < 1 or Sk < 1:
+    inputs = _tma_inputs(q, k, v, layout)
+    if inputs is None:
         return None
-    rows = (tma_rows(q, layout), tma_rows(k, layout), tma_rows(v, layout))
-    if None in rows:
-        return None
+    Sk, rows = inputs
     cfg = listed_cfg(Sk, bool(p.iv_skip))
     got = ivlists.lists(p, BLOCK_M, cfg[0])
     if got is None:
