@@ -174,3 +174,24 @@ def test_bench_masks_through_the_cli_cpu_smoke(tmp_path, capsys):
     assert all(r["ms"] > 0 for r in rows if r["backend"] == "triton" and "ms" in r and r["ms"] is not None)
     assert [r["compiles"] for r in rows if "compiles" in r] == [0]
     assert "masks" in capsys.readouterr().out
+
+
+def test_bench_masks_auto_label_is_asked_as_its_row_ran(monkeypatch):
+    """The ``auto (backend)`` label of a forward row is the pick without grad (as that row is timed), of a
+    forward+backward row the pick with grad: one label for both had shown the forward+backward pick on the
+    forward rows of run G."""
+    import attnkit
+    from attnkit.bench import masks as bench_masks
+
+    seen = []
+    real = attnkit.explain
+
+    def explain(*a, **kw):
+        seen.append(torch.is_grad_enabled())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(attnkit, "explain", explain)
+    shape, modes = (1, 2, 32, 16), ["fwd", "fwd_bwd"]
+    rows = bench_masks.mask_rows(shape, modes, False, torch.float32, ("auto",), ["prefix-lm"])
+    assert [r["mode"] for r in rows if r["backend"].startswith("auto (")] == ["fwd", "fwd_bwd"], rows
+    assert seen == [False, True]

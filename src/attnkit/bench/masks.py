@@ -172,8 +172,9 @@ def mask_rows(shape, modes, on_gpu: bool, dtype, names=BACKENDS, keep=None) -> l
                         row["ms"] = timer(fwd if mode == "fwd" else fwd_bwd)
                     except Exception as e:  # a backend that cannot serve a row: say why, go on
                         row["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:110]}"
-                if backend == "auto":
-                    row["backend"] = f"auto ({attnkit.explain(q, k, v, **spec['kw']).chosen})"
+                if backend == "auto":  # (asked as the row ran: the forward rows without grad)
+                    with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
+                        row["backend"] = f"auto ({attnkit.explain(q, k, v, **spec['kw']).chosen})"
                 print(f"  {case} | {row['backend']} | {mode} | {row['ms'] or row['error']}", flush=True)
     return rows
 
