@@ -185,6 +185,21 @@ def _record_gluon(monkeypatch) -> list:
     return ran
 
 
+def _record_gluon_bwd(monkeypatch) -> list:
+    """Keep, for each backward's dK/dV on the Gluon kernel, whether it ran on tile lists."""
+    from attnkit.backends.triton.ops import gluon_bwd
+
+    ran = []
+    real = gluon_bwd.launch_dkdv
+
+    def launch_dkdv(*a, **kw):
+        ran.append(a[-1] is not None if len(a) > 12 else kw.get("listed") is not None)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gluon_bwd, "launch_dkdv", launch_dkdv)
+    return ran
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_cuda_gluon_listed_forward(layout, monkeypatch):
@@ -222,6 +237,55 @@ def test_cuda_gluon_listed_sq_ne_sk(Sq, Sk, monkeypatch):
         assert ran and all(ran), (mask, ran)
         if Sq > Sk and flags:
             assert torch.isneginf(res["lse"][..., : Sq - Sk]).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout,D", [("bhsd", 128), ("bshd", 128), ("bshd", 64)])
+def test_cuda_gluon_listed_backward(layout, D, monkeypatch):
+    """Every library mask kind as data with dK/dV on the Gluon kernel's transposed tile lists (partial query
+    tiles masked by each key's intervals and the window flags, left bounds included), bf16, GQA, against the
+    oracle; each backward ran it, and the Triton kernel with ``ATTNKIT_TRITON_GLUON_LISTED_BWD=0``."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernels are sm_90 only")
+    ran = _record_gluon_bwd(monkeypatch)
+    S = 1024
+    q, k, v, kw = oracle.make_inputs(
+        layout, B=2, Hq=4, Hk=2, Sq=S, Sk=S, D=D, dtype=torch.bfloat16, device="cuda", requires_grad=True
+    )
+    for name, mask, flags, _ in _gluon_cases(2, S):
+        ran.clear()
+        oracle.check_against_oracle(tri, q, k, v, mask=mask, **flags, **kw)
+        assert ran == [True], (name, ran)
+    monkeypatch.setenv("ATTNKIT_TRITON_GLUON_LISTED_BWD", "0")
+    ran.clear()
+    oracle.check_against_oracle(tri, q, k, v, mask=M.prefix_lm(S // 5), **kw)
+    assert ran == [], ran
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("Sq,Sk", [(640, 1000), (1000, 640), (1000, 1000)])
+def test_cuda_gluon_listed_backward_ragged(Sq, Sk, monkeypatch):
+    """The Gluon listed dK/dV at lengths that are no multiple of its tiles (keys past Sk in the last key tile,
+    query rows past Sq in the last query tile), bottom-right alignment, rows with no key (Sq > Sk, causal),
+    per-batch prefix lengths, MQA; at Sq == Sk a mask per head and batch element (FlashMask bounds of shape
+    (B, Hq, Sk, 2))."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernels are sm_90 only")
+    ran = _record_gluon_bwd(monkeypatch)
+    q, k, v, kw = oracle.make_inputs(
+        "bhsd", B=2, Hq=4, Hk=1, Sq=Sq, Sk=Sk, D=128, dtype=torch.bfloat16, device="cuda", requires_grad=True
+    )
+    prefix = torch.tensor([100, 500], device="cuda")
+    cases = [(M.prefix_lm(prefix), {}), (M.prefix_lm(prefix * 3 - 300), {"causal": True})]
+    if Sq == Sk:
+        g = torch.Generator(device="cuda").manual_seed(3)
+        lo = torch.randint(0, Sq, (2, 4, Sk, 1), device="cuda", generator=g)
+        span = torch.randint(0, Sq // 2, (2, 4, Sk, 1), device="cuda", generator=g)
+        cases.append((M.flashmask(torch.cat([lo, (lo + span).clamp(max=Sq)], -1).int(), causal=True), {}))
+    for mask, flags in cases:
+        ran.clear()
+        oracle.check_against_oracle(tri, q, k, v, mask=mask, **flags, **kw)
+        assert ran == [True], (mask, ran)
 
 
 _GLUON_PTX = r"""
@@ -268,6 +332,83 @@ def test_gluon_listed_forward_compiles_for_sm90():
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split("\n")[:2] == ["ok True True True", "ok False True True"], r.stdout
+
+
+_GLUON_BWD_PTX = r"""
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+from triton.experimental.gluon._runtime import GluonASTSource
+from attnkit.backends.triton.kernels.hopper.bwd import _attn_bwd_dkdv_ws as fn
+from attnkit.backends.triton.ops import gluon_bwd as GB
+from attnkit.backends.triton.ops import gluon_fwd as G
+
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+binder = create_function_from_signature(fn.signature, fn.params, backend)
+q = torch.empty(2, 4, 1024, 128, dtype=torch.bfloat16)
+hi, i32 = torch.empty(2, 4, 1024), torch.empty(16, dtype=torch.int32)
+block_m, stages = GB.default_cfg(128, 1024, False)
+for listed, causal, left, right in ((False, True, False, False), (True, False, True, True)):
+    descs = [G.descriptor(q, G.tma_rows(q, "bhsd"), r) for r in (block_m, block_m, GB.BLOCK_N, GB.BLOCK_N)]
+    lists = (i32, i32, 3, 5, 7, i32, 11, 13, 5, 0)
+    args = (*descs, q, q, hi, hi, 3, 5, 7, 4, 2, 2, 1024, 1024, 0.3, 0.2, *lists)
+    kw = dict(BSHD=False, CAUSAL=causal, BLOCK_M=block_m, HEAD_D=128, NUM_STAGES=stages, LISTED=listed,
+              HAS_LEFT=left, HAS_RIGHT=right, num_warps=4, maxnreg=GB.MAXNREG)
+    bound, spec, opts = binder(*args, **kw)
+    opts, sig, consts, attrs = fn._pack_args(backend, kw, bound, spec, opts)
+    src = GluonASTSource(fn, sig, consts, attrs)
+    ptx = triton.compile(src, target=target, options=opts.__dict__).asm["ptx"]
+    print("ok", listed, "wgmma" in ptx, "cp.async.bulk.tensor" in ptx)
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU compiles it for real")
+def test_gluon_listed_backward_compiles_for_sm90():
+    """The Gluon dK/dV, plain causal and listed with both window bounds, compiled to PTX for sm_90a offline
+    (as :func:`test_gluon_listed_forward_compiles_for_sm90`)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.experimental.gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _GLUON_BWD_PTX], env=env, capture_output=True, text=True,
+                       timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split("\n")[:2] == ["ok False True True", "ok True True True"], r.stdout
+
+
+def test_gluon_listed_backward_args_on_host(monkeypatch):
+    """``ops/gluon_bwd.listed_args`` (lists made in the interpreter on the CPU): the transposed lists at the
+    kernel's tiles (BLOCK_M query rows x 128 keys), their row strides (0 on the mask's broadcast dims), the
+    intervals' strides, and the flags with causal folded into the right bound."""
+    pytest.importorskip("triton.experimental.gluon")
+    from attnkit.backends.triton import params as P
+    from attnkit.backends.triton.ops import gluon_bwd
+    from attnkit.masks import _intervals
+
+    monkeypatch.setenv("ATTNKIT_TRITON_IV_LIST", "1")
+    B, H, S = 2, 2, 256
+    q = torch.randn(B, H, S, 128, dtype=torch.float16, device=DEV)
+    call = oracle.make_call(q, q, q, mask=M.prefix_lm(torch.tensor([40, 200], device=DEV)), causal=True)
+    iv = _intervals.lower(call.mask, call)
+    names = P.FwdParams._names()
+    vals = dict.fromkeys(names)
+    vals.update(q=q, k=q, v=q, layout="bhsd", max_seqlen_q=S, max_seqlen_k=S, scale=0.1, causal=True,
+                window_left=-1, window_right=-1, softcap=0.0, dropout_p=0.0, deterministic=False,
+                startend=iv.startend, iv_summary=iv.summary, iv_skip=False, iv_band=False, score_mod="")
+    p = P.FwdParams(*[vals[n] for n in names])
+    lst, cnt, row_b, row_h, n_cols, se, sib, sih, wl, wr, has_left, has_right = gluon_bwd.listed_args(p)
+    block_m = gluon_bwd.default_cfg(128, S, True)[0]
+    assert lst.shape == (B, 1, S // gluon_bwd.BLOCK_N, 2, S // block_m) and n_cols == S // block_m
+    assert (row_b, row_h) == (S // gluon_bwd.BLOCK_N, 0)
+    assert se is iv.startend and (sib, sih) == (se.stride(0), 0)
+    assert (has_left, has_right, wr) == (False, True, 0)
+    # key tile 0 of batch 1 (prefix 200): every query tile sees some of its keys; its last tiles see all
+    part, full = lst[1, 0, 0, 0, : cnt[1, 0, 0, 0]].tolist(), lst[1, 0, 0, 1, : cnt[1, 0, 0, 1]].tolist()
+    assert sorted(part + full) == list(range(0, S, block_m)) and full
 
 
 def test_gluon_per_call_checks_on_host_tensors(monkeypatch):

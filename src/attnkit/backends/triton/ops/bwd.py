@@ -206,18 +206,25 @@ def body(p: BwdParams, keep=None):
                 num_stages=stages, stream=stream, **{**common, **ts_flags, **ivl_flags},
             )  # fmt: skip
 
-    gluon_bwd = views = None
-    if (
-        q.is_cuda
-        and p.plain()
-        and _cap.gluon_backward_eligible(_cap.capability(q.device), layout, D, Dv, q.dtype, p.scale)
+    gluon_bwd = views = listed = None
+    cap = _cap.capability(q.device) if q.is_cuda else None
+    plain = cap is not None and p.plain()
+    if plain and _cap.gluon_backward_eligible(cap, layout, D, Dv, q.dtype, p.scale):
+        gluon_bwd = c.gluon("bwd")
+    elif (
+        cap is not None
+        and p.data_mask_only()
+        and _cap.gluon_listed_backward_eligible(cap, layout, D, Dv, q.dtype, p.scale)
     ):
         gluon_bwd = c.gluon("bwd")
-        views = gluon_bwd.tma_views(q, k, v, dout, dk, dv, layout) if gluon_bwd is not None else None
+        listed = gluon_bwd.listed_args(p) if gluon_bwd is not None else None
+        gluon_bwd = gluon_bwd if listed is not None else None
+    if gluon_bwd is not None:
+        views = gluon_bwd.tma_views(q, k, v, dout, dk, dv, layout)
     if views is not None:  # the Hopper Gluon dK/dV kernel (None: strides a TMA descriptor cannot take)
 
         def run_dkdv():
-            gluon_bwd.launch_dkdv(q, k, v, dout, hi, delta, dk, dv, layout, p.scale, p.causal, views)
+            gluon_bwd.launch_dkdv(q, k, v, dout, hi, delta, dk, dv, layout, p.scale, p.causal, views, listed)
 
     else:
         cfg_dkdv = _tuning.pick("dkdv", D, Dv, q.dtype, tune_key, Sq, Sk, q.device, launch_dkdv, hint)

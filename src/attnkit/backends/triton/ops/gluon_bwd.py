@@ -77,10 +77,36 @@ def tma_views(q, k, v, dout, dk, dv, layout: str):
     return None if None in rows else rows
 
 
-def launch_dkdv(q, k, v, dout, hi, delta, dk, dv, layout: str, scale: float, causal: bool, views):
-    """:func:`gluon_backward_dkdv` with the default cfg on views :func:`tma_views` returned."""
+def launch_dkdv(q, k, v, dout, hi, delta, dk, dv, layout: str, scale: float, causal: bool, views,
+                listed=None):  # fmt: skip
+    """:func:`gluon_backward_dkdv` with the default cfg on views :func:`tma_views` returned; ``listed``: what
+    :func:`listed_args` gave for a mask carried as data (then ``causal`` is in its flags)."""
     cfg = default_cfg(q.shape[3], q.shape[2 if layout == "bhsd" else 1], causal)
-    _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, views)
+    _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, views, listed)
+
+
+def listed_args(p):
+    """The listed launch's arguments of a call whose only features are a mask carried as data and the
+    causal / window flags (``runtime/capability.gluon_listed_backward_eligible`` has judged the call): (the
+    transposed tile lists and counts of ``ops/ivlists.py`` at this kernel's tiles, their batch / head row
+    strides, the list length, the intervals, their batch / head strides, the left and right window bounds,
+    HAS_LEFT, HAS_RIGHT); None where the lists are not made (then the Triton kernel runs dK/dV)."""
+    from attnkit.backends.triton.ops import ivlists
+
+    Sq = p.max_seqlen_q
+    block_m = default_cfg(p.q.shape[3], Sq, p.causal)[0]
+    got = ivlists.lists(p, block_m, BLOCK_N, transposed=True)
+    if got is None:
+        return None
+    lst, cnt = got
+    Bs, Hs, n_rows, _, n_cols = lst.shape
+    se = p.startend
+    sib = se.stride(0) if se.shape[0] > 1 else 0
+    sih = se.stride(1) if se.shape[1] > 1 else 0
+    has_left, has_right, wl, wr = p.window()
+    row_b = Hs * n_rows if Bs > 1 else 0
+    row_h = n_rows if Hs > 1 else 0
+    return (lst, cnt, row_b, row_h, n_cols, se, sib, sih, wl, wr, has_left, has_right)
 
 
 def gluon_backward_dkdv(q, k, v, dout, hi, delta, dk, dv, layout: str, scale: float, causal: bool, cfg=None):
@@ -102,7 +128,7 @@ def gluon_backward_dkdv(q, k, v, dout, hi, delta, dk, dv, layout: str, scale: fl
     _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, rows)
 
 
-def _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, rows):
+def _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, rows, listed=None):
     hd = 1 if layout == "bhsd" else 2
     B, Hq, Sq, D = q.shape[0], q.shape[hd], q.shape[3 - hd], q.shape[3]
     Hk, Sk = k.shape[hd], k.shape[3 - hd]
@@ -133,11 +159,15 @@ def _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, rows):
         Sk,
         scale * LOG2E,
         scale,
+        *(listed[:10] if listed is not None else (hi, hi, 0, 0, 0, hi, 0, 0, 0, 0)),
         BSHD=layout == "bshd",
-        CAUSAL=bool(causal),
+        CAUSAL=bool(causal) and listed is None,
         BLOCK_M=block_m,
         HEAD_D=D,
         NUM_STAGES=stages,
+        LISTED=listed is not None,
+        HAS_LEFT=listed is not None and listed[10],
+        HAS_RIGHT=listed is not None and listed[11],
         num_warps=4,
         maxnreg=MAXNREG,
     )
@@ -145,4 +175,4 @@ def _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, rows):
 
 _DKDV_LAUNCH = Launch(_attn_bwd_dkdv_ws)  # the compiled kernel looked up without Triton's per-launch binding
 
-__all__ = ["default_cfg", "gluon_backward_dkdv", "launch_dkdv", "supported", "tma_views"]
+__all__ = ["default_cfg", "gluon_backward_dkdv", "launch_dkdv", "listed_args", "supported", "tma_views"]

@@ -87,6 +87,12 @@ GLUON_LISTED = Kernels(
 GLUON_BWD = Kernels(
     head_dims=(64, 128), switches=("ATTNKIT_TRITON_GLUON", "ATTNKIT_TRITON_GLUON_BWD"), **_GLUON
 )
+# the Gluon dK/dV on the transposed tile lists of a mask carried as data (``ops/gluon_bwd.listed_args``)
+GLUON_LISTED_BWD = Kernels(
+    head_dims=(64, 128),
+    switches=("ATTNKIT_TRITON_GLUON", "ATTNKIT_TRITON_GLUON_BWD", "ATTNKIT_TRITON_GLUON_LISTED_BWD"),
+    **_GLUON,
+)
 
 
 def plain_features(bias, alibi_slopes, softcap, window_left: int, window_right: int, dropout_p) -> bool:
@@ -138,6 +144,15 @@ def gluon_backward_eligible(cap, layout: str, D: int, Dv: int, dtype, scale) -> 
     checks strides and alignment. ``ATTNKIT_TRITON_GLUON=0`` turns off both Gluon kernels,
     ``ATTNKIT_TRITON_GLUON_BWD=0`` this one alone."""
     return GLUON_BWD.takes(cap, layout, D, Dv, dtype, 0, scale)
+
+
+def gluon_listed_backward_eligible(cap, layout: str, D: int, Dv: int, dtype, scale) -> bool:
+    """Whether the dK/dV of a backward whose only features are a mask carried as data and the causal / window
+    flags goes to the Hopper Gluon kernel on the transposed tile lists (``kernels/hopper/bwd.py`` with
+    LISTED), judged from the call alone; ``ops/gluon_bwd.tma_views`` and ``listed_args`` then check strides,
+    alignment and the lists. ``ATTNKIT_TRITON_GLUON_LISTED_BWD=0`` turns it off (the listed Triton kernel then
+    runs dK/dV)."""
+    return GLUON_LISTED_BWD.takes(cap, layout, D, Dv, dtype, 0, scale)
 
 
 def gluon_forward_for_call(call) -> bool:

@@ -39,6 +39,12 @@ Schedule (causal masking bottom-right aligned: off = Sk - Sq, query i sees key j
     the tensor) load hi = +inf and delta = 0, so they add exact zeros; key rows past Sk are computed and
     never stored.
 
+LISTED (a mask carried as data, ``ops/gluon_bwd.listed_args``): a head's query tiles are those of the CTA's
+row of the transposed tile lists (``kernels/ivlists.iv_lists_t`` at BLOCK_M x 128): the partial ones first
+(entry j of ``lst``), masked by the masked-row intervals of each of the CTA's keys (``[a, b) U [c, d)``,
+loaded once per head, not per tile) and the window flags, then the full ones (entry j - n_part of
+``lst + ivl_n``) with no mask arithmetic. Tiles the lists leave out (empty) are never loaded.
+
 Device code only: the host side (support check, TMA views, launch) is ``ops/gluon_bwd.py``.
 """
 
@@ -59,12 +65,50 @@ CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
 
 
 @gluon.jit
-def _producer(descs, bufs, coords, sched, GROUP, BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr):
+def _head_tiles(g, sched, lists, LISTED: gl.constexpr):
+    """(n_masked, n_tiles, lst) of query head g of the CTA's group: the head visits n_tiles query tiles, the
+    first n_masked with the mask (``_row_start`` gives tile j's first row); ``lst`` its list row (LISTED)."""
+    t0, t_full, n_m = sched
+    if LISTED:
+        IvL, IvC, ivl_h, ivl_n, row0 = lists
+        row = row0 + g * ivl_h  # the head's row of lists (B', H', key tiles, 2, query tiles)
+        n_part = gl.load(IvC + row * 2)
+        n_tiles = n_part + gl.load(IvC + row * 2 + 1)
+        lst = IvL + row.to(gl.int64) * 2 * ivl_n
+    else:
+        n_part = t_full - t0
+        n_tiles = n_m - t0
+        lst = lists[0]
+    return n_part, n_tiles, lst
+
+
+@gluon.jit
+def _row_start(j, t0, n_part, lst, ivl_n, BLOCK_M: gl.constexpr, LISTED: gl.constexpr, PART: gl.constexpr):
+    """The first query row of the head's tile j (:func:`_head_tiles`); PART: 1 if j < n_part, 0 if not, -1
+    unknown (the producer's single loop)."""
+    if LISTED:
+        if PART == 1:
+            start = gl.load(lst + j)
+        elif PART == 0:
+            start = gl.load(lst + ivl_n + (j - n_part))
+        elif j < n_part:
+            start = gl.load(lst + j)
+        else:
+            start = gl.load(lst + ivl_n + (j - n_part))
+    else:
+        start = (t0 + j) * BLOCK_M
+    return start
+
+
+@gluon.jit
+def _producer(descs, bufs, coords, sched, lists, GROUP, BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr,
+              LISTED: gl.constexpr):  # fmt: skip
     """1 warp: TMA loads of K, V (once) and of Q_t, dO_t into ring slot it % NUM_STAGES."""
     q_desc, do_desc, k_desc, v_desc = descs
     k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, do_ready, do_empty = bufs
     q_row0, q_head_rows, q_col0, q_head_cols, k_row, k_col = coords
-    t0, t_full, n_m = sched
+    t0 = sched[0]
+    ivl_n = lists[3]
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [k_row, k_col], kv_bar, k_smem)
     tma.async_copy_global_to_shared(v_desc, [k_row, k_col], kv_bar, v_smem)
@@ -72,10 +116,11 @@ def _producer(descs, bufs, coords, sched, GROUP, BLOCK_M: gl.constexpr, NUM_STAG
     for g in range(GROUP):
         row0 = q_row0 + g * q_head_rows  # bhsd: the next head's rows; bshd: the same rows
         col = q_col0 + g * q_head_cols  # bshd: the next head's columns
-        for t in range(t0, n_m):
+        n_part, n_tiles, lst = _head_tiles(g, sched, lists, LISTED)
+        for j in range(n_tiles):
             s = it % NUM_STAGES
             phase = (it // NUM_STAGES) & 1
-            row = row0 + t * BLOCK_M
+            row = row0 + _row_start(j, t0, n_part, lst, ivl_n, BLOCK_M, LISTED, -1)
             mbarrier.wait(q_empty.index(s), phase ^ 1)  # both consumers are done with tile it - NS
             mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [row, col], q_ready.index(s), q_smem.index(s))
@@ -88,12 +133,12 @@ def _producer(descs, bufs, coords, sched, GROUP, BLOCK_M: gl.constexpr, NUM_STAG
 @gluon.jit
 def _tile(
     it,
-    t,
+    m0,
     dk,
     dv,
     k_w,
     v_w,
-    keys,
+    mk,
     hi_base,
     d_base,
     SQ,
@@ -110,11 +155,16 @@ def _tile(
     BLOCK_M: gl.constexpr,
     NUM_STAGES: gl.constexpr,
     MASK: gl.constexpr,
+    HAS_LEFT: gl.constexpr,
+    HAS_RIGHT: gl.constexpr,
 ):
-    """One query tile t (ring slot of visit ``it``) against this warpgroup's 64 keys: dK, dV updated."""
+    """The query tile at row ``m0`` (ring slot of visit ``it``) against this warpgroup's 64 keys: dK, dV
+    updated. MASK: 0 none; 1 causal (``mk`` = (keys,)); 2 a partial tile of a mask carried as data, ``mk`` =
+    (a, b, c, d, lim_r, lim_l) per key (64,): hidden where the row lies in ``[a, b) U [c, d)``, before
+    ``lim_r`` (HAS_RIGHT: key - off - right) or after ``lim_l`` (HAS_LEFT: key - off + left)."""
     s = it % NUM_STAGES
     phase = (it // NUM_STAGES) & 1
-    cols = t * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))  # (BLOCK_M,) query rows
+    cols = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))  # (BLOCK_M,) query rows
     inside = cols < SQ
     hi = gl.load(hi_base + cols, mask=inside, other=float("inf"))  # (BLOCK_M,) rows past Sq: p = 0
     delta = gl.load(d_base + cols, mask=inside, other=0.0)  # (BLOCK_M,)
@@ -127,10 +177,19 @@ def _tile(
     dp_tok = warpgroup_mma(v_w, do_t.permute((1, 0)), zero, use_acc=False, is_async=True)
     st = warpgroup_mma_wait(1, deps=(s_tok,))  # (64, BLOCK_M) S^T; dP^T may still run
     pt = gl.exp2(st * c - hi[None, :])  # (64, BLOCK_M) P^T
-    if MASK:  # key <= query + off, as (key - off - t BLOCK_M) <= local query index: one value per row
-        lim = keys - off - t * BLOCK_M  # (64,)
+    if MASK == 1:  # key <= query + off, as (key - off - m0) <= local query index: one value per row
+        lim = mk[0] - off - m0  # (64,)
         local = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))  # (BLOCK_M,)
         pt = gl.where(lim[:, None] <= local[None, :], pt, 0.0)
+    if MASK == 2:
+        lo_a, hi_a, lo_b, hi_b, lim_r, lim_l = mk  # (as local rows of this tile: one subtraction a key)
+        r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))[None, :]  # (1, BLOCK_M)
+        pt = gl.where((r >= (lo_a - m0)[:, None]) & (r < (hi_a - m0)[:, None]), 0.0, pt)
+        pt = gl.where((r >= (lo_b - m0)[:, None]) & (r < (hi_b - m0)[:, None]), 0.0, pt)
+        if HAS_RIGHT:
+            pt = gl.where(r >= (lim_r - m0)[:, None], pt, 0.0)
+        if HAS_LEFT:
+            pt = gl.where(r <= (lim_l - m0)[:, None], pt, 0.0)
     p_op = gl.convert_layout(pt.to(q_smem.dtype), op_layout)
     dv = warpgroup_mma(p_op, do_t, dv, is_async=True)
     dpt = warpgroup_mma_wait(1, deps=(dp_tok,))  # (64, BLOCK_M) dP^T; dV may still run
@@ -147,16 +206,23 @@ def _tile(
 def _consumer(
     bufs,
     work,
+    lists,
+    masks,
     GROUP,
     BLOCK_M: gl.constexpr,
     HEAD_D: gl.constexpr,
     NUM_STAGES: gl.constexpr,
     WG: gl.constexpr,
+    LISTED: gl.constexpr,
+    HAS_LEFT: gl.constexpr,
+    HAS_RIGHT: gl.constexpr,
 ):
     """Warpgroup WG: key rows 64 WG .. 64 WG + 63 of the CTA's tile; every visited query tile, then dK, dV."""
     k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, do_ready, do_empty = bufs
     DK, DV, Hi, Delta, dk_base, dv_base, stride_ks, stat_base, SQ, SK, n0, off, c, scale, sched = work
-    t0, t_full, n_m = sched
+    Iv, stride_ih, win_left, win_right = masks  # (Iv: this batch row's intervals, head h0)
+    t0 = sched[0]
+    ivl_n = lists[3]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16]
     )
@@ -175,16 +241,35 @@ def _consumer(
     for g in range(GROUP):
         hi_base = Hi + stat_base + g * SQ  # this query head's row statistics (B, Hq, Sq) contiguous
         d_base = Delta + stat_base + g * SQ
-        for t in range(t0, t_full):  # the diagonal: masked
+        n_part, n_tiles, lst = _head_tiles(g, sched, lists, LISTED)
+        if LISTED:  # the masked-row intervals of this warpgroup's keys, for head g (keys past Sk: none)
+            iv = Iv + (g * stride_ih).to(gl.int64) + keys * 4
+            inside = keys < SK
+            mk = (
+                gl.load(iv, mask=inside, other=0),
+                gl.load(iv + 1, mask=inside, other=0),
+                gl.load(iv + 2, mask=inside, other=0),
+                gl.load(iv + 3, mask=inside, other=0),
+                keys - off - win_right,
+                keys - off + win_left,
+            )
+            MASKED: gl.constexpr = 2
+        else:
+            mk = (keys,)
+            MASKED: gl.constexpr = 1
+        for j in range(n_part):  # the diagonal (causal) or the partial tiles (LISTED): masked
+            m0 = _row_start(j, t0, n_part, lst, ivl_n, BLOCK_M, LISTED, 1)
             dk, dv = _tile(
-                it, t, dk, dv, k_w, v_w, keys, hi_base, d_base, SQ, off, c, q_smem, do_smem, q_ready,
-                q_empty, do_ready, do_empty, s_layout, op_layout, BLOCK_M, NUM_STAGES, True,
+                it, m0, dk, dv, k_w, v_w, mk, hi_base, d_base, SQ, off, c, q_smem, do_smem, q_ready,
+                q_empty, do_ready, do_empty, s_layout, op_layout, BLOCK_M, NUM_STAGES, MASKED, HAS_LEFT,
+                HAS_RIGHT,
             )  # fmt: skip
             it += 1
-        for t in range(t_full, n_m):  # every key visible to every row
+        for j in range(n_part, n_tiles):  # every key visible to every row
+            m0 = _row_start(j, t0, n_part, lst, ivl_n, BLOCK_M, LISTED, 0)
             dk, dv = _tile(
-                it, t, dk, dv, k_w, v_w, keys, hi_base, d_base, SQ, off, c, q_smem, do_smem, q_ready,
-                q_empty, do_ready, do_empty, s_layout, op_layout, BLOCK_M, NUM_STAGES, False,
+                it, m0, dk, dv, k_w, v_w, mk, hi_base, d_base, SQ, off, c, q_smem, do_smem, q_ready,
+                q_empty, do_ready, do_empty, s_layout, op_layout, BLOCK_M, NUM_STAGES, 0, HAS_LEFT, HAS_RIGHT,
             )  # fmt: skip
             it += 1
 
@@ -202,7 +287,11 @@ def _consumer(
     gl.store(DV + dv_base + offs, v_w.load(st_layout), mask=row_ok)
 
 
-@gluon.jit(do_not_specialize=["Hq", "Hk", "GROUP", "SQ", "SK"])  # one compile serves every shape
+_RUNTIME = ["Hq", "Hk", "GROUP", "SQ", "SK", "ivl_b", "ivl_h", "ivl_n", "stride_ib", "stride_ih", "win_left",
+            "win_right"]  # fmt: skip
+
+
+@gluon.jit(do_not_specialize=_RUNTIME)  # one compile serves every shape
 def _attn_bwd_dkdv_ws(
     q_desc,
     do_desc,
@@ -222,11 +311,24 @@ def _attn_bwd_dkdv_ws(
     SK,
     c,
     scale,
+    IvL,  # LISTED: the transposed tile lists (B', H', key tiles, 2, query tiles) int32 and counts (..., 2) of
+    IvC,  # kernels/ivlists.py at (BLOCK_M, 128); list row of (b, h, key tile) = b ivl_b + h ivl_h + tile
+    ivl_b,
+    ivl_h,
+    ivl_n,
+    Iv,  # LISTED: the mask's masked-row intervals (B', H', Sk, 4) int32 (0 strides on broadcast dims)
+    stride_ib,
+    stride_ih,
+    win_left,  # LISTED: the window bounds (causal: HAS_RIGHT with right = 0)
+    win_right,
     BSHD: gl.constexpr,
     CAUSAL: gl.constexpr,
     BLOCK_M: gl.constexpr,
     HEAD_D: gl.constexpr,
     NUM_STAGES: gl.constexpr,
+    LISTED: gl.constexpr,
+    HAS_LEFT: gl.constexpr,
+    HAS_RIGHT: gl.constexpr,
 ):
     BLOCK_N: gl.constexpr = 2 * WG_ROWS
     pid_n = gl.program_id(0)  # key tile: tile 0 has the most query tiles under causal, and starts first
@@ -280,15 +382,19 @@ def _attn_bwd_dkdv_ws(
         mbarrier.init(do_empty.index(i), count=2)
 
     sched = (t0, t_full, n_m)
+    lists = (IvL, IvC, ivl_h, ivl_n, b * ivl_b + h0 * ivl_h + pid_n)
+    masks = (Iv + b.to(gl.int64) * stride_ib + h0.to(gl.int64) * stride_ih, stride_ih, win_left, win_right)
     bufs = (k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, do_ready, do_empty)
     work = (DK, DV, Hi, Delta, dk_base, dk_base, stride_ks, stat_base, SQ, SK, n0, off, c, scale, sched)
     descs = (q_desc, do_desc, k_desc, v_desc)
     coords = (q_row0, q_head_rows, q_col0, q_head_cols, k_row, k_col)
     gl.warp_specialize(
         [
-            (_consumer, (bufs, work, GROUP, BLOCK_M, HEAD_D, NUM_STAGES, 0)),
-            (_consumer, (bufs, work, GROUP, BLOCK_M, HEAD_D, NUM_STAGES, 1)),
-            (_producer, (descs, bufs, coords, sched, GROUP, BLOCK_M, NUM_STAGES)),
+            (_consumer, (bufs, work, lists, masks, GROUP, BLOCK_M, HEAD_D, NUM_STAGES, 0, LISTED, HAS_LEFT,
+                         HAS_RIGHT)),
+            (_consumer, (bufs, work, lists, masks, GROUP, BLOCK_M, HEAD_D, NUM_STAGES, 1, LISTED, HAS_LEFT,
+                         HAS_RIGHT)),
+            (_producer, (descs, bufs, coords, sched, lists, GROUP, BLOCK_M, NUM_STAGES, LISTED)),
         ],
         [4, 1],
         [CONSUMER_REGS, PRODUCER_REGS],
