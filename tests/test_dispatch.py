@@ -585,22 +585,31 @@ def test_compiled_mod_estimates_follow_the_measured_rows(h200):
         assert ours[mode] < flex[mode] and h200["triton"].cost(call) < h200["flex"].cost(call), mode
 
 
-# (run, backend column, Gluon forward, masks): the listed Triton forward of run E and run G, the Gluon listed
-# forward of run G (global+window is a band: the Triton kernel runs it, so run G's Gluon row is left out)
+# (run, backend column, Gluon forward, Gluon dK/dV, masks, modes): the listed Triton kernels of run E; the
+# Gluon forward with the Triton dK/dV (run G's "triton"); the Gluon dK/dV of run H, after the Triton forward
+# ("triton GLUON_LISTED=0"; and global+window's "triton": a band, whose forward is the Triton kernel's) and
+# after the Gluon one ("triton"), forward+backward (the forward rates are runs E's and G's)
 _FOUR = ("document", "prefix-LM", "shared", "global_sliding")
+_BOTH = ("fwd", "fwd_bwd")
 _MASK_RATE_ROWS = [
-    ("2026-12-02-h200-e", "triton", False, _FOUR),
-    ("2026-12-03-h200-g", "triton GLUON_LISTED=0", False, _FOUR),
-    ("2026-12-03-h200-g", "triton", True, _FOUR[:3]),
+    ("2026-12-02-h200-e", "triton", False, False, _FOUR, _BOTH),
+    ("2026-12-03-h200-g", "triton", True, False, _FOUR[:3], _BOTH),
+    ("2026-12-03-h200-h", "triton GLUON_LISTED=0", False, True, _FOUR[:3], ("fwd_bwd",)),
+    ("2026-12-03-h200-h", "triton", False, True, _FOUR[3:], ("fwd_bwd",)),
+    ("2026-12-03-h200-h", "triton", True, True, _FOUR[:3], ("fwd_bwd",)),
 ]
 
 
-@pytest.mark.parametrize("run,column,gluon,kinds", _MASK_RATE_ROWS, ids=["e", "g-triton", "g-gluon"])
-def test_masks_as_data_rates_follow_the_runs(run, column, gluon, kinds):
+@pytest.mark.parametrize(
+    "run,column,gluon,gluon_bwd,kinds,modes",
+    _MASK_RATE_ROWS,
+    ids=["e", "g-gluon", "h-triton", "h-band", "h-gluon"],
+)
+def test_masks_as_data_rates_follow_the_runs(run, column, gluon, gluon_bwd, kinds, modes):
     """The masks bench rows (docs/results/<run>/masks.csv: B=2 H=16 S=8k D=128, forward and backward on tile
     lists): each mask's visible pairs (counted on the bench's own masks, rebuilt with its seed) at the rate
-    the triton backend prices it (by the mask's data kind through its composition with causal, and whether
-    the Gluon forward runs it) give the measured time within 5%."""
+    the triton backend prices it (by the mask's data kind through its composition with causal, and which of
+    the Gluon listed kernels run it) give the measured time within 5%."""
     from attnkit.backends.triton import backend
     from attnkit.bench.masks import cases
 
@@ -616,10 +625,10 @@ def test_masks_as_data_rates_follow_the_runs(run, column, gluon, kinds):
     for name in names:
         mask = rows[name]["kw"]["mask"]
         pairs = float(mask.to_dense(1, 1, S, S).sum())
-        for mode in ("fwd", "fwd_bwd"):
+        for mode in modes:
             grad = mode == "fwd_bwd"
             flops = B * H * pairs * 2 * (D + D) * (3.5 if grad else 1.0)
-            ms = flops / backend._masked_rate(mask, grad, gluon) * 1e3
+            ms = flops / backend._masked_rate(mask, grad, gluon, gluon_bwd) * 1e3
             assert abs(ms / measured[(name, mode)] - 1) < 0.05, (name, mode, ms, measured[(name, mode)])
 
 

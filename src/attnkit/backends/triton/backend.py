@@ -50,40 +50,39 @@ def _rates() -> dict:
 
 _RATES = None
 
-# Masks carried as data: TFLOP/s of visible pairs, (forward, forward+backward), by the mask's data kind.
-# Measured on the H200 (bf16, B=2 H=16 S=8k D=128, 2026-12-02 run E, docs/results/2026-12-02-h200-e/
-# masks.csv), forward and backward on tile lists: documents 0.562 / 1.999 ms for 7.8M visible pairs a head,
-# prefix-LM 1.476 / 5.777 for 35.7M, shared prefix 0.855 / 3.373 for 19.4M, global+window 0.555 / 2.341 for
-# 8.9M. FlexAttention on the same rows: 255 / 259, 393 / 382, 377 / 357, 219 / 229.
-# Other kinds (chunked, FlashMask, compositions of several) take the lowest of each.
-_MASKED_RATES = {
-    "document": (228e12, 224e12),
-    "prefix_lm": (396e12, 354e12),
-    "shared_prefix": (372e12, 330e12),
-    "global_sliding": (261e12, 217e12),
+# Masks carried as data: TFLOP/s of visible pairs by the mask's data kind, forward (by whether the Gluon
+# listed forward runs it) and forward+backward (by whether the Gluon listed forward and the Gluon listed dK/dV
+# run it). Measured on the H200 (bf16, B=2 H=16 S=8k D=128), each entry from one run's rows; visible pairs a
+# head: documents 7.8M, prefix-LM 35.7M, shared prefix 19.4M, global+window 8.9M. Other kinds (chunked,
+# FlashMask, compositions of several) take the lowest of their table.
+#   run E, 2026-12-02 (docs/results/2026-12-02-h200-e/masks.csv), the listed Triton kernels: documents 0.562 /
+#     1.999 ms, prefix-LM 1.476 / 5.777, shared prefix 0.855 / 3.373, global+window 0.555 / 2.341 (flex 255 /
+#     259, 393 / 382, 377 / 357, 219 / 229 TFLOP/s);
+#   run G, 2026-12-03 (docs/results/2026-12-03-h200-g/), the Gluon forward, the Triton dK/dV: 0.456 / 1.907,
+#     1.046 / 5.459, 0.601 / 3.111 (flex FLASH 0.495 / 1.901, 0.979 / 3.700, 0.592 / 2.334);
+#   run H, 2026-12-03 (docs/results/2026-12-03-h200-h/), the Gluon dK/dV: after the Triton forward
+#     ("triton GLUON_LISTED=0"; global+window's "triton", a band) 1.921, 5.108, 2.872, 2.195 ms; after the
+#     Gluon forward 1.797, 4.829, 2.764 (flex 1.739, 5.318, 3.073; flex FLASH 1.581, 3.762, 2.289).
+_MASKED_FWD_RATES = {
+    False: {"document": 228e12, "prefix_lm": 396e12, "shared_prefix": 372e12, "global_sliding": 261e12},  # E
+    True: {"document": 281e12, "prefix_lm": 558e12, "shared_prefix": 529e12},  # G
 }
+_MASKED_FWD_BWD_RATES = {
+    (False, False): {"document": 224e12, "prefix_lm": 354e12, "shared_prefix": 330e12,
+                     "global_sliding": 217e12},  # E
+    (False, True): {"document": 233e12, "prefix_lm": 400e12, "shared_prefix": 387e12,
+                    "global_sliding": 231e12},  # H
+    (True, False): {"document": 235e12, "prefix_lm": 375e12, "shared_prefix": 358e12},  # G
+    (True, True): {"document": 250e12, "prefix_lm": 423e12, "shared_prefix": 403e12},  # H
+}  # fmt: skip
 
 
-# The same rows with the forward on the Hopper Gluon kernel's tile lists (``ops/gluon_fwd.try_listed``; not
-# for bands, so not global+window), 2026-12-03 run G (docs/results/2026-12-03-h200-g/masks.csv): documents
-# 0.456 / 1.907, prefix-LM 1.046 / 5.459, shared prefix 0.601 / 3.111 ms. The listed Triton forward in the
-# same run 0.569 / 1.986, 1.495 / 5.829, 0.841 / 3.298 (run E's rates above within 3%); flex FLASH 0.495 /
-# 1.901, 0.979 / 3.700, 0.592 / 2.334.
-_GLUON_MASKED_RATES = {
-    "document": (281e12, 235e12),
-    "prefix_lm": (558e12, 375e12),
-    "shared_prefix": (529e12, 358e12),
-}
-
-
-def _masked_rate(mask, grad: bool, gluon: bool = False) -> float:
-    """The rate of a mask carried as data (``_MASKED_RATES``, or ``_GLUON_MASKED_RATES`` where the Gluon
-    forward runs it): its one data kind besides causal, else the lowest measured."""
-    table = _GLUON_MASKED_RATES if gluon else _MASKED_RATES
-    rates = table.get(mask.kind_of_data())
-    if rates is None:
-        return min(r[1 if grad else 0] for r in table.values())
-    return rates[1 if grad else 0]
+def _masked_rate(mask, grad: bool, gluon_fwd: bool = False, gluon_bwd: bool = False) -> float:
+    """The rate of a mask carried as data on the kernels the call takes (the Gluon listed forward, the Gluon
+    listed dK/dV): its one data kind besides causal, else the lowest of the table."""
+    table = _MASKED_FWD_BWD_RATES[(gluon_fwd, gluon_bwd)] if grad else _MASKED_FWD_RATES[gluon_fwd]
+    rate = table.get(mask.kind_of_data())
+    return min(table.values()) if rate is None else rate
 
 
 def _rate(mode: str, head_dim: int, causal: bool) -> float:
@@ -231,7 +230,8 @@ class TritonBackend(Backend):
         elif masked is not None:  # a mask carried as data: the pairs it leaves visible (empty tiles skipped)
             pairs = masked
             flops = pairs * call.Hq * 2.0 * (call.D + call.Dv) * (3.5 if call.requires_grad else 1.0)
-            rate = min(rate, _masked_rate(call.mask, call.requires_grad, self._gluon_listed(call)))
+            gluon = self._gluon_listed(call)
+            rate = min(rate, _masked_rate(call.mask, call.requires_grad, gluon, self._gluon_listed_bwd(call)))
         elif call.layout == "thd" and call.seqlens_q is None:  # lengths unknown (compile, capture)
             pairs = float(call.batch * call.Sq * call.Sk)
             flops = pairs * call.Hq * 2.0 * (call.D + call.Dv) * (3.5 if call.requires_grad else 1.0)
@@ -284,6 +284,17 @@ class TritonBackend(Backend):
         band = (window is not None and window[0] >= 0) or (iv is not None and iv.band)
         return _cap.gluon_listed_eligible(
             _cap.capability(call.device), call.layout, call.D, call.Dv, call.dtype, call.Sk, call.scale, band
+        )
+
+    @staticmethod
+    def _gluon_listed_bwd(call: AttentionCall) -> bool:
+        """Whether the dK/dV of this call with a mask carried as data runs on the Gluon listed kernel."""
+        if call.device.type != "cuda" or call.score_mod is not None or call.layout == "thd":
+            return False
+        if not _cap.plain_features(call.bias, call.alibi_slopes, call.softcap, -1, -1, call.dropout_p):
+            return False
+        return _cap.gluon_listed_backward_eligible(
+            _cap.capability(call.device), call.layout, call.D, call.Dv, call.dtype, call.scale
         )
 
     @staticmethod
