@@ -457,3 +457,19 @@ def test_replayed_calls_give_the_full_paths_bits(case):
     for a, b in zip(full, replayed):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+def test_every_kernel_switch_keys_the_replays():
+    """Each ``ATTNKIT_TRITON_*`` switch the backend reads changes which kernels run, so a replay recorded
+    under one value must not serve the other (``ops/attention._SWITCHES``, which takes the capability
+    table's off switches from ``runtime/capability.SWITCHES``): every name in the backend's source is in
+    it. The bench's A/B variants flip them inside one process."""
+    import pathlib
+    import re
+
+    from attnkit.backends.triton.ops import attention
+
+    root = pathlib.Path(attention.__file__).parents[1]
+    read = {m for f in root.rglob("*.py") for m in re.findall(r'"(ATTNKIT_TRITON_[A-Z_]+)"', f.read_text())}
+    assert "ATTNKIT_TRITON_GLUON_LISTED_BWD" in read
+    assert read <= set(attention._SWITCHES), sorted(read - set(attention._SWITCHES))

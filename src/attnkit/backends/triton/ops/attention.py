@@ -59,10 +59,10 @@ def _triton_bwd(p: BwdParams) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
 _REPLAYS: dict = {}  # key -> Replay, or False where the call cannot be replayed
 _MAX_REPLAYS = 1024
 REPLAY = True  # tests and A/B runs: False takes the full path every call
-# every switch that changes which kernels run or how (read per call: tests and A/B runs flip them)
+# every switch that changes which kernels run or how (read per call: tests and A/B runs flip them): the
+# capability table's (each Gluon family's off switches) and the launchers' own
 _SWITCHES = (
-    "ATTNKIT_TRITON_GLUON",
-    "ATTNKIT_TRITON_GLUON_BWD",
+    *_cap.SWITCHES,
     "ATTNKIT_TRITON_BWD_LOOP",
     "ATTNKIT_TRITON_BWD_STREAMS",
     "ATTNKIT_TRITON_AUTOTUNE",

@@ -94,6 +94,10 @@ GLUON_LISTED_BWD = Kernels(
     **_GLUON,
 )
 
+# every family's off switches, once each (the replay key of ``ops/attention.py`` reads them all)
+_FAMILIES = (GLUON_FWD, GLUON_LISTED, GLUON_BWD, GLUON_LISTED_BWD)
+SWITCHES = tuple(dict.fromkeys(s for k in _FAMILIES for s in k.switches))
+
 
 def plain_features(bias, alibi_slopes, softcap, window_left: int, window_right: int, dropout_p) -> bool:
     """A plain call: no bias, ALiBi, softcap, window or dropout (causal is fine). The one definition:
