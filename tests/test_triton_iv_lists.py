@@ -288,20 +288,37 @@ def test_cuda_gluon_listed_backward_ragged(Sq, Sk, monkeypatch):
         assert ran == [True], (mask, ran)
 
 
-_GLUON_PTX = r"""
+# Offline sm_90a compiles of the Gluon kernels, in a subprocess without the interpreter (Gluon has none):
+# ``ptx(fn, args, kw)`` compiles one specialization to PTX as a launch would (``fn`` a @gluon.jit kernel).
+_PTX_PRELUDE = r"""
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 from triton.experimental.gluon._runtime import GluonASTSource
-from attnkit.backends.triton.kernels.hopper.fwd import _attn_fwd_ws as fn
 from attnkit.backends.triton.ops import gluon_fwd as G
 
 target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)
-binder = create_function_from_signature(fn.signature, fn.params, backend)
+
+
+def ptx(fn, args, kw):
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(*args, **kw)
+    opts, sig, consts, attrs = fn._pack_args(backend, kw, bound, spec, opts)
+    src = GluonASTSource(fn, sig, consts, attrs)
+    code = triton.compile(src, target=target, options=opts.__dict__).asm["ptx"]
+    return "wgmma" in code, "cp.async.bulk.tensor" in code
+
+
 q = torch.empty(2, 4, 1024, 128, dtype=torch.bfloat16)
-out, lse, i32 = torch.empty_like(q), torch.empty(2, 4, 1024), torch.empty(16, dtype=torch.int32)
+i32 = torch.empty(16, dtype=torch.int32)
+"""
+
+_GLUON_FWD_PTX = r"""
+from attnkit.backends.triton.kernels.hopper.fwd import _attn_fwd_ws as fn
+
+out, lse = torch.empty_like(q), torch.empty(2, 4, 1024)
 for causal in (True, False):
     block_n, stages, overlap, split, persistent = G.listed_cfg(1024, not causal)
     descs = [G.descriptor(q, G.tma_rows(q, "bhsd"), rows) for rows in (128, block_n, block_n)]
@@ -309,46 +326,14 @@ for causal in (True, False):
     kw = dict(BSHD=False, CAUSAL=causal, LISTED=True, HAS_RIGHT=causal, BLOCK_M=128, BLOCK_N=block_n,
               HEAD_D=128, NUM_STAGES=stages, OVERLAP=overlap, SPLIT=split, PERSISTENT=persistent,
               num_warps=4, maxnreg=G.MAXNREG)
-    bound, spec, opts = binder(*args, **kw)
-    opts, sig, consts, attrs = fn._pack_args(backend, kw, bound, spec, opts)
-    src = GluonASTSource(fn, sig, consts, attrs)
-    ptx = triton.compile(src, target=target, options=opts.__dict__).asm["ptx"]
-    print("ok", causal, "wgmma" in ptx, "cp.async.bulk.tensor" in ptx)
+    print("ok", causal, *ptx(fn, args, kw))
 """
 
-
-@pytest.mark.skipif(HAS_CUDA, reason="the GPU compiles it for real")
-def test_gluon_listed_forward_compiles_for_sm90():
-    """The Gluon listed forward (causal with 64-key tiles, non-causal with 128) compiled to PTX for sm_90a,
-    offline, in a subprocess without the interpreter (Gluon has none): its frontend and lowering accept the
-    code the GPU runs; wgmma and TMA are in it."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.experimental.gluon")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-c", _GLUON_PTX]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split("\n")[:2] == ["ok True True True", "ok False True True"], r.stdout
-
-
 _GLUON_BWD_PTX = r"""
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import make_backend
-from triton.runtime.jit import create_function_from_signature
-from triton.experimental.gluon._runtime import GluonASTSource
 from attnkit.backends.triton.kernels.hopper.bwd import _attn_bwd_dkdv_ws as fn
 from attnkit.backends.triton.ops import gluon_bwd as GB
-from attnkit.backends.triton.ops import gluon_fwd as G
 
-target = GPUTarget("cuda", 90, 32)
-backend = make_backend(target)
-binder = create_function_from_signature(fn.signature, fn.params, backend)
-q = torch.empty(2, 4, 1024, 128, dtype=torch.bfloat16)
-hi, i32 = torch.empty(2, 4, 1024), torch.empty(16, dtype=torch.int32)
+hi = torch.empty(2, 4, 1024)
 block_m, stages = GB.default_cfg(128, 1024, False)
 for listed, causal, left, right in ((False, True, False, False), (True, False, True, True)):
     descs = [G.descriptor(q, G.tma_rows(q, "bhsd"), r) for r in (block_m, block_m, GB.BLOCK_N, GB.BLOCK_N)]
@@ -356,28 +341,35 @@ for listed, causal, left, right in ((False, True, False, False), (True, False, T
     args = (*descs, q, q, hi, hi, 3, 5, 7, 4, 2, 2, 1024, 1024, 0.3, 0.2, *lists)
     kw = dict(BSHD=False, CAUSAL=causal, BLOCK_M=block_m, HEAD_D=128, NUM_STAGES=stages, LISTED=listed,
               HAS_LEFT=left, HAS_RIGHT=right, num_warps=4, maxnreg=GB.MAXNREG)
-    bound, spec, opts = binder(*args, **kw)
-    opts, sig, consts, attrs = fn._pack_args(backend, kw, bound, spec, opts)
-    src = GluonASTSource(fn, sig, consts, attrs)
-    ptx = triton.compile(src, target=target, options=opts.__dict__).asm["ptx"]
-    print("ok", listed, "wgmma" in ptx, "cp.async.bulk.tensor" in ptx)
+    print("ok", listed, *ptx(fn, args, kw))
 """
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="the GPU compiles it for real")
-def test_gluon_listed_backward_compiles_for_sm90():
-    """The Gluon dK/dV, plain causal and listed with both window bounds, compiled to PTX for sm_90a offline
-    (as :func:`test_gluon_listed_forward_compiles_for_sm90`)."""
+def _compile_offline(script: str) -> list[str]:
+    """The output lines of ``_PTX_PRELUDE + script`` run in a fresh interpreter without TRITON_INTERPRET."""
     import os
     import subprocess
     import sys
 
     pytest.importorskip("triton.experimental.gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _GLUON_BWD_PTX], env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _PTX_PRELUDE + script], env=env, capture_output=True, text=True,
                        timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split("\n")[:2] == ["ok False True True", "ok True True True"], r.stdout
+    return r.stdout.split("\n")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU compiles it for real")
+def test_gluon_listed_forward_compiles_for_sm90():
+    """The Gluon listed forward (causal with 64-key tiles, non-causal with 128) compiled to PTX for sm_90a
+    offline: its frontend and lowering accept the code the GPU runs; wgmma and TMA are in it."""
+    assert _compile_offline(_GLUON_FWD_PTX)[:2] == ["ok True True True", "ok False True True"]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU compiles it for real")
+def test_gluon_listed_backward_compiles_for_sm90():
+    """The Gluon dK/dV, plain causal and listed with both window bounds, compiled to PTX offline."""
+    assert _compile_offline(_GLUON_BWD_PTX)[:2] == ["ok False True True", "ok True True True"]
 
 
 def test_gluon_listed_backward_args_on_host(monkeypatch):
@@ -400,7 +392,8 @@ def test_gluon_listed_backward_args_on_host(monkeypatch):
                 window_left=-1, window_right=-1, softcap=0.0, dropout_p=0.0, deterministic=False,
                 startend=iv.startend, iv_summary=iv.summary, iv_skip=False, iv_band=False, score_mod="")
     p = P.FwdParams(*[vals[n] for n in names])
-    lst, cnt, row_b, row_h, n_cols, se, sib, sih, wl, wr, has_left, has_right = gluon_bwd.listed_args(p)
+    args, has_left, has_right = gluon_bwd.listed_args(p)
+    lst, cnt, row_b, row_h, n_cols, se, sib, sih, wl, wr = args
     block_m = gluon_bwd.default_cfg(128, S, True)[0]
     assert lst.shape == (B, 1, S // gluon_bwd.BLOCK_N, 2, S // block_m) and n_cols == S // block_m
     assert (row_b, row_h) == (S // gluon_bwd.BLOCK_N, 0)

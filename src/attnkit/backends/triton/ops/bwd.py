@@ -208,17 +208,17 @@ def body(p: BwdParams, keep=None):
 
     gluon_bwd = views = listed = None
     cap = _cap.capability(q.device) if q.is_cuda else None
-    plain = cap is not None and p.plain()
-    if plain and _cap.gluon_backward_eligible(cap, layout, D, Dv, q.dtype, p.scale):
+    if cap is not None and p.plain() and _cap.gluon_backward_eligible(cap, layout, D, Dv, q.dtype, p.scale):
         gluon_bwd = c.gluon("bwd")
     elif (
         cap is not None
         and p.data_mask_only()
         and _cap.gluon_listed_backward_eligible(cap, layout, D, Dv, q.dtype, p.scale)
-    ):
+    ):  # a mask carried as data: the Gluon kernel on the transposed tile lists, where they are made
         gluon_bwd = c.gluon("bwd")
         listed = gluon_bwd.listed_args(p) if gluon_bwd is not None else None
-        gluon_bwd = gluon_bwd if listed is not None else None
+        if listed is None:
+            gluon_bwd = None
     if gluon_bwd is not None:
         views = gluon_bwd.tma_views(q, k, v, dout, dk, dv, layout)
     if views is not None:  # the Hopper Gluon dK/dV kernel (None: strides a TMA descriptor cannot take)

@@ -86,27 +86,23 @@ def launch_dkdv(q, k, v, dout, hi, delta, dk, dv, layout: str, scale: float, cau
 
 
 def listed_args(p):
-    """The listed launch's arguments of a call whose only features are a mask carried as data and the
-    causal / window flags (``runtime/capability.gluon_listed_backward_eligible`` has judged the call): (the
-    transposed tile lists and counts of ``ops/ivlists.py`` at this kernel's tiles, their batch / head row
-    strides, the list length, the intervals, their batch / head strides, the left and right window bounds,
-    HAS_LEFT, HAS_RIGHT); None where the lists are not made (then the Triton kernel runs dK/dV)."""
+    """(runtime arguments, HAS_LEFT, HAS_RIGHT) of the listed launch for a call whose only features are a mask
+    carried as data and the causal / window flags (``runtime/capability.gluon_listed_backward_eligible`` has
+    judged the call): the arguments are the transposed tile lists and counts of ``ops/ivlists.py`` at this
+    kernel's tiles, their batch / head row strides and length, the intervals, their batch / head strides,
+    and the left and right window bounds (causal folded into the right one). None where the lists are not
+    made (then the Triton kernel runs dK/dV)."""
+    from attnkit.backends.triton.ops import common as c
     from attnkit.backends.triton.ops import ivlists
 
-    Sq = p.max_seqlen_q
-    block_m = default_cfg(p.q.shape[3], Sq, p.causal)[0]
+    block_m = default_cfg(p.q.shape[3], p.max_seqlen_q, p.causal)[0]
     got = ivlists.lists(p, block_m, BLOCK_N, transposed=True)
     if got is None:
         return None
     lst, cnt = got
-    Bs, Hs, n_rows, _, n_cols = lst.shape
-    se = p.startend
-    sib = se.stride(0) if se.shape[0] > 1 else 0
-    sih = se.stride(1) if se.shape[1] > 1 else 0
+    sib, sih = c.iv_args(p, lst)[2:4]
     has_left, has_right, wl, wr = p.window()
-    row_b = Hs * n_rows if Bs > 1 else 0
-    row_h = n_rows if Hs > 1 else 0
-    return (lst, cnt, row_b, row_h, n_cols, se, sib, sih, wl, wr, has_left, has_right)
+    return (lst, cnt, *ivlists.row_strides(lst), p.startend, sib, sih, wl, wr), has_left, has_right
 
 
 def gluon_backward_dkdv(q, k, v, dout, hi, delta, dk, dv, layout: str, scale: float, causal: bool, cfg=None):
@@ -159,15 +155,15 @@ def _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, rows, 
         Sk,
         scale * LOG2E,
         scale,
-        *(listed[:10] if listed is not None else (hi, hi, 0, 0, 0, hi, 0, 0, 0, 0)),
+        *(listed[0] if listed is not None else (hi, hi, 0, 0, 0, hi, 0, 0, 0, 0)),
         BSHD=layout == "bshd",
         CAUSAL=bool(causal) and listed is None,
         BLOCK_M=block_m,
         HEAD_D=D,
         NUM_STAGES=stages,
         LISTED=listed is not None,
-        HAS_LEFT=listed is not None and listed[10],
-        HAS_RIGHT=listed is not None and listed[11],
+        HAS_LEFT=listed is not None and listed[1],
+        HAS_RIGHT=listed is not None and listed[2],
         num_warps=4,
         maxnreg=MAXNREG,
     )

@@ -254,13 +254,11 @@ def try_listed(p, q, k, v, bufs):
     if got is None:
         return None
     lst, cnt = got
-    Bs, Hs, n_rows, _, n_cols = lst.shape
-    se = p.startend
     sib, sih = c.iv_args(p, lst)[2:4]
     has_left, has_right, _, wr = p.window()
     if has_left:  # (capability.gluon_listed_eligible sends no left window bound here)
         return None
-    listed = (lst, cnt, Hs * n_rows if Bs > 1 else 0, n_rows if Hs > 1 else 0, n_cols, se, sib, sih, wr)
+    listed = (lst, cnt, *ivlists.row_strides(lst), p.startend, sib, sih, wr)
     return _launch(q, k, v, layout, p.scale, p.causal, cfg, rows, bufs, listed, has_right)
 
 

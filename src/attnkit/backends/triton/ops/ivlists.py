@@ -81,5 +81,12 @@ def launch_args(p, BM: int, BN: int, dummy: torch.Tensor, transposed: bool = Fal
     if got is None:
         return (dummy, dummy, 0, 0, 0), {"IV_LIST": False}
     lst, cnt = got
+    return (lst, cnt, *row_strides(lst)), {"IV_LIST": True}
+
+
+def row_strides(lst: torch.Tensor) -> tuple[int, int, int]:
+    """(batch stride, head stride, length) of lists (B', H', rows, 2, length) as the kernels index them: list
+    row of (b, h, tile) = b * batch stride + h * head stride + tile (0 strides on the mask's broadcast
+    dims), entries at row * 2 * length (partial) and + length (full)."""
     Bs, Hs, rows, _, cols = lst.shape
-    return (lst, cnt, Hs * rows if Bs > 1 else 0, rows if Hs > 1 else 0, cols), {"IV_LIST": True}
+    return (Hs * rows if Bs > 1 else 0, rows if Hs > 1 else 0, cols)
