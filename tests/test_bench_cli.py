@@ -176,6 +176,20 @@ def test_bench_masks_through_the_cli_cpu_smoke(tmp_path, capsys):
     assert "masks" in capsys.readouterr().out
 
 
+def test_bench_masks_cases_keep_first_word_starts():
+    """``--cases global`` keeps "global_sliding 64 + 1024" (run H asked for it so and got no row), matching
+    is case-blind, and a word that starts no case's first word keeps none of them."""
+    import torch
+
+    from attnkit.bench.masks import cases, kept
+
+    names = list(cases(256, 2, torch.Generator().manual_seed(0), "cpu"))
+    pick = lambda keep: [n for n in names if kept(n, keep)]  # noqa: E731
+    assert pick({"global"}) == [n for n in names if n.startswith("global_sliding")]
+    assert pick({"prefix-lm"}) == [n for n in names if n.startswith("prefix-LM")]
+    assert pick({"nothing"}) == [] and pick(None) == names
+
+
 def test_bench_masks_auto_label_is_asked_as_its_row_ran(monkeypatch):
     """The ``auto (backend)`` label of a forward row is the pick without grad (as that row is timed), of a
     forward+backward row the pick with grad: one label for both had shown the forward+backward pick on the

@@ -131,9 +131,16 @@ def _available() -> set[str]:
     return {r.name for r in attnkit.backends() if r.available}
 
 
+def kept(case: str, keep) -> bool:
+    """Whether ``--cases`` keeps ``case``: its first word starts with one of ``keep`` (lower case; None keeps
+    every case), so that ``global`` keeps "global_sliding 64 + 1024" and ``prefix-lm`` "prefix-LM 2048"."""
+    first = case.split()[0].lower()
+    return keep is None or any(first.startswith(k) for k in keep)
+
+
 def mask_rows(shape, modes, on_gpu: bool, dtype, names=BACKENDS, keep=None) -> list[dict]:
-    """One row per (case, backend, mode): ms, or the reason it could not run. ``keep``: the first words of
-    the cases to run (None: all)."""
+    """One row per (case, backend, mode): ms, or the reason it could not run. ``keep``: the starts of the
+    first words of the cases to run (:func:`kept`; None: all)."""
     B, H, S, D = shape
     dev = "cuda" if on_gpu else "cpu"
     timer = functools.partial(_timing.median_ms, on_gpu=on_gpu)
@@ -143,7 +150,7 @@ def mask_rows(shape, modes, on_gpu: bool, dtype, names=BACKENDS, keep=None) -> l
     have = _available() | {"auto"}  # (the A/B variants of triton: its first word is "triton")
     rows = []
     for case, spec in cases(S, H, gen, dev).items():
-        if keep is not None and case.split()[0].lower() not in keep:
+        if not kept(case, keep):
             continue
         learn = spec.get("learn", ())
         for name in names:
@@ -292,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default=None, help="B,H,S,D (default 2,16,8192,128 on a GPU)")
     p.add_argument("--modes", default="fwd,fwd_bwd", help="comma list of fwd, fwd_bwd")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma list to keep")
-    p.add_argument("--cases", default=None, help="first words of the cases to keep (document,prefix-lm,...)")
+    p.add_argument("--cases", default=None, help="starts of the cases' first words: document,global,...")
     p.add_argument("--no-packing", action="store_true", help="skip the new-packing-per-call rows")
     p.add_argument(
         "--metadata",
