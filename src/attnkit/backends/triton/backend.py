@@ -276,9 +276,7 @@ class TritonBackend(Backend):
 
     def _gluon_listed(self, call: AttentionCall) -> bool:
         """Whether the forward of this call with a mask carried as data runs on the Gluon listed kernel."""
-        if call.device.type != "cuda" or call.score_mod is not None or call.layout == "thd":
-            return False
-        if not _cap.plain_features(call.bias, call.alibi_slopes, call.softcap, -1, -1, call.dropout_p):
+        if not _cap.data_mask_call(call):
             return False
         _, window, iv = self._mask_flags(call)
         band = (window is not None and window[0] >= 0) or (iv is not None and iv.band)
@@ -289,11 +287,7 @@ class TritonBackend(Backend):
     @staticmethod
     def _gluon_listed_bwd(call: AttentionCall) -> bool:
         """Whether the dK/dV of this call with a mask carried as data runs on the Gluon listed kernel."""
-        if call.device.type != "cuda" or call.score_mod is not None or call.layout == "thd":
-            return False
-        if not _cap.plain_features(call.bias, call.alibi_slopes, call.softcap, -1, -1, call.dropout_p):
-            return False
-        return _cap.gluon_listed_backward_eligible(
+        return _cap.data_mask_call(call) and _cap.gluon_listed_backward_eligible(
             _cap.capability(call.device), call.layout, call.D, call.Dv, call.dtype, call.scale
         )
 

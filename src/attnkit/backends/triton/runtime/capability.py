@@ -120,6 +120,18 @@ def plain_call(call) -> bool:
     return plain and call.mask is None and call.score_mod is None and call.device.type == "cuda"
 
 
+def data_mask_call(call) -> bool:
+    """An ``AttentionCall`` whose features, besides a mask and the causal / window flags, are none (no bias,
+    ALiBi, softcap, dropout or score mod), on a CUDA device, not thd: what the Gluon listed kernels may take
+    once its mask lowers to data (``backend.py``'s cost; the launchers ask ``FwdParams.data_mask_only``)."""
+    return (
+        call.device.type == "cuda"
+        and call.score_mod is None
+        and call.layout != "thd"
+        and plain_features(call.bias, call.alibi_slopes, call.softcap, -1, -1, call.dropout_p)
+    )
+
+
 def gluon_forward_eligible(cap, layout: str, D: int, Dv: int, dtype, Sk: int, causal: bool, scale) -> bool:
     """Whether a plain forward goes to the Hopper Gluon kernel (``kernels/hopper/fwd.py``: warp-specialized,
     TMA, FA3's overlap), judged from the call alone; ``ops/gluon_fwd.try_forward`` then checks strides and
