@@ -139,6 +139,29 @@ def test_warm_triton_decode_backend_dispatches_only_its_outputs(launches, no_rea
     assert set(mode.ops) <= {"empty"} and mode.ops["empty"] <= MAX_OPS, dict(mode.ops)
 
 
+def test_warm_cascade_reads_no_value_and_takes_the_decode_kernel_twice(launches, no_reads):
+    """cascade_attention with validate=False: no value read (a CUDA graph captures it), the prefix on the
+    decode kernel (one launch for every row's queries, its combine when the prefix's keys are split) beside
+    the suffixes' launch and their append, one merge; torch ops only for outputs, the prefix's one-row
+    lengths and the merge's stacking."""
+    B, Hq, Hk, D, S_p = 3, 4, 2, 16, 256
+    q, k, v, kw = _case(B, 64, Hq, Hk, D, None, True)
+    kw.pop("block_table")
+    sk, sv = (oracle.randn((S_p, Hk, D), DT, DEV) for _ in range(2))
+    no_reads()
+    attnkit.cascade_attention(q, sk, sv, k, v, backend="triton", validate=False, **kw)
+    first = len(launches)
+    with _Ops() as mode:
+        attnkit.cascade_attention(q, sk, sv, k, v, backend="triton", validate=False, **kw)
+    names = [n for n, _ in launches[first:]]
+    assert names.count("decode") == 2 and names.count("append") == 1, names
+    grids = [g for n, g in launches[first:] if n == "decode"]
+    assert names.count("combine") == 1 + sum(g[0] > 1 for g in grids), names  # the merge, and any split
+    assert grids[1][1] == Hk, grids  # the prefix: one row, every KV head once
+    allowed = {"empty", "full", "stack", "view", "unsqueeze", "transpose", "merge_stacked"}
+    assert set(mode.ops) <= allowed, dict(mode.ops)
+
+
 def test_plan_cache_keeps_every_check(launches):
     """A call whose shapes match a cached plan still fails for each bad argument the full path rejects:
     only validated calls are stored, and scalars are keyed with their types (``1 == True`` in a dict)."""
@@ -223,4 +246,35 @@ def test_triton_decode_backend_in_a_cuda_graph(layout):
         t.copy_(torch.randn_like(t))
     g.replay()
     want = attnkit.attention(q, k, v, backend="reference", **kw)
+    torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+def test_cascade_in_a_cuda_graph():
+    """cascade_attention (validate=False) captured and replayed on new queries and caches: the same as
+    decoding each row over its concatenated keys."""
+    B, Hq, Hk, D, S_p, own = 8, 32, 8, 128, 4096, 512
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(B, 1, Hq, D, **bf)
+    sk, sv = (torch.randn(S_p, Hk, D, **bf) for _ in range(2))
+    k, v = (torch.randn(B, own, Hk, D, **bf) for _ in range(2))
+    lens = torch.randint(1, own, (B,), device="cuda", dtype=torch.int32)
+
+    def step():
+        return attnkit.cascade_attention(
+            q, sk, sv, k, v, cache_seqlens=lens, backend="triton", validate=False
+        )
+
+    step()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    for t in (q, sk, sv, k, v):
+        t.copy_(torch.randn_like(t))
+    lens.copy_(torch.randint(1, own, (B,), device="cuda", dtype=torch.int32))
+    g.replay()
+    full_k = torch.cat([sk.expand(B, -1, -1, -1), k], dim=1)
+    full_v = torch.cat([sv.expand(B, -1, -1, -1), v], dim=1)
+    want = attnkit.attention_with_kvcache(q, full_k, full_v, cache_seqlens=lens + S_p, backend="reference")
     torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)

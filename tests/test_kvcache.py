@@ -310,12 +310,14 @@ def test_contiguous_validation_names_arguments():
             attnkit.attention_with_kvcache(qq, kk, vv, **args)
 
 
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_poisoned_table_never_leaves_the_cache(paged):
+@pytest.mark.parametrize("paged, ps", [(False, 4), (True, 4), (True, 16), (True, 64)],
+                         ids=["contiguous", "paged4", "paged16", "paged64"])  # fmt: skip
+def test_poisoned_table_never_leaves_the_cache(paged, ps):
     """validate=False with a garbage table and lengths: wrong numbers allowed, but every read and write
     stays inside the cache tensors. The caches sit between NaN guards: a stray read makes NaN, a stray
-    write changes a guard."""
-    B, Hk, D, ps, max_pages = 3, 2, 16, 4, 3
+    write changes a guard. Pages of 16 and 64 hold whole key tiles (one table entry a tile: the kernel's
+    PAGED == 2), pages of 4 do not."""
+    B, Hk, D, max_pages = 3, 2, 16, 3
     n = B * max_pages + 1
     rows = (n, ps) if paged else (B, ps * max_pages)
     numel = rows[0] * rows[1] * Hk * D

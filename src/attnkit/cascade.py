@@ -5,9 +5,10 @@ the prompt's keys once, and each row only its own continuation in a KV cache. Ro
 ``[shared prefix (S_p keys) | its own cache (cache_seqlens[b] + Sq_new keys)]``. Attention over them is
 computed in two parts and merged exactly (``attnkit.merge_attention``):
 
-1. the prefix, read once for all rows: every row's queries (and the query heads sharing a KV head) folded
-   into the query dimension, one attention ``(1, B * Sq * Hq / Hk, Hk, D)`` against ``(1, S_p, Hk, D)``
-   (a prefill-shaped call on any backend);
+1. the prefix, read once for all rows: every row's queries folded into the query tokens of one row,
+   ``(1, B * Sq, Hq, D)`` against a cache ``(1, S_p, Hk, D)`` that the row fills, through
+   :func:`attnkit.attention_with_kvcache` (on the split-KV decode kernel the query heads of a KV head share
+   its tiles and the prefix's keys are split over enough programs to fill the GPU);
 2. the suffixes, per row: :func:`attnkit.attention_with_kvcache` on the rows' own (contiguous or paged)
    caches, with in-place append of ``k_new``/``v_new``.
 
@@ -103,29 +104,20 @@ def cascade_attention(
         **flags,
     )
     B, Sq, Hq, D = q.shape
-    if shared_k.shape[0] == 0:
+    S_p = shared_k.shape[0]
+    if S_p == 0:
         return (suf_out, suf_lse) if return_lse else suf_out
-    from attnkit.api import attention
-
-    # every row's queries (and the GQA heads of one KV head) against the prefix as one batch row:
-    # (1, B * Sq * g, Hk, D) x (1, S_p, Hk, D), so each KV head of the prefix is read once for all of them
-    Hk = shared_k.shape[1]
-    g = Hq // Hk
-    rows = q.reshape(B, Sq, Hk, g, D).permute(0, 1, 3, 2, 4).reshape(1, B * Sq * g, Hk, D)
-    pre_out, pre_lse = attention(
-        rows,
-        shared_k.unsqueeze(0),
-        shared_v.unsqueeze(0),
-        layout="bshd",
-        causal=False,
-        softcap=softcap,
-        scale=scale,
-        return_lse=True,
-        backend=backend,
+    # the prefix: every row's queries as the query tokens of one row (a view of q) against a cache that one
+    # row fills, on the same path as the suffixes. On the decode kernel the GQA heads of a KV head share its
+    # tiles and the prefix's keys are split over programs, so the grid fills the GPU and each tile of 64
+    # packed rows reads the prefix once.
+    lens = torch.full((1,), S_p, dtype=torch.int32, device=q.device)
+    flags.update(causal=False, validate=False)  # (lengths of our own making: nothing to check)
+    pre_out, pre_lse = attention_with_kvcache(
+        q.reshape(1, B * Sq, Hq, D), shared_k.unsqueeze(0), shared_v.unsqueeze(0), cache_seqlens=lens, **flags
     )
-    Dv = pre_out.shape[-1]
-    pre_out = pre_out.reshape(B, Sq, g, Hk, Dv).permute(0, 1, 3, 2, 4).reshape(B, Sq, Hq, Dv)
-    pre_lse = pre_lse.reshape(Hk, B, Sq, g).permute(1, 0, 3, 2).reshape(B, Hq, Sq)  # (1, Hk, rows) -> lse
+    pre_out = pre_out.reshape(B, Sq, Hq, pre_out.shape[-1])
+    pre_lse = pre_lse.reshape(Hq, B, Sq).transpose(0, 1)  # (1, Hq, B * Sq) -> (B, Hq, Sq)
     out, lse = merge_attention([pre_out, suf_out], [pre_lse, suf_lse], layout="bshd")
     return (out, lse) if return_lse else out
 

@@ -1,7 +1,7 @@
 """Append kernel, pure ``@triton.jit``: write the new tokens' keys and values into a KV cache, in place.
 
 One program = BLOCK_T new tokens of one batch row ``b`` and one KV head. Token ``t`` of row ``b`` goes to
-logical position ``cache_seqlens[b] + t``, addressed as the decode kernel reads it (``_key_rows``: the
+logical position ``cache_seqlens[b] + t``, addressed as the decode kernel reads it (``_key_slots``: the
 position clamped into the capacity, a paged cache's page id clamped into the pool), so a poisoned length
 or table writes into the cache tensors, never outside them. Same result as ``index_put_`` on those
 clamped positions (``kvcache._append``, the path of the other backends), in one launch.
@@ -10,7 +10,7 @@ clamped positions (``kvcache._append``, the path of the other backends), in one 
 import triton
 import triton.language as tl
 
-from attnkit.backends.triton.kernels.decode import _key_rows
+from attnkit.backends.triton.kernels.decode import _key_slots
 
 
 @triton.jit
@@ -49,9 +49,10 @@ def append_kv(
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(2)
     t_ok = t < sq_new
-    j = tl.load(Seqlens + b) + t  # logical positions (clamped in _key_rows)
-    k_rows = _key_rows(Table, stride_tb, b, j, cap, ps, num_pages, stride_k0, stride_k1, PAGED)
-    v_rows = _key_rows(Table, stride_tb, b, j, cap, ps, num_pages, stride_v0, stride_v1, PAGED)
+    j = tl.load(Seqlens + b) + t  # logical positions (clamped in _key_slots)
+    d0, d1 = _key_slots(Table, stride_tb, b, j, cap, ps, num_pages, PAGED)
+    k_rows = d0 * stride_k0 + d1 * stride_k1
+    v_rows = d0 * stride_v0 + d1 * stride_v1
 
     t64 = t[:, None].to(tl.int64)
     d = tl.arange(0, BLOCK_D)

@@ -27,15 +27,16 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _key_rows(Table, stride_tb, b, j, cap, ps, num_pages, stride_0, stride_1, PAGED: tl.constexpr):
-    """Offsets (BLOCK_N,) of logical keys ``j`` of row ``b`` in a cache with dim-0/dim-1 strides given."""
+def _key_slots(Table, stride_tb, b, j, cap, ps, num_pages, PAGED: tl.constexpr):
+    """Where logical keys ``j`` (BLOCK_N,) of row ``b`` live, as int64 (dim-0 index, dim-1 index) of the
+    caches: (b, j) contiguous, (page, j % PS) paged. One page-table load serves both K and V."""
     jc = tl.minimum(tl.maximum(j, 0), cap - 1)
     if PAGED:
         page = tl.load(Table + b * stride_tb + jc // ps)
         page = tl.minimum(tl.maximum(page, 0), num_pages - 1)
-        return page.to(tl.int64) * stride_0 + (jc % ps).to(tl.int64) * stride_1
+        return page.to(tl.int64), (jc % ps).to(tl.int64)
     else:
-        return b.to(tl.int64) * stride_0 + jc.to(tl.int64) * stride_1
+        return b.to(tl.int64), jc.to(tl.int64)
 
 
 @triton.jit
@@ -90,7 +91,7 @@ def decode_fwd(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
-    PAGED: tl.constexpr,
+    PAGED: tl.constexpr,  # 0 contiguous, 1 paged, 2 paged with BLOCK_N dividing the page size
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -136,7 +137,7 @@ def decode_fwd(
     lo = s_lo
     if HAS_LEFT:
         lo = tl.maximum(lo, i_lo + off - win_left)
-    lo = (lo // BLOCK_N) * BLOCK_N
+    lo = (lo // BLOCK_N) * BLOCK_N  # (>= 0; every tile start is < hi <= cap)
 
     if SOFTCAP:
         qk_scale = sm_scale / softcap
@@ -154,8 +155,14 @@ def decode_fwd(
     v_head = hk.to(tl.int64) * stride_vh
     for start_n in range(lo, hi, BLOCK_N):
         j = start_n + tl.arange(0, BLOCK_N)
-        k_rows = _key_rows(Table, stride_tb, b, j, cap, ps, num_pages, stride_k0, stride_k1, PAGED)
-        v_rows = _key_rows(Table, stride_tb, b, j, cap, ps, num_pages, stride_v0, stride_v1, PAGED)
+        if PAGED == 2:  # the tile lies on one page (0 <= start_n, start_n + BLOCK_N <= cap: see above)
+            page = tl.load(Table + b * stride_tb + start_n // ps)
+            d0 = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+            d1 = (start_n % ps + tl.arange(0, BLOCK_N)).to(tl.int64)
+        else:
+            d0, d1 = _key_slots(Table, stride_tb, b, j, cap, ps, num_pages, PAGED)
+        k_rows = d0 * stride_k0 + d1 * stride_k1
+        v_rows = d0 * stride_v0 + d1 * stride_v1
         key_ok = j < kv_hi
         # K^T tile (BLOCK_D, BLOCK_N)
         kt = tl.load(

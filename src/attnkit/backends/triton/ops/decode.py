@@ -64,9 +64,10 @@ _TUNE: list = []
 
 def _tune() -> dict:
     """GPU tuning knobs, read once from ``ATTNKIT_DECODE_TUNE="block_n=64,warps=4,stages=2,waves=2"``
-    (any subset; the values here are defaults, not measured optima: `attnkit bench decode` decides)."""
+    (any subset; the values here are defaults, not measured optima: `attnkit bench decode` decides).
+    ``page_tiles=0`` reads a paged cache's table once per key even where a key tile lies on one page."""
     if not _TUNE:
-        cfg = {"block_n": 0, "warps": 4, "stages": 2, "waves": 2}
+        cfg = {"block_n": 0, "warps": 4, "stages": 2, "waves": 2, "page_tiles": 1}
         for part in os.environ.get("ATTNKIT_DECODE_TUNE", "").split(","):
             if "=" in part:
                 key, val = part.split("=", 1)
@@ -224,7 +225,7 @@ def _make_plan(q, k_cache, v_cache, full, block_table, alibi_slopes, sq_new, sca
         BLOCK_N=block_n,
         BLOCK_D=_pow2(D),
         BLOCK_DV=_pow2(Dv),
-        PAGED=paged,
+        PAGED=(2 if ps % block_n == 0 and _tune()["page_tiles"] else 1) if paged else 0,
         HAS_LEFT=window_left >= 0,
         HAS_RIGHT=causal or window_right >= 0,
         SOFTCAP=bool(softcap),
