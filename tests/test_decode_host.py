@@ -158,7 +158,7 @@ def test_warm_cascade_reads_no_value_and_takes_the_decode_kernel_twice(launches,
     grids = [g for n, g in launches[first:] if n == "decode"]
     assert names.count("combine") == 1 + sum(g[0] > 1 for g in grids), names  # the merge, and any split
     assert grids[1][1] == Hk, grids  # the prefix: one row, every KV head once
-    allowed = {"empty", "full", "stack", "view", "unsqueeze", "transpose", "merge_stacked"}
+    allowed = {"empty", "full", "stack", "view", "unsqueeze", "transpose", "select"}
     assert set(mode.ops) <= allowed, dict(mode.ops)
 
 

@@ -227,6 +227,9 @@ def test_split_heuristic_uses_host_values_only():
     assert dec_ops.num_splits(1, 8, 1, 131072, 64, 132) > 16
     assert dec_ops.num_splits(64, 8, 1, 8192, 64, 132) == 1
     assert dec_ops.num_splits(1, 1, 1, 64, 64, 132) == 1  # too few key blocks to split
+    # 128 programs fill one wave: a contiguous cache goes unsplit, a paged one (table loads) splits
+    assert dec_ops.num_splits(16, 8, 1, 8192, 64, 132) == 1
+    assert dec_ops.num_splits(16, 8, 1, 8192, 64, 132, 2, True) == 3
 
 
 # -- validation -------------------------------------------------------------------------------------------

@@ -111,9 +111,9 @@ def merge_attention(outs, lses, *, layout: str = "bhsd"):
     if len(outs) == 1:
         return outs[0], lses[0].to(torch.promote_types(torch.float32, lses[0].dtype))
     if _fused(outs, lses):
-        from attnkit.backends.triton.ops.combine import merge_stacked
+        from attnkit.backends.triton.ops.combine import merge
 
-        return merge_stacked(torch.stack(outs), torch.stack([s.float() for s in lses]), layout)
+        return merge(torch.stack(outs), torch.stack([s.float() for s in lses]), layout)
     return merge_reference(outs, lses, layout)
 
 

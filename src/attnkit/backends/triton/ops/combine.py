@@ -1,8 +1,10 @@
 """Launcher of the combine kernel (``kernels/combine.py``): merge P partial (out, lse) results.
 
 :func:`combine_into` is the host side used by the split-KV decode and by ``attnkit.merge_attention``;
-:func:`merge_stacked` is the ``torch.library`` custom op behind ``merge_attention`` (forward only: the
-differentiable path is ``attnkit.merge.merge_reference``).
+:func:`merge` serves ``merge_attention`` (forward only: the differentiable path is
+``attnkit.merge.merge_reference``): the ``torch.library`` custom op :func:`merge_stacked` under
+``torch.compile``, its function directly in eager calls (a custom op's dispatch costs tens of microseconds
+a call, more than the merge of a decode step on the GPU).
 """
 
 from __future__ import annotations
@@ -95,3 +97,10 @@ merge_stacked = torch.library.custom_op("attnkit::merge_stacked", mutates_args=(
 @merge_stacked.register_fake
 def _(outs, lses, layout):
     return outs.new_empty(outs.shape[1:]), lses.new_empty(lses.shape[1:], dtype=torch.float32)
+
+
+def merge(outs: Tensor, lses: Tensor, layout: str) -> tuple[Tensor, Tensor]:
+    """:func:`merge_stacked` under ``torch.compile`` (traced through the custom op), its function eagerly."""
+    if torch.compiler.is_compiling():
+        return merge_stacked(outs, lses, layout)
+    return _merge_stacked(outs, lses, layout)

@@ -63,11 +63,12 @@ _TUNE: list = []
 
 
 def _tune() -> dict:
-    """GPU tuning knobs, read once from ``ATTNKIT_DECODE_TUNE="block_n=64,warps=4,stages=2,waves=2"``
-    (any subset; the values here are defaults, not measured optima: `attnkit bench decode` decides).
-    ``page_tiles=0`` reads a paged cache's table once per key even where a key tile lies on one page."""
+    """GPU tuning knobs, read once from ``ATTNKIT_DECODE_TUNE="block_n=64,warps=4,stages=3,waves=2"``
+    (any subset). ``block_n=0`` picks it (:func:`blocks`); ``page_tiles=0`` reads a paged cache's table once
+    per key even where a key tile lies on one page. Defaults from the H200 sweep of 2026-12-03
+    (docs/decoding.md, "Tuning")."""
     if not _TUNE:
-        cfg = {"block_n": 0, "warps": 4, "stages": 2, "waves": 2, "page_tiles": 1}
+        cfg = {"block_n": 0, "warps": 4, "stages": 3, "waves": 2, "page_tiles": 1}
         for part in os.environ.get("ATTNKIT_DECODE_TUNE", "").split(","):
             if "=" in part:
                 key, val = part.split("=", 1)
@@ -77,27 +78,32 @@ def _tune() -> dict:
     return _TUNE[0]
 
 
-def blocks(Sq: int, group: int, D: int, Dv: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): a tile of the Sq * group packed rows, and keys per loop step."""
+def blocks(Sq: int, group: int, D: int, Dv: int, split: bool = True, paged: bool = False) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): a tile of the Sq * group packed rows, and keys per loop step: 128 where one
+    program reads a whole contiguous row of a head (no split) with at most 16 packed rows and D <= 128 (H200:
+    0.134 ms against 0.141 with 64 at B=16, 8k keys), else 64 (32 past D = 128)."""
     if _cap.interpreting():
         return 16, 16
     block_m = min(64, _pow2(Sq * group))
-    block_n = _tune()["block_n"] or (64 if max(D, Dv) <= 128 else 32)
+    block_n = _tune()["block_n"]
+    if not block_n:
+        wide = not split and not paged and block_m <= 16 and max(D, Dv) <= 128
+        block_n = 128 if wide else (64 if max(D, Dv) <= 128 else 32)
     return block_m, block_n
 
 
-def num_splits(
-    batch: int, hk: int, m_blocks: int, capacity: int, block_n: int, sms: int, waves: int = 2
-) -> int:
+def num_splits(batch: int, hk: int, m_blocks: int, capacity: int, block_n: int, sms: int, waves: int = 2,
+               paged: bool = False) -> int:  # fmt: skip
     """Splits of the key range so that the grid fills the GPU (FlashAttention's rule, simplified): none
-    when the (batch, KV head, row tile) programs already fill ~``waves`` waves of the SMs; otherwise
-    enough to reach that, keeping at least 4 key blocks a split, at most MAX_SPLITS. Host values only."""
+    when the (batch, KV head, row tile) programs already fill ~one wave of the SMs (a contiguous cache) or
+    ~``waves`` waves (a paged one, whose table loads want more programs in flight: B=16 8k on the H200 ran
+    0.246 ms unsplit against 0.141 split in 3); otherwise enough to reach ``waves`` waves, keeping at
+    least 4 key blocks a split, at most MAX_SPLITS. Host values only."""
     work = batch * hk * m_blocks
-    target = waves * sms
-    if work * 10 >= target * 8:
+    if work * 10 >= (waves if paged else 1) * sms * 8:
         return 1
     n_blocks = _cdiv(capacity, block_n)
-    return max(1, min(_cdiv(target, work), n_blocks // 4, MAX_SPLITS))
+    return max(1, min(_cdiv(waves * sms, work), n_blocks // 4, MAX_SPLITS))
 
 
 def _new(shape, device, dtype) -> Tensor:
@@ -173,12 +179,14 @@ def _make_plan(q, k_cache, v_cache, full, block_table, alibi_slopes, sq_new, sca
     if p.empty:
         return p
 
-    block_m, block_n = blocks(Sq, group, D, Dv)
+    block_m, block_n = blocks(Sq, group, D, Dv, paged=paged)
     m_blocks = _cdiv(Sq * group, block_m)
     dev = q.device
     if splits <= 0:
         waves = 2 if _cap.interpreting() else _tune()["waves"]
-        splits = num_splits(B, Hk, m_blocks, cap, block_n, sm_count(dev), waves)
+        splits = num_splits(B, Hk, m_blocks, cap, block_n, sm_count(dev), waves, paged)
+    if splits == 1:  # one program reads the whole row: maybe a wider key step
+        block_m, block_n = blocks(Sq, group, D, Dv, split=False, paged=paged)
     chunk = _cdiv(_cdiv(cap, splits), block_n) * block_n
     splits = _cdiv(cap, chunk)
     # the views the launches take, on meta tensors: their strides are those of every later call's
