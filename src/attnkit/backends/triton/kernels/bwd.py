@@ -4,13 +4,15 @@
 * :func:`attn_bwd_dkdv`: one program = one tile of BLOCK_N key rows of one (batch, KV head); it loops over
   the GROUP query heads that read this KV head and over the query tiles that see the key tile, and writes
   dK, dV (and dBias, once per element) without atomics. (A fused backward, dQ by atomic adds in this
-  kernel, measured slower than the separate pass since version 4, is gone; git keeps it.)
+  kernel, measured slower than the separate pass since version 4, is gone; git keeps it.) Its tile loops
+  take their arguments as named tuples built in the kernel body: :class:`KTileGeo` (per query head),
+  ``common.ScoreParams`` and the constexprs ``common.Features`` and :class:`KTileCfg`.
 * ``bwd_dq.attn_bwd_dq`` (the file beside this one): the separate dQ pass (the default, deterministic or
   not; no atomics): one program = one tile of BLOCK_M query rows of one (batch, query head), the same
   schedule as the forward. The host runs it on a side stream next to dK/dV.
 
 All recompute ``p = exp2(s - lse2)`` in log2 units, where the forward saved lse2 = m + log2 l (row max plus
-log2 of the row sum) as an unevaluated sum hi + lo (:func:`attnkit.backends.triton._fwd.two_sum`). float32
+log2 of the row sum) as an unevaluated sum hi + lo (:func:`.fwd.two_sum`). float32
 inputs subtract both parts (``s - hi - lo``: exact to fp32 rounding, unlike exp(s - lse) with a rounded lse);
 16-bit inputs subtract hi alone (relative error in p about 2^-24 * |lse2|, far below their own rounding),
 which saves a load per row and the registers of a third row vector in the dK/dV loop (measured offline for
@@ -18,10 +20,14 @@ sm_90: 188 bytes of spills at (64, 128, 8 warps, 3 stages) became 4). Rows with 
 hi = +inf, lo = 0, so p = 0 there and every gradient stays finite.
 """
 
+from collections import namedtuple
+
 import triton
 import triton.language as tl
 
 from attnkit.backends.triton.kernels.common import (
+    Features,
+    ScoreParams,
     dropout_keep,
     dscore_dqk,
     dscore_mod,
@@ -39,6 +45,23 @@ from attnkit.backends.triton.kernels.common import (
 )
 from attnkit.backends.triton.kernels.fwd import load_tile
 from attnkit.backends.triton.kernels.tiles import ts_apply, ts_narrow, ts_state
+
+# what the dK/dV tile loops read, per (key tile, query head): the bases of Q, dO, the row statistics (lse hi /
+# lo, delta) and dBias of this head at the sequence's first query and their row strides (dBias: both), the key
+# tile's row and head-dim index ranges, the sequence lengths and ``off = Sk - Sq``, the interval summary, the
+# sequence's first packed key, the key tile's first and last row, and its column of tile states (``ts_cols``
+# apart)
+KTileGeo = namedtuple(
+    "KTileGeo",
+    "q_base do_base hi_base lo_base d_base db_ptr stride_qs stride_dos stride_ls stride_ds stride_dbm "
+    "stride_dbn offs_n offs_d offs_dv seqlen_q seqlen_k off sum_ptr k_start n0 n1 ts_ptr ts_cols",
+)
+# their constexprs besides the score features: head dims (true and padded), the inner query tile and the
+# program's key tile, the interval branch, the tile states' mask condition, and the gradients of the bias and
+# of the score mod's captured tensors (SCORE_MOD_BWD: the compiled backward of the mod)
+KTileCfg = namedtuple(
+    "KTileCfg", "D DV BLOCK_D BLOCK_DV BLOCK_M BLOCK_N IV_SKIP MASK_KEEP BIAS_GRAD SMOD_GRAD SCORE_MOD_BWD"
+)
 
 
 @triton.jit(do_not_specialize=["SQ", "stride_lb", "stride_lh", "stride_db", "stride_dh"])
@@ -112,169 +135,120 @@ def _load_row_stats(hi_base, lo_base, d_base, stride_ls, stride_ds, offs, seqlen
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, q_base, do_base, hi_base, lo_base, d_base, db_ptr, stride_qs, stride_dos, stride_ls,
-    stride_ds, stride_dbm, stride_dbn, offs_n, offs_d, offs_dv, lo, hi, seqlen_q, seqlen_k, off, sm_scale,
-    softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, rng_ptr, bh, dropout_p, sum_ptr, p0,
-    p1, ia, ib, ic, id_, smod, ts_ptr, ts_cols, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DEFER: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_IV: tl.constexpr, IV_SKIP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
-    SCORE_MOD: tl.constexpr, SMOD_GRAD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr, HAS_TS: tl.constexpr,
-    MASK_KEEP: tl.constexpr,
+    dk, dv, k, v, lo, hi, iv, geo, par, smod,
+    CFG: tl.constexpr, FEAT: tl.constexpr, MASK: tl.constexpr, HAS_IV: tl.constexpr, HAS_TS: tl.constexpr,
 ):  # fmt: skip
-    c = pending_scale(sm_scale, DEFER)
+    """The query tiles ``[lo, hi)`` of one segment of the schedule; ``iv``: this key tile's column intervals
+    ``(ia, ib, ic, id_)`` (HAS_IV; else zeros)."""
+    BLOCK_M: tl.constexpr = CFG.BLOCK_M
+    c = pending_scale(par.sm_scale, FEAT.DEFER)
     # Transposed tiles: rows of these tiles are keys (offs_n), columns are queries (offs_m); in order.
     for start_m in range(lo, hi, BLOCK_M):
         empty = False
         full = True
         if HAS_IV:  # masks as data: the key tile's summary against these query rows
-            r1 = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
-            empty, full = iv_classify(sum_ptr, p0, p1, start_m, r1, BLOCK_N)
-            if not IV_SKIP:  # (no branch around the tile: the range was narrowed instead)
+            r1 = tl.minimum(start_m + BLOCK_M, geo.seqlen_q) - 1
+            p0 = geo.k_start + geo.n0  # (this key tile's packed columns)
+            p1 = geo.k_start + geo.n1
+            empty, full = iv_classify(geo.sum_ptr, p0, p1, start_m, r1, CFG.BLOCK_N)
+            if not CFG.IV_SKIP:  # (no branch around the tile: the range was narrowed instead)
                 empty = False
         if HAS_TS:  # tile states: this key tile's column of them (the forward's layout, transposed)
-            empty, full = ts_state(ts_ptr + (start_m // BLOCK_M) * ts_cols)
+            empty, full = ts_state(geo.ts_ptr + (start_m // BLOCK_M) * geo.ts_cols)
         dk, dv = _dkdv_tile(
-            dk, dv, k, v, q_base, do_base, hi_base, lo_base, d_base, db_ptr, stride_qs, stride_dos, stride_ls,
-            stride_ds, stride_dbm, stride_dbn, offs_n, offs_d, offs_dv, start_m, seqlen_q, seqlen_k, off,
-            sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, rng_ptr, bh,
-            dropout_p, c, empty, full, ia, ib, ic, id_, smod, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, MASK,
-            SOFTCAP, HAS_BIAS, BIAS_GRAD, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER, PRECISION, HAS_IV,
-            BLOCK_N, HAS_SCORE_MOD, SCORE_MOD, SMOD_GRAD, SCORE_MOD_BWD, HAS_TS, MASK_KEEP, ts_ptr,
-        )  # fmt: skip
+            dk, dv, k, v, start_m, c, empty, full, iv, geo, par, smod, CFG, FEAT, MASK, HAS_IV, HAS_TS
+        )
     return dk, dv
 
 
 @triton.jit
 def _dkdv_listed(
-    dk, dv, k, v, q_base, do_base, hi_base, lo_base, d_base, db_ptr, stride_qs, stride_dos, stride_ls,
-    stride_ds, stride_dbm, stride_dbn, offs_n, offs_d, offs_dv, lst, n, seqlen_q, seqlen_k, off, sm_scale,
-    softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, rng_ptr, bh, dropout_p, ia, ib, ic,
-    id_, smod,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-    PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
-    DEFER: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
-    SCORE_MOD: tl.constexpr, SMOD_GRAD: tl.constexpr, SCORE_MOD_BWD: tl.constexpr,
+    dk, dv, k, v, lst, n, iv, geo, par, smod, CFG: tl.constexpr, FEAT: tl.constexpr, PARTIAL: tl.constexpr
 ):  # fmt: skip
     """The query tiles of list ``lst`` (``n`` tile starts, the transposed lists of kernels/ivlists.py):
-    PARTIAL ones masked (flags and this key tile's intervals ``ia..id_``), full ones as the plain body."""
-    c = pending_scale(sm_scale, DEFER)
+    PARTIAL ones masked (flags and this key tile's intervals ``iv``), full ones as the plain body."""
+    c = pending_scale(par.sm_scale, FEAT.DEFER)
     start_m = tl.load(lst, mask=n > 0, other=0)
     for i in range(0, n):
         nxt = tl.load(lst + i + 1, mask=i + 1 < n, other=0)
         dk, dv = _dkdv_tile(
-            dk, dv, k, v, q_base, do_base, hi_base, lo_base, d_base, db_ptr, stride_qs, stride_dos, stride_ls,
-            stride_ds, stride_dbm, stride_dbn, offs_n, offs_d, offs_dv, start_m, seqlen_q, seqlen_k, off,
-            sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, rng_ptr, bh,
-            dropout_p, c, False, False, ia, ib, ic, id_, smod, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, PARTIAL,
-            SOFTCAP, HAS_BIAS, BIAS_GRAD, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER, PRECISION, PARTIAL,
-            BLOCK_N, HAS_SCORE_MOD, SCORE_MOD, SMOD_GRAD, SCORE_MOD_BWD, False, None, lst,
-        )  # fmt: skip
+            dk, dv, k, v, start_m, c, False, False, iv, geo, par, smod, CFG, FEAT, PARTIAL, PARTIAL, False
+        )
         start_m = nxt
     return dk, dv
 
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, q_base, do_base, hi_base, lo_base, d_base, db_ptr, stride_qs, stride_dos, stride_ls,
-    stride_ds, stride_dbm, stride_dbn, offs_n, offs_d, offs_dv, start_m, seqlen_q, seqlen_k, off, sm_scale,
-    softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, rng_ptr, bh, dropout_p, c, empty,
-    full, ia, ib, ic, id_, smod,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
-    DEFER: tl.constexpr, PRECISION: tl.constexpr, HAS_IV: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SCORE_MOD: tl.constexpr, SCORE_MOD: tl.constexpr, SMOD_GRAD: tl.constexpr,
-    SCORE_MOD_BWD: tl.constexpr, HAS_TS: tl.constexpr, MASK_KEEP: tl.constexpr, ts_ptr,
+    dk, dv, k, v, start_m, c, empty, full, iv, geo, par, smod,
+    CFG: tl.constexpr, FEAT: tl.constexpr, MASK: tl.constexpr, HAS_IV: tl.constexpr, HAS_TS: tl.constexpr,
 ):  # fmt: skip
     """One query tile of the dK/dV loop, transposed (``empty`` / ``full``: the interval classification or
     the tile state)."""
     if not empty:
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n, offs_d, offs_dv = geo.offs_n, geo.offs_d, geo.offs_dv
+        seqlen_q, seqlen_k, off = geo.seqlen_q, geo.seqlen_k, geo.off
+        offs_m = start_m + tl.arange(0, CFG.BLOCK_M)
         q = load_tile(
-            q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+            geo.q_base + offs_m[:, None] * geo.stride_qs + offs_d[None, :],
             offs_m[:, None],
             seqlen_q,
             offs_d[None, :],
-            D,
+            CFG.D,
             MASK,
-            BLOCK_D != D,
+            CFG.BLOCK_D != CFG.D,
         )  # (BM, BD)
         do = load_tile(
-            do_base + offs_m[:, None] * stride_dos + offs_dv[None, :],
+            geo.do_base + offs_m[:, None] * geo.stride_dos + offs_dv[None, :],
             offs_m[:, None],
             seqlen_q,
             offs_dv[None, :],
-            DV,
+            CFG.DV,
             MASK,
-            BLOCK_DV != DV,
+            CFG.BLOCK_DV != CFG.DV,
         )  # (BM, BDV)
         exact: tl.constexpr = k.dtype == tl.float32
         lse_hi, lse_lo, delta = _load_row_stats(
-            hi_base, lo_base, d_base, stride_ls, stride_ds, offs_m, seqlen_q, exact
+            geo.hi_base, geo.lo_base, geo.d_base, geo.stride_ls, geo.stride_ds, offs_m, seqlen_q, exact
         )
-        qkt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BN, BM)
+        qkt = tl.dot(k, tl.trans(q), input_precision=FEAT.PRECISION)  # (BN, BM)
         st, tt, gt, xt = scores(
-            qkt,
-            offs_m[None, :],
-            offs_n[:, None],
-            seqlen_q,
-            seqlen_k,
-            off,
-            sm_scale,
-            softcap,
-            win_left,
-            win_right,
-            bias_ptr,
-            stride_bm,
-            stride_bn,
-            slope,
-            smod,
-            MASK,
-            SOFTCAP,
-            HAS_BIAS,
-            HAS_ALIBI,
-            HAS_LEFT,
-            HAS_RIGHT,
-            DEFER,
-            HAS_SCORE_MOD,
-            SCORE_MOD,
+            qkt, offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, off, par, smod, MASK, FEAT
         )
         if HAS_IV:  # noqa: SIM102 (constexpr, then a runtime branch)
             if not full:
+                ia, ib, ic, id_ = iv
                 st = iv_apply(st, offs_m[None, :], ia, ib, ic, id_)
         if HAS_TS:  # noqa: SIM102
             if not full:
-                st = ts_apply(st, offs_m[None, :], offs_n[:, None], off, smod, MASK_KEEP)
+                st = ts_apply(st, offs_m[None, :], offs_n[:, None], off, smod, CFG.MASK_KEEP)
         lg = st * c - lse_hi[None, :]
         if exact:
             lg -= lse_lo[None, :]
         pt = tl.exp2(lg)  # (BN, BM) softmax probabilities, transposed
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM) = (dO V^T)^T
-        if DROPOUT:
-            keep = dropout_keep(rng_ptr, bh, offs_m[None, :], offs_n[:, None], dropout_p)
-            scale_keep = 1.0 / (1.0 - dropout_p)
+        dpt = tl.dot(v, tl.trans(do), input_precision=FEAT.PRECISION)  # (BN, BM) = (dO V^T)^T
+        if FEAT.DROPOUT:
+            keep = dropout_keep(par.rng_ptr, par.bh, offs_m[None, :], offs_n[:, None], par.dropout_p)
+            scale_keep = 1.0 / (1.0 - par.dropout_p)
             pdt = tl.where(keep, pt * scale_keep, 0.0)
             dpt = tl.where(keep, dpt * scale_keep, 0.0)
         else:
             pdt = pt
-        dv += tl.dot(pdt.to(do.dtype), do, input_precision=PRECISION)
+        dv += tl.dot(pdt.to(do.dtype), do, input_precision=FEAT.PRECISION)
         dst = pt * (dpt - delta[None, :])  # dL/ds (natural units), transposed
-        if SMOD_GRAD:  # the captured tensors' gradients (atomic adds; this kernel visits each pair once)
+        if CFG.SMOD_GRAD:  # the captured tensors' gradients (atomic adds; this kernel visits each pair once)
             inside = (offs_m[None, :] < seqlen_q) & (offs_n[:, None] < seqlen_k)  # (unmasked tiles pad)
             dsx = tl.where(inside, dst, 0.0)
-            SCORE_MOD_BWD(xt, smod[5], smod[6], offs_m[None, :], offs_n[:, None], off, smod, dsx)
-        dst = dscore_mod(dst, pt, gt, HAS_SCORE_MOD)  # (before the score mod: bias, softcap see this)
-        if BIAS_GRAD:
+            CFG.SCORE_MOD_BWD(xt, smod[5], smod[6], offs_m[None, :], offs_n[:, None], off, smod, dsx)
+        dst = dscore_mod(dst, pt, gt, FEAT.HAS_SCORE_MOD)  # (before the score mod: bias, softcap see this)
+        if CFG.BIAS_GRAD:
             tl.store(
-                db_ptr + offs_m[None, :] * stride_dbm + offs_n[:, None] * stride_dbn,
+                geo.db_ptr + offs_m[None, :] * geo.stride_dbm + offs_n[:, None] * geo.stride_dbn,
                 dst,
                 mask=(offs_m[None, :] < seqlen_q) & (offs_n[:, None] < seqlen_k),
             )
-        dqkt = dscore_dqk(dst, tt, sm_scale, SOFTCAP).to(q.dtype)  # (BN, BM) dL/d(qk), transposed
-        dk += tl.dot(dqkt, q, input_precision=PRECISION)
+        dqkt = dscore_dqk(dst, tt, par.sm_scale, FEAT.SOFTCAP).to(q.dtype)  # (BN, BM) dL/d(qk), transposed
+        dk += tl.dot(dqkt, q, input_precision=FEAT.PRECISION)
     return dk, dv
 
 
@@ -454,6 +428,10 @@ def attn_bwd_dkdv(
         n0, n1, seqlen_q, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_M
     )
     BODY: tl.constexpr = HAS_IV and IV_BODY
+    FEAT: tl.constexpr = Features(SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
+                                  PRECISION, HAS_SCORE_MOD, SCORE_MOD)  # fmt: skip
+    CFG: tl.constexpr = KTileCfg(D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IV_SKIP, MASK_KEEP, BIAS_GRAD,
+                                 SMOD_GRAD, SCORE_MOD_BWD)  # fmt: skip
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * Hq + h
@@ -470,28 +448,26 @@ def attn_bwd_dkdv(
         sum_ptr = IvSum + b * stride_sb + h * stride_sh
         g_at = ((bhk * tl.num_programs(0) + pid_n) % smg_copies).to(tl.int64) * smg_stride
         smod = (SmC0, SmC1, SmC2, SmC3, SmMeta, b, h, SmG0 + g_at, SmG1 + g_at, SmG2 + g_at, SmG3 + g_at)
+        ts_ptr = Ts + b * stride_tb + h * stride_th + pid_n  # (this key tile's column of states)
+        geo = KTileGeo(q_base, do_base, hi_base, lo_base, d_base, db_ptr, stride_qs, stride_dos, stride_ls,
+                       stride_ds, stride_dbm, stride_dbn, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, off,
+                       sum_ptr, k_start, n0, n1, ts_ptr, ts_cols)  # fmt: skip
+        par = ScoreParams(sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, Rng,
+                          bh, dropout_p)  # fmt: skip
         if IV_LIST:  # masks as data, listed: this key tile's partial query tiles (masked), then full ones
             iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
-            ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[:, None], seqlen_k)
+            iv = iv_load(iv_ptr, offs_n[:, None], seqlen_k)
             row = b * ivl_b + h * ivl_h + pid_n
             for part in tl.static_range(2):
                 n = tl.load(IvC + row * 2 + part)
                 lst = IvL + (row * 2 + part) * ivl_n
-                dk, dv = _dkdv_listed(
-                    dk, dv, k, v, q_base, do_base, hi_base, lo_base, d_base, db_ptr, stride_qs, stride_dos,
-                    stride_ls, stride_ds, stride_dbm, stride_dbn, offs_n, offs_d, offs_dv, lst, n, seqlen_q,
-                    seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn,
-                    slope, Rng, bh, dropout_p, ia, ib, ic, id_, smod, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M,
-                    part == 0, SOFTCAP, HAS_BIAS, BIAS_GRAD, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
-                    PRECISION, BLOCK_N, HAS_SCORE_MOD, SCORE_MOD, SMOD_GRAD, SCORE_MOD_BWD,
-                )  # fmt: skip
+                dk, dv = _dkdv_listed(dk, dv, k, v, lst, n, iv, geo, par, smod, CFG, FEAT, part == 0)
         else:
-            ts_ptr = Ts + b * stride_tb + h * stride_th + pid_n  # (this key tile's column of states)
-            ia, ib, ic, id_ = 0, 0, 0, 0
+            iv = (0, 0, 0, 0)
             g_lo, g_full_lo, g_full_hi, g_hi = lo, full_lo, full_hi, hi
             if HAS_IV:  # this key tile's column intervals, (BN, 1) each, and the query tiles that see any
                 iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
-                ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[:, None], seqlen_k)
+                iv = iv_load(iv_ptr, offs_n[:, None], seqlen_k)
                 lo2, hi2 = iv_narrow_q(
                     sum_ptr, k_start + n0, k_start + n1, lo, hi, seqlen_q, BLOCK_M, BLOCK_N
                 )
@@ -521,15 +497,8 @@ def attn_bwd_dkdv(
                 # (which segments exist, a constexpr: no empty loops compiled)
                 if (seg == 1 or (BODY and seg % 4 != 0)) if ONE_LOOP else (BODY or seg < 2 or seg == 4):
                     dk, dv = _dkdv_inner(
-                        dk, dv, k, v, q_base, do_base, hi_base, lo_base, d_base, db_ptr, stride_qs,
-                        stride_dos, stride_ls, stride_ds, stride_dbm, stride_dbn, offs_n, offs_d, offs_dv,
-                        seg_lo, seg_hi, seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right,
-                        bias_ptr, stride_bm, stride_bn, slope, Rng, bh, dropout_p, sum_ptr, k_start + n0,
-                        k_start + n1, ia, ib, ic, id_, smod, ts_ptr, ts_cols, D, DV, BLOCK_D, BLOCK_DV,
-                        BLOCK_M, (seg != 2) if ONE_LOOP else (seg == 0 or seg == 4), SOFTCAP, HAS_BIAS,
-                        BIAS_GRAD, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER, PRECISION,
-                        HAS_IV and seg != 2, IV_SKIP, BLOCK_N, HAS_SCORE_MOD, SCORE_MOD, SMOD_GRAD,
-                        SCORE_MOD_BWD, HAS_TS, MASK_KEEP,
+                        dk, dv, k, v, seg_lo, seg_hi, iv, geo, par, smod, CFG, FEAT,
+                        (seg != 2) if ONE_LOOP else (seg == 0 or seg == 4), HAS_IV and seg != 2, HAS_TS,
                     )  # fmt: skip
     row_mask = offs_n[:, None] < seqlen_k
     dk_ptrs = (

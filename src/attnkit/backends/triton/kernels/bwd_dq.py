@@ -1,12 +1,16 @@
 """The dQ kernel of the backward (pure ``@triton.jit``): :func:`attn_bwd_dq`, one program = one tile of
 BLOCK_M query rows of one (batch, query head), the same schedule as the forward; no atomics. The lse and
-delta conventions are those of ``bwd.py`` (its docstring), whose row-statistics loader it shares."""
+delta conventions are those of ``bwd.py`` (its docstring), whose row-statistics loader it shares. The tile
+loops take the forward's argument tuples (``fwd.QTileGeo``, ``fwd.QTileCfg``, ``common.ScoreParams``,
+``common.Features``) and the program's query rows ``qrow``."""
 
 import triton
 import triton.language as tl
 
 from attnkit.backends.triton.kernels.bwd import _load_row_stats
 from attnkit.backends.triton.kernels.common import (
+    Features,
+    ScoreParams,
     dropout_keep,
     dscore_dqk,
     dscore_mod,
@@ -22,195 +26,101 @@ from attnkit.backends.triton.kernels.common import (
     scores,
     seq_bounds,
 )
-from attnkit.backends.triton.kernels.fwd import load_tile
+from attnkit.backends.triton.kernels.fwd import QTileCfg, QTileGeo, load_tile
 from attnkit.backends.triton.kernels.tiles import ts_apply, ts_narrow, ts_state
 
 
 @triton.jit
 def _dq_inner(
-    dq,
-    q,
-    do,
-    lse_hi,
-    lse_lo,
-    delta,
-    k_base,
-    v_base,
-    stride_ks,
-    stride_vs,
-    offs_m,
-    offs_d,
-    offs_dv,
-    lo,
-    hi,
-    seqlen_q,
-    seqlen_k,
-    off,
-    sm_scale,
-    softcap,
-    win_left,
-    win_right,
-    bias_ptr,
-    stride_bm,
-    stride_bn,
-    slope,
-    rng_ptr,
-    bh,
-    dropout_p,
-    iv_ptr,
-    sum_ptr,
-    k_start,
-    r0,
-    r1,
-    smod,
-    ts_ptr,
-    D: tl.constexpr,
-    DV: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DEFER: tl.constexpr,
-    PRECISION: tl.constexpr,
-    HAS_IV: tl.constexpr,
-    IV_SKIP: tl.constexpr,
-    HAS_SCORE_MOD: tl.constexpr,
-    SCORE_MOD: tl.constexpr,
-    HAS_TS: tl.constexpr,
-    MASK_KEEP: tl.constexpr,
-):
-    c = pending_scale(sm_scale, DEFER)
+    dq, qrow, lo, hi, geo, par, smod,
+    CFG: tl.constexpr, FEAT: tl.constexpr, MASK: tl.constexpr, HAS_IV: tl.constexpr, HAS_TS: tl.constexpr,
+):  # fmt: skip
+    """The key tiles ``[lo, hi)`` of one segment of the schedule (as the forward's ``_fwd_inner``)."""
+    BLOCK_N: tl.constexpr = CFG.BLOCK_N
+    c = pending_scale(par.sm_scale, FEAT.DEFER)
     for start_n in range(lo, hi, BLOCK_N):
         empty = False
         full = True
         if HAS_IV:  # masks as data: skip empty key tiles, no mask work on full ones
-            last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
-            empty, full = iv_classify(sum_ptr, k_start + start_n, k_start + last, r0, r1, BLOCK_N)
-            if not IV_SKIP:
+            last = tl.minimum(start_n + BLOCK_N, geo.seqlen_k) - 1
+            empty, full = iv_classify(
+                geo.sum_ptr, geo.k_start + start_n, geo.k_start + last, geo.m0, geo.m1, BLOCK_N
+            )
+            if not CFG.IV_SKIP:
                 empty = False
         if HAS_TS:  # tile states: skip empty key tiles, no mask work on full ones
-            empty, full = ts_state(ts_ptr + start_n // BLOCK_N)
-        dq = _dq_tile(
-            dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv,
-            start_n, seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
-            stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, empty, full, smod, ts_ptr, D, DV, BLOCK_D,
-            BLOCK_DV, BLOCK_N, MASK, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
-            PRECISION, HAS_IV, HAS_SCORE_MOD, SCORE_MOD, HAS_TS, MASK_KEEP,
-        )  # fmt: skip
+            empty, full = ts_state(geo.ts_ptr + start_n // BLOCK_N)
+        dq = _dq_tile(dq, qrow, start_n, c, empty, full, geo, par, smod, CFG, FEAT, MASK, HAS_IV, HAS_TS)
     return dq
 
 
 @triton.jit
 def _dq_listed(
-    dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, lst, n,
-    seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope,
-    rng_ptr, bh, dropout_p, iv_ptr, smod,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DEFER: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
+    dq, qrow, lst, n, geo, par, smod, CFG: tl.constexpr, FEAT: tl.constexpr, PARTIAL: tl.constexpr
 ):  # fmt: skip
     """The key tiles of list ``lst`` (``n`` tile starts, kernels/ivlists.py, at this kernel's tiles): PARTIAL
     ones masked (flags and intervals), full ones as the plain body (as the forward's ``_fwd_listed``)."""
-    c = pending_scale(sm_scale, DEFER)
+    c = pending_scale(par.sm_scale, FEAT.DEFER)
     start_n = tl.load(lst, mask=n > 0, other=0)
     for i in range(0, n):
         nxt = tl.load(lst + i + 1, mask=i + 1 < n, other=0)
-        dq = _dq_tile(
-            dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv,
-            start_n, seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
-            stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, False, False, smod, iv_ptr, D, DV, BLOCK_D,
-            BLOCK_DV, BLOCK_N, PARTIAL, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
-            PRECISION, PARTIAL, HAS_SCORE_MOD, SCORE_MOD, False, None,
-        )  # fmt: skip
+        dq = _dq_tile(dq, qrow, start_n, c, False, False, geo, par, smod, CFG, FEAT, PARTIAL, PARTIAL, False)
         start_n = nxt
     return dq
 
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n,
-    seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope,
-    rng_ptr, bh, dropout_p, c, iv_ptr, empty, full, smod, ts_ptr,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DEFER: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_IV: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
-    HAS_TS: tl.constexpr, MASK_KEEP: tl.constexpr,
+    dq, qrow, start_n, c, empty, full, geo, par, smod,
+    CFG: tl.constexpr, FEAT: tl.constexpr, MASK: tl.constexpr, HAS_IV: tl.constexpr, HAS_TS: tl.constexpr,
 ):  # fmt: skip
-    """One key tile of the dQ loop (``empty`` / ``full``: the interval classification or the tile state)."""
+    """One key tile of the dQ loop (``empty`` / ``full``: the interval classification or the tile state);
+    ``qrow = (q, do, lse_hi, lse_lo, delta)``: the program's query rows, loaded once."""
     if not empty:
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        q, do, lse_hi, lse_lo, delta = qrow
+        offs_m, offs_d, offs_dv = geo.offs_m, geo.offs_d, geo.offs_dv
+        offs_n = start_n + tl.arange(0, CFG.BLOCK_N)
         kt = load_tile(
-            k_base + offs_n[None, :] * stride_ks + offs_d[:, None],
+            geo.k_base + offs_n[None, :] * geo.stride_ks + offs_d[:, None],
             offs_n[None, :],
-            seqlen_k,
+            geo.seqlen_k,
             offs_d[:, None],
-            D,
+            CFG.D,
             MASK,
-            BLOCK_D != D,
+            CFG.BLOCK_D != CFG.D,
         )  # (BD, BN)
         vt = load_tile(
-            v_base + offs_n[None, :] * stride_vs + offs_dv[:, None],
+            geo.v_base + offs_n[None, :] * geo.stride_vs + offs_dv[:, None],
             offs_n[None, :],
-            seqlen_k,
+            geo.seqlen_k,
             offs_dv[:, None],
-            DV,
+            CFG.DV,
             MASK,
-            BLOCK_DV != DV,
+            CFG.BLOCK_DV != CFG.DV,
         )  # (BDV, BN)
-        qk = tl.dot(q, kt, input_precision=PRECISION)
+        qk = tl.dot(q, kt, input_precision=FEAT.PRECISION)
         s, t, g, _ = scores(
-            qk,
-            offs_m[:, None],
-            offs_n[None, :],
-            seqlen_q,
-            seqlen_k,
-            off,
-            sm_scale,
-            softcap,
-            win_left,
-            win_right,
-            bias_ptr,
-            stride_bm,
-            stride_bn,
-            slope,
-            smod,
-            MASK,
-            SOFTCAP,
-            HAS_BIAS,
-            HAS_ALIBI,
-            HAS_LEFT,
-            HAS_RIGHT,
-            DEFER,
-            HAS_SCORE_MOD,
-            SCORE_MOD,
+            qk, offs_m[:, None], offs_n[None, :], geo.seqlen_q, geo.seqlen_k, geo.off, par, smod, MASK, FEAT
         )
         if HAS_IV:
-            ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[None, :], seqlen_k)
+            ia, ib, ic, id_ = iv_load(geo.iv_ptr, offs_n[None, :], geo.seqlen_k)
             if not full:
                 s = iv_apply(s, offs_m[:, None], ia, ib, ic, id_)
         if HAS_TS:  # noqa: SIM102
             if not full:
-                s = ts_apply(s, offs_m[:, None], offs_n[None, :], off, smod, MASK_KEEP)
+                s = ts_apply(s, offs_m[:, None], offs_n[None, :], geo.off, smod, CFG.MASK_KEEP)
         lg = s * c - lse_hi[:, None]
         if q.dtype == tl.float32:
             lg -= lse_lo[:, None]
         p = tl.exp2(lg)
-        dp = tl.dot(do, vt, input_precision=PRECISION)  # (BM, BN)
-        if DROPOUT:
-            keep = dropout_keep(rng_ptr, bh, offs_m[:, None], offs_n[None, :], dropout_p)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        dp = tl.dot(do, vt, input_precision=FEAT.PRECISION)  # (BM, BN)
+        if FEAT.DROPOUT:
+            keep = dropout_keep(par.rng_ptr, par.bh, offs_m[:, None], offs_n[None, :], par.dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - par.dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
-        ds = dscore_mod(ds, p, g, HAS_SCORE_MOD)
-        dqk = dscore_dqk(ds, t, sm_scale, SOFTCAP)
-        dq += tl.dot(dqk.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+        ds = dscore_mod(ds, p, g, FEAT.HAS_SCORE_MOD)
+        dqk = dscore_dqk(ds, t, par.sm_scale, FEAT.SOFTCAP)
+        dq += tl.dot(dqk.to(kt.dtype), tl.trans(kt), input_precision=FEAT.PRECISION)
     return dq
 
 
@@ -387,18 +297,20 @@ def attn_bwd_dq(
     iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
     sum_ptr = IvSum + b * stride_sb + h * stride_sh
     ts_ptr = Ts + b * stride_tb + h * stride_th + pid_m * ts_cols  # (this query tile's row of states)
+    qrow = (q, do, lse_hi, lse_lo, delta)
+    geo = QTileGeo(k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, off,
+                   iv_ptr, sum_ptr, ts_ptr, k_start, m0, m1)  # fmt: skip
+    par = ScoreParams(sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, Rng, bh,
+                      dropout_p)  # fmt: skip
+    FEAT: tl.constexpr = Features(SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
+                                  PRECISION, HAS_SCORE_MOD, SCORE_MOD)  # fmt: skip
+    CFG: tl.constexpr = QTileCfg(D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, IV_SKIP, MASK_KEEP)
     if IV_LIST:  # masks as data, listed: the partial key tiles (masked), then the full ones (plain body)
         row = b * ivl_b + h * ivl_h + pid_m
         for part in tl.static_range(2):
             n = tl.load(IvC + row * 2 + part)
             lst = IvL + (row * 2 + part) * ivl_n
-            dq = _dq_listed(
-                dq, q, do, lse_hi, lse_lo, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                offs_dv, lst, n, seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr,
-                stride_bm, stride_bn, slope, Rng, bh, dropout_p, iv_ptr, smod, D, DV, BLOCK_D, BLOCK_DV,
-                BLOCK_N, part == 0, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
-                PRECISION, HAS_SCORE_MOD, SCORE_MOD,
-            )  # fmt: skip
+            dq = _dq_listed(dq, qrow, lst, n, geo, par, smod, CFG, FEAT, part == 0)
     else:
         lo, full_lo, full_hi, hi = kv_tiles(
             m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
@@ -418,64 +330,8 @@ def attn_bwd_dq(
         for seg in tl.static_range(5):
             seg_lo, seg_hi = iv_bounds(seg, lo, full_lo, b0, b1, full_hi, hi)
             if BODY or (seg != 2 and seg != 3):
-                dq = _dq_inner(
-                    dq,
-                    q,
-                    do,
-                    lse_hi,
-                    lse_lo,
-                    delta,
-                    k_base,
-                    v_base,
-                    stride_ks,
-                    stride_vs,
-                    offs_m,
-                    offs_d,
-                    offs_dv,
-                    seg_lo,
-                    seg_hi,
-                    seqlen_q,
-                    seqlen_k,
-                    off,
-                    sm_scale,
-                    softcap,
-                    win_left,
-                    win_right,
-                    bias_ptr,
-                    stride_bm,
-                    stride_bn,
-                    slope,
-                    Rng,
-                    bh,
-                    dropout_p,
-                    iv_ptr,
-                    sum_ptr,
-                    k_start,
-                    m0,
-                    m1,
-                    smod,
-                    ts_ptr,
-                    D,
-                    DV,
-                    BLOCK_D,
-                    BLOCK_DV,
-                    BLOCK_N,
-                    seg == 0 or seg == 4,
-                    SOFTCAP,
-                    HAS_BIAS,
-                    HAS_ALIBI,
-                    HAS_LEFT,
-                    HAS_RIGHT,
-                    DROPOUT,
-                    DEFER,
-                    PRECISION,
-                    HAS_IV and seg != 2,
-                    IV_SKIP,
-                    HAS_SCORE_MOD,
-                    SCORE_MOD,
-                    HAS_TS,
-                    MASK_KEEP,
-                )
+                dq = _dq_inner(dq, qrow, seg_lo, seg_hi, geo, par, smod, CFG, FEAT, seg == 0 or seg == 4,
+                               HAS_IV and seg != 2, HAS_TS)  # fmt: skip
     dq_ptrs = (
         DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqs + offs_d[None, :]
     )

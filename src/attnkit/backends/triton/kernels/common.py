@@ -9,6 +9,11 @@
   returns the masked raw dot products and the caller folds ``scale * log2e`` into the FMA before exp2
   (:func:`pending_scale`): one FMA per score. User ``score_mod`` / ``mask_mod`` code will be compiled
   into this function.
+* The arguments every kernel's tile loops share travel as two named tuples, built once in the kernel body:
+  :class:`ScoreParams` (the runtime values of the score pipeline and of dropout, for one (batch, head)) and
+  :class:`Features` (its constexpr flags; passed as a constexpr: ``FEAT: tl.constexpr = Features(...)``).
+  Each kernel adds its own geometry and configuration tuples (``fwd.QTileGeo`` and ``QTileCfg``,
+  ``bwd.KTileGeo`` and ``KTileCfg``); the helpers read the fields they use by name.
 
 * ``iv_*``: masks carried as data (``attnkit.masks._intervals``): per key column the masked query rows
   ``[a, b) U [c, d)``; 16-key summaries classify a tile pair as empty / full / partial, narrow each loop's
@@ -22,11 +27,27 @@ broadcasting, so the same code serves ``(rows, cols)`` tiles (forward, dQ) and t
 ``(cols, rows)`` tiles (dK/dV).
 """
 
+from collections import namedtuple
+
 import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+
+# the score pipeline's runtime values for one (batch, query head): scale, softcap, window bounds, the bias at
+# bias[b, h, 0, 0] and its row / column strides, the ALiBi slope (0.0 without), and dropout's Philox state
+# pointer, counter ``bh`` (b * Hq + h) and probability
+ScoreParams = namedtuple(
+    "ScoreParams",
+    "sm_scale softcap win_left win_right bias_ptr stride_bm stride_bn slope rng_ptr bh dropout_p",
+)
+# the constexpr feature flags of the score pipeline (the kernels' parameters of these names; PRECISION is the
+# dots' input_precision, SCORE_MOD the compiled score mod or None)
+Features = namedtuple(
+    "Features",
+    "SOFTCAP HAS_BIAS HAS_ALIBI HAS_LEFT HAS_RIGHT DROPOUT DEFER PRECISION HAS_SCORE_MOD SCORE_MOD",
+)
 
 
 @triton.jit
@@ -116,75 +137,51 @@ def pending_scale(sm_scale, DEFER: tl.constexpr):
 
 
 @triton.jit
-def scores(
-    qk,
-    rows,
-    cols,
-    seqlen_q,
-    seqlen_k,
-    off,
-    sm_scale,
-    softcap,
-    win_left,
-    win_right,
-    bias_ptr,
-    stride_bm,
-    stride_bn,
-    slope,
-    smod,
-    MASK: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    DEFER: tl.constexpr,
-    HAS_SCORE_MOD: tl.constexpr,
-    SCORE_MOD: tl.constexpr,
-):
+def scores(qk, rows, cols, seqlen_q, seqlen_k, off, par, smod, MASK: tl.constexpr, FEAT: tl.constexpr):
     """Steps 1-5 of the score pipeline on a tile of raw dot products ``qk``, in log2 units.
 
-    ``rows``/``cols`` are the in-sequence indices i and j, broadcastable to ``qk``'s shape;
-    ``bias_ptr`` points at bias[b, h, 0, 0]. Returns ``(s, tanh_term)`` with score * log2e =
-    ``s * pending_scale(sm_scale, DEFER)``. DEFER (host: no softcap, bias or ALiBi, and scale > 0) leaves
-    the scale to the caller's exp2 FMA, so ``s`` is ``qk`` itself (masked); the row max of ``s`` times
-    the positive factor is the row max of the scores. ``tanh_term`` is the softcap's tanh (for its
-    derivative in backward), or ``qk``. Masked entries (only computed when MASK) are -inf.
+    ``rows``/``cols`` are the in-sequence indices i and j, broadcastable to ``qk``'s shape; ``par`` is the
+    call's :class:`ScoreParams` (its ``bias_ptr`` points at bias[b, h, 0, 0]) and ``FEAT`` its
+    :class:`Features`. Returns ``(s, t, g, x)`` with score * log2e = ``s * pending_scale(sm_scale, DEFER)``.
+    DEFER (host: no softcap, bias or ALiBi, and scale > 0) leaves the scale to the caller's exp2 FMA, so ``s``
+    is ``qk`` itself (masked); the row max of ``s`` times the positive factor is the row max of the scores.
+    ``t`` is the softcap's tanh (for its derivative in backward), or ``qk``. Masked entries (only computed
+    when MASK) are -inf.
 
     HAS_SCORE_MOD: step 4, the compiled ``SCORE_MOD(score, b, h, q_idx, kv_idx, off, SM)`` (natural units in
-    and out; ``attnkit.compiler``) with ``smod = (C0, C1, C2, C3, META, b, h)``. Returns ``(s, t, g)``, ``g``
-    its derivative d(mod)/d(score) where it runs (the backward's chain rule), else 1; callers that want it
-    get the mod's input too: :func:`scores_x`.
+    and out; ``attnkit.compiler``) with ``smod = (C0, C1, C2, C3, META, b, h)``. ``g`` is its derivative
+    d(mod)/d(score) where it runs (the backward's chain rule), else 1, and ``x`` its input (natural units;
+    the captured tensors' gradients need it), else the score in log2 units.
     """
-    if SOFTCAP:
-        x = qk * (sm_scale / softcap)
+    if FEAT.SOFTCAP:
+        x = qk * (par.sm_scale / par.softcap)
         # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no tanh intrinsic needed (interpreter too)
         t = 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
-        s = t * (softcap * LOG2E)
+        s = t * (par.softcap * LOG2E)
     else:
         t = qk
-        if DEFER:
+        if FEAT.DEFER:
             s = qk
         else:
-            s = qk * (sm_scale * LOG2E)
-    if HAS_BIAS:
+            s = qk * (par.sm_scale * LOG2E)
+    if FEAT.HAS_BIAS:
         bmask = (rows < seqlen_q) & (cols < seqlen_k)
-        bias = tl.load(bias_ptr + rows * stride_bm + cols * stride_bn, mask=bmask, other=0.0)
+        bias = tl.load(par.bias_ptr + rows * par.stride_bm + cols * par.stride_bn, mask=bmask, other=0.0)
         s += bias.to(tl.float32) * LOG2E
-    if HAS_ALIBI:
-        s -= (slope * LOG2E) * tl.abs(rows + off - cols).to(tl.float32)
+    if FEAT.HAS_ALIBI:
+        s -= (par.slope * LOG2E) * tl.abs(rows + off - cols).to(tl.float32)
     g = 1.0
     x = s
-    if HAS_SCORE_MOD:  # (DEFER is off: s is in log2 units here)
+    if FEAT.HAS_SCORE_MOD:  # (DEFER is off: s is in log2 units here)
         x = s * LN2
-        y, g = SCORE_MOD(x, smod[5], smod[6], rows, cols, off, smod)
+        y, g = FEAT.SCORE_MOD(x, smod[5], smod[6], rows, cols, off, smod)
         s = y * LOG2E
     if MASK:
         vis = (cols < seqlen_k) & (rows < seqlen_q)
-        if HAS_RIGHT:
-            vis = vis & (cols <= rows + off + win_right)
-        if HAS_LEFT:
-            vis = vis & (cols >= rows + off - win_left)
+        if FEAT.HAS_RIGHT:
+            vis = vis & (cols <= rows + off + par.win_right)
+        if FEAT.HAS_LEFT:
+            vis = vis & (cols >= rows + off - par.win_left)
         s = tl.where(vis, s, float("-inf"))
     return s, t, g, x
 

@@ -1,14 +1,20 @@
 """Forward kernel (pure ``@triton.jit``): FlashAttention-2 style online softmax in exp2, fp32 accumulation.
 
 One program = one tile of BLOCK_M query rows of one (batch element or sequence, query head). Features are
-constexpr flags of this one kernel; the score pipeline and tile schedule live in ``_pipeline.py``.
+constexpr flags of this one kernel; the score pipeline and tile schedule live in ``common.py``. The kernel
+body builds the tile loops' arguments once, as named tuples (:class:`QTileGeo`, ``common.ScoreParams``, and
+the constexprs ``common.Features`` and :class:`QTileCfg`); the helpers take them whole and read what they use.
 """
+
+from collections import namedtuple
 
 import triton
 import triton.language as tl
 
 from attnkit.backends.triton.kernels.common import (
     LN2,
+    Features,
+    ScoreParams,
     dropout_keep,
     iv_apply,
     iv_bounds,
@@ -23,6 +29,19 @@ from attnkit.backends.triton.kernels.common import (
     seq_bounds,
 )
 from attnkit.backends.triton.kernels.tiles import ts_apply, ts_narrow, ts_state
+
+# what the tile loops of a program over one query tile (forward, dQ) read: the K / V bases of its (batch, KV
+# head) at the sequence's first key and their row strides, the tile's row and head-dim index ranges, the
+# sequence lengths and ``off = Sk - Sq``, the mask data (intervals at the first key, their summary, this query
+# tile's row of tile states), the sequence's first packed key and the tile's first and last row
+QTileGeo = namedtuple(
+    "QTileGeo",
+    "k_base v_base stride_ks stride_vs offs_m offs_d offs_dv seqlen_q seqlen_k off "
+    "iv_ptr sum_ptr ts_ptr k_start m0 m1",
+)
+# their constexprs besides the score features: head dims (true and padded), the key tile, the interval branch
+# (IV_SKIP) and the compiled mask condition of the tile states (MASK_KEEP)
+QTileCfg = namedtuple("QTileCfg", "D DV BLOCK_D BLOCK_DV BLOCK_N IV_SKIP MASK_KEEP")
 
 
 @triton.jit
@@ -51,200 +70,103 @@ def load_tile(ptrs, idx, bound, cidx, CBOUND: tl.constexpr, CHECK_ROWS: tl.const
 
 @triton.jit
 def _fwd_inner(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    stride_ks,
-    stride_vs,
-    offs_m,
-    offs_d,
-    offs_dv,
-    lo,
-    hi,
-    seqlen_q,
-    seqlen_k,
-    off,
-    sm_scale,
-    softcap,
-    win_left,
-    win_right,
-    bias_ptr,
-    stride_bm,
-    stride_bn,
-    slope,
-    rng_ptr,
-    bh,
-    dropout_p,
-    iv_ptr,
-    sum_ptr,
-    k_start,
-    r0,
-    r1,
-    smod,
-    ts_ptr,
-    D: tl.constexpr,
-    DV: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DEFER: tl.constexpr,
-    PRECISION: tl.constexpr,
-    HAS_IV: tl.constexpr,
-    IV_SKIP: tl.constexpr,
-    HAS_SCORE_MOD: tl.constexpr,
-    SCORE_MOD: tl.constexpr,
-    HAS_TS: tl.constexpr,
-    MASK_KEEP: tl.constexpr,
-):
-    c = pending_scale(sm_scale, DEFER)  # scores * c = scores in log2 units
+    acc, l_i, m_i, q, lo, hi, geo, par, smod,
+    CFG: tl.constexpr, FEAT: tl.constexpr, MASK: tl.constexpr, HAS_IV: tl.constexpr, HAS_TS: tl.constexpr,
+):  # fmt: skip
+    """The key tiles ``[lo, hi)`` of one segment of the schedule (MASK: the flags' mask; HAS_IV / HAS_TS: the
+    intervals / tile states classify each tile)."""
+    BLOCK_N: tl.constexpr = CFG.BLOCK_N
+    c = pending_scale(par.sm_scale, FEAT.DEFER)  # scores * c = scores in log2 units
     for start_n in range(lo, hi, BLOCK_N):
         if HAS_IV:  # masks as data: full tiles skip the mask; IV_SKIP: empty tiles skip everything (a branch)
-            last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
-            empty, full = iv_classify(sum_ptr, k_start + start_n, k_start + last, r0, r1, BLOCK_N)
-            if not IV_SKIP:
+            last = tl.minimum(start_n + BLOCK_N, geo.seqlen_k) - 1
+            empty, full = iv_classify(
+                geo.sum_ptr, geo.k_start + start_n, geo.k_start + last, geo.m0, geo.m1, BLOCK_N
+            )
+            if not CFG.IV_SKIP:
                 empty = False
             acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n,
-                seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
-                stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, empty, full, smod, D, DV, BLOCK_D,
-                BLOCK_DV, BLOCK_N, MASK, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
-                PRECISION, True, HAS_SCORE_MOD, SCORE_MOD, False, MASK_KEEP,
-            )  # fmt: skip
+                acc, l_i, m_i, q, start_n, c, empty, full, geo, par, smod, CFG, FEAT, MASK, True, False
+            )
         elif HAS_TS:  # tile states (a mask evaluated per tile): empty tiles skipped, full ones unmasked
-            empty, full = ts_state(ts_ptr + start_n // BLOCK_N)
+            empty, full = ts_state(geo.ts_ptr + start_n // BLOCK_N)
             acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n,
-                seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
-                stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, empty, full, smod, D, DV, BLOCK_D,
-                BLOCK_DV, BLOCK_N, MASK, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
-                PRECISION, False, HAS_SCORE_MOD, SCORE_MOD, True, MASK_KEEP,
-            )  # fmt: skip
+                acc, l_i, m_i, q, start_n, c, empty, full, geo, par, smod, CFG, FEAT, MASK, False, True
+            )
         else:
             acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n,
-                seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
-                stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, False, True, smod, D, DV, BLOCK_D,
-                BLOCK_DV, BLOCK_N, MASK, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
-                PRECISION, False, HAS_SCORE_MOD, SCORE_MOD, False, MASK_KEEP,
-            )  # fmt: skip
+                acc, l_i, m_i, q, start_n, c, False, True, geo, par, smod, CFG, FEAT, MASK, False, False
+            )
     return acc, l_i, m_i
 
 
 @triton.jit
 def _fwd_listed(
-    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, lst, n, seqlen_q,
-    seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, rng_ptr,
-    bh, dropout_p, iv_ptr, smod,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DEFER: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
+    acc, l_i, m_i, q, lst, n, geo, par, smod, CFG: tl.constexpr, FEAT: tl.constexpr, PARTIAL: tl.constexpr,
 ):  # fmt: skip
     """The key tiles of list ``lst`` (``n`` tile starts, kernels/ivlists.py): PARTIAL ones masked (flags and
     intervals), full ones as the plain body. The next start is loaded a tile ahead."""
-    c = pending_scale(sm_scale, DEFER)
+    c = pending_scale(par.sm_scale, FEAT.DEFER)
     start_n = tl.load(lst, mask=n > 0, other=0)
     for i in range(0, n):
         nxt = tl.load(lst + i + 1, mask=i + 1 < n, other=0)
         acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n,
-            seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
-            stride_bn, slope, rng_ptr, bh, dropout_p, c, iv_ptr, False, False, smod, D, DV, BLOCK_D,
-            BLOCK_DV, BLOCK_N, PARTIAL, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
-            PRECISION, PARTIAL, HAS_SCORE_MOD, SCORE_MOD, False, None,
-        )  # fmt: skip
+            acc, l_i, m_i, q, start_n, c, False, False, geo, par, smod, CFG, FEAT, PARTIAL, PARTIAL, False
+        )
         start_n = nxt
     return acc, l_i, m_i
 
 
 @triton.jit
 def _fwd_tile(
-    acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, start_n, seqlen_q,
-    seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, rng_ptr,
-    bh, dropout_p, c, iv_ptr, empty, full, smod,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DEFER: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_IV: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, SCORE_MOD: tl.constexpr,
-    HAS_TS: tl.constexpr, MASK_KEEP: tl.constexpr,
+    acc, l_i, m_i, q, start_n, c, empty, full, geo, par, smod,
+    CFG: tl.constexpr, FEAT: tl.constexpr, MASK: tl.constexpr, HAS_IV: tl.constexpr, HAS_TS: tl.constexpr,
 ):  # fmt: skip
     """One key tile of the forward loop (``empty`` / ``full``: the interval classification (HAS_IV) or the
-    tile's state (HAS_TS))."""
+    tile's state (HAS_TS)); ``c``: :func:`pending_scale`."""
     if not empty:
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_m, offs_d, offs_dv = geo.offs_m, geo.offs_d, geo.offs_dv
+        offs_n = start_n + tl.arange(0, CFG.BLOCK_N)
         # K^T tile (BLOCK_D, BLOCK_N), V tile (BLOCK_N, BLOCK_DV)
         kt = load_tile(
-            k_base + offs_n[None, :] * stride_ks + offs_d[:, None],
+            geo.k_base + offs_n[None, :] * geo.stride_ks + offs_d[:, None],
             offs_n[None, :],
-            seqlen_k,
+            geo.seqlen_k,
             offs_d[:, None],
-            D,
+            CFG.D,
             MASK,
-            BLOCK_D != D,
+            CFG.BLOCK_D != CFG.D,
         )
-        qk = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        qk = tl.dot(q, kt, input_precision=FEAT.PRECISION)  # (BLOCK_M, BLOCK_N)
         s, _, _, _ = scores(
-            qk,
-            offs_m[:, None],
-            offs_n[None, :],
-            seqlen_q,
-            seqlen_k,
-            off,
-            sm_scale,
-            softcap,
-            win_left,
-            win_right,
-            bias_ptr,
-            stride_bm,
-            stride_bn,
-            slope,
-            smod,
-            MASK,
-            SOFTCAP,
-            HAS_BIAS,
-            HAS_ALIBI,
-            HAS_LEFT,
-            HAS_RIGHT,
-            DEFER,
-            HAS_SCORE_MOD,
-            SCORE_MOD,
+            qk, offs_m[:, None], offs_n[None, :], geo.seqlen_q, geo.seqlen_k, geo.off, par, smod, MASK, FEAT
         )
         if HAS_IV:
-            ia, ib, ic, id_ = iv_load(iv_ptr, offs_n[None, :], seqlen_k)  # (loads outside the branch)
+            ia, ib, ic, id_ = iv_load(geo.iv_ptr, offs_n[None, :], geo.seqlen_k)  # (loads outside the branch)
             if not full:  # a partial tile: the masked rows of each column
                 s = iv_apply(s, offs_m[:, None], ia, ib, ic, id_)
         if HAS_TS:  # noqa: SIM102 (constexpr, then a runtime branch)
             if not full:  # a partial tile: the mask condition per element
-                s = ts_apply(s, offs_m[:, None], offs_n[None, :], off, smod, MASK_KEEP)
+                s = ts_apply(s, offs_m[:, None], offs_n[None, :], geo.off, smod, CFG.MASK_KEEP)
         m_new = tl.maximum(m_i, tl.max(s, 1) * c)  # log2 units (c > 0)
         # rows that have seen no visible key yet keep m = -inf; subtract 0 there so exp2 gives 0, not NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s * c - m_use[:, None])  # one FMA per score
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = dropout_keep(rng_ptr, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+        if FEAT.DROPOUT:
+            keep = dropout_keep(par.rng_ptr, par.bh, offs_m[:, None], offs_n[None, :], par.dropout_p)
             p = tl.where(keep, p, 0.0)
         v = load_tile(
-            v_base + offs_n[:, None] * stride_vs + offs_dv[None, :],
+            geo.v_base + offs_n[:, None] * geo.stride_vs + offs_dv[None, :],
             offs_n[:, None],
-            seqlen_k,
+            geo.seqlen_k,
             offs_dv[None, :],
-            DV,
+            CFG.DV,
             MASK,
-            BLOCK_DV != DV,
+            CFG.BLOCK_DV != CFG.DV,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=FEAT.PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -392,18 +314,19 @@ def attn_fwd(
     iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
     sum_ptr = IvSum + b * stride_sb + h * stride_sh
     ts_ptr = Ts + b * stride_tb + h * stride_th + pid_m * ts_cols  # (this query tile's row of states)
+    geo = QTileGeo(k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, off,
+                   iv_ptr, sum_ptr, ts_ptr, k_start, m0, m1)  # fmt: skip
+    par = ScoreParams(sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, Rng, bh,
+                      dropout_p)  # fmt: skip
+    FEAT: tl.constexpr = Features(SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
+                                  PRECISION, HAS_SCORE_MOD, SCORE_MOD)  # fmt: skip
+    CFG: tl.constexpr = QTileCfg(D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, IV_SKIP, MASK_KEEP)
     if IV_LIST:  # masks as data, listed: the partial key tiles (masked), then the full ones (plain body)
         row = b * ivl_b + h * ivl_h + pid_m
         for part in tl.static_range(2):
             n = tl.load(IvC + row * 2 + part)
             lst = IvL + (row * 2 + part) * ivl_n
-            acc, l_i, m_i = _fwd_listed(
-                acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, lst, n,
-                seqlen_q, seqlen_k, off, sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm,
-                stride_bn, slope, Rng, bh, dropout_p, iv_ptr, smod, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
-                part == 0, SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER, PRECISION,
-                HAS_SCORE_MOD, SCORE_MOD,
-            )  # fmt: skip
+            acc, l_i, m_i = _fwd_listed(acc, l_i, m_i, q, lst, n, geo, par, smod, CFG, FEAT, part == 0)
     else:
         lo, full_lo, full_hi, hi = kv_tiles(
             m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
@@ -429,56 +352,16 @@ def attn_fwd(
                     l_i,
                     m_i,
                     q,
-                    k_base,
-                    v_base,
-                    stride_ks,
-                    stride_vs,
-                    offs_m,
-                    offs_d,
-                    offs_dv,
                     seg_lo,
                     seg_hi,
-                    seqlen_q,
-                    seqlen_k,
-                    off,
-                    sm_scale,
-                    softcap,
-                    win_left,
-                    win_right,
-                    bias_ptr,
-                    stride_bm,
-                    stride_bn,
-                    slope,
-                    Rng,
-                    bh,
-                    dropout_p,
-                    iv_ptr,
-                    sum_ptr,
-                    k_start,
-                    m0,
-                    m1,
+                    geo,
+                    par,
                     smod,
-                    ts_ptr,
-                    D,
-                    DV,
-                    BLOCK_D,
-                    BLOCK_DV,
-                    BLOCK_N,
+                    CFG,
+                    FEAT,
                     seg == 0 or seg == 4,
-                    SOFTCAP,
-                    HAS_BIAS,
-                    HAS_ALIBI,
-                    HAS_LEFT,
-                    HAS_RIGHT,
-                    DROPOUT,
-                    DEFER,
-                    PRECISION,
                     HAS_IV and seg != 2,
-                    IV_SKIP,
-                    HAS_SCORE_MOD,
-                    SCORE_MOD,
                     HAS_TS,
-                    MASK_KEEP,
                 )
 
     has_key = l_i > 0.0
