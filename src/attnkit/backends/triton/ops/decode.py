@@ -65,10 +65,13 @@ _TUNE: list = []
 def _tune() -> dict:
     """GPU tuning knobs, read once from ``ATTNKIT_DECODE_TUNE="block_n=64,warps=4,stages=3,waves=2"``
     (any subset). ``block_n=0`` picks it (:func:`blocks`); ``page_tiles=0`` reads a paged cache's table once
-    per key even where a key tile lies on one page. Defaults from the H200 sweep of 2026-12-03
-    (docs/decoding.md, "Tuning")."""
+    per key even where a key tile lies on one page; ``tail=0`` masks every key tile; ``prefetch`` (0, 1, 2):
+    how many tiles ahead a paged cache's table entries are loaded; ``paged_rule=0`` splits a paged cache by
+    the contiguous rule (one wave); ``paged_wide=1`` lets an unsplit paged row take 128-key steps. Defaults
+    from the H200 sweeps of 2026-12-03 (docs/decoding.md, "Tuning")."""
     if not _TUNE:
-        cfg = {"block_n": 0, "warps": 4, "stages": 3, "waves": 2, "page_tiles": 1}
+        cfg = {"block_n": 0, "warps": 4, "stages": 3, "waves": 2, "page_tiles": 1, "tail": 1, "prefetch": 1,
+               "paged_rule": 1, "paged_wide": 0}  # fmt: skip
         for part in os.environ.get("ATTNKIT_DECODE_TUNE", "").split(","):
             if "=" in part:
                 key, val = part.split("=", 1)
@@ -87,7 +90,7 @@ def blocks(Sq: int, group: int, D: int, Dv: int, split: bool = True, paged: bool
     block_m = min(64, _pow2(Sq * group))
     block_n = _tune()["block_n"]
     if not block_n:
-        wide = not split and not paged and block_m <= 16 and max(D, Dv) <= 128
+        wide = not split and (not paged or _tune()["paged_wide"]) and block_m <= 16 and max(D, Dv) <= 128
         block_n = 128 if wide else (64 if max(D, Dv) <= 128 else 32)
     return block_m, block_n
 
@@ -184,7 +187,8 @@ def _make_plan(q, k_cache, v_cache, full, block_table, alibi_slopes, sq_new, sca
     dev = q.device
     if splits <= 0:
         waves = 2 if _cap.interpreting() else _tune()["waves"]
-        splits = num_splits(B, Hk, m_blocks, cap, block_n, sm_count(dev), waves, paged)
+        two_wave = paged and bool(_tune()["paged_rule"])
+        splits = num_splits(B, Hk, m_blocks, cap, block_n, sm_count(dev), waves, two_wave)
     if splits == 1:  # one program reads the whole row: maybe a wider key step
         block_m, block_n = blocks(Sq, group, D, Dv, split=False, paged=paged)
     chunk = _cdiv(_cdiv(cap, splits), block_n) * block_n
@@ -240,6 +244,8 @@ def _make_plan(q, k_cache, v_cache, full, block_table, alibi_slopes, sq_new, sca
         HAS_ALIBI=alibi_slopes is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FULL=full,
+        TAIL=bool(_tune()["tail"]),
+        PREFETCH=_tune()["prefetch"] if paged else 0,
         num_warps=4 if _cap.interpreting() else _tune()["warps"],
         num_stages=2 if _cap.interpreting() else _tune()["stages"],
     )
