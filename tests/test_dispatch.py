@@ -391,6 +391,49 @@ def test_register_custom_backend(dummy):
     assert cand.status == "rejected" and cand.reasons == ["dummy refuses masks"]
 
 
+def test_a_repeated_plain_call_skips_the_checks_but_keeps_their_outcome(dummy, monkeypatch):
+    """attention() keeps a plain call's validated form and choice per signature (host time of decode
+    through attention()): a repeat runs neither the checks nor the choice, on new tensors; anything that
+    changes a signature (flags, shapes, grad, ATTNKIT_BACKEND, the registry) goes through both again, and
+    bad arguments still raise."""
+    from attnkit import api
+
+    checks = []
+    real = api.normalize
+    monkeypatch.setattr(api, "normalize", lambda *a, **kw: checks.append(1) or real(*a, **kw))
+    q, k, v = _qkv()
+    attnkit.attention(q, k, v, causal=True)
+    assert (len(checks), dummy.calls) == (1, 1)
+    q2, k2, v2 = _qkv()
+    out = attnkit.attention(q2, k2, v2, causal=True)
+    assert (len(checks), dummy.calls) == (1, 2)  # no checks, the same backend, the new tensors
+    torch.testing.assert_close(out, reference_forward(real(q2, k2, v2, causal=True))[0])
+    for kw in (dict(causal=False), dict(causal=True, scale=0.5), dict(causal=True, window=(2, 0))):
+        attnkit.attention(q2, k2, v2, **kw)
+    attnkit.attention(*_qkv(Sk=10), causal=True)
+    assert len(checks) == 5
+    for bad, arg in ((dict(causal=1), "causal"), (dict(causal=True, scale=float("nan")), "scale")):
+        with pytest.raises(attnkit.AttentionInputError, match=arg):
+            attnkit.attention(q2, k2, v2, **bad)
+    # gradients: a signature of its own, and a repeat of it backpropagates like the first call
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q2, k2, v2))
+    for _ in range(2):
+        attnkit.attention(qg, kg, vg, causal=True).sum().backward()
+    assert len(checks) == 8 and qg.grad is not None
+    with torch.no_grad():
+        assert not attnkit.attention(qg, kg, vg, causal=True).requires_grad
+    monkeypatch.setenv("ATTNKIT_BACKEND", "reference")
+    calls = dummy.calls
+    attnkit.attention(q2, k2, v2, causal=True)
+    attnkit.attention(q2, k2, v2, causal=True)
+    assert dummy.calls == calls
+    monkeypatch.delenv("ATTNKIT_BACKEND")
+    dispatch._REGISTRY.pop(dummy.name)  # a kept choice of a backend no longer registered is not used
+    attnkit.attention(q2, k2, v2, causal=True)
+    assert dummy.calls == calls
+    attnkit.register(dummy)
+
+
 def test_register_duplicate_name(dummy):
     with pytest.raises(ValueError):
         attnkit.register(_Dummy())

@@ -58,6 +58,14 @@ class AttentionCall:
     deterministic: bool = False
     requires_grad: bool = False
 
+    def with_tensors(self, q, k, v) -> AttentionCall:
+        """This call for other q, k, v of the same signature (shapes, strides, dtypes, devices, grad flags):
+        a shallow copy, without re-running ``__init__`` (host time of a repeated plain call)."""
+        new = object.__new__(AttentionCall)
+        new.__dict__.update(self.__dict__)
+        new.q, new.k, new.v = q, k, v
+        return new
+
     @property
     def dtype(self) -> torch.dtype:
         return self.q.dtype

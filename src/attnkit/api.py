@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 
@@ -11,6 +12,35 @@ from attnkit._call import normalize
 from attnkit.backends.reference import reference_forward
 
 _ARGS = tuple(inspect.signature(normalize).parameters)[3:]  # attention()'s keyword arguments but backend
+# Plain calls (no mask, mod, bias, ALiBi or packing) by signature: the validated call without its tensors
+# and the backend chosen for it. A repeated signature skips the checks and the choice (host time: a decode
+# step through attention() waits on it). Only calls that passed every check and ran are kept.
+_PLAIN: dict = {}
+_PLAIN_SIZE = 1024
+
+
+def _plain_key(q, k, v, flags: tuple):
+    """What a plain call's checks and choice depend on: the tensors' types, shapes, strides, dtypes,
+    devices and grad flags, the flags with their types, grad mode, ``ATTNKIT_BACKEND``, the backends
+    registered. None where it cannot be keyed (an argument that does not hash)."""
+    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor):
+        return None
+    key = (
+        flags,
+        tuple(map(type, flags)),
+        tuple(map(type, flags[2])) if isinstance(flags[2], tuple) else None,
+        q.shape, q.stride(), q.dtype, q.device, q.requires_grad,
+        k.shape, k.stride(), k.dtype, k.device, k.requires_grad,
+        v.shape, v.stride(), v.dtype, v.device, v.requires_grad,
+        torch.is_grad_enabled(),
+        os.environ.get("ATTNKIT_BACKEND", ""),
+        dispatch.registry_size(),
+    )  # fmt: skip
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def attention(
@@ -102,6 +132,26 @@ def attention(
         if _torch_cp.is_dtensor(q, k, v):
             return _torch_cp.attention_on_dtensors(attention, args)
     q, k, v = _autocast(q, k, v)
+    key = None
+    if (
+        alibi_slopes is None
+        and bias is None
+        and score_mod is None
+        and mask is None
+        and cu_seqlens_q is None
+        and cu_seqlens_k is None
+        and max_seqlen_q is None
+        and max_seqlen_k is None
+        and not torch.compiler.is_compiling()
+    ):
+        key = _plain_key(q, k, v, (layout, causal, window, softcap, scale, dropout_p, return_lse, backend,
+                                   deterministic))  # fmt: skip
+        hit = _PLAIN.get(key) if key is not None else None
+        if hit is not None and dispatch.registered(hit[0]):  # a plain signature seen before: its checks hold
+            chosen, template = hit
+            call = template.with_tensors(q, k, v)
+            out, lse = chosen.run(call)
+            return (out, lse) if return_lse else out
     call = normalize(
         q,
         k,
@@ -128,7 +178,12 @@ def attention(
         dispatch.get(backend) if backend != "auto" else None
         out, lse = reference_forward(call)
     else:
-        out, lse = dispatch.choose(call, backend).run(call)
+        chosen = dispatch.choose(call, backend)
+        out, lse = chosen.run(call)
+        if key is not None and out.requires_grad == call.requires_grad:
+            if len(_PLAIN) >= _PLAIN_SIZE:
+                _PLAIN.clear()
+            _PLAIN[key] = (chosen, call.with_tensors(None, None, None))
     if call.requires_grad and torch.is_grad_enabled() and not out.requires_grad:
         # Every query row had no visible key (e.g. thd sequences whose keys are all empty): the output is
         # constant zeros, but callers still backpropagate through it (zero gradients, never an error).

@@ -53,6 +53,16 @@ def register(backend: Backend, *, replace: bool = False) -> Backend:
     return backend
 
 
+def registry_size() -> int:
+    """How many backends are registered (a choice made before a registration may no longer be the best)."""
+    return len(_REGISTRY)
+
+
+def registered(backend: Backend) -> bool:
+    """Whether this very backend object is still the one registered under its name."""
+    return _REGISTRY.get(backend.name) is backend
+
+
 def _load() -> dict[str, Backend]:
     global _LOADED
     if not _LOADED:
