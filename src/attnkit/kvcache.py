@@ -358,8 +358,7 @@ def attention_with_kvcache(
         return (out, lse) if return_lse else out
     lens = _check_values(c, cache_seqlens, block_table) if validate else None
     if plan.decode_args is not None:
-        from attnkit.backends.triton.ops import decode as ops
-
+        ops = _decode_ops()
         if k_new is None or c.nothing_to_append:
             pass
         elif torch.compiler.is_compiling():  # (torch ops trace; the append kernel is no custom op)
@@ -376,6 +375,18 @@ def attention_with_kvcache(
             lens = cache_seqlens.tolist()
         out, lse = _gathered(c, q, k_cache, v_cache, block_table, lens, plan.flags, backend, return_lse)
     return (out, lse) if return_lse else out
+
+
+_OPS: list = []
+
+
+def _decode_ops():
+    """``attnkit.backends.triton.ops.decode`` (imported on first use: it imports triton)."""
+    if not _OPS:
+        from attnkit.backends.triton.ops import decode
+
+        _OPS.append(decode)
+    return _OPS[0]
 
 
 class _Prepared:
@@ -417,11 +428,11 @@ def _mods_key(score_mod, mask):
     rank, device, requires_grad), the numbers and strings it holds (a sliding window's sizes become
     flags), its tensors' shapes. Tensor values never. None (no plan kept) for an object known only by its
     identity (a BlockMask, a callable instance), whose id a later object may reuse."""
+    if score_mod is None and mask is None:
+        return ()
     from attnkit.compiler import _leaves
     from attnkit.dispatch import _structure
 
-    if score_mod is None and mask is None:
-        return ()
     struct = (_structure(score_mod), _structure(mask))
     if _by_identity(struct):
         return None

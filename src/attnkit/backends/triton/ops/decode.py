@@ -318,8 +318,12 @@ def decode_fwd(
     slopes = alibi_slopes if p.alibi else lse
     sm = tuple([lse if t is None else t for t in (smod_c0, smod_c1, smod_c2, smod_c3, smod_meta)])
     args = (q, k_cache, v_cache, seqlens, table, slopes, *sm, part, part_lse)
-    with c.jit_hooks_off(p.consts.get("SCORE_MOD")):
+    fn = p.consts["SCORE_MOD"]
+    if fn is None:
         _kernel()[p.grid](*args, *p.scalars, **p.consts)
+    else:
+        with c.jit_hooks_off(fn):
+            _kernel()[p.grid](*args, *p.scalars, **p.consts)
     if p.combine is not None:
         launch_combine(p.combine, part, part_lse, out, lse)
     return out, lse
