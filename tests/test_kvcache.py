@@ -155,6 +155,7 @@ CASES = {
     "page16_alibi_causal": dict(
         page_size=16, B=2, cap=48, Sq=5, Sq_new=5, Hq=4, Hk=2, alibi_slopes="bh", causal=True
     ),
+    "page4_sq3_causal": dict(page_size=4, B=2, cap=40, Sq=3, Sq_new=3, Hq=4, Hk=2, causal=True),
     "page16_long_decode": dict(page_size=16, B=2, cap=128, Sq=1, Sq_new=1, Hq=4, Hk=2),
     "page64_decode": dict(page_size=64, B=1, cap=128, Sq=1, Sq_new=1, Hq=4, Hk=2, scale=0.3),
     "page64_sq5_window": dict(page_size=64, B=2, cap=128, Sq=5, Sq_new=5, Hq=2, Hk=2, window=(20, 2)),
@@ -182,12 +183,17 @@ def test_forced_splits(case, monkeypatch):
     run_case(dtype=torch.float32, **CASES[case])
 
 
-@pytest.mark.parametrize("knobs", [dict(tail=0), dict(prefetch=0), dict(prefetch=2)], ids=str)
+@pytest.mark.parametrize(
+    "knobs",
+    [dict(tail=0), dict(prefetch=0), dict(prefetch=2), dict(paged_wide=2), dict(paged_wide=0)],
+    ids=str,
+)
 @pytest.mark.parametrize(
     "case",
     [
         "contig_sq5_gqa4_causal",
         "page1_window_causal",
+        "page4_sq3_causal",
         "page16_alibi_causal",
         "page16_long_decode",
         "page64_sq5_window",
@@ -195,7 +201,9 @@ def test_forced_splits(case, monkeypatch):
 )
 def test_tile_schedules(case, knobs, monkeypatch):
     """The kernel's other schedules (the defaults run everywhere else): every tile masked (tail=0), page
-    ids loaded in the step that uses them (prefetch=0) or two steps ahead (prefetch=2), split in 3."""
+    ids loaded in the step that uses them (prefetch=0) or two steps ahead (prefetch=2), several table
+    entries a tile (paged_wide=2: pages of 1 and 4 in the interpreter's 16-key tiles), paged caches all on
+    the table rule (paged_wide=0), split in 3."""
     monkeypatch.setattr(dec_ops, "_TUNE", [dict(dec_ops._tune(), **knobs)])
     monkeypatch.setattr(dec_ops, "_PLANS", {})
     monkeypatch.setattr(dec_ops, "num_splits", lambda *a: 3)

@@ -54,11 +54,17 @@ def _key_slots(Table, stride_tb, b, j, cap, ps, num_pages, PAGED: tl.constexpr):
 
 
 @triton.jit
-def _tile_pages(Table, stride_tb, b, start_n, cap, ps, num_pages, BLOCK_N: tl.constexpr, PAGED: tl.constexpr):
+def _tile_pages(Table, stride_tb, b, start_n, cap, ps, num_pages, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+                PS: tl.constexpr):  # fmt: skip
     """The page-table entries of the key tile at ``start_n`` (clamped into the table and the pool): one
-    scalar (PAGED 2: the tile lies on one page), one per key (PAGED 1), or 0 (contiguous, no table)."""
+    scalar (PAGED 2: the tile lies on one page), BLOCK_N // PS (PAGED 3: the tile holds whole pages of the
+    constexpr size PS), one per key (PAGED 1), or 0 (contiguous, no table)."""
     if PAGED == 2:
         page = tl.load(Table + b * stride_tb + tl.minimum(start_n, cap - 1) // ps)
+        return tl.minimum(tl.maximum(page, 0), num_pages - 1)
+    elif PAGED == 3:
+        n = tl.minimum(start_n // PS + tl.arange(0, BLOCK_N // PS), (cap - 1) // PS)
+        page = tl.load(Table + b * stride_tb + n)
         return tl.minimum(tl.maximum(page, 0), num_pages - 1)
     elif PAGED == 1:
         jc = tl.minimum(tl.maximum(start_n + tl.arange(0, BLOCK_N), 0), cap - 1)
@@ -69,11 +75,14 @@ def _tile_pages(Table, stride_tb, b, start_n, cap, ps, num_pages, BLOCK_N: tl.co
 
 
 @triton.jit
-def _tile_slots(page, b, start_n, cap, ps, BLOCK_N: tl.constexpr, PAGED: tl.constexpr):
+def _tile_slots(page, b, start_n, cap, ps, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PS: tl.constexpr):
     """(dim-0, dim-1) int64 indices of the tile's keys in the caches, from its :func:`_tile_pages`."""
     j = start_n + tl.arange(0, BLOCK_N)
     if PAGED == 2:  # (start_n + BLOCK_N <= cap: tile starts are below cap and multiples of BLOCK_N)
         return page.to(tl.int64), (start_n % ps + tl.arange(0, BLOCK_N)).to(tl.int64)
+    elif PAGED == 3:  # each entry repeated for its PS keys (tile starts are multiples of BLOCK_N, so of PS)
+        pages = tl.reshape(tl.broadcast_to(page[:, None], (BLOCK_N // PS, PS)), (BLOCK_N,))
+        return pages.to(tl.int64), (tl.arange(0, BLOCK_N) % PS).to(tl.int64)
     elif PAGED == 1:
         jc = tl.minimum(tl.maximum(j, 0), cap - 1)
         return page.to(tl.int64), (jc % ps).to(tl.int64)
@@ -83,19 +92,19 @@ def _tile_slots(page, b, start_n, cap, ps, BLOCK_N: tl.constexpr, PAGED: tl.cons
 
 @triton.jit
 def _tile_step(pg1, pg2, Table, stride_tb, b, start_n, cap, ps, num_pages, BLOCK_N: tl.constexpr,
-               PAGED: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+               PAGED: tl.constexpr, PS: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
     """The key tile at ``start_n``: its slots (:func:`_tile_slots`) and the page entries carried to the next
     step. ``pg1`` / ``pg2`` hold the entries of the next one or two tiles, loaded PREFETCH steps ahead."""
     if PREFETCH == 2:
         page = pg1
         pg1 = pg2
-        pg2 = _tile_pages(Table, stride_tb, b, start_n + 2 * BLOCK_N, cap, ps, num_pages, BLOCK_N, PAGED)
+        pg2 = _tile_pages(Table, stride_tb, b, start_n + 2 * BLOCK_N, cap, ps, num_pages, BLOCK_N, PAGED, PS)
     elif PREFETCH == 1:
         page = pg1
-        pg1 = _tile_pages(Table, stride_tb, b, start_n + BLOCK_N, cap, ps, num_pages, BLOCK_N, PAGED)
+        pg1 = _tile_pages(Table, stride_tb, b, start_n + BLOCK_N, cap, ps, num_pages, BLOCK_N, PAGED, PS)
     else:
-        page = _tile_pages(Table, stride_tb, b, start_n, cap, ps, num_pages, BLOCK_N, PAGED)
-    d0, d1 = _tile_slots(page, b, start_n, cap, ps, BLOCK_N, PAGED)
+        page = _tile_pages(Table, stride_tb, b, start_n, cap, ps, num_pages, BLOCK_N, PAGED, PS)
+    d0, d1 = _tile_slots(page, b, start_n, cap, ps, BLOCK_N, PAGED, PS)
     return d0, d1, pg1, pg2
 
 
@@ -201,7 +210,8 @@ def decode_fwd(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
-    PAGED: tl.constexpr,  # 0 contiguous, 1 paged, 2 paged with BLOCK_N dividing the page size
+    PAGED: tl.constexpr,  # 0 contiguous, 1 paged, 2 BLOCK_N divides the page size, 3 PS divides BLOCK_N
+    PS: tl.constexpr,  # the page size with PAGED 3 (1 otherwise)
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -282,12 +292,12 @@ def decode_fwd(
         mid = tl.maximum(lo + ((full_hi - lo) // BLOCK_N) * BLOCK_N, lo)
     # the page-table entries of the next PREFETCH tiles are loaded one or two steps before their keys, so no
     # step waits for a table load before it can address its keys
-    pg1 = _tile_pages(Table, stride_tb, b, lo, cap, ps, num_pages, BLOCK_N, PAGED)
-    pg2 = _tile_pages(Table, stride_tb, b, lo + BLOCK_N, cap, ps, num_pages, BLOCK_N, PAGED)
+    pg1 = _tile_pages(Table, stride_tb, b, lo, cap, ps, num_pages, BLOCK_N, PAGED, PS)
+    pg2 = _tile_pages(Table, stride_tb, b, lo + BLOCK_N, cap, ps, num_pages, BLOCK_N, PAGED, PS)
     for part in tl.static_range(2):  # the whole tiles [lo, mid) unmasked, then [mid, hi) masked
         for start_n in range(lo if part == 0 else mid, mid if part == 0 else hi, BLOCK_N):
             d0, d1, pg1, pg2 = _tile_step(
-                pg1, pg2, Table, stride_tb, b, start_n, cap, ps, num_pages, BLOCK_N, PAGED, PREFETCH
+                pg1, pg2, Table, stride_tb, b, start_n, cap, ps, num_pages, BLOCK_N, PAGED, PS, PREFETCH
             )
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, K, V, d0, d1, start_n, kv_hi, row_ok, pos, i, h, b, off, slope, smod, geo,

@@ -67,11 +67,12 @@ def _tune() -> dict:
     (any subset). ``block_n=0`` picks it (:func:`blocks`); ``page_tiles=0`` reads a paged cache's table once
     per key even where a key tile lies on one page; ``tail=0`` masks every key tile; ``prefetch`` (0, 1, 2):
     how many tiles ahead a paged cache's table entries are loaded; ``paged_rule=0`` splits a paged cache by
-    the contiguous rule (one wave); ``paged_wide=1`` lets an unsplit paged row take 128-key steps. Defaults
+    the contiguous rule (one wave); ``paged_wide`` (:func:`page_tiled`): 1 plans a paged cache whose pages
+    hold whole wide key tiles like a contiguous one, 2 also one whose wide tiles hold whole pages. Defaults
     from the H200 sweeps of 2026-12-03 (docs/decoding.md, "Tuning")."""
     if not _TUNE:
         cfg = {"block_n": 0, "warps": 4, "stages": 3, "waves": 2, "page_tiles": 1, "tail": 1, "prefetch": 1,
-               "paged_rule": 1, "paged_wide": 0}  # fmt: skip
+               "paged_rule": 1, "paged_wide": 1}  # fmt: skip
         for part in os.environ.get("ATTNKIT_DECODE_TUNE", "").split(","):
             if "=" in part:
                 key, val = part.split("=", 1)
@@ -90,9 +91,20 @@ def blocks(Sq: int, group: int, D: int, Dv: int, split: bool = True, paged: bool
     block_m = min(64, _pow2(Sq * group))
     block_n = _tune()["block_n"]
     if not block_n:
-        wide = not split and (not paged or _tune()["paged_wide"]) and block_m <= 16 and max(D, Dv) <= 128
+        wide = not split and not paged and block_m <= 16 and max(D, Dv) <= 128
         block_n = 128 if wide else (64 if max(D, Dv) <= 128 else 32)
     return block_m, block_n
+
+
+def page_tiled(ps: int, Sq: int, group: int, D: int, Dv: int) -> bool:
+    """Whether a paged cache of page size ``ps`` is planned like a contiguous one (split rule, wide key
+    steps): its pages hold whole wide key tiles (``paged_wide >= 1``; H200 run J: pages of 256 at B=16 ran
+    0.1334 / 0.4786 ms at 8k / 32k keys unsplit with 128-key steps, as contiguous, against 0.1419 / 0.4928
+    split), or its wide tiles hold whole pages of at least 1/16 of a tile (``paged_wide >= 2``: several
+    table entries a tile, PAGED 3)."""
+    wide = blocks(Sq, group, D, Dv, split=False)[1]
+    mode = _tune()["paged_wide"]
+    return (mode >= 1 and ps % wide == 0) or (mode >= 2 and wide % ps == 0 and ps * 16 >= wide)
 
 
 def num_splits(batch: int, hk: int, m_blocks: int, capacity: int, block_n: int, sms: int, waves: int = 2,
@@ -182,15 +194,17 @@ def _make_plan(q, k_cache, v_cache, full, block_table, alibi_slopes, sq_new, sca
     if p.empty:
         return p
 
-    block_m, block_n = blocks(Sq, group, D, Dv, paged=paged)
+    # a paged cache whose pages and wide key tiles nest is planned as a contiguous one
+    table_rule = paged and not page_tiled(ps, Sq, group, D, Dv)
+    block_m, block_n = blocks(Sq, group, D, Dv, paged=table_rule)
     m_blocks = _cdiv(Sq * group, block_m)
     dev = q.device
     if splits <= 0:
         waves = 2 if _cap.interpreting() else _tune()["waves"]
-        two_wave = paged and bool(_tune()["paged_rule"])
+        two_wave = table_rule and bool(_tune()["paged_rule"])
         splits = num_splits(B, Hk, m_blocks, cap, block_n, sm_count(dev), waves, two_wave)
     if splits == 1:  # one program reads the whole row: maybe a wider key step
-        block_m, block_n = blocks(Sq, group, D, Dv, split=False, paged=paged)
+        block_m, block_n = blocks(Sq, group, D, Dv, split=False, paged=table_rule)
     chunk = _cdiv(_cdiv(cap, splits), block_n) * block_n
     splits = _cdiv(cap, chunk)
     # the views the launches take, on meta tensors: their strides are those of every later call's
@@ -237,7 +251,8 @@ def _make_plan(q, k_cache, v_cache, full, block_table, alibi_slopes, sq_new, sca
         BLOCK_N=block_n,
         BLOCK_D=_pow2(D),
         BLOCK_DV=_pow2(Dv),
-        PAGED=(2 if ps % block_n == 0 and _tune()["page_tiles"] else 1) if paged else 0,
+        PAGED=_paged_mode(ps, block_n) if paged else 0,
+        PS=ps if paged and _paged_mode(ps, block_n) == 3 else 1,
         HAS_LEFT=window_left >= 0,
         HAS_RIGHT=causal or window_right >= 0,
         SOFTCAP=bool(softcap),
@@ -250,6 +265,19 @@ def _make_plan(q, k_cache, v_cache, full, block_table, alibi_slopes, sq_new, sca
         num_stages=2 if _cap.interpreting() else _tune()["stages"],
     )
     return p
+
+
+def _paged_mode(ps: int, block_n: int) -> int:
+    """The kernel's PAGED for pages of ``ps`` keys read in tiles of ``block_n``: 2 (one table entry a tile)
+    where the page holds whole tiles, 3 (``block_n // ps`` entries a tile) where a planned wide tile holds
+    whole pages (:func:`page_tiled`), else 1 (an entry a key)."""
+    if not _tune()["page_tiles"]:
+        return 1
+    if ps % block_n == 0:
+        return 2
+    if _tune()["paged_wide"] >= 2 and block_n % ps == 0 and ps * 16 >= block_n:
+        return 3
+    return 1
 
 
 def decode_fwd(
