@@ -104,7 +104,12 @@ def page_tiled(ps: int, Sq: int, group: int, D: int, Dv: int) -> bool:
     table entries a tile, PAGED 3)."""
     wide = blocks(Sq, group, D, Dv, split=False)[1]
     mode = _tune()["paged_wide"]
-    return (mode >= 1 and ps % wide == 0) or (mode >= 2 and wide % ps == 0 and ps * 16 >= wide)
+    return (mode >= 1 and ps % wide == 0) or (mode >= 2 and _holds_pages(wide, ps))
+
+
+def _holds_pages(block_n: int, ps: int) -> bool:
+    """Whether a key tile of ``block_n`` holds whole pages of ``ps`` keys, at most 16 of them (PAGED 3)."""
+    return block_n % ps == 0 and ps * 16 >= block_n
 
 
 def num_splits(batch: int, hk: int, m_blocks: int, capacity: int, block_n: int, sms: int, waves: int = 2,
@@ -243,6 +248,7 @@ def _make_plan(q, k_cache, v_cache, full, block_table, alibi_slopes, sq_new, sca
         max(window_left, 0),
         0 if causal else max(window_right, 0),
     )
+    mode = _paged_mode(ps, block_n) if paged else 0
     p.consts = dict(
         GROUP=group,
         D=D,
@@ -251,8 +257,8 @@ def _make_plan(q, k_cache, v_cache, full, block_table, alibi_slopes, sq_new, sca
         BLOCK_N=block_n,
         BLOCK_D=_pow2(D),
         BLOCK_DV=_pow2(Dv),
-        PAGED=_paged_mode(ps, block_n) if paged else 0,
-        PS=ps if paged and _paged_mode(ps, block_n) == 3 else 1,
+        PAGED=mode,
+        PS=ps if mode == 3 else 1,
         HAS_LEFT=window_left >= 0,
         HAS_RIGHT=causal or window_right >= 0,
         SOFTCAP=bool(softcap),
@@ -275,7 +281,7 @@ def _paged_mode(ps: int, block_n: int) -> int:
         return 1
     if ps % block_n == 0:
         return 2
-    if _tune()["paged_wide"] >= 2 and block_n % ps == 0 and ps * 16 >= block_n:
+    if _tune()["paged_wide"] >= 2 and _holds_pages(block_n, ps):
         return 3
     return 1
 
