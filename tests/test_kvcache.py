@@ -185,7 +185,7 @@ def test_forced_splits(case, monkeypatch):
 
 @pytest.mark.parametrize(
     "knobs",
-    [dict(tail=0), dict(prefetch=0), dict(prefetch=2), dict(paged_wide=2), dict(paged_wide=0)],
+    [dict(tail=0), dict(prefetch=0), dict(prefetch=2), dict(paged_wide=1), dict(paged_wide=0)],
     ids=str,
 )
 @pytest.mark.parametrize(
@@ -201,9 +201,9 @@ def test_forced_splits(case, monkeypatch):
 )
 def test_tile_schedules(case, knobs, monkeypatch):
     """The kernel's other schedules (the defaults run everywhere else): every tile masked (tail=0), page
-    ids loaded in the step that uses them (prefetch=0) or two steps ahead (prefetch=2), several table
-    entries a tile (paged_wide=2: pages of 1 and 4 in the interpreter's 16-key tiles), paged caches all on
-    the table rule (paged_wide=0), split in 3."""
+    ids loaded in the step that uses them (prefetch=0) or two steps ahead (prefetch=2), one table entry a
+    key for pages smaller than a tile (paged_wide=1; the default reads several a tile: pages of 1 and 4 in
+    the interpreter's 16-key tiles), paged caches all on the table rule (paged_wide=0), split in 3."""
     monkeypatch.setattr(dec_ops, "_TUNE", [dict(dec_ops._tune(), **knobs)])
     monkeypatch.setattr(dec_ops, "_PLANS", {})
     monkeypatch.setattr(dec_ops, "num_splits", lambda *a: 3)
