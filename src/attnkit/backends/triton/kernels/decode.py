@@ -10,9 +10,10 @@ normalized partial output and its lse; the combine kernel (``combine.py``) merge
 Row b attends its first ``Sk_b = cache_seqlens[b] + SQ_NEW`` logical keys; ``off = Sk_b - Sq`` aligns
 causal, windows and ALiBi to the bottom right (docs/api.md §1, §4). Logical key ``j`` lives at
 ``K[b, j]`` (contiguous) or ``K[table[b, j // PS], j % PS]`` (paged: one table entry per key tile where the
-tile lies on one page, PAGED == 2, else one per key, so pages of any size work). Every index that comes from
-device data (the length, the table entries) is clamped into the cache tensors before it forms an address: a
-poisoned table or length computes garbage, never faults.
+tile lies on one page, PAGED == 2; the tile's ``BLOCK_N // PS`` entries as one vector where it holds whole
+pages, PAGED == 3; else one per key, so pages of any size work). Every index that comes from device data
+(the length, the table entries) is clamped into the cache tensors before it forms an address: a poisoned
+table or length computes garbage, never faults.
 
 The key loop runs in two parts: the tiles whose every key is visible to every row of the tile (below the
 row's length, inside a right window; no left window) without building a mask (TAIL), then the rest with
