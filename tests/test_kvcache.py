@@ -528,6 +528,29 @@ def test_bench_decode_cpu_smoke(tmp_path):
     assert (tmp_path / "decode.csv").exists()
 
 
+def test_bench_decode_tune_sweeps_the_knobs_and_restores_them(tmp_path):
+    """``--tune``: the kvcache rows again under every knob combination (tagged), the defaults back after;
+    a knob that does not exist is a one-line usage error (exit 2)."""
+    import json
+
+    from attnkit.bench import decode as bench
+
+    before = dict(dec_ops._tune())
+    argv = ["--batch", "1", "--lengths", "32", "--pages", "0,16", "--no-cascade", "--out", str(tmp_path)]
+    assert bench.main(argv + ["--tune", "prefetch=0,2;tail=0"]) == 0
+    rows = json.loads((tmp_path / "decode.json").read_text())["results"]
+    tuned = {(r["cache"], r["tune"]) for r in rows if r.get("tune") and r.get("ms") is not None}
+    tags = ("prefetch=0,tail=0", "prefetch=2,tail=0")
+    assert tuned == {(c, t) for c in ("contiguous", "paged16") for t in tags}
+    assert all(r["backend"] == "attnkit_kvcache" for r in rows if r.get("tune"))
+    assert dec_ops._tune() == before
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv + ["--tune", "prefech=1"])
+    assert e.value.code == 2
+    with pytest.raises(ValueError, match="ATTNKIT_DECODE_TUNE: unknown decode knob 'stage=2'"):
+        dec_ops.parse_tune("stage=2")
+
+
 def test_custom_ops_pass_opcheck():
     """The decode and merge custom ops: schema, fake (meta) implementation and strides agree with eager."""
     from attnkit.backends.triton.ops import combine

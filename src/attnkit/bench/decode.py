@@ -16,10 +16,15 @@ exceed L2. ``TB/s`` is the K+V bytes a row holds, read once, over the time. Outp
 ``decode.csv`` / ``decode.json`` (with the environment) under ``--out``. Without CUDA a tiny grid runs on
 the CPU (the reference and SDPA, plus the interpreter with ``TRITON_INTERPRET=1``): a smoke test only.
 
+``--tune "tail=0,1;prefetch=0,1,2"`` times attnkit's kvcache call again under every combination of the
+decode kernel's knobs (``ops/decode.TUNE_DEFAULTS``, docs/decoding.md "Tuning"), in the same process as the
+default rows and the peers; those rows carry a ``tune`` column.
+
 ``--host`` prints only the host time per call at B=1, L=8k (calls enqueued back to back, no sync in the
 timed loop) for attnkit's decode paths and SDPA, and a cProfile of the ``validate=False`` call.
 
     python -m attnkit.bench.decode [--quick] [--out bench_out] [--batch 1,16] [--lengths 8192,32768]
+    python -m attnkit.bench.decode --quick --no-cascade --tune "tail=0,1;prefetch=0,1,2"
     python -m attnkit.bench.decode --host
 """
 
@@ -128,14 +133,15 @@ def _fa4_paged():
         return None
 
 
-def run_rows(batches, lengths, pages, sqs, on_gpu, dtype, hq=HQ, hk=HK, d=D) -> list[dict]:
+def run_rows(batches, lengths, pages, sqs, on_gpu, dtype, hq=HQ, hk=HK, d=D, peers=True) -> list[dict]:
+    """Every (B, L, Sq, cache) row: attnkit's kvcache call and (``peers``) the peers on the same inputs."""
     import attnkit
 
     dev = "cuda" if on_gpu else "cpu"
     timer = _timer(on_gpu)
     gen = torch.Generator().manual_seed(0)
-    peers = _peers(on_gpu)
-    fa4_paged = _fa4_paged() if on_gpu else None
+    peers = _peers(on_gpu) if peers else {}
+    fa4_paged = _fa4_paged() if on_gpu and peers else None
     kv_backend = "triton" if (on_gpu or os.environ.get("TRITON_INTERPRET") == "1") else "reference"
     rows = []
     for B in batches:
@@ -311,6 +317,35 @@ def host_rows(dtype, B: int = 1, L: int = 8192, hq=HQ, hk=HK, d=D, profile: bool
     return rows
 
 
+def _tune_knobs():
+    from attnkit.backends.triton.ops import decode
+
+    return decode
+
+
+def _tune_grid(text: str) -> list[dict]:
+    """``"tail=0,1;prefetch=0,1,2"`` -> every combination as a dict (checked against the knobs there are)."""
+    import itertools
+
+    axes = []
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        key, _, vals = part.partition("=")
+        values = [v for v in vals.split(",") if v.strip()]
+        for v in values or [""]:
+            _tune_knobs().parse_tune(f"{key.strip()}={v}", "--tune")  # unknown knobs, non-ints: an error
+        axes.append([(key.strip(), int(v)) for v in values])
+    return [dict(c) for c in itertools.product(*axes)]
+
+
+def _tune_arg(text: str) -> list[dict]:
+    try:
+        return _tune_grid(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--tune: ")) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attnkit bench decode", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="B 1 and 16, L 8k and 32k (and 128k at B=1), Sq 1")
@@ -319,6 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pages", type=_ints, default=None, help="page sizes (0 = contiguous)")
     p.add_argument("--sq", type=_ints, default=None)
     p.add_argument("--no-cascade", action="store_true")
+    p.add_argument(
+        "--tune",
+        default=None,
+        type=_tune_arg,
+        help='decode knob sweep, e.g. "tail=0,1;prefetch=0,1,2": the rows again for every combination, '
+        "attnkit's kvcache call only (peers once, with the defaults); rows carry a 'tune' column",
+    )
     p.add_argument(
         "--host", action="store_true", help="only the host time per call at B=1, L=8k (CUDA), and a cProfile"
     )
@@ -348,13 +390,22 @@ def main(argv: list[str] | None = None) -> int:
     pages = [None if x == 0 else x for x in args.pages] if args.pages else pages
     sqs = args.sq or sqs
     rows = run_rows(batches, lengths, pages, sqs, on_gpu, dtype, hq, hk, d)
+    if args.tune:
+        for combo in args.tune:
+            knobs = _tune_knobs().set_tune(**combo)
+            tag = ",".join(f"{k}={v}" for k, v in combo.items())
+            print(f"tune {tag}: {knobs}")
+            for row in run_rows(batches, lengths, pages, sqs, on_gpu, dtype, hq, hk, d, peers=False):
+                rows.append(dict(row, tune=tag))
+        _tune_knobs().set_tune()
     if not args.no_cascade:
         if on_gpu:
             rows += cascade_rows(True, dtype)
         else:
             rows += cascade_rows(False, dtype, B=2, prefix=32, own=8, hq=hq, hk=hk, d=d)
     env = _report.environment()
-    cols = [(k, k) for k in ("B", "L", "Sq", "cache", "backend", "ms", "tb_s", "error")]
+    names = ("B", "L", "Sq", "cache", "backend") + (("tune",) if args.tune else ()) + ("ms", "tb_s", "error")
+    cols = [(k, k) for k in names]
     print(_report.table(rows, cols))
     csv_path, json_path = _report.write(rows, env, args.out, "decode")
     print(f"wrote {csv_path} and {json_path}")

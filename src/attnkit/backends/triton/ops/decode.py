@@ -60,26 +60,55 @@ def sm_count(device: torch.device) -> int:
 
 
 _TUNE: list = []
+# the knobs' defaults, from the H200 sweeps of 2026-12-03 (docs/decoding.md, "Tuning")
+TUNE_DEFAULTS = {"block_n": 0, "warps": 4, "stages": 3, "waves": 2, "page_tiles": 1, "tail": 1, "prefetch": 1,
+                 "paged_rule": 1, "paged_wide": 2}  # fmt: skip
+
+
+def parse_tune(text: str, source: str = "ATTNKIT_DECODE_TUNE") -> dict:
+    """``"block_n=64,warps=4"`` as a dict of ints; an unknown knob or a value that is not an int raises
+    ``ValueError`` naming ``source``, the knob and the knobs there are."""
+    out = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        key, sep, val = part.partition("=")
+        key = key.strip()
+        if not sep or key not in TUNE_DEFAULTS:
+            known = ", ".join(TUNE_DEFAULTS)
+            raise ValueError(f"{source}: unknown decode knob {part.strip()!r}; knobs: {known}")
+        try:
+            out[key] = int(val)
+        except ValueError:
+            raise ValueError(f"{source}: {key} needs an int, got {val.strip()!r}") from None
+    return out
 
 
 def _tune() -> dict:
-    """GPU tuning knobs, read once from ``ATTNKIT_DECODE_TUNE="block_n=64,warps=4,stages=3,waves=2"``
-    (any subset). ``block_n=0`` picks it (:func:`blocks`); ``page_tiles=0`` reads a paged cache's table once
-    per key even where a key tile lies on one page; ``tail=0`` masks every key tile; ``prefetch`` (0, 1, 2):
-    how many tiles ahead a paged cache's table entries are loaded; ``paged_rule=0`` splits a paged cache by
-    the contiguous rule (one wave); ``paged_wide`` (:func:`page_tiled`): 1 plans a paged cache whose pages
-    hold whole wide key tiles like a contiguous one, 2 also one whose wide tiles hold whole pages. Defaults
-    from the H200 sweeps of 2026-12-03 (docs/decoding.md, "Tuning")."""
+    """GPU tuning knobs: :data:`TUNE_DEFAULTS`, then ``ATTNKIT_DECODE_TUNE="block_n=64,warps=4"`` (any
+    subset, read once), then :func:`set_tune`. ``block_n=0`` picks it (:func:`blocks`); ``page_tiles=0``
+    reads a paged cache's table once per key even where a key tile lies on one page; ``tail=0`` masks every
+    key tile; ``prefetch`` (0, 1, 2): how many tiles ahead a paged cache's table entries are loaded;
+    ``paged_rule=0`` splits a paged cache by the contiguous rule (one wave); ``paged_wide``
+    (:func:`page_tiled`): 1 plans a paged cache whose pages hold whole wide key tiles like a contiguous one,
+    2 also one whose wide tiles hold whole pages."""
     if not _TUNE:
-        cfg = {"block_n": 0, "warps": 4, "stages": 3, "waves": 2, "page_tiles": 1, "tail": 1, "prefetch": 1,
-               "paged_rule": 1, "paged_wide": 2}  # fmt: skip
-        for part in os.environ.get("ATTNKIT_DECODE_TUNE", "").split(","):
-            if "=" in part:
-                key, val = part.split("=", 1)
-                if key.strip() in cfg:
-                    cfg[key.strip()] = int(val)
-        _TUNE.append(cfg)
+        _TUNE.append(dict(TUNE_DEFAULTS, **parse_tune(os.environ.get("ATTNKIT_DECODE_TUNE", ""))))
     return _TUNE[0]
+
+
+def set_tune(**knobs) -> dict:
+    """Knobs for the decode calls that follow in this process (``attnkit bench decode --tune``), over the
+    defaults and ``ATTNKIT_DECODE_TUNE``; ``set_tune()`` goes back to those. Plans made under other knobs
+    are dropped. Returns the knobs now in force."""
+    bad = set(knobs) - set(TUNE_DEFAULTS)
+    if bad:
+        raise ValueError(f"set_tune: unknown decode knob(s) {sorted(bad)}; knobs: {', '.join(TUNE_DEFAULTS)}")
+    _TUNE.clear()
+    cfg = dict(_tune(), **{k: int(v) for k, v in knobs.items()})
+    _TUNE[:] = [cfg]
+    _PLANS.clear()
+    return dict(cfg)
 
 
 def blocks(Sq: int, group: int, D: int, Dv: int, split: bool = True, paged: bool = False) -> tuple[int, int]:
