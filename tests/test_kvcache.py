@@ -185,7 +185,7 @@ def test_forced_splits(case, monkeypatch):
 
 @pytest.mark.parametrize(
     "knobs",
-    [dict(tail=0), dict(prefetch=0), dict(prefetch=2), dict(paged_wide=1), dict(paged_wide=0)],
+    [dict(tail=0), dict(prefetch=0), dict(paged_wide=1), dict(paged_wide=0)],
     ids=str,
 )
 @pytest.mark.parametrize(
@@ -201,7 +201,7 @@ def test_forced_splits(case, monkeypatch):
 )
 def test_tile_schedules(case, knobs, monkeypatch):
     """The kernel's other schedules (the defaults run everywhere else): every tile masked (tail=0), page
-    ids loaded in the step that uses them (prefetch=0) or two steps ahead (prefetch=2), one table entry a
+    ids loaded in the step that uses them (prefetch=0), one table entry a
     key for pages smaller than a tile (paged_wide=1; the default reads several a tile: pages of 1 and 4 in
     the interpreter's 16-key tiles), paged caches all on the table rule (paged_wide=0), split in 3."""
     monkeypatch.setattr(dec_ops, "_TUNE", [dict(dec_ops._tune(), **knobs)])
@@ -537,10 +537,10 @@ def test_bench_decode_tune_sweeps_the_knobs_and_restores_them(tmp_path):
 
     before = dict(dec_ops._tune())
     argv = ["--batch", "1", "--lengths", "32", "--pages", "0,16", "--no-cascade", "--out", str(tmp_path)]
-    assert bench.main(argv + ["--tune", "prefetch=0,2;tail=0"]) == 0
+    assert bench.main(argv + ["--tune", "prefetch=0,1;tail=0"]) == 0
     rows = json.loads((tmp_path / "decode.json").read_text())["results"]
     tuned = {(r["cache"], r["tune"]) for r in rows if r.get("tune") and r.get("ms") is not None}
-    tags = ("prefetch=0,tail=0", "prefetch=2,tail=0")
+    tags = ("prefetch=0,tail=0", "prefetch=1,tail=0")
     assert tuned == {(c, t) for c in ("contiguous", "paged16") for t in tags}
     assert all(r["backend"] == "attnkit_kvcache" for r in rows if r.get("tune"))
     assert dec_ops._tune() == before

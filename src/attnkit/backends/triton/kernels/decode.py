@@ -17,8 +17,8 @@ table or length computes garbage, never faults.
 
 The key loop runs in two parts: the tiles whose every key is visible to every row of the tile (below the
 row's length, inside a right window; no left window) without building a mask (TAIL), then the rest with
-one. A paged cache's table entries are loaded PREFETCH tiles before the step that reads their keys (H200:
-prefetching one tile ahead made paged B=1 128k 0.154 ms against 0.167, two ahead 0.209; run J).
+one. With PREFETCH a paged cache's table entries are loaded one step before the step that reads their keys
+(H200 run J: paged B=1 128k 0.154 ms against 0.167 without; two steps ahead, tried and dropped, 0.209).
 
 HAS_SCORE_MOD inlines a ``score_mod`` compiled by :mod:`attnkit.compiler` (a mask arrives folded into it as
 ``where(mask, mod(s), -inf)``), called on each tile as ``(score, b, h, q_idx, kv_idx, off)`` with ``h`` the
@@ -92,21 +92,18 @@ def _tile_slots(page, b, start_n, cap, ps, BLOCK_N: tl.constexpr, PAGED: tl.cons
 
 
 @triton.jit
-def _tile_step(pg1, pg2, Table, stride_tb, b, start_n, cap, ps, num_pages, BLOCK_N: tl.constexpr,
+def _tile_step(nxt, Table, stride_tb, b, start_n, cap, ps, num_pages, BLOCK_N: tl.constexpr,
                PAGED: tl.constexpr, PS: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
     """The key tile at ``start_n``: its slots (:func:`_tile_slots`) and the page entries carried to the next
-    step. ``pg1`` / ``pg2`` hold the entries of the next one or two tiles, loaded PREFETCH steps ahead."""
-    if PREFETCH == 2:
-        page = pg1
-        pg1 = pg2
-        pg2 = _tile_pages(Table, stride_tb, b, start_n + 2 * BLOCK_N, cap, ps, num_pages, BLOCK_N, PAGED, PS)
-    elif PREFETCH == 1:
-        page = pg1
-        pg1 = _tile_pages(Table, stride_tb, b, start_n + BLOCK_N, cap, ps, num_pages, BLOCK_N, PAGED, PS)
+    step. With PREFETCH, ``nxt`` holds this tile's entries, loaded a step ahead; the next tile's are loaded
+    here (without, each step loads its own)."""
+    if PREFETCH:
+        page = nxt
+        nxt = _tile_pages(Table, stride_tb, b, start_n + BLOCK_N, cap, ps, num_pages, BLOCK_N, PAGED, PS)
     else:
         page = _tile_pages(Table, stride_tb, b, start_n, cap, ps, num_pages, BLOCK_N, PAGED, PS)
     d0, d1 = _tile_slots(page, b, start_n, cap, ps, BLOCK_N, PAGED, PS)
-    return d0, d1, pg1, pg2
+    return d0, d1, nxt
 
 
 @triton.jit
@@ -222,7 +219,7 @@ def decode_fwd(
     HAS_SCORE_MOD: tl.constexpr,
     SCORE_MOD: tl.constexpr,  # the compiled score_mod(score, b, h, q_idx, kv_idx, off, SM) (or None)
     TAIL: tl.constexpr,  # whole key tiles without masks, the rest with them
-    PREFETCH: tl.constexpr,  # paged: page-table entries loaded 0, 1 or 2 tiles ahead
+    PREFETCH: tl.constexpr,  # paged: page-table entries loaded a tile ahead
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -291,14 +288,13 @@ def decode_fwd(
         if HAS_RIGHT:
             full_hi = tl.minimum(full_hi, i_lo + off + win_right + 1)
         mid = tl.maximum(lo + ((full_hi - lo) // BLOCK_N) * BLOCK_N, lo)
-    # the page-table entries of the next PREFETCH tiles are loaded one or two steps before their keys, so no
-    # step waits for a table load before it can address its keys
-    pg1 = _tile_pages(Table, stride_tb, b, lo, cap, ps, num_pages, BLOCK_N, PAGED, PS)
-    pg2 = _tile_pages(Table, stride_tb, b, lo + BLOCK_N, cap, ps, num_pages, BLOCK_N, PAGED, PS)
+    # with PREFETCH a tile's page-table entries are loaded one step before its keys, so no step waits for a
+    # table load before it can address its keys
+    nxt = _tile_pages(Table, stride_tb, b, lo, cap, ps, num_pages, BLOCK_N, PAGED, PS)
     for part in tl.static_range(2):  # the whole tiles [lo, mid) unmasked, then [mid, hi) masked
         for start_n in range(lo if part == 0 else mid, mid if part == 0 else hi, BLOCK_N):
-            d0, d1, pg1, pg2 = _tile_step(
-                pg1, pg2, Table, stride_tb, b, start_n, cap, ps, num_pages, BLOCK_N, PAGED, PS, PREFETCH
+            d0, d1, nxt = _tile_step(
+                nxt, Table, stride_tb, b, start_n, cap, ps, num_pages, BLOCK_N, PAGED, PS, PREFETCH
             )
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, K, V, d0, d1, start_n, kv_hi, row_ok, pos, i, h, b, off, slope, smod, geo,

@@ -88,7 +88,7 @@ def _tune() -> dict:
     """GPU tuning knobs: :data:`TUNE_DEFAULTS`, then ``ATTNKIT_DECODE_TUNE="block_n=64,warps=4"`` (any
     subset, read once), then :func:`set_tune`. ``block_n=0`` picks it (:func:`blocks`); ``page_tiles=0``
     reads a paged cache's table once per key even where a key tile lies on one page; ``tail=0`` masks every
-    key tile; ``prefetch`` (0, 1, 2): how many tiles ahead a paged cache's table entries are loaded;
+    key tile; ``prefetch=0`` loads a paged cache's table entries in the step that reads their keys;
     ``paged_rule=0`` splits a paged cache by the contiguous rule (one wave); ``paged_wide``
     (:func:`page_tiled`): 1 plans a paged cache whose pages hold whole wide key tiles like a contiguous one,
     2 also one whose wide tiles hold whole pages."""
@@ -296,7 +296,7 @@ def _make_plan(q, k_cache, v_cache, full, block_table, alibi_slopes, sq_new, sca
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FULL=full,
         TAIL=bool(_tune()["tail"]),
-        PREFETCH=_tune()["prefetch"] if paged else 0,
+        PREFETCH=bool(_tune()["prefetch"]) and paged,
         num_warps=4 if _cap.interpreting() else _tune()["warps"],
         num_stages=2 if _cap.interpreting() else _tune()["stages"],
     )
