@@ -16,7 +16,7 @@ exceed L2. ``TB/s`` is the K+V bytes a row holds, read once, over the time. Outp
 ``decode.csv`` / ``decode.json`` (with the environment) under ``--out``. Without CUDA a tiny grid runs on
 the CPU (the reference and SDPA, plus the interpreter with ``TRITON_INTERPRET=1``): a smoke test only.
 
-``--tune "tail=0,1;prefetch=0,1,2"`` times attnkit's kvcache call again under every combination of the
+``--tune "tail=0,1;prefetch=0,1"`` times attnkit's kvcache call again under every combination of the
 decode kernel's knobs (``ops/decode.TUNE_DEFAULTS``, docs/decoding.md "Tuning"), in the same process as the
 default rows and the peers; those rows carry a ``tune`` column.
 
@@ -24,7 +24,7 @@ default rows and the peers; those rows carry a ``tune`` column.
 timed loop) for attnkit's decode paths and SDPA, and a cProfile of the ``validate=False`` call.
 
     python -m attnkit.bench.decode [--quick] [--out bench_out] [--batch 1,16] [--lengths 8192,32768]
-    python -m attnkit.bench.decode --quick --no-cascade --tune "tail=0,1;prefetch=0,1,2"
+    python -m attnkit.bench.decode --quick --no-cascade --tune "tail=0,1;prefetch=0,1"
     python -m attnkit.bench.decode --host
 """
 
@@ -324,7 +324,7 @@ def _tune_knobs():
 
 
 def _tune_grid(text: str) -> list[dict]:
-    """``"tail=0,1;prefetch=0,1,2"`` -> every combination as a dict (checked against the knobs there are)."""
+    """``"tail=0,1;prefetch=0,1"`` -> every combination as a dict (checked against the knobs there are)."""
     import itertools
 
     axes = []
@@ -332,10 +332,9 @@ def _tune_grid(text: str) -> list[dict]:
         if not part.strip():
             continue
         key, _, vals = part.partition("=")
-        values = [v for v in vals.split(",") if v.strip()]
-        for v in values or [""]:
-            _tune_knobs().parse_tune(f"{key.strip()}={v}", "--tune")  # unknown knobs, non-ints: an error
-        axes.append([(key.strip(), int(v)) for v in values])
+        key = key.strip()
+        # (parse_tune: an unknown knob or a value that is not an int is an error naming it)
+        axes.append([(key, _tune_knobs().parse_tune(f"{key}={v}", "--tune")[key]) for v in vals.split(",")])
     return [dict(c) for c in itertools.product(*axes)]
 
 
@@ -358,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "--tune",
         default=None,
         type=_tune_arg,
-        help='decode knob sweep, e.g. "tail=0,1;prefetch=0,1,2": the rows again for every combination, '
+        help='decode knob sweep, e.g. "tail=0,1;prefetch=0,1": the rows again for every combination, '
         "attnkit's kvcache call only (peers once, with the defaults); rows carry a 'tune' column",
     )
     p.add_argument(
@@ -391,13 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     sqs = args.sq or sqs
     rows = run_rows(batches, lengths, pages, sqs, on_gpu, dtype, hq, hk, d)
     if args.tune:
-        for combo in args.tune:
-            knobs = _tune_knobs().set_tune(**combo)
-            tag = ",".join(f"{k}={v}" for k, v in combo.items())
-            print(f"tune {tag}: {knobs}")
-            for row in run_rows(batches, lengths, pages, sqs, on_gpu, dtype, hq, hk, d, peers=False):
-                rows.append(dict(row, tune=tag))
-        _tune_knobs().set_tune()
+        try:
+            for combo in args.tune:
+                knobs = _tune_knobs().set_tune(**combo)
+                tag = ",".join(f"{k}={v}" for k, v in combo.items())
+                print(f"tune {tag}: {knobs}")
+                for row in run_rows(batches, lengths, pages, sqs, on_gpu, dtype, hq, hk, d, peers=False):
+                    rows.append(dict(row, tune=tag))
+        finally:
+            _tune_knobs().set_tune()
     if not args.no_cascade:
         if on_gpu:
             rows += cascade_rows(True, dtype)
