@@ -450,7 +450,8 @@ TY = {"torch.float16": "*fp16", "torch.bfloat16": "*bf16", "torch.float32": "*fp
       "torch.int64": "*i64", "torch.bool": "*i1"}
 for mod, name, sig, kw in pickle.load(open(sys.argv[1], "rb")):
     fn = getattr(importlib.import_module(mod), name)
-    signature = {fn.arg_names[i]: TY[v] if k == "ptr" else k for i, (k, v) in enumerate(sig)}
+    signature = {fn.arg_names[i]: TY[v] if k == "ptr" else ("i32",) * v if k == "tuple" else k  # (strides)
+                 for i, (k, v) in enumerate(sig)}  # fmt: skip
     consts = {}
     for k, v in kw.items():
         if k in ("num_warps", "num_stages"):
@@ -489,8 +490,14 @@ def test_kernels_with_score_mods_compile_for_sm90(monkeypatch, tmp_path):
     run = launch.Launch.run
 
     def capture(self, grid, args, kwargs, stream):
-        sig = [("ptr", str(a.dtype)) if isinstance(a, torch.Tensor) else
-               ("i32" if isinstance(a, int) else "fp32", None) for a in args]  # fmt: skip
+        def kind(a):  # (a tuple: a kernel's strides of one tensor)
+            if isinstance(a, torch.Tensor):
+                return ("ptr", str(a.dtype))
+            if isinstance(a, tuple):
+                return ("tuple", len(a))
+            return ("i32" if isinstance(a, int) else "fp32", None)
+
+        sig = [kind(a) for a in args]
         kw = {k: ("fn", v.fn.__code__.co_filename, v.fn.__name__) if hasattr(v, "fn") else v
               for k, v in kwargs.items()}  # fmt: skip
         seen.append((self.fn.fn.__module__, self.fn.fn.__name__, sig, kw))

@@ -292,40 +292,21 @@ def attn_bwd_dkdv(
     CuQ,
     CuK,
     Rng,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_vb,
-    stride_vh,
-    stride_vs,
-    stride_dob,
-    stride_doh,
-    stride_dos,
-    stride_dkb,
-    stride_dkh,
-    stride_dks,
-    stride_dvb,
-    stride_dvh,
-    stride_dvs,
+    stride_q,  # (batch, head, row) strides of q, k, v, do, dk, dv (see _fwd.attn_fwd)
+    stride_k,
+    stride_v,
+    stride_do,
+    stride_dk,
+    stride_dv,
     stride_lb,
     stride_lh,
     stride_ls,  # LseHi / LseLo (the layout of lse)
     stride_db,
     stride_dh,
     stride_ds,
-    stride_bb,
-    stride_bh,
-    stride_bm,
-    stride_bn,
-    stride_dbb,
-    stride_dbh,
-    stride_dbm,
-    stride_dbn,  # dbias (B, Hq, Sq, Sk), dense
-    stride_ab,
-    stride_ah,
+    stride_bias,  # (b, h, m, n) of the bias broadcast to (B, Hq, Sq, Sk)
+    stride_dbias,  # (b, h, m, n) of dbias (B, Hq, Sq, Sk), dense
+    stride_a,  # (b, h) of the ALiBi slopes
     Hq,
     Hk,
     SQ,
@@ -391,6 +372,15 @@ def attn_bwd_dkdv(
     ONE_LOOP: tl.constexpr = False,
     IV_LIST: tl.constexpr = False,
 ):
+    stride_qb, stride_qh, stride_qs = stride_q
+    stride_kb, stride_kh, stride_ks = stride_k
+    stride_vb, stride_vh, stride_vs = stride_v
+    stride_dob, stride_doh, stride_dos = stride_do
+    stride_dkb, stride_dkh, stride_dks = stride_dk
+    stride_dvb, stride_dvh, stride_dvs = stride_dv
+    stride_bb, stride_bh, stride_bm, stride_bn = stride_bias
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn = stride_dbias
+    stride_ab, stride_ah = stride_a
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // Hk

@@ -160,33 +160,19 @@ def attn_bwd_dq(
     CuQ,
     CuK,
     Rng,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_vb,
-    stride_vh,
-    stride_vs,
-    stride_dob,
-    stride_doh,
-    stride_dos,
-    stride_dqb,
-    stride_dqh,
-    stride_dqs,
+    stride_q,  # (batch, head, row) strides of q, k, v, do, dq (see _fwd.attn_fwd)
+    stride_k,
+    stride_v,
+    stride_do,
+    stride_dq,
     stride_lb,
     stride_lh,
     stride_ls,
     stride_db,
     stride_dh,
     stride_ds,
-    stride_bb,
-    stride_bh,
-    stride_bm,
-    stride_bn,
-    stride_ab,
-    stride_ah,
+    stride_bias,  # (b, h, m, n) of the bias broadcast to (B, Hq, Sq, Sk)
+    stride_a,  # (b, h) of the ALiBi slopes
     Hq,
     SQ,
     SK,
@@ -241,6 +227,13 @@ def attn_bwd_dq(
     MASK_KEEP: tl.constexpr,
     IV_LIST: tl.constexpr = False,
 ):
+    stride_qb, stride_qh, stride_qs = stride_q
+    stride_kb, stride_kh, stride_ks = stride_k
+    stride_vb, stride_vh, stride_vs = stride_v
+    stride_dob, stride_doh, stride_dos = stride_do
+    stride_dqb, stride_dqh, stride_dqs = stride_dq
+    stride_bb, stride_bh, stride_bm, stride_bn = stride_bias
+    stride_ab, stride_ah = stride_a
     pid_m = tl.program_id(0)
     if REVERSE:
         pid_m = tl.num_programs(0) - 1 - pid_m

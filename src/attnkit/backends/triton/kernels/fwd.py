@@ -204,27 +204,15 @@ def attn_fwd(
     CuQ,
     CuK,
     Rng,
-    stride_qb,
-    stride_qh,
-    stride_qs,  # q (B, Hq, S, D) in any layout; stride_qb = 0 for thd
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_vb,
-    stride_vh,
-    stride_vs,
-    stride_ob,
-    stride_oh,
-    stride_os,
+    stride_q,  # (batch, head, row) strides of q (B, Hq, S, D) in any layout; batch 0 for thd
+    stride_k,
+    stride_v,
+    stride_o,  # the same of k, v and out
     stride_lb,
     stride_lh,
     stride_ls,  # lse (B, Hq, Sq) or (Hq, Tq); LseHi, LseLo alike
-    stride_bb,
-    stride_bh,
-    stride_bm,
-    stride_bn,  # bias broadcast to (B, Hq, Sq, Sk); 0 = broadcast dim
-    stride_ab,
-    stride_ah,  # ALiBi slopes (B, Hq) or (Hq,)
+    stride_bias,  # (b, h, m, n) of the bias broadcast to (B, Hq, Sq, Sk); 0 = broadcast dim
+    stride_a,  # (b, h) of the ALiBi slopes (B, Hq) or (Hq,)
     Hq,
     SQ,
     SK,
@@ -280,6 +268,12 @@ def attn_fwd(
     MASK_KEEP: tl.constexpr,
     IV_LIST: tl.constexpr,
 ):
+    stride_qb, stride_qh, stride_qs = stride_q
+    stride_kb, stride_kh, stride_ks = stride_k
+    stride_vb, stride_vh, stride_vs = stride_v
+    stride_ob, stride_oh, stride_os = stride_o
+    stride_bb, stride_bh, stride_bm, stride_bn = stride_bias
+    stride_ab, stride_ah = stride_a
     pid_m = tl.program_id(0)
     if REVERSE:  # causal load balance: the longest rows (last tiles) start first
         pid_m = tl.num_programs(0) - 1 - pid_m

@@ -145,22 +145,22 @@ def body(p: BwdParams, keep=None):
     slopes_arg = slopes if slopes is not None else dummy
     cu = (p.cu_seqlens_q if varlen else dummy, p.cu_seqlens_k if varlen else dummy, p.rng)
     inputs = (q, k, v, dout)
-    input_strides = (*st_q, *st_k, *st_v, *st_do)
-    stat_strides = (*st_lse, *st_delta, *sb)
+    input_strides = (st_q, st_k, st_v, st_do)  # (the kernels take each tensor's strides as one tuple)
+    stat_strides = (*st_lse, *st_delta, sb)
     sizes = (Hq, Sq, Sk, *c.scalars(p, dummy))
     bias_arg = b4 if b4 is not None else dummy
     # the two kernels' runtime arguments, in their order (``kernels/bwd.py``, ``kernels/bwd_dq.py``)
     dkdv_args = (
         *(*inputs, dk, dv, hi, lo, delta, bias_arg, dbias if bias_grad else dummy, slopes_arg, *cu),
-        *(*input_strides, *c.strides(dk, layout), *c.strides(dv, layout), *stat_strides),
-        *(*(dbias.stride() if bias_grad else (0, 0, 0, 0)), *c.slope_strides(slopes), Hq, Hk, *sizes[1:]),
+        *(*input_strides, c.strides(dk, layout), c.strides(dv, layout), *stat_strides),
+        *(dbias.stride() if bias_grad else (0, 0, 0, 0), c.slope_strides(slopes), Hq, Hk, *sizes[1:]),
         *[dummy if g is None else g for g in g_views],  # (the captured tensors' gradients, copy 0)
         copies.stride(0) if copies.shape[0] > 1 else 0,
         copies.shape[0],
     )
     dq_args = (
         *(*inputs, dq, hi, lo, delta, bias_arg, slopes_arg, *cu),
-        *(*input_strides, *c.strides(dq, layout), *stat_strides, *c.slope_strides(slopes), *sizes),
+        *(*input_strides, c.strides(dq, layout), *stat_strides, c.slope_strides(slopes), *sizes),
     )
     features = {n: f for n, f in flags.items() if n != "BIAS_GRAD"}  # (BIAS_GRAD: the dK/dV kernel's alone)
     common = c.constexprs(p, q, v, Hq, Hk, features)
