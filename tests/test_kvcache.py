@@ -183,6 +183,17 @@ def test_forced_splits(case, monkeypatch):
     run_case(dtype=torch.float32, **CASES[case])
 
 
+@pytest.mark.parametrize("case", ["contig_decode", "page16_alibi_causal"])
+def test_the_splits_knob_sets_the_split_count(case, monkeypatch):
+    """``splits=n`` (``attnkit bench decode --tune "splits=..."``) splits every call that gives no count in
+    n, not by the rule."""
+    monkeypatch.setattr(dec_ops, "_TUNE", [dict(dec_ops._tune(), splits=3)])
+    monkeypatch.setattr(dec_ops, "_PLANS", {})
+    monkeypatch.setattr(dec_ops, "num_splits", lambda *a: pytest.fail("the knob decides, not the rule"))
+    run_case(dtype=torch.float32, **CASES[case])
+    assert {p.grid[0] for p in dec_ops._PLANS.values() if p.grid} == {3}
+
+
 @pytest.mark.parametrize(
     "knobs",
     [dict(tail=0), dict(prefetch=0), dict(paged_wide=1), dict(paged_wide=0)],

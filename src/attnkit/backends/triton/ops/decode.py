@@ -62,7 +62,7 @@ def sm_count(device: torch.device) -> int:
 _TUNE: list = []
 # the knobs' defaults, from the H200 sweeps of 2026-12-03 (docs/decoding.md, "Tuning")
 TUNE_DEFAULTS = {"block_n": 0, "warps": 4, "stages": 3, "waves": 2, "page_tiles": 1, "tail": 1, "prefetch": 1,
-                 "paged_rule": 1, "paged_wide": 2}  # fmt: skip
+                 "paged_rule": 1, "paged_wide": 2, "splits": 0}  # fmt: skip
 
 
 def parse_tune(text: str, source: str = "ATTNKIT_DECODE_TUNE") -> dict:
@@ -91,7 +91,8 @@ def _tune() -> dict:
     key tile; ``prefetch=0`` loads a paged cache's table entries in the step that reads their keys;
     ``paged_rule=0`` splits a paged cache by the contiguous rule (one wave); ``paged_wide``
     (:func:`page_tiled`): 1 plans a paged cache whose pages hold whole wide key tiles like a contiguous one,
-    2 also one whose wide tiles hold whole pages."""
+    2 also one whose wide tiles hold whole pages; ``splits=n`` splits every call that does not say (its
+    ``num_splits`` 0) in n instead of by :func:`num_splits`."""
     if not _TUNE:
         _TUNE.append(dict(TUNE_DEFAULTS, **parse_tune(os.environ.get("ATTNKIT_DECODE_TUNE", ""))))
     return _TUNE[0]
@@ -234,6 +235,8 @@ def _make_plan(q, k_cache, v_cache, full, block_table, alibi_slopes, sq_new, sca
     block_m, block_n = blocks(Sq, group, D, Dv, paged=table_rule)
     m_blocks = _cdiv(Sq * group, block_m)
     dev = q.device
+    if splits <= 0:
+        splits = _tune()["splits"]
     if splits <= 0:
         waves = 2 if _cap.interpreting() else _tune()["waves"]
         two_wave = table_rule and bool(_tune()["paged_rule"])
