@@ -191,7 +191,10 @@ def test_the_splits_knob_sets_the_split_count(case, monkeypatch):
     monkeypatch.setattr(dec_ops, "_PLANS", {})
     monkeypatch.setattr(dec_ops, "num_splits", lambda *a: pytest.fail("the knob decides, not the rule"))
     run_case(dtype=torch.float32, **CASES[case])
-    assert {p.grid[0] for p in dec_ops._PLANS.values() if p.grid} == {3}
+    grids = {p.grid[0] for p in dec_ops._PLANS.values() if p.grid}
+    # (3 parts of whole key tiles: 3 with the interpreter's 16-key tiles; a GPU's wider tiles cover these
+    # small caches in fewer)
+    assert grids == {3} if dec_ops._cap.interpreting() else grids <= {1, 2, 3}
 
 
 @pytest.mark.parametrize(
