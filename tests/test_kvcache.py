@@ -273,6 +273,10 @@ def test_split_heuristic_uses_host_values_only():
     # 128 programs fill one wave: a contiguous cache goes unsplit, a paged one (table loads) splits
     assert dec_ops.num_splits(16, 8, 1, 8192, 64, 132) == 1
     assert dec_ops.num_splits(16, 8, 1, 8192, 64, 132, 2, True) == 3
+    # which paged caches take that two-wave rule: the table rule's, and pages of 16 or fewer keys read 8 or
+    # more a 128-key tile by MMA tiles of packed rows (BLOCK_M >= 16), not by Sq = 1's 4-row tiles
+    assert dec_ops._two_wave(True, 64, 4, 128) and dec_ops._two_wave(False, 16, 16, 128)
+    assert not dec_ops._two_wave(False, 16, 4, 128) and not dec_ops._two_wave(False, 64, 16, 128)
 
 
 # -- validation -------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ _INT32 = 2**31 - 1
 # NOT MEASURED: the arithmetic rate of the packed GQA tiles (matters only from ~64 rows a tile); about the
 # forward kernel's.
 _RATE = 300e12
-_HOST_FLOOR = 90e-6  # seconds a call costs whatever its size (see overhead_seconds)
+_HOST_FLOOR = 35e-6  # seconds a call costs whatever its size (see overhead_seconds)
 
 
 class TritonDecodeBackend(Backend):
@@ -105,10 +105,10 @@ class TritonDecodeBackend(Backend):
         return attention_flops(call) / (_RATE / (12.0 if call.dtype == torch.float32 else 1.0))
 
     def overhead_seconds(self, call: AttentionCall) -> float:
-        # Measured through attention() on the H200 (2026-12-02, `attnkit bench decode --quick`, the
-        # attnkit_auto rows, which ran this backend): 0.10 ms at B=1 L=8k, where its kernels read K+V in
-        # ~10 us and SDPA took 0.022 ms: the host path of attention() (normalize, dispatch, launches) is the
-        # floor, not the two launches alone (attention_with_kvcache's leaner path: 0.036 ms there).
+        # The host time of a call through attention() beyond the kernels' (the SDPA backends count 20 us):
+        # H200 run J, `attnkit bench decode --host`, B=1 L=8k, once attention() kept repeated plain calls'
+        # checks (api._PLAIN): 67.8 us a call here against 54.5 through auto (cuDNN), 28.5 raw SDPA; the
+        # same order in call 2 (79.2 / 64.8 / 27.1). Its kernels read K+V in ~10 us there.
         return _HOST_FLOOR
 
     def notes(self, call: AttentionCall) -> list[str]:

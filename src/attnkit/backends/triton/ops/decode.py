@@ -62,7 +62,7 @@ def sm_count(device: torch.device) -> int:
 _TUNE: list = []
 # the knobs' defaults, from the H200 sweeps of 2026-12-03 (docs/decoding.md, "Tuning")
 TUNE_DEFAULTS = {"block_n": 0, "warps": 4, "stages": 3, "waves": 2, "page_tiles": 1, "tail": 1, "prefetch": 1,
-                 "paged_rule": 1, "paged_wide": 2, "splits": 0}  # fmt: skip
+                 "paged_rule": 2, "paged_wide": 2, "splits": 0}  # fmt: skip
 
 
 def parse_tune(text: str, source: str = "ATTNKIT_DECODE_TUNE") -> dict:
@@ -89,10 +89,11 @@ def _tune() -> dict:
     subset, read once), then :func:`set_tune`. ``block_n=0`` picks it (:func:`blocks`); ``page_tiles=0``
     reads a paged cache's table once per key even where a key tile lies on one page; ``tail=0`` masks every
     key tile; ``prefetch=0`` loads a paged cache's table entries in the step that reads their keys;
-    ``paged_rule=0`` splits a paged cache by the contiguous rule (one wave); ``paged_wide``
-    (:func:`page_tiled`): 1 plans a paged cache whose pages hold whole wide key tiles like a contiguous one,
-    2 also one whose wide tiles hold whole pages; ``splits=n`` splits every call that does not say (its
-    ``num_splits`` 0) in n instead of by :func:`num_splits`."""
+    ``paged_rule=0`` splits a paged cache by the contiguous rule (one wave), 1 takes the two-wave rule for
+    caches on the table rule only, 2 also for small pages read several a tile (:func:`_two_wave`);
+    ``paged_wide`` (:func:`page_tiled`): 1 plans a paged cache whose pages hold whole wide key tiles like a
+    contiguous one, 2 also one whose wide tiles hold whole pages; ``splits=n`` splits every call that does
+    not say (its ``num_splits`` 0) in n instead of by :func:`num_splits`."""
     if not _TUNE:
         _TUNE.append(dict(TUNE_DEFAULTS, **parse_tune(os.environ.get("ATTNKIT_DECODE_TUNE", ""))))
     return _TUNE[0]
@@ -136,6 +137,19 @@ def page_tiled(ps: int, Sq: int, group: int, D: int, Dv: int) -> bool:
     wide = blocks(Sq, group, D, Dv, split=False)[1]
     mode = _tune()["paged_wide"]
     return (mode >= 1 and ps % wide == 0) or (mode >= 2 and _holds_pages(wide, ps))
+
+
+def _two_wave(table_rule: bool, ps: int, block_m: int, wide_n: int) -> bool:
+    """Whether a paged cache takes the two-wave split rule (:func:`num_splits`' ``paged``): on the table
+    rule (``paged_rule >= 1``), and where 8 or more pages make up an unsplit program's key tile
+    (``wide_n``) for packed rows on MMA tiles (BLOCK_M >= 16: Sq * group >= 16; ``paged_rule >= 2``).
+    H200 run K, B=16, Sq=4, 32/8 heads, pages of 16: 0.1424 / 0.5062 ms at 8k / 32k keys split in 2
+    against 0.1530 / 0.5623 unsplit (contiguous 0.1372 / 0.4945); at Sq=1 (BLOCK_M 4) and with pages of
+    64 the split was no faster (0.1422 against 0.1395 at 8k)."""
+    rule = _tune()["paged_rule"]
+    if table_rule:
+        return rule >= 1
+    return rule >= 2 and block_m >= 16 and ps * 8 <= wide_n
 
 
 def _holds_pages(block_n: int, ps: int) -> bool:
@@ -239,7 +253,7 @@ def _make_plan(q, k_cache, v_cache, full, block_table, alibi_slopes, sq_new, sca
         splits = _tune()["splits"]
     if splits <= 0:
         waves = 2 if _cap.interpreting() else _tune()["waves"]
-        two_wave = table_rule and bool(_tune()["paged_rule"])
+        two_wave = paged and _two_wave(table_rule, ps, block_m, blocks(Sq, group, D, Dv, split=False)[1])
         splits = num_splits(B, Hk, m_blocks, cap, block_n, sm_count(dev), waves, two_wave)
     if splits == 1:  # one program reads the whole row: maybe a wider key step
         block_m, block_n = blocks(Sq, group, D, Dv, split=False, paged=table_rule)
