@@ -197,6 +197,26 @@ def test_the_splits_knob_sets_the_split_count(case, monkeypatch):
     assert grids == {3} if dec_ops._cap.interpreting() else grids <= {1, 2, 3}
 
 
+@pytest.mark.parametrize("case", ["page16_alibi_causal", "page4_sq3_causal", "page1_window_causal"])
+def test_unsplit_programs_over_small_pages(case, monkeypatch):
+    """One program a row over small pages (on the GPU, pages of 16 or fewer keys read several a 128-key
+    tile by MMA tiles take 64-key steps and 4 stages: ``_small_pages``; the interpreter's 16-key tiles
+    keep theirs)."""
+    monkeypatch.setattr(dec_ops, "_TUNE", [dict(dec_ops._tune(), splits=1)])
+    monkeypatch.setattr(dec_ops, "_PLANS", {})
+    run_case(dtype=torch.float32, **CASES[case])
+    assert {p.grid[0] for p in dec_ops._PLANS.values() if p.grid} == {1}
+
+
+def test_small_pages_rule(monkeypatch):
+    monkeypatch.setattr(dec_ops._cap, "interpreting", lambda: False)
+    assert dec_ops._small_pages(16, 16, 128) and dec_ops._small_pages(8, 64, 128)
+    assert not dec_ops._small_pages(16, 4, 128)  # (Sq = 1's packed rows: no MMA tiles)
+    assert not dec_ops._small_pages(64, 16, 128)  # (two pages a tile)
+    monkeypatch.setattr(dec_ops, "_TUNE", [dict(dec_ops._tune(), small_pages=0)])
+    assert not dec_ops._small_pages(16, 16, 128)
+
+
 @pytest.mark.parametrize(
     "knobs",
     [dict(tail=0), dict(prefetch=0), dict(paged_wide=1), dict(paged_wide=0)],

@@ -62,7 +62,7 @@ def sm_count(device: torch.device) -> int:
 _TUNE: list = []
 # the knobs' defaults, from the H200 sweeps of 2026-12-03 (docs/decoding.md, "Tuning")
 TUNE_DEFAULTS = {"block_n": 0, "warps": 4, "stages": 3, "waves": 2, "page_tiles": 1, "tail": 1, "prefetch": 1,
-                 "paged_rule": 2, "paged_wide": 2, "splits": 0}  # fmt: skip
+                 "paged_rule": 2, "paged_wide": 2, "splits": 0, "small_pages": 1}  # fmt: skip
 
 
 def parse_tune(text: str, source: str = "ATTNKIT_DECODE_TUNE") -> dict:
@@ -93,7 +93,8 @@ def _tune() -> dict:
     caches on the table rule only, 2 also for small pages read several a tile (:func:`_two_wave`);
     ``paged_wide`` (:func:`page_tiled`): 1 plans a paged cache whose pages hold whole wide key tiles like a
     contiguous one, 2 also one whose wide tiles hold whole pages; ``splits=n`` splits every call that does
-    not say (its ``num_splits`` 0) in n instead of by :func:`num_splits`."""
+    not say (its ``num_splits`` 0) in n instead of by :func:`num_splits`; ``small_pages=0`` gives unsplit
+    programs over small pages the usual key step and stages (:func:`_small_pages`)."""
     if not _TUNE:
         _TUNE.append(dict(TUNE_DEFAULTS, **parse_tune(os.environ.get("ATTNKIT_DECODE_TUNE", ""))))
     return _TUNE[0]
@@ -150,6 +151,18 @@ def _two_wave(table_rule: bool, ps: int, block_m: int, wide_n: int) -> bool:
     if table_rule:
         return rule >= 1
     return rule >= 2 and block_m >= 16 and ps * 8 <= wide_n
+
+
+def _small_pages(ps: int, block_m: int, wide_n: int) -> bool:
+    """Whether an unsplit program over pages of ``ps`` keys (several a tile) takes 64-key steps and 4 stages
+    instead of ``wide_n``-key steps and the ``stages`` knob: where 8 or more pages make up a wide tile for
+    packed rows on MMA tiles (as :func:`_two_wave`), on the GPU, with the ``block_n`` knob unset and
+    ``small_pages=1``. H200 run K, B=64, Sq=4, 32/8 heads, pages of 16, two rounds: 0.5018 / 0.4993 ms at 8k
+    keys and 1.936 / 1.942 at 32k against 0.5581 / 0.5591 and 2.142 / 2.144 with 128-key steps and 3 stages
+    (contiguous 0.4944 / 0.4949 and 1.906 / 1.903); contiguous caches ran no faster with it (0.5000)."""
+    if _cap.interpreting() or _tune()["block_n"] or not _tune()["small_pages"]:
+        return False
+    return block_m >= 16 and ps * 8 <= wide_n
 
 
 def _holds_pages(block_n: int, ps: int) -> bool:
@@ -251,12 +264,16 @@ def _make_plan(q, k_cache, v_cache, full, block_table, alibi_slopes, sq_new, sca
     dev = q.device
     if splits <= 0:
         splits = _tune()["splits"]
+    wide_n = blocks(Sq, group, D, Dv, split=False)[1]
     if splits <= 0:
         waves = 2 if _cap.interpreting() else _tune()["waves"]
-        two_wave = paged and _two_wave(table_rule, ps, block_m, blocks(Sq, group, D, Dv, split=False)[1])
+        two_wave = paged and _two_wave(table_rule, ps, block_m, wide_n)
         splits = num_splits(B, Hk, m_blocks, cap, block_n, sm_count(dev), waves, two_wave)
+    stages = 2 if _cap.interpreting() else _tune()["stages"]
     if splits == 1:  # one program reads the whole row: maybe a wider key step
         block_m, block_n = blocks(Sq, group, D, Dv, split=False, paged=table_rule)
+        if paged and not table_rule and _small_pages(ps, block_m, wide_n):
+            block_n, stages = 64, 4
     chunk = _cdiv(_cdiv(cap, splits), block_n) * block_n
     splits = _cdiv(cap, chunk)
     # the views the launches take, on meta tensors: their strides are those of every later call's
@@ -315,7 +332,7 @@ def _make_plan(q, k_cache, v_cache, full, block_table, alibi_slopes, sq_new, sca
         TAIL=bool(_tune()["tail"]),
         PREFETCH=bool(_tune()["prefetch"]) and paged,
         num_warps=4 if _cap.interpreting() else _tune()["warps"],
-        num_stages=2 if _cap.interpreting() else _tune()["stages"],
+        num_stages=stages,
     )
     return p
 
