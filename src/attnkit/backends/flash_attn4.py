@@ -44,6 +44,9 @@ from attnkit.backends._roofline import tile_programs
 from attnkit.backends.base import Backend, to_bhsd
 
 _LAUNCH_S = 25e-6
+# the host's time a call takes (the CuTe DSL's Python launch path): H200 run K, `attnkit bench decode`, B=1
+# with 1k keys, where its 8 programs read 4 MB of K/V in ~10 us: 0.0557 ms a call (raw SDPA 0.0247)
+_HOST_S = 55e-6
 
 
 def window_args(call: AttentionCall) -> tuple[bool, int | None, int | None]:
@@ -160,6 +163,9 @@ class FlashAttn4Backend(Backend):
 
     def overhead_seconds(self, call: AttentionCall) -> float:
         return _LAUNCH_S
+
+    def host_seconds(self, call: AttentionCall) -> float:
+        return _HOST_S if call.device.type == "cuda" else 0.0
 
     def notes(self, call: AttentionCall) -> list[str]:
         n = ["rates from docs/anchors.md (2026-12-02, one H200 run), not yet re-measured by attnkit"]
