@@ -448,6 +448,19 @@ from triton.compiler import ASTSource
 
 TY = {"torch.float16": "*fp16", "torch.bfloat16": "*bf16", "torch.float32": "*fp32", "torch.int32": "*i32",
       "torch.int64": "*i64", "torch.bool": "*i1"}
+
+
+def dec(v):
+    if isinstance(v, tuple) and v[:1] == ("fn",):
+        spec = importlib.util.spec_from_file_location("attnkit.compiler.generated.g" + v[2], v[1])
+        m = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(m)
+        return getattr(m, v[2])
+    if isinstance(v, tuple) and v[:1] == ("nt",):
+        return getattr(importlib.import_module(v[1]), v[2])(*[dec(x) for x in v[3]])
+    return v
+
+
 for mod, name, sig, kw in pickle.load(open(sys.argv[1], "rb")):
     fn = getattr(importlib.import_module(mod), name)
     signature = {fn.arg_names[i]: TY[v] if k == "ptr" else ("i32",) * v if k == "tuple" else k  # (strides)
@@ -456,13 +469,8 @@ for mod, name, sig, kw in pickle.load(open(sys.argv[1], "rb")):
     for k, v in kw.items():
         if k in ("num_warps", "num_stages"):
             continue
-        if isinstance(v, tuple) and v[:1] == ("fn",):
-            spec = importlib.util.spec_from_file_location("attnkit.compiler.generated.g" + v[2], v[1])
-            m = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(m)
-            v = getattr(m, v[2])
         signature[k] = "constexpr"
-        consts[k] = v
+        consts[k] = dec(v)
     for p in fn.params:
         if p.name not in signature:
             signature[p.name] = "constexpr"
@@ -497,9 +505,15 @@ def test_kernels_with_score_mods_compile_for_sm90(monkeypatch, tmp_path):
                 return ("tuple", len(a))
             return ("i32" if isinstance(a, int) else "fp32", None)
 
+        def enc(v):  # (functions by file and name; named tuples of flags, FEAT / SCHED, field by field)
+            if hasattr(v, "fn"):
+                return ("fn", v.fn.__code__.co_filename, v.fn.__name__)
+            if isinstance(v, tuple) and hasattr(v, "_fields"):
+                return ("nt", type(v).__module__, type(v).__name__, tuple(enc(x) for x in v))
+            return v
+
         sig = [kind(a) for a in args]
-        kw = {k: ("fn", v.fn.__code__.co_filename, v.fn.__name__) if hasattr(v, "fn") else v
-              for k, v in kwargs.items()}  # fmt: skip
+        kw = {k: enc(v) for k, v in kwargs.items()}
         seen.append((self.fn.fn.__module__, self.fn.fn.__name__, sig, kw))
         return run(self, grid, args, kwargs, stream)
 

@@ -12,6 +12,8 @@ decides whether a tensor can be walked by one) against ``torch.Tensor.view``, th
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -87,6 +89,20 @@ def fake_cuda(monkeypatch):
 
 
 INTS = st.sampled_from([0, 1, 2, 16, 17, 32, 48, -16, 2**31 - 16, 2**31, 2**40])
+# constexprs as the attention kernels take them: a bool, or a named tuple of flags holding a function (the
+# compiled score mod) or None, as kernels/common.Features; two functions of one body are two kernels
+_Flags = namedtuple("_Flags", "ON FN")
+
+
+def _mod_a(x):
+    return x
+
+
+def _mod_b(x):
+    return x
+
+
+FLAGS = st.one_of(st.booleans(), st.builds(_Flags, st.booleans(), st.sampled_from([None, _mod_a, _mod_b])))
 SCALARS = st.one_of(INTS, st.sampled_from([0.5, 1.0, 16.0]))
 
 
@@ -100,7 +116,7 @@ def calls(draw):
         return t[draw(st.sampled_from([0, 1, 4])) :]  # 0 and 4 (fp32) or 0 (fp16) are 16-byte aligned
 
     args = (tensor(), tensor(), draw(INTS), draw(INTS), draw(SCALARS), draw(INTS))
-    kwargs = {"BLOCK": draw(st.sampled_from([16, 32])), "FLAG": draw(st.booleans()), "num_warps": 4}
+    kwargs = {"BLOCK": draw(st.sampled_from([16, 32])), "FLAG": draw(FLAGS), "num_warps": 4}
     grid = (draw(st.integers(1, 9)), draw(st.integers(1, 3)))
     return grid, args, kwargs
 

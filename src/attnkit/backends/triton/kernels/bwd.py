@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from attnkit.backends.triton.kernels.common import (
-    Features,
     ScoreParams,
     dropout_keep,
     dscore_dqk,
@@ -350,27 +349,12 @@ def attn_bwd_dkdv(
     BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    FEAT: tl.constexpr,  # common.Features: the score pipeline's flags
+    SCHED: tl.constexpr,  # common.Schedule: the tile loop's flags
     BIAS_GRAD: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DEFER: tl.constexpr,
-    PRECISION: tl.constexpr,
-    HAS_IV: tl.constexpr,
-    IV_SKIP: tl.constexpr,
-    IV_BODY: tl.constexpr,
-    HAS_SCORE_MOD: tl.constexpr,
-    SCORE_MOD: tl.constexpr,
-    HAS_TS: tl.constexpr,
-    MASK_KEEP: tl.constexpr,
     SMOD_GRAD: tl.constexpr = False,
     SCORE_MOD_BWD: tl.constexpr = None,
     ONE_LOOP: tl.constexpr = False,
-    IV_LIST: tl.constexpr = False,
 ):
     stride_qb, stride_qh, stride_qs = stride_q
     stride_kb, stride_kh, stride_ks = stride_k
@@ -385,7 +369,7 @@ def attn_bwd_dkdv(
     bhk = tl.program_id(1)
     b = bhk // Hk
     hk = bhk % Hk
-    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(CuQ, CuK, b, SQ, SK, VARLEN)
+    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(CuQ, CuK, b, SQ, SK, SCHED.VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
         return
@@ -415,13 +399,11 @@ def attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     n1 = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
     lo, full_lo, full_hi, hi = q_tiles(
-        n0, n1, seqlen_q, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_M
+        n0, n1, seqlen_q, off, win_left, win_right, FEAT.HAS_LEFT, FEAT.HAS_RIGHT, BLOCK_M
     )
-    BODY: tl.constexpr = HAS_IV and IV_BODY
-    FEAT: tl.constexpr = Features(SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
-                                  PRECISION, HAS_SCORE_MOD, SCORE_MOD)  # fmt: skip
-    CFG: tl.constexpr = KTileCfg(D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IV_SKIP, MASK_KEEP, BIAS_GRAD,
-                                 SMOD_GRAD, SCORE_MOD_BWD)  # fmt: skip
+    BODY: tl.constexpr = SCHED.HAS_IV and SCHED.IV_BODY
+    CFG: tl.constexpr = KTileCfg(D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, SCHED.IV_SKIP, SCHED.MASK_KEEP,
+                                 BIAS_GRAD, SMOD_GRAD, SCORE_MOD_BWD)  # fmt: skip
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * Hq + h
@@ -433,7 +415,7 @@ def attn_bwd_dkdv(
         bias_ptr = Bias + b * stride_bb + h * stride_bh
         db_ptr = DBias + b * stride_dbb + h * stride_dbh
         slope = 0.0
-        if HAS_ALIBI:
+        if FEAT.HAS_ALIBI:
             slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
         sum_ptr = IvSum + b * stride_sb + h * stride_sh
         g_at = ((bhk * tl.num_programs(0) + pid_n) % smg_copies).to(tl.int64) * smg_stride
@@ -444,7 +426,7 @@ def attn_bwd_dkdv(
                        sum_ptr, k_start, n0, n1, ts_ptr, ts_cols)  # fmt: skip
         par = ScoreParams(sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, Rng,
                           bh, dropout_p)  # fmt: skip
-        if IV_LIST:  # masks as data, listed: this key tile's partial query tiles (masked), then full ones
+        if SCHED.IV_LIST:  # masks as data, listed: this key tile's partial query tiles (masked), then full
             iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
             iv = iv_load(iv_ptr, offs_n[:, None], seqlen_k)
             row = b * ivl_b + h * ivl_h + pid_n
@@ -455,14 +437,14 @@ def attn_bwd_dkdv(
         else:
             iv = (0, 0, 0, 0)
             g_lo, g_full_lo, g_full_hi, g_hi = lo, full_lo, full_hi, hi
-            if HAS_IV:  # this key tile's column intervals, (BN, 1) each, and the query tiles that see any
+            if SCHED.HAS_IV:  # this key tile's column intervals, (BN, 1) each, and the query tiles seeing any
                 iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
                 iv = iv_load(iv_ptr, offs_n[:, None], seqlen_k)
                 lo2, hi2 = iv_narrow_q(
                     sum_ptr, k_start + n0, k_start + n1, lo, hi, seqlen_q, BLOCK_M, BLOCK_N
                 )
                 g_lo, g_full_lo, g_full_hi, g_hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
-            if HAS_TS:  # the query tiles from the first to the last whose state (this column) is not empty
+            if SCHED.HAS_TS:  # the query tiles from the first to the last with a nonempty state (this column)
                 lo2, hi2 = ts_narrow(ts_ptr, ts_cols, lo, hi, BLOCK_M)
                 g_lo, g_full_lo, g_full_hi, g_hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
             b0 = g_hi if ONE_LOOP else g_full_hi
@@ -488,7 +470,8 @@ def attn_bwd_dkdv(
                 if (seg == 1 or (BODY and seg % 4 != 0)) if ONE_LOOP else (BODY or seg < 2 or seg == 4):
                     dk, dv = _dkdv_inner(
                         dk, dv, k, v, seg_lo, seg_hi, iv, geo, par, smod, CFG, FEAT,
-                        (seg != 2) if ONE_LOOP else (seg == 0 or seg == 4), HAS_IV and seg != 2, HAS_TS,
+                        (seg != 2) if ONE_LOOP else (seg == 0 or seg == 4), SCHED.HAS_IV and seg != 2,
+                        SCHED.HAS_TS,
                     )  # fmt: skip
     row_mask = offs_n[:, None] < seqlen_k
     dk_ptrs = (

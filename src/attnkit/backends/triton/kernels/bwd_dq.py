@@ -9,7 +9,6 @@ import triton.language as tl
 
 from attnkit.backends.triton.kernels.bwd import _load_row_stats
 from attnkit.backends.triton.kernels.common import (
-    Features,
     ScoreParams,
     dropout_keep,
     dscore_dqk,
@@ -17,17 +16,13 @@ from attnkit.backends.triton.kernels.common import (
     iv_apply,
     iv_bounds,
     iv_classify,
-    iv_full_run,
     iv_load,
-    iv_narrow_kv,
-    iv_segments,
-    kv_tiles,
     pending_scale,
     scores,
     seq_bounds,
 )
-from attnkit.backends.triton.kernels.fwd import QTileCfg, QTileGeo, load_tile
-from attnkit.backends.triton.kernels.tiles import ts_apply, ts_narrow, ts_state
+from attnkit.backends.triton.kernels.fwd import QTileCfg, QTileGeo, load_tile, q_tile_segments
+from attnkit.backends.triton.kernels.tiles import ts_apply, ts_state
 
 
 @triton.jit
@@ -208,24 +203,8 @@ def attn_bwd_dq(
     BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    REVERSE: tl.constexpr,
-    DEFER: tl.constexpr,
-    PRECISION: tl.constexpr,
-    HAS_IV: tl.constexpr,
-    IV_SKIP: tl.constexpr,
-    IV_BODY: tl.constexpr,
-    HAS_SCORE_MOD: tl.constexpr,
-    SCORE_MOD: tl.constexpr,
-    HAS_TS: tl.constexpr,
-    MASK_KEEP: tl.constexpr,
-    IV_LIST: tl.constexpr = False,
+    FEAT: tl.constexpr,  # common.Features: the score pipeline's flags
+    SCHED: tl.constexpr,  # common.Schedule: the tile loop's flags
 ):
     stride_qb, stride_qh, stride_qs = stride_q
     stride_kb, stride_kh, stride_ks = stride_k
@@ -235,13 +214,13 @@ def attn_bwd_dq(
     stride_bb, stride_bh, stride_bm, stride_bn = stride_bias
     stride_ab, stride_ah = stride_a
     pid_m = tl.program_id(0)
-    if REVERSE:
+    if SCHED.REVERSE:
         pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
     hk = h // GROUP
-    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(CuQ, CuK, b, SQ, SK, VARLEN)
+    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(CuQ, CuK, b, SQ, SK, SCHED.VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -282,7 +261,7 @@ def attn_bwd_dq(
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
     bias_ptr = Bias + b * stride_bb + h * stride_bh
     slope = 0.0
-    if HAS_ALIBI:
+    if FEAT.HAS_ALIBI:
         slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     smod = (SmC0, SmC1, SmC2, SmC3, SmMeta, b, h)
@@ -295,36 +274,24 @@ def attn_bwd_dq(
                    iv_ptr, sum_ptr, ts_ptr, k_start, m0, m1)  # fmt: skip
     par = ScoreParams(sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, Rng, bh,
                       dropout_p)  # fmt: skip
-    FEAT: tl.constexpr = Features(SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
-                                  PRECISION, HAS_SCORE_MOD, SCORE_MOD)  # fmt: skip
-    CFG: tl.constexpr = QTileCfg(D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, IV_SKIP, MASK_KEEP)
-    if IV_LIST:  # masks as data, listed: the partial key tiles (masked), then the full ones (plain body)
+    CFG: tl.constexpr = QTileCfg(D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, SCHED.IV_SKIP, SCHED.MASK_KEEP)
+    if SCHED.IV_LIST:  # masks as data, listed: the partial key tiles (masked), then the full ones (plain)
         row = b * ivl_b + h * ivl_h + pid_m
         for part in tl.static_range(2):
             n = tl.load(IvC + row * 2 + part)
             lst = IvL + (row * 2 + part) * ivl_n
             dq = _dq_listed(dq, qrow, lst, n, geo, par, smod, CFG, FEAT, part == 0)
     else:
-        lo, full_lo, full_hi, hi = kv_tiles(
-            m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
+        lo, full_lo, b0, b1, full_hi, hi = q_tile_segments(
+            m0, m1, seqlen_k, off, win_left, win_right, sum_ptr, k_start, ts_ptr, FEAT, SCHED, BLOCK_N
         )
-        if HAS_IV:  # from the first to the last key tile the mask leaves non-empty for these rows
-            lo2, hi2 = iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, m0, m1, BLOCK_N)
-            lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
-        if HAS_TS:  # from the first to the last key tile whose state is not empty
-            lo2, hi2 = ts_narrow(ts_ptr, 1, lo, hi, BLOCK_N)
-            lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
-        BODY: tl.constexpr = HAS_IV and IV_BODY
-        b0 = full_hi
-        b1 = full_hi
-        if BODY:  # the last run of key tiles full for every row: the plain body, no interval work
-            b0, b1 = iv_full_run(sum_ptr, lo, full_lo, full_hi, k_start, 0, m0, m1, 0, True, BLOCK_N, BLOCK_N)
+        BODY: tl.constexpr = SCHED.HAS_IV and SCHED.IV_BODY
         # the tile schedule's segments: masked head, unmasked body, masked tail (as the forward's)
         for seg in tl.static_range(5):
             seg_lo, seg_hi = iv_bounds(seg, lo, full_lo, b0, b1, full_hi, hi)
             if BODY or (seg != 2 and seg != 3):
                 dq = _dq_inner(dq, qrow, seg_lo, seg_hi, geo, par, smod, CFG, FEAT, seg == 0 or seg == 4,
-                               HAS_IV and seg != 2, HAS_TS)  # fmt: skip
+                               SCHED.HAS_IV and seg != 2, SCHED.HAS_TS)  # fmt: skip
     dq_ptrs = (
         DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqs + offs_d[None, :]
     )

@@ -9,11 +9,12 @@
   returns the masked raw dot products and the caller folds ``scale * log2e`` into the FMA before exp2
   (:func:`pending_scale`): one FMA per score. User ``score_mod`` / ``mask_mod`` code will be compiled
   into this function.
-* The arguments every kernel's tile loops share travel as two named tuples, built once in the kernel body:
-  :class:`ScoreParams` (the runtime values of the score pipeline and of dropout, for one (batch, head)) and
-  :class:`Features` (its constexpr flags; passed as a constexpr: ``FEAT: tl.constexpr = Features(...)``).
-  Each kernel adds its own geometry and configuration tuples (``fwd.QTileGeo`` and ``QTileCfg``,
-  ``bwd.KTileGeo`` and ``KTileCfg``); the helpers read the fields they use by name.
+* The arguments every kernel's tile loops share travel as named tuples: :class:`ScoreParams` (the runtime
+  values of the score pipeline and of dropout, for one (batch, head), built in the kernel body) and
+  :class:`Features` (its constexpr flags), which the attention kernels take from the host as one constexpr
+  ``FEAT`` beside :class:`Schedule` (their tile loop's flags, ``SCHED``); the decode kernel builds its
+  ``Features`` in its body. Each kernel adds its own geometry and configuration tuples (``fwd.QTileGeo`` and
+  ``QTileCfg``, ``bwd.KTileGeo`` and ``KTileCfg``); the helpers read the fields they use by name.
 
 * ``iv_*``: masks carried as data (``attnkit.masks._intervals``): per key column the masked query rows
   ``[a, b) U [c, d)``; 16-key summaries classify a tile pair as empty / full / partial, narrow each loop's
@@ -42,12 +43,17 @@ ScoreParams = namedtuple(
     "ScoreParams",
     "sm_scale softcap win_left win_right bias_ptr stride_bm stride_bn slope rng_ptr bh dropout_p",
 )
-# the constexpr feature flags of the score pipeline (the kernels' parameters of these names; PRECISION is the
-# dots' input_precision, SCORE_MOD the compiled score mod or None)
+# the constexpr feature flags of the score pipeline (the attention kernels' ``FEAT``, built on the host by
+# ops/common.kernel_constexprs; PRECISION is the dots' input_precision, SCORE_MOD the compiled mod or None)
 Features = namedtuple(
     "Features",
     "SOFTCAP HAS_BIAS HAS_ALIBI HAS_LEFT HAS_RIGHT DROPOUT DEFER PRECISION HAS_SCORE_MOD SCORE_MOD",
 )
+# the constexpr flags of an attention kernel's tile loop (its ``SCHED``): packed sequences, the reversed
+# (causal load-balanced) grid, a mask carried as intervals (HAS_IV) with its empty-tile branch (IV_SKIP) and
+# full-tile body (IV_BODY), per-tile states (HAS_TS) with the mask evaluated in partial tiles (MASK_KEEP, a
+# function or None), and tile lists (IV_LIST)
+Schedule = namedtuple("Schedule", "VARLEN REVERSE HAS_IV IV_SKIP IV_BODY HAS_TS MASK_KEEP IV_LIST")
 
 
 @triton.jit

@@ -13,7 +13,6 @@ import triton.language as tl
 
 from attnkit.backends.triton.kernels.common import (
     LN2,
-    Features,
     ScoreParams,
     dropout_keep,
     iv_apply,
@@ -171,6 +170,30 @@ def _fwd_tile(
     return acc, l_i, m_i
 
 
+@triton.jit
+def q_tile_segments(m0, m1, seqlen_k, off, win_left, win_right, sum_ptr, k_start, ts_ptr, FEAT: tl.constexpr,
+                    SCHED: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """The key tiles query rows ``m0..m1`` visit, as :func:`common.iv_bounds`' cut points (lo, full_lo, b0,
+    b1, full_hi, hi): the window's tiles (``[full_lo, full_hi)`` fully visible), narrowed to the first and
+    last tile a mask carried as data (HAS_IV) or the tile states (HAS_TS) leave non-empty, and with IV_BODY
+    the last run of tiles full for every row as ``[b0, b1)`` (the plain body; else b0 = b1 = full_hi). The
+    forward's and the dQ pass's schedule."""
+    lo, full_lo, full_hi, hi = kv_tiles(
+        m0, m1, seqlen_k, off, win_left, win_right, FEAT.HAS_LEFT, FEAT.HAS_RIGHT, BLOCK_N
+    )
+    if SCHED.HAS_IV:  # from the first to the last key tile the mask leaves non-empty for these rows
+        lo2, hi2 = iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, m0, m1, BLOCK_N)
+        lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
+    if SCHED.HAS_TS:  # from the first to the last key tile whose state is not empty
+        lo2, hi2 = ts_narrow(ts_ptr, 1, lo, hi, BLOCK_N)
+        lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
+    b0 = full_hi
+    b1 = full_hi
+    if SCHED.HAS_IV and SCHED.IV_BODY:  # the last run of key tiles full for every row: no interval work
+        b0, b1 = iv_full_run(sum_ptr, lo, full_lo, full_hi, k_start, 0, m0, m1, 0, True, BLOCK_N, BLOCK_N)
+    return lo, full_lo, b0, b1, full_hi, hi
+
+
 @triton.jit(
     do_not_specialize=[
         "SQ",
@@ -249,24 +272,8 @@ def attn_fwd(
     BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    REVERSE: tl.constexpr,
-    DEFER: tl.constexpr,
-    PRECISION: tl.constexpr,
-    HAS_IV: tl.constexpr,
-    IV_SKIP: tl.constexpr,
-    IV_BODY: tl.constexpr,
-    HAS_SCORE_MOD: tl.constexpr,
-    SCORE_MOD: tl.constexpr,
-    HAS_TS: tl.constexpr,
-    MASK_KEEP: tl.constexpr,
-    IV_LIST: tl.constexpr,
+    FEAT: tl.constexpr,  # common.Features: the score pipeline's flags
+    SCHED: tl.constexpr,  # common.Schedule: the tile loop's flags
 ):
     stride_qb, stride_qh, stride_qs = stride_q
     stride_kb, stride_kh, stride_ks = stride_k
@@ -275,13 +282,13 @@ def attn_fwd(
     stride_bb, stride_bh, stride_bm, stride_bn = stride_bias
     stride_ab, stride_ah = stride_a
     pid_m = tl.program_id(0)
-    if REVERSE:  # causal load balance: the longest rows (last tiles) start first
+    if SCHED.REVERSE:  # causal load balance: the longest rows (last tiles) start first
         pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
     hk = h // GROUP
-    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(CuQ, CuK, b, SQ, SK, VARLEN)
+    q_start, seqlen_q, k_start, seqlen_k = seq_bounds(CuQ, CuK, b, SQ, SK, SCHED.VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -296,7 +303,7 @@ def attn_fwd(
     v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
     bias_ptr = Bias + b * stride_bb + h * stride_bh
     slope = 0.0
-    if HAS_ALIBI:
+    if FEAT.HAS_ALIBI:
         slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
     smod = (SmC0, SmC1, SmC2, SmC3, SmMeta, b, h)
 
@@ -312,30 +319,18 @@ def attn_fwd(
                    iv_ptr, sum_ptr, ts_ptr, k_start, m0, m1)  # fmt: skip
     par = ScoreParams(sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, Rng, bh,
                       dropout_p)  # fmt: skip
-    FEAT: tl.constexpr = Features(SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, DROPOUT, DEFER,
-                                  PRECISION, HAS_SCORE_MOD, SCORE_MOD)  # fmt: skip
-    CFG: tl.constexpr = QTileCfg(D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, IV_SKIP, MASK_KEEP)
-    if IV_LIST:  # masks as data, listed: the partial key tiles (masked), then the full ones (plain body)
+    CFG: tl.constexpr = QTileCfg(D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, SCHED.IV_SKIP, SCHED.MASK_KEEP)
+    if SCHED.IV_LIST:  # masks as data, listed: the partial key tiles (masked), then the full ones (plain)
         row = b * ivl_b + h * ivl_h + pid_m
         for part in tl.static_range(2):
             n = tl.load(IvC + row * 2 + part)
             lst = IvL + (row * 2 + part) * ivl_n
             acc, l_i, m_i = _fwd_listed(acc, l_i, m_i, q, lst, n, geo, par, smod, CFG, FEAT, part == 0)
     else:
-        lo, full_lo, full_hi, hi = kv_tiles(
-            m0, m1, seqlen_k, off, win_left, win_right, HAS_LEFT, HAS_RIGHT, BLOCK_N
+        lo, full_lo, b0, b1, full_hi, hi = q_tile_segments(
+            m0, m1, seqlen_k, off, win_left, win_right, sum_ptr, k_start, ts_ptr, FEAT, SCHED, BLOCK_N
         )
-        if HAS_IV:  # from the first to the last key tile the mask leaves non-empty for these rows
-            lo2, hi2 = iv_narrow_kv(sum_ptr, k_start, lo, hi, seqlen_k, m0, m1, BLOCK_N)
-            lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
-        if HAS_TS:  # from the first to the last key tile whose state is not empty
-            lo2, hi2 = ts_narrow(ts_ptr, 1, lo, hi, BLOCK_N)
-            lo, full_lo, full_hi, hi = iv_segments(lo, full_lo, full_hi, hi, lo2, hi2)
-        BODY: tl.constexpr = HAS_IV and IV_BODY
-        b0 = full_hi
-        b1 = full_hi
-        if BODY:  # the last run of key tiles full for every row: the plain body, no interval work
-            b0, b1 = iv_full_run(sum_ptr, lo, full_lo, full_hi, k_start, 0, m0, m1, 0, True, BLOCK_N, BLOCK_N)
+        BODY: tl.constexpr = SCHED.HAS_IV and SCHED.IV_BODY
         # masked head, unmasked body, masked tail: the schedule decides, the pipeline applies (iv_bounds;
         # without a body segments 2 and 3 are empty and not compiled)
         for seg in tl.static_range(5):
@@ -354,14 +349,14 @@ def attn_fwd(
                     CFG,
                     FEAT,
                     seg == 0 or seg == 4,
-                    HAS_IV and seg != 2,
-                    HAS_TS,
+                    SCHED.HAS_IV and seg != 2,
+                    SCHED.HAS_TS,
                 )
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     inv = 1.0 / l_safe
-    if DROPOUT:
+    if FEAT.DROPOUT:
         inv = inv / (1.0 - dropout_p)
     out = tl.where(has_key[:, None], acc * inv[:, None], 0.0)
     lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))  # natural log

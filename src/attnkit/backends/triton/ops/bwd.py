@@ -174,7 +174,8 @@ def body(p: BwdParams, keep=None):
         one_loop = _tuning.one_loop_dkdv(flags["HAS_LEFT"], flags["HAS_RIGHT"])
         ts, ts_flags = _tiles.launch_args(p, B, Hq, BM, BN, dummy)  # (a mask evaluated per tile)
         ivl, ivl_flags = _ivlists.launch_args(p, BM, BN, dummy, transposed=True)  # (a mask as data, listed)
-        with c.jit_hooks_off(common["SCORE_MOD"]):
+        kw = c.kernel_constexprs(common, ts_flags, ivl_flags, {"REVERSE": False})
+        with c.jit_hooks_off(kw["FEAT"].SCORE_MOD):
             attn_bwd_dkdv[grid](
                 *dkdv_args,
                 *ts,
@@ -187,7 +188,7 @@ def body(p: BwdParams, keep=None):
                 SCORE_MOD_BWD=c.score_mod_bwd_fn(p) if p.smod_grad else None,
                 num_warps=warps,
                 num_stages=stages,
-                **{**common, **ts_flags, **ivl_flags},
+                **kw,
             )
 
     def dq_extras(BM, BN):
@@ -200,11 +201,10 @@ def body(p: BwdParams, keep=None):
         grid = (c.cdiv(max(Sq, 1), BM), B * Hq)
         reverse = flags["HAS_RIGHT"] and not flags["HAS_LEFT"]
         (ts, ts_flags), (ivl, ivl_flags) = dq_extras(BM, BN) if extras is None else extras
-        with c.jit_hooks_off(common["SCORE_MOD"]):
-            attn_bwd_dq[grid](
-                *dq_args, *ts, *ivl, BLOCK_M=BM, BLOCK_N=BN, REVERSE=reverse, num_warps=warps,
-                num_stages=stages, stream=stream, **{**common, **ts_flags, **ivl_flags},
-            )  # fmt: skip
+        kw = c.kernel_constexprs(common, ts_flags, ivl_flags, {"REVERSE": reverse})
+        with c.jit_hooks_off(kw["FEAT"].SCORE_MOD):
+            attn_bwd_dq[grid](*dq_args, *ts, *ivl, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
+                              stream=stream, **kw)  # fmt: skip
 
     gluon_bwd = views = listed = None
     cap = _cap.capability(q.device) if q.is_cuda else None

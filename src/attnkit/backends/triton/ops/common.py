@@ -11,6 +11,8 @@ import contextlib
 
 import torch
 
+from attnkit.backends.triton.kernels.common import Features, Schedule
+
 Tensor = torch.Tensor
 
 POISON = False  # tests: fill outputs with NaN before launch, so unwritten elements show
@@ -90,6 +92,19 @@ def constexprs(p, q: Tensor, v: Tensor, Hq: int, Hk: int, features: dict) -> dic
     shape = dict(GROUP=Hq // Hk, D=D, DV=Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv))
     fn = score_mod_fn(p)
     return {**shape, **features, "DEFER": defer(p), "PRECISION": precision(q.dtype), "SCORE_MOD": fn}
+
+
+def kernel_constexprs(common: dict, *parts: dict) -> dict:
+    """One attention kernel launch's constexprs: :func:`constexprs`' dict with the launch's own parts merged
+    in (its tile states' and tile lists' flags, ``REVERSE``; a later part wins), the score pipeline's flags
+    gathered into ``FEAT`` (``kernels/common.Features``) and the tile loop's into ``SCHED``
+    (``kernels/common.Schedule``), the rest (shapes) as they are."""
+    kw = dict(common)
+    for part in parts:
+        kw.update(part)
+    kw["FEAT"] = Features(*[kw.pop(n) for n in Features._fields])
+    kw["SCHED"] = Schedule(*[kw.pop(n) for n in Schedule._fields])
+    return kw
 
 
 @contextlib.contextmanager

@@ -128,17 +128,9 @@ def body(p: FwdParams, keep=None):
         grid = (c.cdiv(max(Sq, 1), BM), B * Hq)
         ts, ts_flags = _tiles.launch_args(p, B, Hq, BM, BN, dummy)  # (a mask evaluated per tile)
         ivl, ivl_flags = _ivlists.launch_args(p, BM, BN, dummy)  # (a mask as data, listed)
-        with c.jit_hooks_off(constexprs["SCORE_MOD"]):
-            attn_fwd[grid](
-                *args,
-                *ts,
-                *ivl,
-                BLOCK_M=BM,
-                BLOCK_N=BN,
-                **{**constexprs, **ts_flags, **ivl_flags},
-                num_warps=warps,
-                num_stages=stages,
-            )
+        kw = c.kernel_constexprs(constexprs, ts_flags, ivl_flags)
+        with c.jit_hooks_off(kw["FEAT"].SCORE_MOD):
+            attn_fwd[grid](*args, *ts, *ivl, BLOCK_M=BM, BLOCK_N=BN, **kw, num_warps=warps, num_stages=stages)
 
     tune_key = FwdParams.tune_key(flags)
     hint = _tuning.hints(flags, gathers=p.smod_c0 is not None)
