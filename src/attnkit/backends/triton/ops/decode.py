@@ -142,27 +142,33 @@ def page_tiled(ps: int, Sq: int, group: int, D: int, Dv: int) -> bool:
 
 def _two_wave(table_rule: bool, ps: int, block_m: int, wide_n: int) -> bool:
     """Whether a paged cache takes the two-wave split rule (:func:`num_splits`' ``paged``): on the table
-    rule (``paged_rule >= 1``), and where 8 or more pages make up an unsplit program's key tile
-    (``wide_n``) for packed rows on MMA tiles (BLOCK_M >= 16: Sq * group >= 16; ``paged_rule >= 2``).
-    H200 run K, B=16, Sq=4, 32/8 heads, pages of 16: 0.1424 / 0.5062 ms at 8k / 32k keys split in 2
-    against 0.1530 / 0.5623 unsplit (contiguous 0.1372 / 0.4945); at Sq=1 (BLOCK_M 4) and with pages of
-    64 the split was no faster (0.1422 against 0.1395 at 8k)."""
+    rule (``paged_rule >= 1``), and where :func:`_many_pages` (``paged_rule >= 2``; ``wide_n``: an unsplit
+    program's key tile; BLOCK_M >= 16: Sq * group >= 16).
+    H200 run K, B=16, Sq=4, 32/8 heads, pages of 16: 0.1445 / 0.5023 ms at 8k / 32k keys (3 parts) against
+    0.1553 / 0.5713 unsplit with ``paged_rule=1`` (contiguous 0.1329 / 0.4779); at Sq=1 (BLOCK_M 4) and
+    with pages of 64 a split was no faster (2 parts: 0.1422 against 0.1395 at 8k)."""
     rule = _tune()["paged_rule"]
     if table_rule:
         return rule >= 1
-    return rule >= 2 and block_m >= 16 and ps * 8 <= wide_n
+    return rule >= 2 and _many_pages(ps, block_m, wide_n)
+
+
+def _many_pages(ps: int, block_m: int, wide_n: int) -> bool:
+    """8 or more pages of ``ps`` keys to a ``wide_n``-key tile, read by MMA tiles of packed rows (BLOCK_M >=
+    16): where the page-tiled kernel (PAGED 3) wants other splits and steps than a contiguous cache."""
+    return block_m >= 16 and ps * 8 <= wide_n
 
 
 def _small_pages(ps: int, block_m: int, wide_n: int) -> bool:
     """Whether an unsplit program over pages of ``ps`` keys (several a tile) takes 64-key steps and 4 stages
-    instead of ``wide_n``-key steps and the ``stages`` knob: where 8 or more pages make up a wide tile for
-    packed rows on MMA tiles (as :func:`_two_wave`), on the GPU, with the ``block_n`` knob unset and
-    ``small_pages=1``. H200 run K, B=64, Sq=4, 32/8 heads, pages of 16, two rounds: 0.5018 / 0.4993 ms at 8k
-    keys and 1.936 / 1.942 at 32k against 0.5581 / 0.5591 and 2.142 / 2.144 with 128-key steps and 3 stages
-    (contiguous 0.4944 / 0.4949 and 1.906 / 1.903); contiguous caches ran no faster with it (0.5000)."""
+    instead of ``wide_n``-key steps and the ``stages`` knob: where :func:`_many_pages`, on the GPU, with the
+    ``block_n`` knob unset and ``small_pages=1``. H200 run K, B=64, Sq=4, 32/8 heads, pages of 16, two
+    rounds: 0.5018 / 0.4993 ms at 8k keys and 1.936 / 1.942 at 32k against 0.5581 / 0.5591 and 2.142 / 2.144
+    with 128-key steps and 3 stages (contiguous 0.4944 / 0.4949 and 1.906 / 1.903); contiguous caches ran no
+    faster with it (0.5000)."""
     if _cap.interpreting() or _tune()["block_n"] or not _tune()["small_pages"]:
         return False
-    return block_m >= 16 and ps * 8 <= wide_n
+    return _many_pages(ps, block_m, wide_n)
 
 
 def _holds_pages(block_n: int, ps: int) -> bool:
