@@ -98,7 +98,10 @@ def kernel_constexprs(common: dict, *parts: dict) -> dict:
     """One attention kernel launch's constexprs: :func:`constexprs`' dict with the launch's own parts merged
     in (its tile states' and tile lists' flags, ``REVERSE``; a later part wins), the score pipeline's flags
     gathered into ``FEAT`` (``kernels/common.Features``) and the tile loop's into ``SCHED``
-    (``kernels/common.Schedule``), the rest (shapes) as they are."""
+    (``kernels/common.Schedule``), the rest (shapes) as they are. (Triton's disk cache keys a constexpr
+    tuple by its ``str``, which names a compiled mod by its module, ``attnkit.compiler.generated.m<hash of
+    its source>``: enough while generated code calls nothing but ``tl``; a top-level function constexpr
+    would be keyed by its ``cache_key``, which follows what it calls.)"""
     kw = dict(common)
     for part in parts:
         kw.update(part)
