@@ -356,15 +356,6 @@ def attn_bwd_dkdv(
     SCORE_MOD_BWD: tl.constexpr = None,
     ONE_LOOP: tl.constexpr = False,
 ):
-    stride_qb, stride_qh, stride_qs = stride_q
-    stride_kb, stride_kh, stride_ks = stride_k
-    stride_vb, stride_vh, stride_vs = stride_v
-    stride_dob, stride_doh, stride_dos = stride_do
-    stride_dkb, stride_dkh, stride_dks = stride_dk
-    stride_dvb, stride_dvh, stride_dvs = stride_dv
-    stride_bb, stride_bh, stride_bm, stride_bn = stride_bias
-    stride_dbb, stride_dbh, stride_dbm, stride_dbn = stride_dbias
-    stride_ab, stride_ah = stride_a
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // Hk
@@ -378,7 +369,7 @@ def attn_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     k = load_tile(
-        K + b * stride_kb + hk * stride_kh + (k_start + offs_n[:, None]) * stride_ks + offs_d[None, :],
+        K + b * stride_k[0] + hk * stride_k[1] + (k_start + offs_n[:, None]) * stride_k[2] + offs_d[None, :],
         offs_n[:, None],
         seqlen_k,
         offs_d[None, :],
@@ -387,7 +378,7 @@ def attn_bwd_dkdv(
         BLOCK_D != D,
     )  # (BN, BD)
     v = load_tile(
-        V + b * stride_vb + hk * stride_vh + (k_start + offs_n[:, None]) * stride_vs + offs_dv[None, :],
+        V + b * stride_v[0] + hk * stride_v[1] + (k_start + offs_n[:, None]) * stride_v[2] + offs_dv[None, :],
         offs_n[:, None],
         seqlen_k,
         offs_dv[None, :],
@@ -407,25 +398,25 @@ def attn_bwd_dkdv(
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * Hq + h
-        q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qs
-        do_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dos
+        q_base = Q + b * stride_q[0] + h * stride_q[1] + q_start * stride_q[2]
+        do_base = DO + b * stride_do[0] + h * stride_do[1] + q_start * stride_do[2]
         hi_base = LseHi + b * stride_lb + h * stride_lh + q_start * stride_ls
         lo_base = LseLo + b * stride_lb + h * stride_lh + q_start * stride_ls
         d_base = Delta + b * stride_db + h * stride_dh + q_start * stride_ds
-        bias_ptr = Bias + b * stride_bb + h * stride_bh
-        db_ptr = DBias + b * stride_dbb + h * stride_dbh
+        bias_ptr = Bias + b * stride_bias[0] + h * stride_bias[1]
+        db_ptr = DBias + b * stride_dbias[0] + h * stride_dbias[1]
         slope = 0.0
         if FEAT.HAS_ALIBI:
-            slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
+            slope = tl.load(Slopes + b * stride_a[0] + h * stride_a[1]).to(tl.float32)
         sum_ptr = IvSum + b * stride_sb + h * stride_sh
         g_at = ((bhk * tl.num_programs(0) + pid_n) % smg_copies).to(tl.int64) * smg_stride
         smod = (SmC0, SmC1, SmC2, SmC3, SmMeta, b, h, SmG0 + g_at, SmG1 + g_at, SmG2 + g_at, SmG3 + g_at)
         ts_ptr = Ts + b * stride_tb + h * stride_th + pid_n  # (this key tile's column of states)
-        geo = KTileGeo(q_base, do_base, hi_base, lo_base, d_base, db_ptr, stride_qs, stride_dos, stride_ls,
-                       stride_ds, stride_dbm, stride_dbn, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, off,
-                       sum_ptr, k_start, n0, n1, ts_ptr, ts_cols)  # fmt: skip
-        par = ScoreParams(sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, Rng,
-                          bh, dropout_p)  # fmt: skip
+        geo = KTileGeo(q_base, do_base, hi_base, lo_base, d_base, db_ptr, stride_q[2], stride_do[2],
+                       stride_ls, stride_ds, stride_dbias[2], stride_dbias[3], offs_n, offs_d, offs_dv,
+                       seqlen_q, seqlen_k, off, sum_ptr, k_start, n0, n1, ts_ptr, ts_cols)  # fmt: skip
+        par = ScoreParams(sm_scale, softcap, win_left, win_right, bias_ptr, stride_bias[2], stride_bias[3],
+                          slope, Rng, bh, dropout_p)  # fmt: skip
         if SCHED.IV_LIST:  # masks as data, listed: this key tile's partial query tiles (masked), then full
             iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
             iv = iv_load(iv_ptr, offs_n[:, None], seqlen_k)
@@ -475,10 +466,18 @@ def attn_bwd_dkdv(
                     )  # fmt: skip
     row_mask = offs_n[:, None] < seqlen_k
     dk_ptrs = (
-        DK + b * stride_dkb + hk * stride_dkh + (k_start + offs_n[:, None]) * stride_dks + offs_d[None, :]
+        DK
+        + b * stride_dk[0]
+        + hk * stride_dk[1]
+        + (k_start + offs_n[:, None]) * stride_dk[2]
+        + offs_d[None, :]
     )
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_mask & (offs_d[None, :] < D))
     dv_ptrs = (
-        DV_ + b * stride_dvb + hk * stride_dvh + (k_start + offs_n[:, None]) * stride_dvs + offs_dv[None, :]
+        DV_
+        + b * stride_dv[0]
+        + hk * stride_dv[1]
+        + (k_start + offs_n[:, None]) * stride_dv[2]
+        + offs_dv[None, :]
     )
     tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=row_mask & (offs_dv[None, :] < DV))

@@ -206,13 +206,6 @@ def attn_bwd_dq(
     FEAT: tl.constexpr,  # common.Features: the score pipeline's flags
     SCHED: tl.constexpr,  # common.Schedule: the tile loop's flags
 ):
-    stride_qb, stride_qh, stride_qs = stride_q
-    stride_kb, stride_kh, stride_ks = stride_k
-    stride_vb, stride_vh, stride_vs = stride_v
-    stride_dob, stride_doh, stride_dos = stride_do
-    stride_dqb, stride_dqh, stride_dqs = stride_dq
-    stride_bb, stride_bh, stride_bm, stride_bn = stride_bias
-    stride_ab, stride_ah = stride_a
     pid_m = tl.program_id(0)
     if SCHED.REVERSE:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -229,7 +222,7 @@ def attn_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = load_tile(
-        Q + b * stride_qb + h * stride_qh + (q_start + offs_m[:, None]) * stride_qs + offs_d[None, :],
+        Q + b * stride_q[0] + h * stride_q[1] + (q_start + offs_m[:, None]) * stride_q[2] + offs_d[None, :],
         offs_m[:, None],
         seqlen_q,
         offs_d[None, :],
@@ -238,7 +231,11 @@ def attn_bwd_dq(
         BLOCK_D != D,
     )
     do = load_tile(
-        DO + b * stride_dob + h * stride_doh + (q_start + offs_m[:, None]) * stride_dos + offs_dv[None, :],
+        DO
+        + b * stride_do[0]
+        + h * stride_do[1]
+        + (q_start + offs_m[:, None]) * stride_do[2]
+        + offs_dv[None, :],
         offs_m[:, None],
         seqlen_q,
         offs_dv[None, :],
@@ -257,12 +254,12 @@ def attn_bwd_dq(
         seqlen_q,
         q.dtype == tl.float32,
     )
-    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
-    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
-    bias_ptr = Bias + b * stride_bb + h * stride_bh
+    k_base = K + b * stride_k[0] + hk * stride_k[1] + k_start * stride_k[2]
+    v_base = V + b * stride_v[0] + hk * stride_v[1] + k_start * stride_v[2]
+    bias_ptr = Bias + b * stride_bias[0] + h * stride_bias[1]
     slope = 0.0
     if FEAT.HAS_ALIBI:
-        slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
+        slope = tl.load(Slopes + b * stride_a[0] + h * stride_a[1]).to(tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     smod = (SmC0, SmC1, SmC2, SmC3, SmMeta, b, h)
     m1 = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
@@ -270,10 +267,10 @@ def attn_bwd_dq(
     sum_ptr = IvSum + b * stride_sb + h * stride_sh
     ts_ptr = Ts + b * stride_tb + h * stride_th + pid_m * ts_cols  # (this query tile's row of states)
     qrow = (q, do, lse_hi, lse_lo, delta)
-    geo = QTileGeo(k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, off,
+    geo = QTileGeo(k_base, v_base, stride_k[2], stride_v[2], offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, off,
                    iv_ptr, sum_ptr, ts_ptr, k_start, m0, m1)  # fmt: skip
-    par = ScoreParams(sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, Rng, bh,
-                      dropout_p)  # fmt: skip
+    par = ScoreParams(sm_scale, softcap, win_left, win_right, bias_ptr, stride_bias[2], stride_bias[3], slope,
+                      Rng, bh, dropout_p)  # fmt: skip
     CFG: tl.constexpr = QTileCfg(D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, SCHED.IV_SKIP, SCHED.MASK_KEEP)
     if SCHED.IV_LIST:  # masks as data, listed: the partial key tiles (masked), then the full ones (plain)
         row = b * ivl_b + h * ivl_h + pid_m
@@ -293,6 +290,10 @@ def attn_bwd_dq(
                 dq = _dq_inner(dq, qrow, seg_lo, seg_hi, geo, par, smod, CFG, FEAT, seg == 0 or seg == 4,
                                SCHED.HAS_IV and seg != 2, SCHED.HAS_TS)  # fmt: skip
     dq_ptrs = (
-        DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqs + offs_d[None, :]
+        DQ
+        + b * stride_dq[0]
+        + h * stride_dq[1]
+        + (q_start + offs_m[:, None]) * stride_dq[2]
+        + offs_d[None, :]
     )
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < D))

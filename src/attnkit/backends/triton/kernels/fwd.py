@@ -275,12 +275,6 @@ def attn_fwd(
     FEAT: tl.constexpr,  # common.Features: the score pipeline's flags
     SCHED: tl.constexpr,  # common.Schedule: the tile loop's flags
 ):
-    stride_qb, stride_qh, stride_qs = stride_q
-    stride_kb, stride_kh, stride_ks = stride_k
-    stride_vb, stride_vh, stride_vs = stride_v
-    stride_ob, stride_oh, stride_os = stride_o
-    stride_bb, stride_bh, stride_bm, stride_bn = stride_bias
-    stride_ab, stride_ah = stride_a
     pid_m = tl.program_id(0)
     if SCHED.REVERSE:  # causal load balance: the longest rows (last tiles) start first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -297,14 +291,16 @@ def attn_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + (q_start + offs_m[:, None]) * stride_qs + offs_d[None, :]
+    q_ptrs = (
+        Q + b * stride_q[0] + h * stride_q[1] + (q_start + offs_m[:, None]) * stride_q[2] + offs_d[None, :]
+    )
     q = load_tile(q_ptrs, offs_m[:, None], seqlen_q, offs_d[None, :], D, True, BLOCK_D != D)  # (BM, BD)
-    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_ks
-    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vs
-    bias_ptr = Bias + b * stride_bb + h * stride_bh
+    k_base = K + b * stride_k[0] + hk * stride_k[1] + k_start * stride_k[2]
+    v_base = V + b * stride_v[0] + hk * stride_v[1] + k_start * stride_v[2]
+    bias_ptr = Bias + b * stride_bias[0] + h * stride_bias[1]
     slope = 0.0
     if FEAT.HAS_ALIBI:
-        slope = tl.load(Slopes + b * stride_ab + h * stride_ah).to(tl.float32)
+        slope = tl.load(Slopes + b * stride_a[0] + h * stride_a[1]).to(tl.float32)
     smod = (SmC0, SmC1, SmC2, SmC3, SmMeta, b, h)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -315,10 +311,10 @@ def attn_fwd(
     iv_ptr = Iv + b * stride_ib + h * stride_ih + k_start * 4
     sum_ptr = IvSum + b * stride_sb + h * stride_sh
     ts_ptr = Ts + b * stride_tb + h * stride_th + pid_m * ts_cols  # (this query tile's row of states)
-    geo = QTileGeo(k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, off,
+    geo = QTileGeo(k_base, v_base, stride_k[2], stride_v[2], offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, off,
                    iv_ptr, sum_ptr, ts_ptr, k_start, m0, m1)  # fmt: skip
-    par = ScoreParams(sm_scale, softcap, win_left, win_right, bias_ptr, stride_bm, stride_bn, slope, Rng, bh,
-                      dropout_p)  # fmt: skip
+    par = ScoreParams(sm_scale, softcap, win_left, win_right, bias_ptr, stride_bias[2], stride_bias[3], slope,
+                      Rng, bh, dropout_p)  # fmt: skip
     CFG: tl.constexpr = QTileCfg(D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, SCHED.IV_SKIP, SCHED.MASK_KEEP)
     if SCHED.IV_LIST:  # masks as data, listed: the partial key tiles (masked), then the full ones (plain)
         row = b * ivl_b + h * ivl_h + pid_m
@@ -361,7 +357,9 @@ def attn_fwd(
     out = tl.where(has_key[:, None], acc * inv[:, None], 0.0)
     lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))  # natural log
 
-    o_ptrs = Out + b * stride_ob + h * stride_oh + (q_start + offs_m[:, None]) * stride_os + offs_dv[None, :]
+    o_ptrs = (
+        Out + b * stride_o[0] + h * stride_o[1] + (q_start + offs_m[:, None]) * stride_o[2] + offs_dv[None, :]
+    )
     tl.store(
         o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < DV)
     )
