@@ -343,11 +343,12 @@ class SDPABackend(Backend):
         native = self.kind == "flash" or (self.kind == "cudnn" and cudnn_takes_gqa(call))
         kv_reads = 1.0 if call.group == 1 or native else 1.0 + 2.0 * call.group
         scores = 2 * 4 * dense_pairs(call) * call.Hq if self.kind == "math" else 0.0
-        if call.Sq > 1 and native and call.device.type == "cuda":
+        if call.Sq > 1 and self.kind in ("flash", "cudnn") and call.device.type == "cuda":
             # flash and cuDNN pack GQA heads and split the keys for one query row only; from two rows on,
-            # one program per (batch, query head, 128-row tile) reads its KV head's K/V (H200 run K, B=16,
-            # 32/8 heads, 8k keys: 0.134 ms at Sq=1, 0.415 at Sq=4; B=1, 128k keys: 0.139 and 1.50)
-            return _roofline.tile_programs(call, 128), float(call.group), scores
+            # one program per (batch, query head, 128-row tile) reads its KV head's K/V, taken as they are
+            # (group reads) or expanded (H200 run K, B=16, 32/8 heads, 8k keys: 0.134 ms at Sq=1, 0.415 at
+            # Sq=4; B=1, 128k keys: 0.139 and 1.50)
+            return _roofline.tile_programs(call, 128), float(call.group) if native else kv_reads, scores
         return None, kv_reads, scores
 
     def bandwidth_share(self, call: AttentionCall) -> float:

@@ -108,7 +108,9 @@ class TritonDecodeBackend(Backend):
         # The host time of a call through attention() beyond the kernels' (the SDPA backends count 20 us):
         # H200 run J, `attnkit bench decode --host`, B=1 L=8k, once attention() kept repeated plain calls'
         # checks (api._PLAIN): 67.8 us a call here against 54.5 through auto (cuDNN), 28.5 raw SDPA; the
-        # same order in call 2 (79.2 / 64.8 / 27.1). Its kernels read K+V in ~10 us there.
+        # same order in call 2 (79.2 / 64.8 / 27.1). Its kernels read K+V in ~10 us there. Added, not a
+        # floor (``host_seconds``), as the SDPA backends' 20 us are: the two compete on decode rows where
+        # both kernels read the same bytes (cuDNN measured 1-2% faster at B=16)
         return _HOST_FLOOR
 
     def notes(self, call: AttentionCall) -> list[str]:
