@@ -619,7 +619,8 @@ def test_gluon_forward_off_switch_and_fallbacks(gluon_calls, monkeypatch):
 # -- the Hopper Gluon dK/dV backward (plain calls on sm_90) --------------------------------------------------
 @pytest.fixture
 def gluon_bwd_calls(monkeypatch):
-    """A list that grows by one each time the Gluon dK/dV kernel runs (the test skips off Hopper)."""
+    """A list that grows by one each time the Gluon dK/dV kernel runs (the test skips off Hopper): whether
+    that launch also added dQ."""
     if not _hopper():
         pytest.skip("the Gluon backward needs sm_90")
     gluon = ops._gluon("bwd")
@@ -627,7 +628,7 @@ def gluon_bwd_calls(monkeypatch):
     monkeypatch.setattr(ops, "REPLAY", False)  # a replayed call would not ask launch_dkdv
 
     def counted(*a, **k):
-        calls.append(1)
+        calls.append(k.get("dqa") is not None)
         return real(*a, **k)
 
     monkeypatch.setattr(gluon, "launch_dkdv", counted)
@@ -648,19 +649,58 @@ def gluon_bwd_calls(monkeypatch):
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_ids)
-def test_gluon_backward_against_oracle(gluon_bwd_calls, layout, Hq, Hk, Sq, Sk, D, causal, dtype):
+@pytest.mark.parametrize("dq", ["pass", "fused"])
+def test_gluon_backward_against_oracle(
+    gluon_bwd_calls, monkeypatch, dq, layout, Hq, Hk, Sq, Sk, D, causal, dtype
+):
     """Plain calls with gradients take the Gluon dK/dV kernel on Hopper (counted), next to the Triton dQ
-    pass; every gradient held to the oracle."""
+    pass or adding dQ itself (ATTNKIT_TRITON_GLUON_DQ forces either); every gradient held to the oracle."""
+    monkeypatch.setenv("ATTNKIT_TRITON_GLUON_DQ", "1" if dq == "fused" else "0")
     q, k, v, kw = oracle.make_inputs(
         layout, B=2, Hq=Hq, Hk=Hk, Sq=Sq, Sk=Sk, D=D, dtype=dtype, device="cuda", requires_grad=True
     )
     oracle.check_against_oracle(tri, q, k, v, causal=causal, **kw)
-    assert gluon_bwd_calls, "the Gluon dK/dV kernel was not used"
+    assert gluon_bwd_calls == [dq == "fused"], "the Gluon dK/dV kernel was not used as asked"
 
 
 @pytest.mark.cuda
-def test_gluon_backward_lse_gradient(gluon_bwd_calls):
-    """A loss through lse as well as out (delta = rowsum(dO * O) - dLSE) on the Gluon dK/dV kernel."""
+@pytest.mark.parametrize("D", [64, 128])
+def test_gluon_backward_deterministic_takes_the_dq_pass(gluon_bwd_calls, monkeypatch, D):
+    """``deterministic=True`` never takes the fused dQ (its reduce-adds land in any order), even forced, and
+    two runs give the same bits; the default takes it at the head dims of FUSED_DQ_HEAD_DIMS from
+    FUSED_DQ_MIN_LEN rows on."""
+    from attnkit.backends.triton.runtime import capability
+
+    q, k, v, kw = oracle.make_inputs(
+        "bhsd", B=2, Hq=4, Sq=1000, Sk=1000, D=D, dtype=torch.bfloat16, device="cuda", requires_grad=True
+    )
+    g = torch.randn_like(q)
+    grads = []
+    for forced in (None, "1"):
+        if forced:
+            monkeypatch.setenv("ATTNKIT_TRITON_GLUON_DQ", forced)
+        for _ in range(2):
+            q.grad = k.grad = v.grad = None
+            tri(q, k, v, causal=True, deterministic=True, **kw).backward(g)
+            grads.append([t.grad.clone() for t in (q, k, v)])
+    assert gluon_bwd_calls == [False] * 4
+    assert all(torch.equal(a, b) for other in grads[1:] for a, b in zip(grads[0], other))
+    monkeypatch.delenv("ATTNKIT_TRITON_GLUON_DQ")
+    gluon_bwd_calls.clear()
+    tri(q, k, v, causal=True, **kw).backward(g)
+    assert gluon_bwd_calls == [False]  # (1000 rows: below FUSED_DQ_MIN_LEN)
+    n = capability.FUSED_DQ_MIN_LEN
+    assert capability.gluon_fused_dq(64, n, n, False) and not capability.gluon_fused_dq(64, n, n, True)
+    assert not capability.gluon_fused_dq(64, n - 1, n, False)
+    assert not capability.gluon_fused_dq(128, n, n, False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dq", ["0", "1"])
+def test_gluon_backward_lse_gradient(gluon_bwd_calls, monkeypatch, dq):
+    """A loss through lse as well as out (delta = rowsum(dO * O) - dLSE) on the Gluon dK/dV kernel, with the
+    dQ pass and with dQ fused."""
+    monkeypatch.setenv("ATTNKIT_TRITON_GLUON_DQ", dq)
     q, k, v, kw = oracle.make_inputs(
         "bhsd", B=2, Hq=4, Sq=300, Sk=384, D=128, dtype=torch.bfloat16, device="cuda", requires_grad=True
     )

@@ -48,7 +48,7 @@ BACKENDS = ("triton", "flex", "flex_flash", "auto")
 # "triton IV_LIST=0" (the classified loops instead of tile lists: ops/ivlists.py), "triton GLUON_LISTED=0"
 # (the listed Triton forward instead of the Hopper Gluon one), "triton GLUON_LISTED_BWD=0" (the listed
 # Triton dK/dV instead of the Gluon one); several may be combined ("triton IV_SKIP=1 IV_BODY=0").
-_SWITCHES = ("IV_SKIP", "IV_BODY", "IV_LIST", "GLUON_LISTED", "GLUON_LISTED_BWD")
+_SWITCHES = ("IV_SKIP", "IV_BODY", "IV_LIST", "GLUON_LISTED", "GLUON_LISTED_BWD", "GLUON_DQ")
 
 
 def doc_ids(S: int, n: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             var, _, value = word.partition("=")
             if not n.startswith("triton ") or var not in _SWITCHES or value not in ("0", "1"):
                 p.error(f"--backends: {n!r} (variants: 'triton IV_SKIP=0|1', 'triton IV_BODY=0|1', "
-                        "'triton IV_LIST=0|1', 'triton GLUON_LISTED=0|1', 'triton GLUON_LISTED_BWD=0|1')")
+                        "'triton IV_LIST=0|1', 'triton GLUON_LISTED=0|1', 'triton GLUON_LISTED_BWD=0|1', "
+                        "'triton GLUON_DQ=0|1')")
     if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":  # no kernels to run: the oracle stands in
         names = ["reference" if n.startswith("triton") else n for n in names]
         names = list(dict.fromkeys(names))

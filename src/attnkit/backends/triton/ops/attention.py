@@ -64,6 +64,7 @@ REPLAY = True  # tests and A/B runs: False takes the full path every call
 _SWITCHES = (
     *_cap.SWITCHES,
     "ATTNKIT_TRITON_BWD_LOOP",
+    "ATTNKIT_TRITON_GLUON_DQ",
     "ATTNKIT_TRITON_BWD_STREAMS",
     "ATTNKIT_TRITON_AUTOTUNE",
     "ATTNKIT_TRITON_IV_SKIP",

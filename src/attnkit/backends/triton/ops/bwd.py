@@ -1,6 +1,7 @@
 """The backward's launcher: the dK/dV kernel (the Hopper Gluon one where it serves), then a separate dQ pass
-(no atomics: bitwise reproducible, so ``deterministic=True`` changes nothing), beside it on a side stream at
-large sizes.
+(no atomics: bitwise reproducible), beside it on a side stream at large sizes. Where
+``runtime/capability.gluon_fused_dq`` says so (not with ``deterministic=True``), the Gluon kernel adds dQ
+itself into a float32 buffer and no dQ pass runs.
 
 ``body(p)`` -> (dq, dk, dv, dbias, dsmod) with dbias shaped like ``bias`` (an empty tensor when not asked)
 and dsmod the score mod's captured tensors' gradients, flat (see :func:`smod_grads`).
@@ -221,6 +222,12 @@ def body(p: BwdParams, keep=None):
             gluon_bwd = None
     if gluon_bwd is not None:
         views = gluon_bwd.tma_views(q, k, v, dout, dk, dv, layout)
+    if views is not None and _cap.gluon_fused_dq(D, Sq, Sk, p.deterministic):  # dQ added by the dK/dV kernel
+        dqa = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        args = (q, k, v, dout, hi, delta, dk, dv, layout, p.scale, p.causal, views, listed)
+        gluon_bwd.launch_dkdv(*args, dqa=dqa)
+        torch.mul(dqa, p.scale, out=dq)
+        return dq, dk, dv, dbias, smod_sum(copies)
     if views is not None:  # the Hopper Gluon dK/dV kernel (None: strides a TMA descriptor cannot take)
 
         def run_dkdv():

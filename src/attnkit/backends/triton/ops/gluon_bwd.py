@@ -6,6 +6,7 @@ and the launch. What a call must be to come here is ``runtime/capability.py``'s 
 from __future__ import annotations
 
 import torch
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attnkit.backends.triton.kernels.hopper.bwd import _attn_bwd_dkdv_ws
 from attnkit.backends.triton.ops.gluon_fwd import DTYPES, LOG2E, descriptor, tma_reason, tma_rows
@@ -78,11 +79,12 @@ def tma_views(q, k, v, dout, dk, dv, layout: str):
 
 
 def launch_dkdv(q, k, v, dout, hi, delta, dk, dv, layout: str, scale: float, causal: bool, views,
-                listed=None):  # fmt: skip
+                listed=None, dqa=None):  # fmt: skip
     """:func:`gluon_backward_dkdv` with the default cfg on views :func:`tma_views` returned; ``listed``: what
-    :func:`listed_args` gave for a mask carried as data (then ``causal`` is in its flags)."""
+    :func:`listed_args` gave for a mask carried as data (then ``causal`` is in its flags); ``dqa``: a zeroed
+    float32 tensor of q's shape, contiguous, into which the kernel adds dQ / scale (then no dQ pass runs)."""
     cfg = default_cfg(q.shape[3], q.shape[2 if layout == "bhsd" else 1], causal)
-    _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, views, listed)
+    _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, views, listed, dqa)
 
 
 def listed_args(p):
@@ -124,7 +126,7 @@ def gluon_backward_dkdv(q, k, v, dout, hi, delta, dk, dv, layout: str, scale: fl
     _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, rows)
 
 
-def _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, rows, listed=None):
+def _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, rows, listed=None, dqa=None):
     hd = 1 if layout == "bhsd" else 2
     B, Hq, Sq, D = q.shape[0], q.shape[hd], q.shape[3 - hd], q.shape[3]
     Hk, Sk = k.shape[hd], k.shape[3 - hd]
@@ -136,6 +138,7 @@ def _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, rows, 
     k_desc = descriptor(k, rows[2], BLOCK_N)
     v_desc = descriptor(v, rows[3], BLOCK_N)
     grid = (-(-Sk // BLOCK_N), B * Hk)
+    dqa_desc = None if dqa is None else accumulator_descriptor(dqa, rows[0][:2], block_m)
     _DKDV_LAUNCH[grid](
         q_desc,
         do_desc,
@@ -156,6 +159,7 @@ def _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, rows, 
         scale * LOG2E,
         scale,
         *(listed[0] if listed is not None else (hi, hi, 0, 0, 0, hi, 0, 0, 0, 0)),
+        dqa_desc,
         BSHD=layout == "bshd",
         CAUSAL=bool(causal) and listed is None,
         BLOCK_M=block_m,
@@ -164,9 +168,33 @@ def _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, rows, 
         LISTED=listed is not None,
         HAS_LEFT=listed is not None and listed[1],
         HAS_RIGHT=listed is not None and listed[2],
+        FUSED_DQ=dqa is not None,
         num_warps=4,
         maxnreg=MAXNREG,
     )
+
+
+_ACC_LAYOUTS: dict = {}
+
+
+def accumulator_descriptor(dqa: torch.Tensor, rows_cols: tuple[int, int], block_m: int):
+    """The TMA descriptor the fused dQ adds into: ``dqa`` float32, contiguous in q's shape, walked as q's 2D
+    view (``rows_cols``), boxes of (block_m, D / 2): one consumer warpgroup's columns."""
+    from triton.experimental.gluon import language as gl
+
+    half = dqa.shape[3] // 2
+    key = (block_m, half)
+    if key not in _ACC_LAYOUTS:
+        _ACC_LAYOUTS[key] = gl.NVMMASharedLayout.get_default_for([block_m, half], gl.float32)
+    rows, cols = rows_cols
+    desc = object.__new__(TensorDescriptor)
+    desc.base = dqa
+    desc.shape = [rows, cols]
+    desc.strides = [cols, 1]
+    desc.block_shape = [block_m, half]
+    desc.layout = _ACC_LAYOUTS[key]
+    desc.padding = "zero"
+    return desc
 
 
 _DKDV_LAUNCH = Launch(_attn_bwd_dkdv_ws)  # the compiled kernel looked up without Triton's per-launch binding

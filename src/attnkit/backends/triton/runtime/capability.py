@@ -162,6 +162,23 @@ def gluon_backward_eligible(cap, layout: str, D: int, Dv: int, dtype, scale) -> 
     return GLUON_BWD.takes(cap, layout, D, Dv, dtype, 0, scale)
 
 
+FUSED_DQ_HEAD_DIMS = (64,)  # where adding dQ in the dK/dV kernel measured faster than the dQ pass ...
+FUSED_DQ_MIN_LEN = 4096  # ... from this many queries and keys on (H200, run L: 0.71x at B=16 S=1k)
+
+
+def gluon_fused_dq(D: int, Sq: int, Sk: int, deterministic: bool) -> bool:
+    """Whether the Gluon dK/dV kernel also adds dQ (TMA reduce-adds into a float32 buffer: the sum's order
+    varies from run to run, so never with ``deterministic``) instead of the separate dQ pass: at the head
+    dims of FUSED_DQ_HEAD_DIMS from FUSED_DQ_MIN_LEN queries and keys; ``ATTNKIT_TRITON_GLUON_DQ=1`` /
+    ``=0`` forces it on / off."""
+    if deterministic:
+        return False
+    forced = os.environ.get("ATTNKIT_TRITON_GLUON_DQ")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return D in FUSED_DQ_HEAD_DIMS and min(Sq, Sk) >= FUSED_DQ_MIN_LEN
+
+
 def gluon_listed_backward_eligible(cap, layout: str, D: int, Dv: int, dtype, scale) -> bool:
     """Whether the dK/dV of a backward whose only features are a mask carried as data and the causal / window
     flags goes to the Hopper Gluon kernel on the transposed tile lists (``kernels/hopper/bwd.py`` with

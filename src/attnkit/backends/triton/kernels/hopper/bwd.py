@@ -3,10 +3,11 @@ specialization.
 
 One CTA owns BLOCK_N = 128 key rows of one (batch, KV head) and walks every query tile (BLOCK_M rows) of
 every query head of its group that sees them, accumulating dK and dV in registers; it writes them once, with
-no atomics. dQ is not computed here: the plain-Triton dQ pass (``_bwd.attn_bwd_dq``) runs beside it on a side
-stream, as after the Triton dK/dV kernel. Inputs are those of ``_bwd.attn_bwd_dkdv``: the forward's log2
-row statistic ``hi`` (16-bit inputs subtract it alone, as the Triton kernel does; rows with no visible key
-saved +inf, so p = 0 there) and ``delta = rowsum(dO * O) - dLSE``.
+no atomics. dQ is computed here only with FUSED_DQ (below); without it the plain-Triton dQ pass
+(``_bwd.attn_bwd_dq``) runs beside it on a side stream, as after the Triton dK/dV kernel. Inputs are those
+of ``_bwd.attn_bwd_dkdv``: the forward's log2 row statistic ``hi`` (16-bit inputs subtract it alone, as the
+Triton kernel does; rows with no visible key saved +inf, so p = 0 there) and ``delta = rowsum(dO * O) -
+dLSE``.
 
 Partitions (``gl.warp_specialize``; launched with num_warps=4)
     * producer (worker, 1 warp, 24 registers): the TMA loads. K and V of the CTA once, then Q_t and dO_t of
@@ -45,14 +46,32 @@ row of the transposed tile lists (``kernels/ivlists.iv_lists_t`` at BLOCK_M x 12
 loaded once per head, not per tile) and the window flags, then the full ones (entry j - n_part of
 ``lst + ivl_n``) with no mask arithmetic. Tiles the lists leave out (empty) are never loaded.
 
+FUSED_DQ (``runtime/capability.gluon_fused_dq``: D = 64 from 4k rows, never ``deterministic``)
+    Each tile also gives dQ_t = dS K (FA3's way). Each warpgroup stores its 64 rows of dS^T (bf16, the values
+    its dK product uses, which then reads them from there) into slot ``it % 2`` of a (2, 128, BLOCK_M) ring
+    and arrives on ``ds_ready[slot]`` (count 2). Once both halves are in, warpgroup w computes columns
+    ``w D/2 .. (w + 1) D/2`` of dQ_t over all 128 keys: A = the slot transposed (shared, M-major), B = K's
+    column half (shared), a (BLOCK_M, D/2) float32 accumulator. That goes through its own staging tile to a
+    TMA reduce-add into the float32 buffer ``dqa`` (q's 2D view; the host scales it into dq after). A slot is
+    rewritten two tiles later; the other warpgroup has then arrived for the tile between, so it is done
+    reading. K rows past Sk are zeroed once (bhsd reads the next head's keys there). dK is staged through V's
+    rows in the epilogue, since the other warpgroup's last dQ may still read all of K. Rows past Sq add
+    exact zeros (p = 0) into the next head's or batch row's rows, or fall outside the tensor.
+    Measured (H200, run L): 1.04-1.11x forward+backward at D = 64 from S = 4k (B=1 H=32 S=16k, B=2 S=8k,
+    B=4 S=4k, documents), but 0.71x at B=16 S=1k and 0.87-0.99x at D = 128, where ptxas spills 760 bytes
+    against 212 without it.
+
 Device code only: the host side (support check, TMA views, launch) is ``ops/gluon_bwd.py``.
 """
 
 from __future__ import annotations
 
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -62,6 +81,15 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 WG_ROWS: gl.constexpr = gl.constexpr(64)
 PRODUCER_REGS: gl.constexpr = gl.constexpr(24)
 CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
+
+
+@builtin
+def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """``cp.reduce.async.bulk.tensor`` add of shared tile ``src`` into ``tensor_desc`` at ``coord`` (Triton
+    3.6's Gluon has the op but no Python wrapper); ``tma.store_wait`` waits for it to have read ``src``."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    add = ir.DESCRIPTOR_REDUCE_KIND.ADD
+    _semantic.builder.create_async_tma_reduce(add, tensor_desc.handle, coord, src.handle)
 
 
 @gluon.jit
@@ -150,6 +178,7 @@ def _tile(
     q_empty,
     do_ready,
     do_empty,
+    dq_ctx,
     s_layout: gl.constexpr,
     op_layout: gl.constexpr,
     BLOCK_M: gl.constexpr,
@@ -157,6 +186,8 @@ def _tile(
     MASK: gl.constexpr,
     HAS_LEFT: gl.constexpr,
     HAS_RIGHT: gl.constexpr,
+    WG: gl.constexpr,
+    FUSED_DQ: gl.constexpr,
 ):
     """The query tile at row ``m0`` (ring slot of visit ``it``) against this warpgroup's 64 keys: dK, dV
     updated. MASK: 0 none; 1 causal (``mk`` = (keys,)); 2 a partial tile of a mask carried as data, ``mk`` =
@@ -194,11 +225,40 @@ def _tile(
     dv = warpgroup_mma(p_op, do_t, dv, is_async=True)
     dpt = warpgroup_mma_wait(1, deps=(dp_tok,))  # (64, BLOCK_M) dP^T; dV may still run
     dst = pt * (dpt - delta[None, :])  # (64, BLOCK_M) dS^T (unscaled)
-    ds_op = gl.convert_layout(dst.to(q_smem.dtype), op_layout)
+    ds16 = dst.to(q_smem.dtype)
+    if FUSED_DQ:  # this warpgroup's 64 key rows of dS^T into the tile's slot, for both warpgroups' dQ
+        ds_smem, ds_ready, dq_stage, dqa_desc, k_half, dq_row, dq_col = dq_ctx
+        ds_slot = ds_smem.index(it % 2)  # (BLOCK_N, BLOCK_M)
+        ds_slot.slice(WG * WG_ROWS, WG_ROWS).store(ds16)
+        fence_async_shared()
+        mbarrier.arrive(ds_ready.index(it % 2))
+    if FUSED_DQ:  # (dS^T from shared memory: its registers are free for dQ's accumulator)
+        ds_op = ds_slot.slice(WG * WG_ROWS, WG_ROWS)
+    else:
+        ds_op = gl.convert_layout(ds16, op_layout)
     dk = warpgroup_mma(ds_op, q_t, dk, is_async=True)
-    dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
+    if FUSED_DQ:  # dQ[:, half WG] = dS (BLOCK_M, BLOCK_N) K[:, half WG] once both halves of dS^T are in
+        mbarrier.wait(ds_ready.index(it % 2), (it // 2) & 1)
+        HALF: gl.constexpr = k_half.shape[1]
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16]
+        )
+        dq = warpgroup_mma(
+            ds_slot.permute((1, 0)), k_half, gl.zeros([BLOCK_M, HALF], gl.float32, dq_layout), use_acc=False,
+            is_async=True,
+        )  # fmt: skip
+        dv, dk, p_op, dq = warpgroup_mma_wait(0, deps=(dv, dk, p_op, dq))
+    else:
+        dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
     mbarrier.arrive(q_empty.index(s))
     mbarrier.arrive(do_empty.index(s))
+    if FUSED_DQ:  # staged, then added into the float32 dQ by TMA (after the previous add has read the stage)
+        tma.store_wait(0)
+        gl.thread_barrier()
+        stage = dq_stage.index(WG)
+        stage.store(dq)
+        fence_async_shared()
+        _tma_reduce_add(dqa_desc, [dq_row + m0, dq_col], stage)
     return dk, dv
 
 
@@ -206,6 +266,7 @@ def _tile(
 def _consumer(
     bufs,
     work,
+    fused,
     lists,
     masks,
     GROUP,
@@ -216,11 +277,13 @@ def _consumer(
     LISTED: gl.constexpr,
     HAS_LEFT: gl.constexpr,
     HAS_RIGHT: gl.constexpr,
+    FUSED_DQ: gl.constexpr,
 ):
     """Warpgroup WG: key rows 64 WG .. 64 WG + 63 of the CTA's tile; every visited query tile, then dK, dV."""
     k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, do_ready, do_empty = bufs
     DK, DV, Hi, Delta, dk_base, dv_base, stride_ks, stat_base, SQ, SK, n0, off, c, scale, sched = work
     Iv, stride_ih, win_left, win_right = masks  # (Iv: this batch row's intervals, head h0)
+    ds_smem, ds_ready, dq_stage, dqa_desc, q_row0, q_head_rows, q_col0, q_head_cols = fused
     t0 = sched[0]
     ivl_n = lists[3]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -233,15 +296,27 @@ def _consumer(
     k_w = k_smem.slice(WG * WG_ROWS, WG_ROWS)  # (64, D)
     v_w = v_smem.slice(WG * WG_ROWS, WG_ROWS)  # (64, D)
     keys = n0 + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))  # (64,)
+    HALF: gl.constexpr = HEAD_D // 2  # FUSED_DQ: warpgroup WG's columns of dQ
+    k_half = k_smem.slice(WG * HALF, HALF, dim=1)  # (BLOCK_N, HALF)
 
     dk = gl.zeros([WG_ROWS, HEAD_D], gl.float32, a_layout)  # (64, D)
     dv = gl.zeros([WG_ROWS, HEAD_D], gl.float32, a_layout)  # (64, D)
     mbarrier.wait(kv_bar, 0)
+    # FUSED_DQ: K rows past Sk (the next head's keys, in bhsd) would add dS K to dQ: zeroed here, once
+    if FUSED_DQ and n0 + (WG + 1) * WG_ROWS > SK:
+        VEC0: gl.constexpr = 8
+        TPW0: gl.constexpr = HEAD_D // VEC0 if HEAD_D // VEC0 < 32 else 32
+        z_layout: gl.constexpr = gl.BlockedLayout([1, VEC0], [32 // TPW0, TPW0], [4, 1], [1, 0])
+        rows = n0 + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, z_layout))
+        k_w.store(gl.where(rows[:, None] < SK, k_w.load(z_layout), 0.0).to(k_w.dtype))
+        fence_async_shared()  # (before this warpgroup's wgmmas and its first ds_ready arrive)
     it = 0
     for g in range(GROUP):
         hi_base = Hi + stat_base + g * SQ  # this query head's row statistics (B, Hq, Sq) contiguous
         d_base = Delta + stat_base + g * SQ
         n_part, n_tiles, lst = _head_tiles(g, sched, lists, LISTED)
+        dq_ctx = (ds_smem, ds_ready, dq_stage, dqa_desc, k_half, q_row0 + g * q_head_rows,
+                  q_col0 + g * q_head_cols + WG * HALF)  # fmt: skip
         if LISTED:  # the masked-row intervals of this warpgroup's keys, for head g (keys past Sk: none)
             iv = Iv + (g * stride_ih).to(gl.int64) + keys * 4
             inside = keys < SK
@@ -261,15 +336,16 @@ def _consumer(
             m0 = _row_start(j, t0, n_part, lst, ivl_n, BLOCK_M, LISTED, 1)
             dk, dv = _tile(
                 it, m0, dk, dv, k_w, v_w, mk, hi_base, d_base, SQ, off, c, q_smem, do_smem, q_ready,
-                q_empty, do_ready, do_empty, s_layout, op_layout, BLOCK_M, NUM_STAGES, MASKED, HAS_LEFT,
-                HAS_RIGHT,
+                q_empty, do_ready, do_empty, dq_ctx, s_layout, op_layout, BLOCK_M, NUM_STAGES, MASKED,
+                HAS_LEFT, HAS_RIGHT, WG, FUSED_DQ,
             )  # fmt: skip
             it += 1
         for j in range(n_part, n_tiles):  # every key visible to every row
             m0 = _row_start(j, t0, n_part, lst, ivl_n, BLOCK_M, LISTED, 0)
             dk, dv = _tile(
                 it, m0, dk, dv, k_w, v_w, mk, hi_base, d_base, SQ, off, c, q_smem, do_smem, q_ready,
-                q_empty, do_ready, do_empty, s_layout, op_layout, BLOCK_M, NUM_STAGES, 0, HAS_LEFT, HAS_RIGHT,
+                q_empty, do_ready, do_empty, dq_ctx, s_layout, op_layout, BLOCK_M, NUM_STAGES, 0, HAS_LEFT,
+                HAS_RIGHT, WG, FUSED_DQ,
             )  # fmt: skip
             it += 1
 
@@ -281,10 +357,18 @@ def _consumer(
     cols_st = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, st_layout))
     offs = keys_st.to(gl.int64)[:, None] * stride_ks + cols_st[None, :]  # (64, D)
     row_ok = keys_st[:, None] < SK
-    k_w.store((dk * scale).to(k_w.dtype))
-    gl.store(DK + dk_base + offs, k_w.load(st_layout), mask=row_ok)
-    v_w.store(dv.to(v_w.dtype))
-    gl.store(DV + dv_base + offs, v_w.load(st_layout), mask=row_ok)
+    if FUSED_DQ:  # dK through V's rows too: the other warpgroup's last dQ may still read all of K
+        v_w.store(dv.to(v_w.dtype))
+        gl.store(DV + dv_base + offs, v_w.load(st_layout), mask=row_ok)
+        gl.thread_barrier()
+        v_w.store((dk * scale).to(v_w.dtype))
+        gl.store(DK + dk_base + offs, v_w.load(st_layout), mask=row_ok)
+        tma.store_wait(0)  # no add in flight reading the stage when the CTA exits
+    else:
+        k_w.store((dk * scale).to(k_w.dtype))
+        gl.store(DK + dk_base + offs, k_w.load(st_layout), mask=row_ok)
+        v_w.store(dv.to(v_w.dtype))
+        gl.store(DV + dv_base + offs, v_w.load(st_layout), mask=row_ok)
 
 
 _RUNTIME = ["Hq", "Hk", "GROUP", "SQ", "SK", "ivl_b", "ivl_h", "ivl_n", "stride_ib", "stride_ih", "win_left",
@@ -321,6 +405,7 @@ def _attn_bwd_dkdv_ws(
     stride_ih,
     win_left,  # LISTED: the window bounds (causal: HAS_RIGHT with right = 0)
     win_right,
+    dqa_desc,  # FUSED_DQ: TMA view of the float32 dQ accumulator (q's 2D view, boxes (BLOCK_M, D / 2))
     BSHD: gl.constexpr,
     CAUSAL: gl.constexpr,
     BLOCK_M: gl.constexpr,
@@ -329,6 +414,7 @@ def _attn_bwd_dkdv_ws(
     LISTED: gl.constexpr,
     HAS_LEFT: gl.constexpr,
     HAS_RIGHT: gl.constexpr,
+    FUSED_DQ: gl.constexpr,
 ):
     BLOCK_N: gl.constexpr = 2 * WG_ROWS
     pid_n = gl.program_id(0)  # key tile: tile 0 has the most query tiles under causal, and starts first
@@ -374,6 +460,18 @@ def _attn_bwd_dkdv_ws(
     q_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     do_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    if FUSED_DQ:
+        ds_smem = gl.allocate_shared_memory(
+            dtype, [2, BLOCK_N, BLOCK_M], gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+        )  # (slot, key, query) dS^T of the last two tiles
+        dq_stage = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, HEAD_D // 2], dqa_desc.layout)  # (WG)
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(ds_ready.index(i), count=2)
+    else:
+        ds_smem = k_smem
+        dq_stage = k_smem
+        ds_ready = kv_bar
     mbarrier.init(kv_bar, count=1)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(q_ready.index(i), count=1)
@@ -388,12 +486,13 @@ def _attn_bwd_dkdv_ws(
     work = (DK, DV, Hi, Delta, dk_base, dk_base, stride_ks, stat_base, SQ, SK, n0, off, c, scale, sched)
     descs = (q_desc, do_desc, k_desc, v_desc)
     coords = (q_row0, q_head_rows, q_col0, q_head_cols, k_row, k_col)
+    fused = (ds_smem, ds_ready, dq_stage, dqa_desc, q_row0, q_head_rows, q_col0, q_head_cols)
     gl.warp_specialize(
         [
-            (_consumer, (bufs, work, lists, masks, GROUP, BLOCK_M, HEAD_D, NUM_STAGES, 0, LISTED, HAS_LEFT,
-                         HAS_RIGHT)),
-            (_consumer, (bufs, work, lists, masks, GROUP, BLOCK_M, HEAD_D, NUM_STAGES, 1, LISTED, HAS_LEFT,
-                         HAS_RIGHT)),
+            (_consumer, (bufs, work, fused, lists, masks, GROUP, BLOCK_M, HEAD_D, NUM_STAGES, 0, LISTED,
+                         HAS_LEFT, HAS_RIGHT, FUSED_DQ)),
+            (_consumer, (bufs, work, fused, lists, masks, GROUP, BLOCK_M, HEAD_D, NUM_STAGES, 1, LISTED,
+                         HAS_LEFT, HAS_RIGHT, FUSED_DQ)),
             (_producer, (descs, bufs, coords, sched, lists, GROUP, BLOCK_M, NUM_STAGES, LISTED)),
         ],
         [4, 1],
