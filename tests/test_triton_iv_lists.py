@@ -308,7 +308,8 @@ def ptx(fn, args, kw):
     opts, sig, consts, attrs = fn._pack_args(backend, kw, bound, spec, opts)
     src = GluonASTSource(fn, sig, consts, attrs)
     code = triton.compile(src, target=target, options=opts.__dict__).asm["ptx"]
-    return "wgmma" in code, "cp.async.bulk.tensor" in code
+    reduce = ("cp.reduce.async.bulk" in code,) if kw.get("FUSED_DQ") else ()
+    return ("wgmma" in code, "cp.async.bulk.tensor" in code, *reduce)
 
 
 q = torch.empty(2, 4, 1024, 128, dtype=torch.bfloat16)
@@ -335,13 +336,17 @@ from attnkit.backends.triton.ops import gluon_bwd as GB
 
 hi = torch.empty(2, 4, 1024)
 block_m, stages = GB.default_cfg(128, 1024, False)
-for listed, causal, left, right in ((False, True, False, False), (True, False, True, True)):
+dqa = torch.empty(q.shape)
+VARIANTS = ((False, True, False, False, False), (True, False, True, True, False),
+            (False, True, False, False, True), (True, False, False, True, True))
+for listed, causal, left, right, fused in VARIANTS:
     descs = [G.descriptor(q, G.tma_rows(q, "bhsd"), r) for r in (block_m, block_m, GB.BLOCK_N, GB.BLOCK_N)]
     lists = (i32, i32, 3, 5, 7, i32, 11, 13, 5, 0)
-    args = (*descs, q, q, hi, hi, 3, 5, 7, 4, 2, 2, 1024, 1024, 0.3, 0.2, *lists)
+    dqa_desc = GB.accumulator_descriptor(dqa, G.tma_rows(q, "bhsd")[:2], block_m) if fused else None
+    args = (*descs, q, q, hi, hi, 3, 5, 7, 4, 2, 2, 1024, 1024, 0.3, 0.2, *lists, dqa_desc)
     kw = dict(BSHD=False, CAUSAL=causal, BLOCK_M=block_m, HEAD_D=128, NUM_STAGES=stages, LISTED=listed,
-              HAS_LEFT=left, HAS_RIGHT=right, num_warps=4, maxnreg=GB.MAXNREG)
-    print("ok", listed, *ptx(fn, args, kw))
+              HAS_LEFT=left, HAS_RIGHT=right, FUSED_DQ=fused, num_warps=4, maxnreg=GB.MAXNREG)
+    print("ok", listed, fused, *ptx(fn, args, kw))
 """
 
 
@@ -368,8 +373,14 @@ def test_gluon_listed_forward_compiles_for_sm90():
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU compiles it for real")
 def test_gluon_listed_backward_compiles_for_sm90():
-    """The Gluon dK/dV, plain causal and listed with both window bounds, compiled to PTX offline."""
-    assert _compile_offline(_GLUON_BWD_PTX)[:2] == ["ok False True True", "ok True True True"]
+    """The Gluon dK/dV, plain causal and listed with both window bounds, and both with dQ fused in (the
+    reduce-adds: ``cp.reduce.async.bulk``), compiled to PTX offline."""
+    assert _compile_offline(_GLUON_BWD_PTX)[:4] == [
+        "ok False False True True",
+        "ok True False True True",
+        "ok False True True True True",
+        "ok True True True True True",
+    ]
 
 
 def test_gluon_listed_backward_args_on_host(monkeypatch):
