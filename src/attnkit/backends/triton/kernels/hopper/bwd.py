@@ -232,8 +232,7 @@ def _tile(
         ds_slot.slice(WG * WG_ROWS, WG_ROWS).store(ds16)
         fence_async_shared()
         mbarrier.arrive(ds_ready.index(it % 2))
-    if FUSED_DQ:  # (dS^T from shared memory: its registers are free for dQ's accumulator)
-        ds_op = ds_slot.slice(WG * WG_ROWS, WG_ROWS)
+        ds_op = ds_slot.slice(WG * WG_ROWS, WG_ROWS)  # (dK's A from there: no registers held for it)
     else:
         ds_op = gl.convert_layout(ds16, op_layout)
     dk = warpgroup_mma(ds_op, q_t, dk, is_async=True)
