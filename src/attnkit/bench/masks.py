@@ -47,7 +47,8 @@ BACKENDS = ("triton", "flex", "flex_flash", "auto")
 # "triton" decides it per mask), "triton IV_BODY=0" (every tile of a row's range classified, no plain body),
 # "triton IV_LIST=0" (the classified loops instead of tile lists: ops/ivlists.py), "triton GLUON_LISTED=0"
 # (the listed Triton forward instead of the Hopper Gluon one), "triton GLUON_LISTED_BWD=0" (the listed
-# Triton dK/dV instead of the Gluon one); several may be combined ("triton IV_SKIP=1 IV_BODY=0").
+# Triton dK/dV instead of the Gluon one), "triton GLUON_DQ=1" (dQ added by the Gluon dK/dV kernel instead of
+# the dQ pass); several may be combined ("triton IV_SKIP=1 IV_BODY=0").
 _SWITCHES = ("IV_SKIP", "IV_BODY", "IV_LIST", "GLUON_LISTED", "GLUON_LISTED_BWD", "GLUON_DQ")
 
 
