@@ -644,7 +644,8 @@ def gluon_bwd_calls(monkeypatch):
         ("bshd", 4, 2, 200, 1152, 64, False),  # GQA, Sq != Sk, a partial query tile
         ("bshd", 4, 1, 200, 330, 64, True),  # MQA, Sk not a multiple of the 128-key tile
         ("bhsd", 2, 2, 384, 128, 128, True),  # Sq > Sk: the top rows see no key
-        ("bshd", 6, 3, 333, 512, 128, True),
+        ("bshd", 6, 3, 333, 512, 128, True),  # Sq % 4 != 0: the dQ pass even when fused is asked for
+        ("bshd", 6, 3, 332, 512, 128, True),  # a partial last query tile, Sq % 4 == 0
         ("bhsd", 2, 1, 1000, 1024, 128, True),
     ],
 )
@@ -654,13 +655,14 @@ def test_gluon_backward_against_oracle(
     gluon_bwd_calls, monkeypatch, dq, layout, Hq, Hk, Sq, Sk, D, causal, dtype
 ):
     """Plain calls with gradients take the Gluon dK/dV kernel on Hopper (counted), next to the Triton dQ
-    pass or adding dQ itself (ATTNKIT_TRITON_GLUON_DQ forces either); every gradient held to the oracle."""
+    pass or adding dQ itself (ATTNKIT_TRITON_GLUON_DQ forces either, but the fused path needs Sq % 4 == 0);
+    every gradient held to the oracle."""
     monkeypatch.setenv("ATTNKIT_TRITON_GLUON_DQ", "1" if dq == "fused" else "0")
     q, k, v, kw = oracle.make_inputs(
         layout, B=2, Hq=Hq, Hk=Hk, Sq=Sq, Sk=Sk, D=D, dtype=dtype, device="cuda", requires_grad=True
     )
     oracle.check_against_oracle(tri, q, k, v, causal=causal, **kw)
-    assert gluon_bwd_calls == [dq == "fused"], "the Gluon dK/dV kernel was not used as asked"
+    assert gluon_bwd_calls == [dq == "fused" and Sq % 4 == 0], "not the dQ path asked for"
 
 
 @pytest.mark.cuda
@@ -691,7 +693,8 @@ def test_gluon_backward_deterministic_takes_the_dq_pass(gluon_bwd_calls, monkeyp
     assert gluon_bwd_calls == [False]  # (1000 rows: below FUSED_DQ_MIN_LEN)
     n = capability.FUSED_DQ_MIN_LEN
     assert capability.gluon_fused_dq(64, n, n, False) and not capability.gluon_fused_dq(64, n, n, True)
-    assert not capability.gluon_fused_dq(64, n - 1, n, False)
+    assert not capability.gluon_fused_dq(64, n - 4, n, False)
+    assert not capability.gluon_fused_dq(64, n + 2, n, False)  # (Sq % 4 != 0)
     assert not capability.gluon_fused_dq(128, n, n, False)
 
 

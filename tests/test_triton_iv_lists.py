@@ -343,7 +343,8 @@ for listed, causal, left, right, fused in VARIANTS:
     descs = [G.descriptor(q, G.tma_rows(q, "bhsd"), r) for r in (block_m, block_m, GB.BLOCK_N, GB.BLOCK_N)]
     lists = (i32, i32, 3, 5, 7, i32, 11, 13, 5, 0)
     dqa_desc = GB.accumulator_descriptor(dqa, G.tma_rows(q, "bhsd")[:2], block_m) if fused else None
-    args = (*descs, q, q, hi, hi, 3, 5, 7, 4, 2, 2, 1024, 1024, 0.3, 0.2, *lists, dqa_desc)
+    stats = (GB.stat_descriptor(hi, block_m), GB.stat_descriptor(hi, block_m)) if fused else (None, None)
+    args = (*descs, q, q, hi, hi, 3, 5, 7, 4, 2, 2, 1024, 1024, 0.3, 0.2, *lists, dqa_desc, *stats)
     kw = dict(BSHD=False, CAUSAL=causal, BLOCK_M=block_m, HEAD_D=128, NUM_STAGES=stages, LISTED=listed,
               HAS_LEFT=left, HAS_RIGHT=right, FUSED_DQ=fused, num_warps=4, maxnreg=GB.MAXNREG)
     print("ok", listed, fused, *ptx(fn, args, kw))

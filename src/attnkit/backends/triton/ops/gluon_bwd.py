@@ -6,10 +6,16 @@ and the launch. What a call must be to come here is ``runtime/capability.py``'s 
 from __future__ import annotations
 
 import torch
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attnkit.backends.triton.kernels.hopper.bwd import _attn_bwd_dkdv_ws
-from attnkit.backends.triton.ops.gluon_fwd import DTYPES, LOG2E, descriptor, tma_reason, tma_rows
+from attnkit.backends.triton.ops.gluon_fwd import (
+    DTYPES,
+    LOG2E,
+    descriptor,
+    raw_descriptor,
+    tma_reason,
+    tma_rows,
+)
 from attnkit.backends.triton.runtime.capability import GLUON_BWD
 from attnkit.backends.triton.runtime.launch import Launch
 
@@ -138,7 +144,10 @@ def _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, rows, 
     k_desc = descriptor(k, rows[2], BLOCK_N)
     v_desc = descriptor(v, rows[3], BLOCK_N)
     grid = (-(-Sk // BLOCK_N), B * Hk)
-    dqa_desc = None if dqa is None else accumulator_descriptor(dqa, rows[0][:2], block_m)
+    dqa_desc = hi_desc = dl_desc = None
+    if dqa is not None:
+        dqa_desc = accumulator_descriptor(dqa, rows[0][:2], block_m)
+        hi_desc, dl_desc = stat_descriptor(hi, block_m), stat_descriptor(delta, block_m)
     _DKDV_LAUNCH[grid](
         q_desc,
         do_desc,
@@ -160,6 +169,8 @@ def _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, rows, 
         scale,
         *(listed[0] if listed is not None else (hi, hi, 0, 0, 0, hi, 0, 0, 0, 0)),
         dqa_desc,
+        hi_desc,
+        dl_desc,
         BSHD=layout == "bshd",
         CAUSAL=bool(causal) and listed is None,
         BLOCK_M=block_m,
@@ -174,27 +185,30 @@ def _launch(q, k, v, dout, hi, delta, dk, dv, layout, scale, causal, cfg, rows, 
     )
 
 
-_ACC_LAYOUTS: dict = {}
+_LAYOUTS: dict = {}
+
+
+def _f32_layout(block: tuple[int, int]):
+    if block not in _LAYOUTS:
+        from triton.experimental.gluon import language as gl
+
+        _LAYOUTS[block] = gl.NVMMASharedLayout.get_default_for(list(block), gl.float32)
+    return _LAYOUTS[block]
 
 
 def accumulator_descriptor(dqa: torch.Tensor, rows_cols: tuple[int, int], block_m: int):
     """The TMA descriptor the fused dQ adds into: ``dqa`` float32, contiguous in q's shape, walked as q's 2D
     view (``rows_cols``), boxes of (block_m, D / 2): one consumer warpgroup's columns."""
-    from triton.experimental.gluon import language as gl
+    block = (block_m, dqa.shape[3] // 2)
+    return raw_descriptor(dqa, rows_cols, rows_cols[1], block, _f32_layout(block))
 
-    half = dqa.shape[3] // 2
-    key = (block_m, half)
-    if key not in _ACC_LAYOUTS:
-        _ACC_LAYOUTS[key] = gl.NVMMASharedLayout.get_default_for([block_m, half], gl.float32)
-    rows, cols = rows_cols
-    desc = object.__new__(TensorDescriptor)
-    desc.base = dqa
-    desc.shape = [rows, cols]
-    desc.strides = [cols, 1]
-    desc.block_shape = [block_m, half]
-    desc.layout = _ACC_LAYOUTS[key]
-    desc.padding = "zero"
-    return desc
+
+def stat_descriptor(stat: torch.Tensor, block_m: int):
+    """The TMA descriptor of a row statistic (hi or delta: float32 (B, Hq, Sq) contiguous) walked as
+    (B Hq, Sq), boxes of one head's ``block_m`` rows. Its row stride is 16-byte aligned only when Sq % 4 == 0,
+    which ``runtime/capability.gluon_fused_dq`` requires."""
+    B, Hq, Sq = stat.shape
+    return raw_descriptor(stat, (B * Hq, Sq), Sq, (1, block_m), _f32_layout((1, block_m)))
 
 
 _DKDV_LAUNCH = Launch(_attn_bwd_dkdv_ws)  # the compiled kernel looked up without Triton's per-launch binding

@@ -180,12 +180,20 @@ def descriptor(t: torch.Tensor, rows_cols_stride: tuple[int, int, int], block_ro
     descriptor on the H200 machine (seven a forward+backward)."""
     rows, cols, stride = rows_cols_stride
     D = t.shape[3]
+    return raw_descriptor(t, (rows, cols), stride, (block_rows, D), _smem_layout(block_rows, D, t.dtype))
+
+
+def raw_descriptor(t: torch.Tensor, rows_cols: tuple[int, int], row_stride: int, block: tuple[int, int],
+                   layout):  # fmt: skip
+    """A host TMA descriptor of ``t`` walked as a (rows, cols) matrix with unit column stride, boxes of
+    ``block`` in shared-memory ``layout``, zero-filled past its edges; the caller has checked the 16-byte
+    rules. The launcher reads only ``t``'s address and dtype; the shape and strides are these."""
     desc = _TD_NEW(TensorDescriptor)
-    desc.base = t  # the launcher reads only its address and dtype; the shape and strides are below
-    desc.shape = [rows, cols]
-    desc.strides = [stride, 1]
-    desc.block_shape = [block_rows, D]
-    desc.layout = _smem_layout(block_rows, D, t.dtype)
+    desc.base = t
+    desc.shape = list(rows_cols)
+    desc.strides = [row_stride, 1]
+    desc.block_shape = list(block)
+    desc.layout = layout
     desc.padding = "zero"
     return desc
 

@@ -170,8 +170,9 @@ def gluon_fused_dq(D: int, Sq: int, Sk: int, deterministic: bool) -> bool:
     """Whether the Gluon dK/dV kernel also adds dQ (TMA reduce-adds into a float32 buffer: the sum's order
     varies from run to run, so never with ``deterministic``) instead of the separate dQ pass: at the head
     dims of FUSED_DQ_HEAD_DIMS from FUSED_DQ_MIN_LEN queries and keys; ``ATTNKIT_TRITON_GLUON_DQ=1`` /
-    ``=0`` forces it on / off."""
-    if deterministic:
+    ``=0`` forces it on / off. Never where Sq % 4 != 0: the kernel TMA-loads the row statistics as (B Hq, Sq)
+    float32 rows, whose stride must be a multiple of 16 bytes."""
+    if deterministic or Sq % 4:
         return False
     forced = os.environ.get("ATTNKIT_TRITON_GLUON_DQ")
     if forced in ("0", "1"):

@@ -129,10 +129,12 @@ def _row_start(j, t0, n_part, lst, ivl_n, BLOCK_M: gl.constexpr, LISTED: gl.cons
 
 
 @gluon.jit
-def _producer(descs, bufs, coords, sched, lists, GROUP, BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr,
-              LISTED: gl.constexpr):  # fmt: skip
-    """1 warp: TMA loads of K, V (once) and of Q_t, dO_t into ring slot it % NUM_STAGES."""
+def _producer(descs, bufs, coords, sched, lists, stats, GROUP, BLOCK_M: gl.constexpr,
+              NUM_STAGES: gl.constexpr, LISTED: gl.constexpr, FUSED_DQ: gl.constexpr):  # fmt: skip
+    """1 warp: TMA loads of K, V (once) and of Q_t, dO_t into ring slot it % NUM_STAGES (FUSED_DQ: with the
+    tile's rows of hi and delta, on the same barriers)."""
     q_desc, do_desc, k_desc, v_desc = descs
+    hi_desc, dl_desc, hi_smem, dl_smem, stat_row0 = stats
     k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, do_ready, do_empty = bufs
     q_row0, q_head_rows, q_col0, q_head_cols, k_row, k_col = coords
     t0 = sched[0]
@@ -148,12 +150,23 @@ def _producer(descs, bufs, coords, sched, lists, GROUP, BLOCK_M: gl.constexpr, N
         for j in range(n_tiles):
             s = it % NUM_STAGES
             phase = (it // NUM_STAGES) & 1
-            row = row0 + _row_start(j, t0, n_part, lst, ivl_n, BLOCK_M, LISTED, -1)
+            start = _row_start(j, t0, n_part, lst, ivl_n, BLOCK_M, LISTED, -1)
+            row = row0 + start
             mbarrier.wait(q_empty.index(s), phase ^ 1)  # both consumers are done with tile it - NS
-            mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+            if FUSED_DQ:
+                mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes + hi_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(hi_desc, [stat_row0 + g, start], q_ready.index(s),
+                                                hi_smem.index(s))  # fmt: skip
+            else:
+                mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [row, col], q_ready.index(s), q_smem.index(s))
             mbarrier.wait(do_empty.index(s), phase ^ 1)
-            mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
+            if FUSED_DQ:
+                mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes + dl_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(dl_desc, [stat_row0 + g, start], do_ready.index(s),
+                                                dl_smem.index(s))  # fmt: skip
+            else:
+                mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(do_desc, [row, col], do_ready.index(s), do_smem.index(s))
             it += 1
 
@@ -197,8 +210,9 @@ def _tile(
     phase = (it // NUM_STAGES) & 1
     cols = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))  # (BLOCK_M,) query rows
     inside = cols < SQ
-    hi = gl.load(hi_base + cols, mask=inside, other=float("inf"))  # (BLOCK_M,) rows past Sq: p = 0
-    delta = gl.load(d_base + cols, mask=inside, other=0.0)  # (BLOCK_M,)
+    if not FUSED_DQ:  # (FUSED_DQ: from the ring where they are used, not held in registers over the products)
+        hi = gl.load(hi_base + cols, mask=inside, other=float("inf"))  # (BLOCK_M,) rows past Sq: p = 0
+        delta = gl.load(d_base + cols, mask=inside, other=0.0)  # (BLOCK_M,)
     zero = gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout)
     mbarrier.wait(q_ready.index(s), phase)
     q_t = q_smem.index(s)  # (BLOCK_M, D)
@@ -207,7 +221,12 @@ def _tile(
     do_t = do_smem.index(s)  # (BLOCK_M, D)
     dp_tok = warpgroup_mma(v_w, do_t.permute((1, 0)), zero, use_acc=False, is_async=True)
     st = warpgroup_mma_wait(1, deps=(s_tok,))  # (64, BLOCK_M) S^T; dP^T may still run
-    pt = gl.exp2(st * c - hi[None, :])  # (64, BLOCK_M) P^T
+    if FUSED_DQ:  # (1, BLOCK_M) rows of hi and delta in the ring slot; rows past Sq: the next head's
+        hi_smem, dl_smem = dq_ctx[7], dq_ctx[8]
+        hi = gl.where(inside[None, :], hi_smem.index(s).load(s_layout), float("inf"))  # (1, BLOCK_M)
+    else:
+        hi = hi[None, :]
+    pt = gl.exp2(st * c - hi)  # (64, BLOCK_M) P^T
     if MASK == 1:  # key <= query + off, as (key - off - m0) <= local query index: one value per row
         lim = mk[0] - off - m0  # (64,)
         local = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))  # (BLOCK_M,)
@@ -224,10 +243,14 @@ def _tile(
     p_op = gl.convert_layout(pt.to(q_smem.dtype), op_layout)
     dv = warpgroup_mma(p_op, do_t, dv, is_async=True)
     dpt = warpgroup_mma_wait(1, deps=(dp_tok,))  # (64, BLOCK_M) dP^T; dV may still run
-    dst = pt * (dpt - delta[None, :])  # (64, BLOCK_M) dS^T (unscaled)
+    if FUSED_DQ:
+        delta = gl.where(inside[None, :], dl_smem.index(s).load(s_layout), 0.0)  # (1, BLOCK_M)
+    else:
+        delta = delta[None, :]
+    dst = pt * (dpt - delta)  # (64, BLOCK_M) dS^T (unscaled)
     ds16 = dst.to(q_smem.dtype)
     if FUSED_DQ:  # this warpgroup's 64 key rows of dS^T into the tile's slot, for both warpgroups' dQ
-        ds_smem, ds_ready, dq_stage, dqa_desc, k_half, dq_row, dq_col = dq_ctx
+        ds_smem, ds_ready, dq_stage, dqa_desc, k_half, dq_row, dq_col = dq_ctx[:7]
         ds_slot = ds_smem.index(it % 2)  # (BLOCK_N, BLOCK_M)
         ds_slot.slice(WG * WG_ROWS, WG_ROWS).store(ds16)
         fence_async_shared()
@@ -282,7 +305,7 @@ def _consumer(
     k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, do_ready, do_empty = bufs
     DK, DV, Hi, Delta, dk_base, dv_base, stride_ks, stat_base, SQ, SK, n0, off, c, scale, sched = work
     Iv, stride_ih, win_left, win_right = masks  # (Iv: this batch row's intervals, head h0)
-    ds_smem, ds_ready, dq_stage, dqa_desc, q_row0, q_head_rows, q_col0, q_head_cols = fused
+    ds_smem, ds_ready, dq_stage, dqa_desc, q_row0, q_head_rows, q_col0, q_head_cols, stats = fused
     t0 = sched[0]
     ivl_n = lists[3]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -315,7 +338,7 @@ def _consumer(
         d_base = Delta + stat_base + g * SQ
         n_part, n_tiles, lst = _head_tiles(g, sched, lists, LISTED)
         dq_ctx = (ds_smem, ds_ready, dq_stage, dqa_desc, k_half, q_row0 + g * q_head_rows,
-                  q_col0 + g * q_head_cols + WG * HALF)  # fmt: skip
+                  q_col0 + g * q_head_cols + WG * HALF, stats[2], stats[3])  # fmt: skip
         if LISTED:  # the masked-row intervals of this warpgroup's keys, for head g (keys past Sk: none)
             iv = Iv + (g * stride_ih).to(gl.int64) + keys * 4
             inside = keys < SK
@@ -405,6 +428,8 @@ def _attn_bwd_dkdv_ws(
     win_left,  # LISTED: the window bounds (causal: HAS_RIGHT with right = 0)
     win_right,
     dqa_desc,  # FUSED_DQ: TMA view of the float32 dQ accumulator (q's 2D view, boxes (BLOCK_M, D / 2))
+    hi_desc,  # FUSED_DQ: TMA views of Hi and Delta as (B Hq, Sq), boxes (1, BLOCK_M) (Sq % 4 == 0)
+    dl_desc,
     BSHD: gl.constexpr,
     CAUSAL: gl.constexpr,
     BLOCK_M: gl.constexpr,
@@ -467,10 +492,15 @@ def _attn_bwd_dkdv_ws(
         ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(ds_ready.index(i), count=2)
+        # the tile's rows of hi (beside Q in the ring) and delta (beside dO)
+        hi_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, 1, BLOCK_M], hi_desc.layout)
+        dl_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, 1, BLOCK_M], dl_desc.layout)
     else:
         ds_smem = k_smem
         dq_stage = k_smem
         ds_ready = kv_bar
+        hi_smem = k_smem
+        dl_smem = k_smem
     mbarrier.init(kv_bar, count=1)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(q_ready.index(i), count=1)
@@ -485,14 +515,16 @@ def _attn_bwd_dkdv_ws(
     work = (DK, DV, Hi, Delta, dk_base, dk_base, stride_ks, stat_base, SQ, SK, n0, off, c, scale, sched)
     descs = (q_desc, do_desc, k_desc, v_desc)
     coords = (q_row0, q_head_rows, q_col0, q_head_cols, k_row, k_col)
-    fused = (ds_smem, ds_ready, dq_stage, dqa_desc, q_row0, q_head_rows, q_col0, q_head_cols)
+    stats = (hi_desc, dl_desc, hi_smem, dl_smem, b * Hq + h0)
+    fused = (ds_smem, ds_ready, dq_stage, dqa_desc, q_row0, q_head_rows, q_col0, q_head_cols, stats)
     gl.warp_specialize(
         [
             (_consumer, (bufs, work, fused, lists, masks, GROUP, BLOCK_M, HEAD_D, NUM_STAGES, 0, LISTED,
                          HAS_LEFT, HAS_RIGHT, FUSED_DQ)),
             (_consumer, (bufs, work, fused, lists, masks, GROUP, BLOCK_M, HEAD_D, NUM_STAGES, 1, LISTED,
                          HAS_LEFT, HAS_RIGHT, FUSED_DQ)),
-            (_producer, (descs, bufs, coords, sched, lists, GROUP, BLOCK_M, NUM_STAGES, LISTED)),
+            (_producer, (descs, bufs, coords, sched, lists, stats, GROUP, BLOCK_M, NUM_STAGES, LISTED,
+                         FUSED_DQ)),
         ],
         [4, 1],
         [CONSUMER_REGS, PRODUCER_REGS],
